@@ -1,0 +1,24 @@
+"""apfsim: a simulator of KVM asynchronous page faults (APF).
+
+Example::
+
+    import apfsim
+    result = apfsim.run("rfcv2-2020", protocols=["sync", "arm64-rfcv2"], seed=1, duration_s=2)
+    for r in result.results:
+        print(r.protocol, r.task("compute").work_s)
+"""
+
+from apfsim.api import compare_table, run, run_protocol
+from apfsim.scenario import Scenario, ScenarioError, load_scenario
+
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "__version__",
+    "compare_table",
+    "load_scenario",
+    "run",
+    "run_protocol",
+]
+
+__version__ = "0.1.0"

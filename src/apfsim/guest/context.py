@@ -1,0 +1,82 @@
+"""Guest execution contexts: what the host sees at an exit and what the APF handler sees.
+
+A context carries the facts the seed's code and the host's checks read: exception level
+(``vcpu_mode_priv``), ``preempt_count()``, RCU read-side depth, masked interrupts, the PC
+relative to VBAR_EL1 while in vector/entry code, whether ``kernel_entry`` has saved
+ELR_EL1/SPSR_EL1 yet, and whether this CPU holds its runqueue lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apfsim.protocols.base import GuestRegs, GuestView
+from apfsim.workloads.base import AccessMode
+
+__all__ = ["CONTEXT_OF_MODE", "GuestContext", "Contexts"]
+
+HARDIRQ_OFFSET = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class GuestContext:
+    name: str
+    privileged: bool
+    preempt_count: int = 0
+    rcu_depth: int = 0
+    irqs_off: bool = False
+    pc_offset: int | None = None
+    elr_saved: bool = True
+    rq_locked: bool = False
+    idle: bool = False
+
+    @property
+    def preemptible(self) -> bool:
+        """Whether a pending reschedule may be taken on return to this context."""
+        return not self.privileged or (
+            self.preempt_count == 0 and self.rcu_depth == 0 and not self.irqs_off
+        )
+
+    def view(self) -> GuestView:
+        return GuestView(self.privileged, self.pc_offset, self.elr_saved)
+
+    def regs(self) -> GuestRegs:
+        return GuestRegs(not self.privileged, self.preempt_count, self.rcu_depth, self.idle)
+
+
+class Contexts:
+    """The fixed contexts of the model; vector/entry PCs depend on the guest's layout."""
+
+    USER = GuestContext("user", privileged=False)
+    KERNEL = GuestContext("kernel", privileged=True)
+    KERNEL_ATOMIC = GuestContext("kernel_atomic", privileged=True, preempt_count=2)
+    KERNEL_RCU = GuestContext("kernel_rcu", privileged=True, rcu_depth=1)
+    KERNEL_IRQS_OFF = GuestContext("kernel_irqs_off", privileged=True, irqs_off=True)
+    IDLE = GuestContext("idle", privileged=True, idle=True)
+    # do_mem_abort / do_async_pf after kernel_entry: registers saved, IRQs masked.
+    HANDLER = GuestContext("abort_handler", privileged=True, irqs_off=True)
+    IRQ = GuestContext("irq", privileged=True, preempt_count=HARDIRQ_OFFSET, irqs_off=True)
+    # __schedule: preemption disabled and rq->lock held with IRQs off.
+    RQ_LOCKED = GuestContext(
+        "rq_locked", privileged=True, preempt_count=2, irqs_off=True, rq_locked=True
+    )
+
+    def __init__(self, vector_pc_offset: int, entry_pc_offset: int) -> None:
+        # The vector stub (inside the architectural 0x800 table) and el1_sync/el0_sync's
+        # kernel_entry (after the table): ELR_EL1 is not yet saved in either.
+        self.vector = GuestContext(
+            "vector", privileged=True, irqs_off=True, pc_offset=vector_pc_offset, elr_saved=False
+        )
+        self.entry = GuestContext(
+            "kernel_entry", privileged=True, irqs_off=True, pc_offset=entry_pc_offset,
+            elr_saved=False,
+        )
+
+
+CONTEXT_OF_MODE: dict[AccessMode, GuestContext] = {
+    AccessMode.USER: Contexts.USER,
+    AccessMode.KERNEL: Contexts.KERNEL,
+    AccessMode.KERNEL_ATOMIC: Contexts.KERNEL_ATOMIC,
+    AccessMode.KERNEL_RCU: Contexts.KERNEL_RCU,
+    AccessMode.KERNEL_IRQS_OFF: Contexts.KERNEL_IRQS_OFF,
+}

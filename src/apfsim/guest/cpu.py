@@ -1,0 +1,311 @@
+"""One guest CPU: what it executes, in which context, and when it schedules.
+
+The CPU runs either a *task segment* (the current task's planned run up to its next miss)
+or a stack of *frames*: kernel activity with a fixed cost and a context (exception vector
+and ``kernel_entry`` code, the abort handler, an IRQ handler, ``__schedule`` holding the
+runqueue lock). An exit can land anywhere: a frame keeps its remaining time, a task
+segment commits what it ran. The host reads :meth:`GuestCpu.context` at every exit, so an
+injection can land in the vector table, in ``__schedule``, or in the sleeper's own context
+between ``kvm_async_pf_wait`` clearing ``reason`` and ``schedule()``, as on real hardware.
+
+Call sites of the seed's driver: ``do_mem_abort`` (abort frames end in
+``GuestProtocol.on_abort``), ``ret_to_user`` (``on_ret_to_user`` when a kernel frame
+returns to a user-mode task) and ``__cpu_do_idle`` (``on_idle_entry`` before WFI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from apfsim.engine import EventHandle
+from apfsim.guest.context import CONTEXT_OF_MODE, Contexts, GuestContext
+from apfsim.guest.sched import CfsParams, CfsRq, Task, TaskState
+from apfsim.host.memory import PageState
+from apfsim.metrics.accumulators import TimeCategory
+from apfsim.protocols.base import AbortOutcome, GuestRegs
+from apfsim.workloads.base import Plan, StopKind
+
+if TYPE_CHECKING:
+    from apfsim.host.vcpu import Vcpu
+    from apfsim.simulation import Simulation
+
+__all__ = ["Frame", "GuestCpu"]
+
+_NONE, _TASK, _FRAME = 0, 1, 2
+_MAPPED = int(PageState.MAPPED)
+
+
+class Frame:
+    """Kernel activity of fixed cost in one context; ``on_end(arg)`` runs when it completes."""
+
+    __slots__ = ("arg", "ctx", "on_end", "remaining")
+
+    def __init__(
+        self, ctx: GuestContext, remaining: int, on_end: Callable[[Any], None], arg: Any = None
+    ) -> None:
+        self.ctx = ctx
+        self.remaining = remaining
+        self.on_end = on_end
+        self.arg = arg
+
+
+class GuestCpu:
+    """Guest CPU ``cpu``: runqueue, current task, kernel frames and pending interrupts."""
+
+    def __init__(self, cpu: int, sim: Simulation, vcpu: Vcpu, params: CfsParams) -> None:
+        self.cpu = cpu
+        self.sim = sim
+        self.vcpu = vcpu
+        self.rq = CfsRq(params)
+        self.current: Task | None = None
+        self.frames: list[Frame] = []
+        self.need_resched = False
+        self.halt_waiter: Task | None = None
+        self.timer_pending = False
+        self.ipi_pending = False
+        self.in_kernel = True
+        self.stolen_ns = 0
+        self._stolen_mark = 0
+        self._exec_start = 0
+        self._seg = _NONE
+        self._seg_start = 0
+        self._plan: Plan | None = None
+        self._event: EventHandle | None = None
+        costs = sim.scenario.guest.costs
+        self._vector_ns = costs.vector_ns
+        self._entry_ns = costs.kernel_entry_ns
+        self._full_preempt = sim.scenario.guest.preempt == "full"
+        self._steal = sim.scenario.guest.steal_time_accounting
+
+    # -- what the host sees ------------------------------------------------------------------
+    def context(self) -> GuestContext:
+        if self.frames:
+            return self.frames[-1].ctx
+        if self.halt_waiter is not None:
+            return Contexts.KERNEL_ATOMIC
+        if self.current is None:
+            return Contexts.IDLE
+        workload = self.sim.workload_of(self.current)
+        return CONTEXT_OF_MODE[workload.current_mode()]
+
+    def _preemptible(self, ctx: GuestContext) -> bool:
+        if not ctx.privileged:
+            return True
+        return self._full_preempt and ctx.preemptible
+
+    # -- the dispatcher --------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue whatever the CPU should execute now (the vCPU is in guest mode)."""
+        if self.frames:
+            self._start_frame()
+            return
+        sim = self.sim
+        if self.halt_waiter is not None:
+            task = self.halt_waiter
+            if not sim.guest_protocol.waiter_woken(self.cpu, task.tid):
+                self.vcpu.wfi(halt=True)  # dsb(sy); wfi() in kvm_async_pf_wait
+                return
+            self.halt_waiter = None
+            task.state = TaskState.RUNNING
+        curr = self.current
+        if curr is None:
+            self._idle()
+            return
+        ctx = CONTEXT_OF_MODE[sim.workload_of(curr).current_mode()]
+        if self.in_kernel and not ctx.privileged:
+            self.in_kernel = False
+            sim.run_driver(self.cpu, sim.guest_protocol.on_ret_to_user, self.cpu)
+        if self.need_resched and self._preemptible(ctx):
+            self.schedule()
+            self._start_frame_or_resume()
+            return
+        self._start_task()
+
+    def _start_frame_or_resume(self) -> None:
+        if self.frames:
+            self._start_frame()
+        else:
+            self.resume()
+
+    def _idle(self) -> None:
+        """The idle loop: delayed wakes on idle entry, then WFI unless work appeared."""
+        if not self.rq.queue:
+            self.sim.run_driver(self.cpu, self.sim.guest_protocol.on_idle_entry, self.cpu)
+        if self.rq.queue:
+            self.schedule()
+            self._start_frame_or_resume()
+            return
+        self.vcpu.wfi(halt=False)
+
+    def _start_task(self) -> None:
+        curr = self.current
+        assert curr is not None
+        sim = self.sim
+        now = sim.engine.now
+        plan = sim.workload_of(curr).plan(sim.memory)
+        self._plan = plan
+        self._seg = _TASK
+        self._seg_start = now
+        self.vcpu.clock.switch(TimeCategory.TASK, now)
+        self._event = sim.engine.after(plan.run_ns, self._on_task_stop)
+
+    def _on_task_stop(self, _: object = None) -> None:
+        sim = self.sim
+        now = sim.engine.now
+        curr = self.current
+        plan = self._plan
+        assert curr is not None and plan is not None
+        self._event = None
+        self._seg = _NONE
+        workload = sim.workload_of(curr)
+        complete = workload.commit(sim.memory, now - self._seg_start)
+        if workload.finished or plan.kind is StopKind.DONE:
+            self._task_exit(curr)
+            self._start_frame_or_resume()
+            return
+        if plan.kind is StopKind.MISS and complete and sim.memory.state[plan.gfn] != _MAPPED:
+            self.vcpu.stage2_fault(plan.gfn, CONTEXT_OF_MODE[plan.mode])
+            return
+        self.resume()
+
+    def _start_frame(self) -> None:
+        frame = self.frames[-1]
+        now = self.sim.engine.now
+        self._seg = _FRAME
+        self._seg_start = now
+        self.in_kernel = True
+        self.vcpu.clock.switch(TimeCategory.GUEST_KERNEL, now)
+        self._event = self.sim.engine.after(frame.remaining, self._on_frame_end)
+
+    def _on_frame_end(self, _: object = None) -> None:
+        frame = self.frames.pop()
+        self._event = None
+        self._seg = _NONE
+        frame.on_end(frame.arg)
+        self.resume()
+
+    def interrupt(self, now: int) -> None:
+        """An exit at ``now``: stop the running segment, keeping exactly what it did."""
+        self.sim.engine.cancel(self._event)
+        self._event = None
+        if self._seg == _TASK and self.current is not None:
+            self.sim.workload_of(self.current).commit(self.sim.memory, now - self._seg_start)
+        elif self._seg == _FRAME:
+            self.frames[-1].remaining -= now - self._seg_start
+        self._seg = _NONE
+
+    # -- exceptions and interrupts taken at guest entry -------------------------------------------
+    def _push_exception(self, handler: Frame) -> None:
+        """Vector stub, then kernel_entry, then the handler (pushed so the vector runs first)."""
+        contexts = self.sim.contexts
+        self.frames.append(handler)
+        self.frames.append(Frame(contexts.entry, self._entry_ns, _noop))
+        self.frames.append(Frame(contexts.vector, self._vector_ns, _noop))
+
+    def take_events(self, far: int | None) -> None:
+        """At entry: injected data abort first, then pending IRQs (timer tick, IPI)."""
+        regs = self.context().regs()
+        costs = self.sim.scenario.guest.costs
+        if self.ipi_pending:
+            self.ipi_pending = False
+            self._push_exception(Frame(Contexts.IRQ, costs.ipi_handler_ns, self._ipi_handled))
+        if self.timer_pending:
+            self.timer_pending = False
+            self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
+        if far is not None:
+            handler = Frame(Contexts.HANDLER, costs.apf_handler_ns, self._abort_handled, (far, regs))
+            self._push_exception(handler)
+
+    def _abort_handled(self, arg: tuple[int, GuestRegs]) -> None:
+        """``do_mem_abort`` -> ``do_async_pf`` returned: act on its outcome."""
+        far, regs = arg
+        sim = self.sim
+        outcome = sim.run_driver(self.cpu, sim.guest_protocol.on_abort, self.cpu, far, regs)
+        if outcome is AbortOutcome.WAIT_SCHEDULE:
+            task = self.current
+            assert task is not None
+            tail = sim.scenario.guest.costs.apf_wait_tail_ns
+            self.frames.append(Frame(Contexts.KERNEL, tail, self._apf_sleep, task))
+        elif outcome is AbortOutcome.WAIT_HALT:
+            task = self.current
+            assert task is not None
+            task.state = TaskState.HALTED_APF
+            self.halt_waiter = task
+        elif outcome in (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON):
+            # An injected abort the driver did not claim goes down the ordinary fault path
+            # with FAR = token: on real hardware a bogus fault (SIGSEGV or oops).
+            sim.stats["guest_bogus_aborts"] += 1
+
+    def _apf_sleep(self, task: Task) -> None:
+        """The wait loop: sleep unless the node was already unhashed, then schedule()."""
+        if self.sim.guest_protocol.waiter_woken(self.cpu, task.tid):
+            return
+        task.state = TaskState.SLEEPING_APF
+        self.sim.stats["apf_sleeps"] += 1
+        self.schedule()
+
+    def _tick_handled(self, _: object) -> None:
+        """scheduler_tick: charge runtime, then check_preempt_tick."""
+        self.update_curr(self.sim.engine.now)
+        if self.rq.check_preempt_tick():
+            self.need_resched = True
+
+    def _ipi_handled(self, _: object) -> None:
+        """scheduler_ipi: the waker already set the resched flag; nothing else to do."""
+
+    # -- scheduling --------------------------------------------------------------------------------
+    def update_curr(self, now: int) -> None:
+        """Charge the guest clock since the last update to ``curr`` (minus steal, if on)."""
+        delta = now - self._exec_start
+        self._exec_start = now
+        if self._steal:
+            delta -= self.stolen_ns - self._stolen_mark
+            self._stolen_mark = self.stolen_ns
+        self.rq.update_curr(delta)
+
+    def schedule(self) -> None:
+        """__schedule: put prev back if still runnable, pick next, switch under rq->lock."""
+        now = self.sim.engine.now
+        self.update_curr(now)
+        prev = self.current
+        if prev is not None and prev.state is TaskState.RUNNING:
+            self.rq.put_prev(prev)
+        self.rq.curr = None
+        nxt = self.rq.pick_next()
+        self.need_resched = False
+        if nxt is prev:
+            self._switch_done(nxt)
+            return
+        cost = self.sim.scenario.guest.costs.context_switch_ns
+        self.frames.append(Frame(Contexts.RQ_LOCKED, cost, self._switch_done, nxt))
+
+    def _switch_done(self, nxt: Task | None) -> None:
+        now = self.sim.engine.now
+        if nxt is not self.current:
+            self.sim.stats["context_switches"] += 1
+        self.current = nxt
+        self._exec_start = now
+        self._stolen_mark = self.stolen_ns
+
+    def _task_exit(self, task: Task) -> None:
+        task.state = TaskState.DONE
+        task.completion_ns = self.sim.engine.now
+        self.sim.task_finished(task)
+        self.schedule()
+
+    def try_to_wake_up(self, task: Task, waker_cpu: int) -> bool:
+        """Enqueue a sleeper on its CPU with sleeper credit; preempt per check_preempt_wakeup."""
+        if task.state is not TaskState.SLEEPING_APF:
+            return False
+        self.update_curr(self.sim.engine.now)
+        self.rq.enqueue(task, wakeup=True)
+        if self.rq.check_preempt_wakeup(task) or self.current is None:
+            self.need_resched = True
+            if waker_cpu != self.cpu:
+                self.sim.send_ipi(self.cpu)
+        return True
+
+
+def _noop(_: object) -> None:
+    pass

@@ -1,0 +1,217 @@
+"""The vCPU thread's run loop (``kvm_arch_vcpu_ioctl_run`` and ``kvm_handle_guest_abort``).
+
+Modes: in the guest; in the host handling an exit; blocked in ``kvm_vcpu_block`` after a
+WFI (guest idle, or the seed's halted APF wait); blocked in a synchronous fault-in; or
+spinning on repeated faults (RFCv2 has no artificial halt: the guest re-faults until the
+page arrives). Every return to the guest passes through one run-loop iteration, where the
+protocol checks completions (RFCv2: ``kvm_check_async_pf_completion`` on every iteration)
+and the pending abort, if any, is injected.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+from apfsim.engine import EventHandle
+from apfsim.guest.context import GuestContext
+from apfsim.host.memory import PageState
+from apfsim.metrics.accumulators import TimeCategory, VcpuClock
+from apfsim.protocols.base import FaultDecision
+
+if TYPE_CHECKING:
+    from apfsim.guest.cpu import GuestCpu
+    from apfsim.simulation import Simulation
+
+__all__ = ["Vcpu", "VcpuMode"]
+
+
+class VcpuMode(IntEnum):
+    GUEST = 0
+    HOST = 1
+    BLOCKED = 2
+    SYNC_FAULT = 3
+    SPIN = 4
+
+
+class Vcpu:
+    """vCPU ``index``: one host thread running one guest CPU."""
+
+    guest: GuestCpu
+
+    def __init__(self, index: int, sim: Simulation) -> None:
+        self.index = index
+        self.sim = sim
+        self.mode = VcpuMode.HOST
+        self.clock = VcpuClock()
+        self.block_halt = False
+        self._since = 0
+        self._host_event: EventHandle | None = None
+        host = sim.scenario.host
+        self._exit_ns = host.exit_ns
+        self._entry_ns = host.entry_ns
+        self._inject_ns = host.inject_ns
+        self._stage2_ns = host.stage2_fault_ns
+        self._round_trip = max(1, host.exit_ns + host.entry_ns + host.stage2_fault_ns)
+
+    # -- exits and entries -------------------------------------------------------------------
+    def _to_host(self) -> None:
+        self.mode = VcpuMode.HOST
+        self.clock.switch(TimeCategory.HOST, self.sim.engine.now)
+
+    def exit_async(self) -> None:
+        """An interrupt (timer, IPI) forces an exit while the guest runs."""
+        self.guest.interrupt(self.sim.engine.now)
+        self._to_host()
+        self._host_event = self.sim.engine.after(self._exit_ns, self.enter)
+
+    def enter(self, _: object = None) -> None:
+        """One run-loop iteration, then guest entry with any pending abort injected."""
+        sim = self.sim
+        self._host_event = None
+        sim.host_protocol.run_loop_iteration(self.index, self.guest.context().view())
+        far = sim.host_protocol.take_pending_abort(self.index)
+        cost = self._entry_ns + (self._inject_ns if far is not None else 0)
+        self._host_event = sim.engine.after(cost, self._entered, far)
+
+    def _entered(self, far: int | None) -> None:
+        self._host_event = None
+        self.mode = VcpuMode.GUEST
+        self.guest.take_events(far)
+        self.guest.resume()
+
+    # -- stage-2 faults ----------------------------------------------------------------------
+    def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
+        """``kvm_handle_guest_abort`` -> ``user_mem_abort`` -> ``try_async_pf``."""
+        sim = self.sim
+        memory = sim.memory
+        self._to_host()
+        cost = self._exit_ns + self._stage2_ns
+        state = memory.state[gfn]
+        host = sim.scenario.host
+        if state == PageState.MAPPED:
+            pass
+        elif state == PageState.UNTOUCHED:
+            sim.write_back(memory.zero_fill(gfn))
+            sim.faults["zero_fill"] += 1
+            cost += host.zero_fill_ns
+        elif state == PageState.SWAPCACHE:
+            memory.map_swapcache(gfn)
+            sim.faults["minor"] += 1
+            cost += host.minor_fault_ns
+        else:
+            self._needs_io(gfn, ctx, cost)
+            return
+        self._host_event = sim.engine.after(cost, self.enter)
+
+    def _needs_io(self, gfn: int, ctx: GuestContext, cost: int) -> None:
+        """GUP NOWAIT failed: the protocol decides async, repeated fault or synchronous."""
+        sim = self.sim
+        now = sim.engine.now
+        sim.faults["needs_io"] += 1
+        result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
+        if result.decision is FaultDecision.ASYNC:
+            assert result.work is not None
+            sim.faults["async"] += 1
+            sim.start_worker(result.work)
+            self._host_event = sim.engine.after(cost, self.enter)
+        elif result.decision is FaultDecision.REPEATED:
+            self._spin(now + cost)
+        else:
+            assert result.cause is not None
+            sim.sync_causes[result.cause.value] += 1
+            self._sync_fault(gfn, now)
+
+    def _sync_fault(self, gfn: int, start: int) -> None:
+        self.mode = VcpuMode.SYNC_FAULT
+        self.clock.switch(TimeCategory.SYNC_FAULT, start)
+        self._since = start
+        self.sim.read_page(gfn, self._sync_done, gfn)
+
+    def _sync_done(self, gfn: int) -> None:
+        sim = self.sim
+        now = sim.engine.now
+        sim.fault_latency.add(now - self._since)
+        if sim.memory.state[gfn] == PageState.SWAPCACHE:
+            sim.memory.map_after_read(gfn)
+        if sim.scenario.guest.steal_time_accounting:
+            self.guest.stolen_ns += now - self._since
+        self._to_host()
+        self.enter()
+
+    def _spin(self, start: int) -> None:
+        """Repeated fault: re-enter, re-fault, until a completion or interrupt ends it."""
+        self.mode = VcpuMode.SPIN
+        self._since = start
+        if self._wake_condition():
+            self._host_event = self.sim.engine.at(start, self._spin_end)
+
+    def _spin_end(self, _: object = None) -> None:
+        sim = self.sim
+        now = sim.engine.now
+        # Each round trip of the loop is one more repeated fault.
+        sim.faults["repeated_spins"] += 1 + max(0, now - self._since) // self._round_trip
+        self._to_host()
+        self.enter()
+
+    # -- WFI and wake-ups ----------------------------------------------------------------------
+    def _wake_condition(self) -> bool:
+        """``kvm_vcpu_check_block``: a pending IRQ, or the arch says runnable."""
+        guest = self.guest
+        return guest.timer_pending or guest.ipi_pending or self.sim.host_protocol.vcpu_runnable(
+            self.index
+        )
+
+    def wfi(self, halt: bool) -> None:
+        """The guest executed WFI: trap, then block unless already runnable."""
+        self._to_host()
+        self._host_event = self.sim.engine.after(self._exit_ns, self._block, halt)
+
+    def _block(self, halt: bool) -> None:
+        self._host_event = None
+        if self._wake_condition():
+            self.enter()
+            return
+        self.mode = VcpuMode.BLOCKED
+        self.block_halt = halt
+        category = TimeCategory.APF_HALT if halt else TimeCategory.IDLE
+        self.clock.switch(category, self.sim.engine.now)
+
+    def _wake(self) -> None:
+        self._to_host()
+        self.enter()
+
+    def worker_completed(self) -> None:
+        """The worker's ``swake_up_one(&vcpu->wq)``: only a blocked vCPU notices."""
+        if not self.sim.host_protocol.vcpu_runnable(self.index):
+            return
+        if self.mode == VcpuMode.BLOCKED:
+            self._wake()
+        elif self.mode == VcpuMode.SPIN and self._host_event is None:
+            self._host_event = self.sim.engine.after(0, self._spin_end)
+
+    def on_tick(self) -> None:
+        """The guest's timer fires (one pending level-triggered IRQ at most)."""
+        mode = self.mode
+        if mode == VcpuMode.GUEST:
+            self.guest.timer_pending = True
+            self.exit_async()
+        elif mode == VcpuMode.BLOCKED:
+            if self.block_halt:  # NO_HZ idle: no tick while the guest idles
+                self.guest.timer_pending = True
+                self._wake()
+        else:
+            self.guest.timer_pending = True
+            if mode == VcpuMode.SPIN and self._host_event is None:
+                self._host_event = self.sim.engine.after(0, self._spin_end)
+
+    def on_ipi(self) -> None:
+        """A virtual IPI (reschedule) sent by another guest CPU."""
+        self.guest.ipi_pending = True
+        mode = self.mode
+        if mode == VcpuMode.GUEST:
+            self.exit_async()
+        elif mode == VcpuMode.BLOCKED:
+            self._wake()
+        elif mode == VcpuMode.SPIN and self._host_event is None:
+            self._host_event = self.sim.engine.after(0, self._spin_end)

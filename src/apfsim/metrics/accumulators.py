@@ -1,0 +1,70 @@
+"""Time-weighted accumulators updated only on state changes (never per access)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+__all__ = ["TIME_CATEGORIES", "LatencySamples", "TimeCategory", "VcpuClock"]
+
+
+class TimeCategory(IntEnum):
+    """What a vCPU's wall time was spent on."""
+
+    TASK = 0  # guest running a task (user or kernel on its behalf)
+    GUEST_KERNEL = 1  # guest exception/IRQ handlers, APF driver, context switches
+    IDLE = 2  # guest idle: vCPU blocked in WFI
+    APF_HALT = 3  # halted waiting for a page (the seed's WFI wait)
+    SYNC_FAULT = 4  # vCPU thread blocked in a synchronous fault-in
+    HOST = 5  # host overhead: exits, entries, stage-2 fault handling, repeated-fault spins
+
+
+TIME_CATEGORIES = [c.name.lower() for c in TimeCategory]
+
+
+class VcpuClock:
+    """Per-vCPU time by category; ``switch`` closes the running interval."""
+
+    __slots__ = ("category", "since", "totals")
+
+    def __init__(self) -> None:
+        self.totals = np.zeros(len(TimeCategory), dtype=np.int64)
+        self.category = TimeCategory.HOST
+        self.since = 0
+
+    def switch(self, category: TimeCategory, now: int) -> None:
+        self.totals[self.category] += now - self.since
+        self.category = category
+        self.since = now
+
+    def close(self, now: int) -> None:
+        self.switch(self.category, now)
+
+
+class LatencySamples:
+    """A growable int64 buffer of nanosecond samples (no Python list of ints)."""
+
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._buf = np.empty(capacity, dtype=np.int64)
+        self._n = 0
+
+    def add(self, value_ns: int) -> None:
+        if self._n == len(self._buf):
+            self._buf = np.concatenate([self._buf, np.empty(len(self._buf), dtype=np.int64)])
+        self._buf[self._n] = value_ns
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def percentile_us(self, q: float) -> float | None:
+        if self._n == 0:
+            return None
+        return round(float(np.percentile(self.values, q)) / 1000.0, 3)

@@ -1,0 +1,72 @@
+"""Typed results; ``to_dict`` gives the JSON schema of docs/results-schema.md."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ProtocolResult", "RunResult", "TaskResult", "VcpuResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    name: str
+    kind: str
+    cpu: int
+    work_s: float
+    ops: int
+    completion_s: float | None
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuResult:
+    vcpu: int
+    time_s: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolResult:
+    protocol: str
+    sim_time_s: float
+    wall_time_s: float
+    events: int
+    tasks: list[TaskResult]
+    vcpus: list[VcpuResult]
+    apf: dict[str, int]
+    faults: dict[str, Any]
+    memory: dict[str, Any]
+
+    def task(self, name: str) -> TaskResult:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self, include_wall: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not include_wall:
+            # Wall-clock figures differ run to run; keep the JSON byte-identical.
+            data.pop("wall_time_s")
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    scenario: dict[str, Any]
+    seed: int
+    results: list[ProtocolResult] = field(default_factory=list)
+
+    def protocol(self, name: str) -> ProtocolResult:
+        for r in self.results:
+            if r.protocol == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "results": [r.to_dict() for r in self.results],
+        }

@@ -1,0 +1,68 @@
+"""Protocol variants: each a small module over the generic core, plus one registry line.
+
+A variant provides the host's arch hooks and the guest's driver; :func:`build_protocol`
+wires the two halves to the simulator's (or the model checker's) ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest, GuestKernelPort
+from apfsim.protocols.arm64_rfcv2 import DEFAULT_NO_FAULT_INST_RANGE, Arm64Rfcv2Host
+from apfsim.protocols.base import GuestProtocol, HostProtocol, PrefaultFn
+from apfsim.protocols.sync import NoApfGuest, SyncHost
+
+__all__ = ["PROTOCOLS", "ProtocolOptions", "build_protocol"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolOptions:
+    """Knobs of the variants (defaults: the seed as posted)."""
+
+    no_kvmapf: bool = False  # guest boot option `no-kvmapf`
+    send_always: bool = False  # the seed leaves KVM_ASYNC_PF_SEND_ALWAYS as a FIXME
+    no_fault_inst_range: int = DEFAULT_NO_FAULT_INST_RANGE  # host default window
+    guest_handler_offsets_max: int = 0x1000  # the guest asks for this + 4096
+    preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
+
+
+Built = tuple[HostProtocol, GuestProtocol]
+Factory = Callable[[int, GuestKernelPort, PrefaultFn, ProtocolOptions], Built]
+
+
+def _build_sync(n: int, port: GuestKernelPort, prefault: PrefaultFn, opt: ProtocolOptions) -> Built:
+    return SyncHost(), NoApfGuest()
+
+
+def _build_arm64_rfcv2(
+    n: int, port: GuestKernelPort, prefault: PrefaultFn, opt: ProtocolOptions
+) -> Built:
+    guest = Arm64ApfGuest(
+        port=port,
+        n_cpus=n,
+        async_pf_available=not opt.no_kvmapf,
+        preempt_count_config=opt.preempt_count_config,
+        handler_offsets_max=opt.guest_handler_offsets_max,
+        send_always=opt.send_always,
+    )
+    host = Arm64Rfcv2Host(guest.apf_data, prefault, opt.no_fault_inst_range)
+    return host, guest
+
+
+PROTOCOLS: dict[str, Factory] = {
+    "sync": _build_sync,
+    "arm64-rfcv2": _build_arm64_rfcv2,
+}
+
+
+def build_protocol(
+    name: str, n_vcpus: int, port: GuestKernelPort, prefault: PrefaultFn, opt: ProtocolOptions
+) -> Built:
+    """Instantiate variant ``name`` for a VM of ``n_vcpus``."""
+    try:
+        factory = PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
+    return factory(n_vcpus, port, prefault, opt)

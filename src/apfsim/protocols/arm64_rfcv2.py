@@ -1,0 +1,290 @@
+"""Host side of the seed's design: "[PATCH RFCv2 7/9] kvm/arm64: Support async page fault".
+
+Both signals are an injected synchronous data abort whose FAR is the token, announced by
+the ``reason`` word of the guest's control block. Signals are fired and consumed in
+sequence: nothing is injected while ``reason != 0``. No injection while the guest PC is in
+``[VBAR_EL1, VBAR_EL1 + no_fault_inst_range)``. With ``send_user_only`` (the guest never
+sets SEND_ALWAYS: "FIXME" in patch 9/9) not-present is not sent at EL1; page-ready is.
+There is no artificial halt: a repeated fault on an outstanding gfn re-enters the guest,
+which faults again. Completions are checked on every run-loop iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from apfsim.guest.kvm_apf_arm64 import (
+    APF_FUNC_SET_RANGE,
+    APF_FUNC_UPDATE_ENABLE,
+    KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
+    SMCCC_RET_NOT_REQUIRED,
+    SMCCC_RET_SUCCESS,
+    WAKE_ALL_TOKEN,
+    ApfData,
+)
+from apfsim.host.async_pf import (
+    ASYNC_PF_PER_VCPU,
+    AsyncPf,
+    VcpuAsyncPf,
+    async_pf_execute,
+    kvm_async_pf_wakeup_all,
+    kvm_check_async_pf_completion,
+    kvm_clear_async_pf_completion_queue,
+    kvm_setup_async_pf,
+)
+from apfsim.protocols.base import (
+    FaultDecision,
+    FaultResult,
+    GuestView,
+    PrefaultFn,
+    SyncCause,
+)
+
+__all__ = ["DEFAULT_NO_FAULT_INST_RANGE", "Arm64Rfcv2Host", "GfnHash", "make_token"]
+
+DEFAULT_NO_FAULT_INST_RANGE = 0x800
+"""The host's default no-inject window from VBAR_EL1 (the vector table)."""
+
+_EMPTY = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def make_token(apf_id: int, vcpu_id: int) -> int:
+    """``(apf.id << 16) | vcpu_id`` with a u16 ``id``: 32 bits, as AArch32 guests need."""
+    return ((apf_id & 0xFFFF) << 16) | (vcpu_id & 0xFFFF)
+
+
+def hash_32(value: int, bits: int) -> int:
+    """The kernel's ``hash_32`` (multiplicative hash by GOLDEN_RATIO_32)."""
+    return ((value * 0x61C88647) & 0xFFFF_FFFF) >> (32 - bits)
+
+
+@dataclass(slots=True)
+class GfnHash:
+    """The per-vCPU 64-slot open-addressing gfn table (``kvm_add/find/del_async_pf_gfn``)."""
+
+    slots: list[int] = field(default_factory=lambda: [_EMPTY] * ASYNC_PF_PER_VCPU)
+
+    @staticmethod
+    def _hash(gfn: int) -> int:
+        return hash_32(gfn & 0xFFFF_FFFF, 6)
+
+    def add(self, gfn: int) -> None:
+        key = self._hash(gfn)
+        while self.slots[key] != _EMPTY:
+            key = (key + 1) & (ASYNC_PF_PER_VCPU - 1)
+        self.slots[key] = gfn
+
+    def _slot(self, gfn: int) -> int:
+        key = self._hash(gfn)
+        for _ in range(ASYNC_PF_PER_VCPU):
+            if self.slots[key] == gfn or self.slots[key] == _EMPTY:
+                break
+            key = (key + 1) & (ASYNC_PF_PER_VCPU - 1)
+        return key
+
+    def find(self, gfn: int) -> bool:
+        return self.slots[self._slot(gfn)] == gfn
+
+    def delete(self, gfn: int) -> None:
+        """Backward-shift delete, so later probes still find their entries."""
+        i = self._slot(gfn)
+        if self.slots[i] != gfn:
+            return
+        mask = ASYNC_PF_PER_VCPU - 1
+        while True:
+            self.slots[i] = _EMPTY
+            j = i
+            while True:
+                j = (j + 1) & mask
+                if self.slots[j] == _EMPTY:
+                    return
+                k = self._hash(self.slots[j])
+                # Move slots[j] back to i unless its home k lies cyclically in (i, j].
+                if (j > i and (k <= i or k > j)) or (j < i and (k <= i and k > j)):
+                    break
+            self.slots[i] = self.slots[j]
+            i = j
+
+    def reset(self) -> None:
+        self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
+
+    def __len__(self) -> int:
+        return sum(1 for s in self.slots if s != _EMPTY)
+
+
+@dataclass(slots=True)
+class VcpuApfArch:
+    """``vcpu->arch.apf`` in RFCv2 plus the vCPU's pending injected abort."""
+
+    control_block: ApfData  # the guest's per-CPU block; the host reads and writes `reason`
+    enabled: bool = False
+    send_user_only: bool = True
+    id: int = 0
+    gfns: GfnHash = field(default_factory=GfnHash)
+    no_fault_inst_range: int = DEFAULT_NO_FAULT_INST_RANGE
+    pending_abort: int | None = None  # FAR of a data abort to inject at the next entry
+    view: GuestView = GuestView(privileged=False)
+
+
+@dataclass(slots=True)
+class HostCounters:
+    not_present_injected: int = 0
+    page_ready_injected: int = 0
+    wakeup_all_queued: int = 0
+    repeated_faults: int = 0
+    prefaults: int = 0
+    prefaults_missed: int = 0
+    cancelled: int = 0
+    unsafe_injections: int = 0  # injected while ELR_EL1 was not yet saved
+    token_wraps: int = 0
+
+
+class Arm64Rfcv2Host:
+    """The RFCv2 arch hooks over the generic core, one instance per VM."""
+
+    name = "arm64-rfcv2"
+
+    def __init__(
+        self,
+        control_blocks: list[ApfData],
+        prefault: PrefaultFn,
+        no_fault_inst_range: int = DEFAULT_NO_FAULT_INST_RANGE,
+    ) -> None:
+        self.prefault = prefault
+        self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(control_blocks))]
+        self.arch = [
+            VcpuApfArch(control_block=block, no_fault_inst_range=no_fault_inst_range)
+            for block in control_blocks
+        ]
+        self.stats = HostCounters()
+
+    # -- admission -------------------------------------------------------------------------
+    def _can_inject(self, vcpu: int, view: GuestView) -> SyncCause | None:
+        """None when an abort may be injected now, else why not."""
+        arch = self.arch[vcpu]
+        if not arch.enabled:
+            return SyncCause.NO_APF
+        if arch.control_block.reason != 0:
+            return SyncCause.REASON_BUSY
+        if view.pc_offset is not None and view.pc_offset < arch.no_fault_inst_range:
+            return SyncCause.WINDOW
+        return None
+
+    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
+        """``try_async_pf`` in ``user_mem_abort``: called once GUP NOWAIT said "needs I/O"."""
+        arch = self.arch[vcpu]
+        arch.view = view
+        cause = self._can_inject(vcpu, view)
+        if cause is None and arch.send_user_only and view.privileged:
+            cause = SyncCause.GATED_CONTEXT
+        if cause is not None:
+            return FaultResult(FaultDecision.SYNC, cause=cause)
+        if arch.gfns.find(gfn):
+            # No artificial halt on arm64: re-enter and let the guest fault again.
+            self.stats.repeated_faults += 1
+            return FaultResult(FaultDecision.REPEATED)
+        token = self.kvm_arch_setup_async_pf_token(vcpu)
+        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
+        if work is None:
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
+        return FaultResult(FaultDecision.ASYNC, work=work)
+
+    def kvm_arch_setup_async_pf_token(self, vcpu: int) -> int:
+        """``token = (apf.id++ << 16) | vcpu_id``; the u16 id wraps, 0 and ~0 not skipped."""
+        arch = self.arch[vcpu]
+        token = make_token(arch.id, vcpu)
+        arch.id = (arch.id + 1) & 0xFFFF
+        if arch.id == 0:
+            self.stats.token_wraps += 1
+        return token
+
+    # -- arch hooks called by the generic core -------------------------------------------------
+    def _inject_dabt(self, vcpu: int, far: int, reason: int) -> None:
+        arch = self.arch[vcpu]
+        arch.control_block.reason = reason
+        arch.pending_abort = far
+        if not arch.view.elr_saved:
+            self.stats.unsafe_injections += 1
+
+    def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
+        self.arch[vcpu_id].gfns.add(work.gfn)
+        self._inject_dabt(vcpu_id, work.token, KVM_PV_REASON_PAGE_NOT_PRESENT)
+        self.stats.not_present_injected += 1
+        return True
+
+    def kvm_arch_async_page_present(self, vcpu_id: int, work: AsyncPf) -> None:
+        arch = self.arch[vcpu_id]
+        if work.wakeup_all:
+            token = WAKE_ALL_TOKEN
+        else:
+            token = work.token
+            arch.gfns.delete(work.gfn)
+        if not arch.enabled:
+            return
+        self._inject_dabt(vcpu_id, token, KVM_PV_REASON_PAGE_READY)
+        self.stats.page_ready_injected += 1
+
+    def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
+        """Prefault the page so the woken task's retry does not fault again."""
+        self.stats.prefaults += 1
+        if not self.prefault(work.gfn):
+            self.stats.prefaults_missed += 1
+
+    def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
+        arch = self.arch[vcpu_id]
+        if not arch.enabled:
+            return True  # drained without telling the guest
+        return self._can_inject(vcpu_id, arch.view) is None
+
+    def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
+        """RFCv2 (v5.7 base) has no such hook: a running vCPU is not kicked."""
+
+    # -- run loop entry points -----------------------------------------------------------------
+    def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]:
+        """``kvm_check_async_pf_completion`` on every iteration of the run loop."""
+        self.arch[vcpu].view = view
+        return kvm_check_async_pf_completion(self.apf[vcpu], self)
+
+    def worker_done(self, work: AsyncPf) -> bool:
+        return async_pf_execute(self.apf[work.vcpu_id], self, work)
+
+    def vcpu_runnable(self, vcpu: int) -> bool:
+        """``kvm_arch_vcpu_runnable``: RFCv2 adds "done non-empty or reason != 0"."""
+        return bool(self.apf[vcpu].done) or self.arch[vcpu].control_block.reason != 0
+
+    def take_pending_abort(self, vcpu: int) -> int | None:
+        arch = self.arch[vcpu]
+        far, arch.pending_abort = arch.pending_abort, None
+        return far
+
+    def smccc_apf(self, vcpu: int, val: int) -> int:
+        """ARM_SMCCC_VENDOR_HYP_KVM_APF_FUNC_ID: BIT(63) enable word, BIT(62) window."""
+        arch = self.arch[vcpu]
+        if val & APF_FUNC_SET_RANGE:
+            if arch.enabled:
+                return SMCCC_RET_NOT_REQUIRED
+            # The range may only grow.
+            arch.no_fault_inst_range = max(arch.no_fault_inst_range, val & ((1 << 56) - 1))
+            return SMCCC_RET_SUCCESS
+        if not val & APF_FUNC_UPDATE_ENABLE:
+            return SMCCC_RET_NOT_REQUIRED
+        enable = bool(val & KVM_ASYNC_PF_ENABLED)
+        if enable == arch.enabled:
+            return SMCCC_RET_NOT_REQUIRED
+        if not enable:
+            arch.enabled = False
+            self.stats.cancelled += len(kvm_clear_async_pf_completion_queue(self.apf[vcpu]))
+            return SMCCC_RET_SUCCESS
+        arch.enabled = True
+        arch.send_user_only = not val & KVM_ASYNC_PF_SEND_ALWAYS
+        arch.gfns.reset()
+        if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
+            self.stats.wakeup_all_queued += 1
+        return SMCCC_RET_SUCCESS
+
+    def counters(self) -> dict[str, int]:
+        c = self.stats
+        return {name: getattr(c, name) for name in c.__dataclass_fields__}

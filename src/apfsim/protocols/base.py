@@ -1,0 +1,122 @@
+"""What the simulator (and later the model checker) asks of a protocol variant.
+
+A variant is a pair: the host's arch hooks over the generic core
+(:mod:`apfsim.host.async_pf`) and the guest's driver. Both are plain code over explicit
+state; time, I/O and scheduling stay in the simulator, which calls these entry points at
+the kernel's call sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from apfsim.host.async_pf import AsyncPf
+
+__all__ = [
+    "FaultDecision",
+    "FaultResult",
+    "GuestProtocol",
+    "GuestView",
+    "HostProtocol",
+    "PrefaultFn",
+    "AbortOutcome",
+    "GuestRegs",
+    "SyncCause",
+]
+
+PrefaultFn = Callable[[int], bool]
+"""Map a gfn into stage 2 if it is resident; False if it was reclaimed meanwhile."""
+
+
+@dataclass(slots=True, frozen=True)
+class GuestView:
+    """The guest registers the host reads at an exit: exception level and PC."""
+
+    privileged: bool
+    pc_offset: int | None = None  # PC - VBAR_EL1 while in vector/entry code, else None
+    elr_saved: bool = True  # False in entry code before kernel_entry saved ELR/SPSR
+
+
+@dataclass(slots=True, frozen=True)
+class GuestRegs:
+    """What the guest's abort handler can see of the interrupted context."""
+
+    user_mode: bool
+    preempt_count: int = 0
+    rcu_depth: int = 0
+    is_idle_task: bool = False
+
+
+class AbortOutcome(Enum):
+    """What the guest CPU does after its abort/APF handler returns."""
+
+    NOT_APF = "not_apf"  # an ordinary abort (an injected one here is a guest crash)
+    DUMMY_CONSUMED = "dummy_consumed"  # wake came first: the task retries at once
+    WAIT_SCHEDULE = "wait_schedule"  # task set TASK_UNINTERRUPTIBLE and calls schedule()
+    WAIT_HALT = "wait_halt"  # task spins in dsb(sy); wfi() until its node is unhashed
+    WOKE = "woke"  # a page-ready was handled; return to the interrupted context
+    ILLEGAL_REASON = "illegal_reason"
+
+
+class FaultDecision(Enum):
+    """The outcome of the host's try_async_pf for a fault that needs I/O."""
+
+    ASYNC = "async"  # work queued; re-enter the guest (not-present injected)
+    REPEATED = "repeated"  # gfn already outstanding: re-enter without new work
+    SYNC = "sync"  # fault the page in synchronously in the vCPU thread
+
+
+class SyncCause(Enum):
+    """Why a fault that needed I/O was handled synchronously."""
+
+    NO_APF = "no_apf"  # protocol without async PF, or APF not enabled by the guest
+    QUEUE_FULL = "queue_full"  # queued == ASYNC_PF_PER_VCPU
+    GATED_CONTEXT = "gated_context"  # send_user_only and the guest was privileged
+    WINDOW = "window"  # PC inside the no-inject window
+    REASON_BUSY = "reason_busy"  # previous signal not consumed (reason != 0)
+
+
+@dataclass(slots=True, frozen=True)
+class FaultResult:
+    decision: FaultDecision
+    work: AsyncPf | None = None
+    cause: SyncCause | None = None
+
+
+class HostProtocol(Protocol):
+    """Host entry points the vCPU run loop calls."""
+
+    name: str
+
+    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult: ...
+
+    def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]: ...
+
+    def worker_done(self, work: AsyncPf) -> bool: ...
+
+    def vcpu_runnable(self, vcpu: int) -> bool: ...
+
+    def take_pending_abort(self, vcpu: int) -> int | None: ...
+
+    def smccc_apf(self, vcpu: int, val: int) -> int: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+
+class GuestProtocol(Protocol):
+    """Guest entry points the guest CPU model calls."""
+
+    def boot(self) -> None: ...
+
+    def on_abort(self, cpu: int, far: int, regs: GuestRegs) -> AbortOutcome: ...
+
+    def on_ret_to_user(self, cpu: int) -> None: ...
+
+    def on_idle_entry(self, cpu: int) -> None: ...
+
+    def waiter_woken(self, cpu: int, task: int) -> bool: ...
+
+    def counters(self) -> dict[str, int]: ...

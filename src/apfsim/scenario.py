@@ -1,0 +1,301 @@
+"""Scenario files: TOML validated with pydantic (unknown keys rejected, bounds enforced).
+
+Every parameter has a default; docs/model.md gives each one's source or the reason for the
+assumption. ``load_scenario`` accepts a built-in name or a path and raises
+:class:`ScenarioError` with a one-line message naming the field, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "BUILTIN_SCENARIOS",
+    "DEFAULT_SCENARIO",
+    "Scenario",
+    "ScenarioError",
+    "builtin_scenarios",
+    "load_scenario",
+    "scenario_to_toml",
+]
+
+DEFAULT_SCENARIO = "rfcv2-2020"
+MIB_PAGES = 256  # 4 KiB pages per MiB
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be run; the message is one line, written for the user."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchedConfig(_Model):
+    """CFS tunables before log scaling by CPU count (Linux defaults)."""
+
+    latency_ns: int = Field(6_000_000, gt=0)
+    min_granularity_ns: int = Field(750_000, gt=0)
+    wakeup_granularity_ns: int = Field(1_000_000, ge=0)
+    gentle_fair_sleepers: bool = True
+    wakeup_preemption: bool = True
+
+
+class GuestCosts(_Model):
+    """Guest-side CPU costs in ns (assumptions, see docs/model.md)."""
+
+    vector_ns: int = Field(50, ge=0)
+    kernel_entry_ns: int = Field(150, ge=0)
+    apf_handler_ns: int = Field(1_000, ge=0)
+    apf_wait_tail_ns: int = Field(200, ge=0)
+    tick_handler_ns: int = Field(2_000, ge=0)
+    ipi_handler_ns: int = Field(1_000, ge=0)
+    context_switch_ns: int = Field(3_000, ge=0)
+    guest_fault_ns: int = Field(1_000, ge=0)
+
+
+class GuestConfig(_Model):
+    vcpus: int = Field(1, ge=1, le=64)
+    memory_mib: int = Field(4096, ge=16)
+    reserved_mib: int = Field(256, ge=0)
+    hz: int = Field(250, ge=10, le=10_000)
+    preempt: Literal["full", "voluntary"] = "full"
+    steal_time_accounting: bool = False
+    no_kvmapf: bool = False
+    send_always: bool = False
+    preempt_count_config: bool = True
+    handler_offsets_max: int = Field(0x1000, ge=0)
+    vector_pc_offset: int = Field(0x200, ge=0)
+    kernel_entry_pc_offset: int = Field(0xC00, ge=0)
+    dummy_alloc_fail_probability: float = Field(0.0, ge=0.0, lt=1.0)
+    sched: SchedConfig = SchedConfig()
+    costs: GuestCosts = GuestCosts()
+
+
+class SwapConfig(_Model):
+    """Swap device: service time per request and how many are served at once."""
+
+    distribution: Literal["lognormal", "exponential", "constant"] = "lognormal"
+    mean_us: float = Field(1680.0, gt=0)
+    min_us: float = Field(36.2, gt=0)
+    max_us: float = Field(55_700.0, gt=0)
+    fit_samples: int = Field(7555, ge=2)
+    write_mean_scale: float = Field(1.0, gt=0)
+    queue_depth: int = Field(32, ge=1, le=4096)
+    transfer_ns_per_page: int = Field(4_000, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SwapConfig:
+        if self.distribution == "lognormal" and not self.min_us < self.mean_us < self.max_us:
+            raise ValueError("host.swap: need min_us < mean_us < max_us for the lognormal fit")
+        return self
+
+
+class HostConfig(_Model):
+    memory_limit_mib: int = Field(2048, ge=1)
+    page_cluster: int = Field(3, ge=0, le=6)
+    reclaim_batch: int = Field(32, ge=1)
+    exit_ns: int = Field(1_000, ge=0)
+    entry_ns: int = Field(1_000, ge=0)
+    stage2_fault_ns: int = Field(2_000, ge=0)
+    zero_fill_ns: int = Field(1_500, ge=0)
+    minor_fault_ns: int = Field(1_000, ge=0)
+    inject_ns: int = Field(500, ge=0)
+    worker_start_ns: int = Field(10_000, ge=0)
+    no_fault_inst_range: int = Field(0x800, ge=0)
+    swap: SwapConfig = SwapConfig()
+
+
+class InitialMemory(_Model):
+    """Host state of guest memory at t=0: the rest of the pages are never touched."""
+
+    resident_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    swapped_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum(self) -> InitialMemory:
+        if self.resident_fraction + self.swapped_fraction > 1.0:
+            raise ValueError(
+                "initial_memory: resident_fraction + swapped_fraction must be at most 1"
+            )
+        return self
+
+
+Mode = Literal["user", "kernel", "kernel_atomic", "kernel_rcu", "kernel_irqs_off"]
+
+
+class ComputeSpec(_Model):
+    kind: Literal["compute"]
+    name: str = "compute"
+    count: int = Field(1, ge=1, le=256)
+    cpu: int | None = Field(None, ge=0)
+    work_s: float | None = Field(None, gt=0)
+
+
+class RandomWriterSpec(_Model):
+    kind: Literal["random_writer"]
+    name: str = "writer"
+    count: int = Field(1, ge=1, le=256)
+    cpu: int | None = Field(None, ge=0)
+    buffer_mib: int = Field(1024, ge=1)
+    access_ns: int = Field(200, ge=1)
+    kernel_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    kernel_mode: Mode = "kernel"
+
+
+class MemoryHogSpec(_Model):
+    kind: Literal["memory_hog"]
+    name: str = "memhog"
+    count: int = Field(1, ge=1, le=1)
+    cpu: int | None = Field(None, ge=0)
+    memory_mib: int | None = Field(None, ge=1)
+    passes: int = Field(2, ge=1)
+    iterations: int | None = Field(None, ge=1)
+    page_write_ns: int = Field(600, ge=1)
+
+
+TaskSpec = Annotated[ComputeSpec | RandomWriterSpec | MemoryHogSpec, Field(discriminator="kind")]
+
+
+class Scenario(_Model):
+    """One VM under one host: the unit apfsim runs under each protocol."""
+
+    name: str = "custom"
+    description: str = ""
+    duration_s: float = Field(10.0, gt=0, le=86_400)
+    stop_when_done: bool = True
+    guest: GuestConfig = GuestConfig()
+    host: HostConfig = HostConfig()
+    initial_memory: InitialMemory = InitialMemory()
+    tasks: list[TaskSpec] = Field(default_factory=list, min_length=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> Scenario:
+        g = self.guest
+        fixed = sum(
+            t.buffer_mib if isinstance(t, RandomWriterSpec) else (t.memory_mib or 0)
+            for t in self.tasks
+            if not isinstance(t, ComputeSpec)
+        )
+        if g.reserved_mib + fixed > g.memory_mib:
+            raise ValueError(
+                f"tasks: buffers need {fixed} MiB + reserved {g.reserved_mib} MiB but "
+                f"guest.memory_mib is {g.memory_mib}"
+            )
+        for t in self.tasks:
+            if t.cpu is not None and t.cpu >= g.vcpus:
+                raise ValueError(f"tasks: cpu {t.cpu} of {t.name!r} must be < guest.vcpus ({g.vcpus})")
+        resident_pages = self.initial_memory.resident_fraction * g.memory_mib
+        if resident_pages > self.host.memory_limit_mib:
+            raise ValueError(
+                "initial_memory.resident_fraction: resident pages would exceed "
+                "host.memory_limit_mib; lower it"
+            )
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    hint = ""
+    if first["type"] == "extra_forbidden":
+        hint = "; remove it or check the spelling (`apfsim show` prints every valid key)"
+    where = f"{loc}: " if loc else ""
+    return f"{source}: {where}{msg}{shown}{hint}"
+
+
+def scenario_from_dict(data: dict[str, Any], source: str = "scenario") -> Scenario:
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as err:
+        raise ScenarioError(_format_error(err, source)) from None
+
+
+def builtin_scenarios() -> dict[str, str]:
+    """Built-in scenario names mapped to their one-line descriptions."""
+    out: dict[str, str] = {}
+    for entry in sorted(resources.files("apfsim.scenarios").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text())
+            out[entry.name[:-5]] = str(data.get("description", ""))
+    return out
+
+
+BUILTIN_SCENARIOS = builtin_scenarios
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """Load a built-in scenario by name, or a TOML file by path."""
+    text: str
+    source = str(name_or_path)
+    builtin = resources.files("apfsim.scenarios") / f"{name_or_path}.toml"
+    path = Path(name_or_path)
+    if builtin.is_file():
+        text = builtin.read_text()
+    elif path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ScenarioError(f"{source}: cannot read the file ({err})") from None
+    else:
+        known = ", ".join(builtin_scenarios())
+        raise ScenarioError(
+            f"{source}: no such built-in scenario or file; built-ins are: {known}"
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{source}: not valid TOML ({err})") from None
+    return scenario_from_dict(data, source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def scenario_to_toml(scenario: Scenario) -> str:
+    """The fully resolved scenario as TOML (every default written out)."""
+    data = scenario.model_dump(mode="python")
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        subtables = []
+        for key, value in table.items():
+            if isinstance(value, dict):
+                subtables.append((f"{prefix}.{key}" if prefix else key, value))
+            elif isinstance(value, list):
+                continue
+            elif value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for name, sub in subtables:
+            lines.append("")
+            lines.append(f"[{name}]")
+            emit(name, sub)
+
+    emit("", data)
+    for task in data["tasks"]:
+        lines.append("")
+        lines.append("[[tasks]]")
+        for key, value in task.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,14 @@
+"""Guest workloads: compute, random writer (Natapov's bm), sequential memory hog (the seed's)."""
+
+from apfsim.workloads.base import AccessMode, Plan, StopKind, Workload
+from apfsim.workloads.tasks import ComputeTask, MemoryHogTask, RandomWriterTask
+
+__all__ = [
+    "AccessMode",
+    "ComputeTask",
+    "MemoryHogTask",
+    "Plan",
+    "RandomWriterTask",
+    "StopKind",
+    "Workload",
+]

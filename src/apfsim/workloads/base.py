@@ -1,0 +1,85 @@
+"""What a guest task does, as seen by the guest CPU model.
+
+A task is asked for a *plan* from its current position: how long it can run before it
+stops, and why (a stage-2 miss on some gfn, a change of execution context, or the end of
+its work). Per-access work is vectorised: a plan looks at a batch of upcoming accesses with
+numpy and finds the first one whose page is not mapped in stage 2, so the event loop sees
+only misses and scheduling points. When the CPU is interrupted early, ``commit`` applies
+exactly the accesses that ran.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from apfsim.host.memory import GuestMemory
+
+__all__ = ["AccessMode", "Plan", "StopKind", "Workload"]
+
+
+class AccessMode(IntEnum):
+    """The guest execution context an access runs in."""
+
+    USER = 0  # EL0: user code
+    KERNEL = 1  # EL1, preemptible (copy_from_user, clear_page in the fault path)
+    KERNEL_ATOMIC = 2  # EL1 with preempt_count() > 1 (spinlock held, softirq, ...)
+    KERNEL_RCU = 3  # EL1 inside an RCU read-side critical section
+    KERNEL_IRQS_OFF = 4  # EL1 with interrupts masked
+
+
+class StopKind(IntEnum):
+    MISS = 0  # the next access faults to the host (page not mapped in stage 2)
+    RESUME = 1  # nothing happens: the plan ended early (batch end, context change)
+    DONE = 2  # the task has finished all its work
+
+
+@dataclass(slots=True)
+class Plan:
+    run_ns: int
+    kind: StopKind
+    gfn: int = -1
+    mode: AccessMode = AccessMode.USER
+
+
+class Workload(ABC):
+    """A task's behaviour. ``work_ns`` is CPU time spent on useful work."""
+
+    name: str
+    work_ns: int
+    ops: int  # operations done (accesses or pages written), for the results
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.work_ns = 0
+        self.ops = 0
+
+    @abstractmethod
+    def plan(self, memory: GuestMemory) -> Plan:
+        """How far the task gets from here if it is not interrupted."""
+
+    @abstractmethod
+    def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
+        """Apply ``elapsed_ns`` of the last plan; True if it ran to the plan's stop."""
+
+    def current_mode(self) -> AccessMode:
+        """The context the task is executing in now (for injection decisions)."""
+        return AccessMode.USER
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+
+def truncate_at_unmapped(memory: GuestMemory, pages: np.ndarray, n: int) -> int:
+    """Accesses that really ran out of the first ``n`` planned ones.
+
+    A plan is made against the stage-2 state at its start; if reclaim unmapped one of the
+    planned pages meanwhile, execution stops there (the access will fault when replanned).
+    """
+    if n <= 0:
+        return 0
+    return min(n, memory.first_not_mapped(pages[:n]))

@@ -1,0 +1,189 @@
+"""The built-in task kinds: compute, random writer, sequential memory hog."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apfsim.host.memory import GuestMemory
+from apfsim.workloads.base import AccessMode, Plan, StopKind, Workload, truncate_at_unmapped
+
+__all__ = ["ComputeTask", "MemoryHogTask", "RandomWriterTask"]
+
+_FOREVER_NS = 1 << 62
+_BATCH = 2048  # accesses looked at per plan: NOTE bounded for performance (numpy batch size)
+
+
+class ComputeTask(Workload):
+    """CPU-bound thread (the "nop blocks" / `work_thread`): its work is the CPU time it gets."""
+
+    def __init__(self, name: str, total_work_ns: int | None = None) -> None:
+        super().__init__(name)
+        self.total_work_ns = total_work_ns
+
+    def plan(self, memory: GuestMemory) -> Plan:
+        if self.total_work_ns is None:
+            return Plan(_FOREVER_NS, StopKind.RESUME)
+        return Plan(max(0, self.total_work_ns - self.work_ns), StopKind.DONE)
+
+    def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
+        self.work_ns += elapsed_ns
+        self.ops += elapsed_ns
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.total_work_ns is not None and self.work_ns >= self.total_work_ns
+
+
+class RandomWriterTask(Workload):
+    """Natapov's `fault_thread`: one-byte writes at random pages of a prefaulted buffer.
+
+    ``kernel_fraction`` of the accesses run in kernel context (e.g. a copy_from_user into
+    the buffer), drawn per access from the task's own random stream.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        first_gfn: int,
+        n_pages: int,
+        access_ns: int,
+        rng: np.random.Generator,
+        kernel_fraction: float = 0.0,
+        kernel_mode: AccessMode = AccessMode.KERNEL,
+    ) -> None:
+        super().__init__(name)
+        self.first_gfn = first_gfn
+        self.n_pages = n_pages
+        self.access_ns = access_ns
+        self.rng = rng
+        self.kernel_fraction = kernel_fraction
+        self.kernel_mode = kernel_mode
+        self._pages = np.empty(0, dtype=np.int64)
+        self._modes = np.empty(0, dtype=np.int8)
+        self._pos = 0
+        self._planned = 0
+
+    def _refill(self) -> None:
+        self._pages = self.rng.integers(
+            self.first_gfn, self.first_gfn + self.n_pages, size=_BATCH, dtype=np.int64
+        )
+        if self.kernel_fraction > 0.0:
+            kernel = self.rng.random(_BATCH) < self.kernel_fraction
+            self._modes = np.where(kernel, int(self.kernel_mode), int(AccessMode.USER)).astype(
+                np.int8
+            )
+        else:
+            self._modes = np.zeros(_BATCH, dtype=np.int8)
+        self._pos = 0
+
+    def current_mode(self) -> AccessMode:
+        if self._pos >= len(self._modes):
+            return AccessMode.USER
+        return AccessMode(int(self._modes[self._pos]))
+
+    def plan(self, memory: GuestMemory) -> Plan:
+        if self._pos >= len(self._pages):
+            self._refill()
+        pages = self._pages[self._pos :]
+        modes = self._modes[self._pos :]
+        mode = int(modes[0])
+        n = len(pages)
+        changes = np.flatnonzero(modes != mode)
+        if len(changes):
+            n = int(changes[0])
+        miss = memory.first_not_mapped(pages[:n])
+        self._planned = miss
+        if miss < n:
+            return Plan(miss * self.access_ns, StopKind.MISS, int(pages[miss]), AccessMode(mode))
+        return Plan(n * self.access_ns, StopKind.RESUME, mode=AccessMode(mode))
+
+    def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
+        n = min(elapsed_ns // self.access_ns, self._planned)
+        pages = self._pages[self._pos : self._pos + n]
+        done = truncate_at_unmapped(memory, pages, len(pages))
+        if done:
+            memory.touch(pages[:done], write=True)
+        self._pos += done
+        self.ops += done
+        self.work_ns += done * self.access_ns
+        self._planned -= done
+        return self._planned == 0
+
+
+class MemoryHogTask(Workload):
+    """The seed's benchmark thread: allocate all free memory, write it ``passes`` times, free.
+
+    The first touch of each freshly allocated page is the guest kernel zeroing it
+    (clear_page in the anonymous fault path: kernel mode); later writes are user mode.
+    ``iterations`` allocate/write/free cycles, then the task is done (its completion time
+    is the "app time" of the seed's memory-only run).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        first_gfn: int,
+        n_pages: int,
+        passes: int,
+        iterations: int | None,
+        page_write_ns: int,
+        guest_fault_ns: int,
+    ) -> None:
+        super().__init__(name)
+        self.first_gfn = first_gfn
+        self.n_pages = n_pages
+        self.passes = passes
+        self.iterations = iterations
+        self.page_write_ns = page_write_ns
+        self.guest_fault_ns = guest_fault_ns
+        self.iteration = 0
+        self.pass_no = 0
+        self.offset = 0  # next page within the pass
+        self._planned = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.iterations is not None and self.iteration >= self.iterations
+
+    def _cost(self) -> int:
+        if self.pass_no == 0:
+            return self.page_write_ns + self.guest_fault_ns
+        return self.page_write_ns
+
+    def current_mode(self) -> AccessMode:
+        return AccessMode.KERNEL if self.pass_no == 0 else AccessMode.USER
+
+    def plan(self, memory: GuestMemory) -> Plan:
+        if self.finished:
+            return Plan(0, StopKind.DONE)
+        start = self.first_gfn + self.offset
+        stop = min(start + _BATCH, self.first_gfn + self.n_pages)
+        pages = np.arange(start, stop, dtype=np.int64)
+        miss = memory.first_not_mapped(pages)
+        self._planned = miss
+        mode = self.current_mode()
+        if miss < len(pages):
+            return Plan(miss * self._cost(), StopKind.MISS, int(pages[miss]), mode)
+        return Plan(len(pages) * self._cost(), StopKind.RESUME, mode=mode)
+
+    def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
+        cost = self._cost()
+        n = min(elapsed_ns // cost, self._planned)
+        start = self.first_gfn + self.offset
+        pages = np.arange(start, start + n, dtype=np.int64)
+        done = truncate_at_unmapped(memory, pages, n)
+        if done:
+            memory.touch(pages[:done], write=True)
+        self.offset += done
+        self.ops += done
+        self.work_ns += done * cost
+        self._planned -= done
+        complete = self._planned == 0
+        if self.offset >= self.n_pages:
+            self.offset = 0
+            self.pass_no += 1
+            if self.pass_no >= self.passes:
+                self.pass_no = 0
+                self.iteration += 1
+        return complete
