@@ -160,7 +160,31 @@ class MemoryHogSpec(_Model):
     page_write_ns: int = Field(600, ge=1)
 
 
-TaskSpec = Annotated[ComputeSpec | RandomWriterSpec | MemoryHogSpec, Field(discriminator="kind")]
+class FaultLoopSpec(_Model):
+    """Exponential compute bursts, each followed by a fault on the next page of a region."""
+
+    kind: Literal["fault_loop"]
+    name: str = "faulter"
+    count: int = Field(1, ge=1, le=256)
+    cpu: int | None = Field(None, ge=0)
+    region_mib: int = Field(64, ge=1)
+    burst_mean_us: float = Field(1000.0, gt=0)
+
+
+TaskSpec = Annotated[
+    ComputeSpec | RandomWriterSpec | MemoryHogSpec | FaultLoopSpec, Field(discriminator="kind")
+]
+
+
+def buffer_mib(task: ComputeSpec | RandomWriterSpec | MemoryHogSpec | FaultLoopSpec) -> int:
+    """Guest memory a task entry claims (shared by its `count` threads)."""
+    if isinstance(task, RandomWriterSpec):
+        return task.buffer_mib
+    if isinstance(task, MemoryHogSpec):
+        return task.memory_mib or 0
+    if isinstance(task, FaultLoopSpec):
+        return task.region_mib * task.count
+    return 0
 
 
 class Scenario(_Model):
@@ -178,11 +202,7 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _fits(self) -> Scenario:
         g = self.guest
-        fixed = sum(
-            t.buffer_mib if isinstance(t, RandomWriterSpec) else (t.memory_mib or 0)
-            for t in self.tasks
-            if not isinstance(t, ComputeSpec)
-        )
+        fixed = sum(buffer_mib(t) for t in self.tasks)
         if g.reserved_mib + fixed > g.memory_mib:
             raise ValueError(
                 f"tasks: buffers need {fixed} MiB + reserved {g.reserved_mib} MiB but "
@@ -223,7 +243,7 @@ def scenario_from_dict(data: dict[str, Any], source: str = "scenario") -> Scenar
 def builtin_scenarios() -> dict[str, str]:
     """Built-in scenario names mapped to their one-line descriptions."""
     out: dict[str, str] = {}
-    for entry in sorted(resources.files("apfsim.scenarios").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("apfsim.scenarios").iterdir(), key=lambda p: p.name[:-5]):
         if entry.name.endswith(".toml"):
             data = tomllib.loads(entry.read_text())
             out[entry.name[:-5]] = str(data.get("description", ""))

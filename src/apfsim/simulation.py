@@ -36,12 +36,14 @@ from apfsim.protocols import ProtocolOptions, build_protocol
 from apfsim.scenario import (
     MIB_PAGES,
     ComputeSpec,
+    FaultLoopSpec,
     MemoryHogSpec,
     RandomWriterSpec,
     Scenario,
+    buffer_mib,
 )
 from apfsim.workloads.base import AccessMode, Workload
-from apfsim.workloads.tasks import ComputeTask, MemoryHogTask, RandomWriterTask
+from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, RandomWriterTask
 
 __all__ = ["Simulation"]
 
@@ -120,8 +122,7 @@ class Simulation:
     def _build_tasks(self) -> None:
         g = self.scenario.guest
         next_gfn = g.reserved_mib * MIB_PAGES
-        fixed = sum(t.buffer_mib if isinstance(t, RandomWriterSpec) else (t.memory_mib or 0)
-                    for t in self.scenario.tasks if not isinstance(t, ComputeSpec))
+        fixed = sum(buffer_mib(t) for t in self.scenario.tasks)
         free_pages = (g.memory_mib - g.reserved_mib - fixed) * MIB_PAGES
         rr = 0
         costs = g.costs
@@ -136,7 +137,12 @@ class Simulation:
             for i in range(spec.count):
                 name = spec.name if spec.count == 1 else f"{spec.name}{i}"
                 workload: Workload
-                if isinstance(spec, ComputeSpec):
+                if isinstance(spec, FaultLoopSpec):
+                    n = spec.region_mib * MIB_PAGES
+                    workload = FaultLoopTask(name, next_gfn, n, spec.burst_mean_us * 1000.0,
+                                             self.streams.stream(f"task:{name}"))
+                    next_gfn += n
+                elif isinstance(spec, ComputeSpec):
                     total = None if spec.work_s is None else round(spec.work_s * 1e9)
                     workload = ComputeTask(name, total)
                 elif isinstance(spec, RandomWriterSpec):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from apfsim.host.memory import GuestMemory
+from apfsim.host.memory import GuestMemory, PageState
 from apfsim.workloads.base import AccessMode, Plan, StopKind, Workload, truncate_at_unmapped
 
-__all__ = ["ComputeTask", "MemoryHogTask", "RandomWriterTask"]
+__all__ = ["ComputeTask", "FaultLoopTask", "MemoryHogTask", "RandomWriterTask"]
 
 _FOREVER_NS = 1 << 62
 _BATCH = 2048  # accesses looked at per plan: NOTE bounded for performance (numpy batch size)
@@ -187,3 +187,48 @@ class MemoryHogTask(Workload):
                 self.pass_no = 0
                 self.iteration += 1
         return complete
+
+
+class FaultLoopTask(Workload):
+    """Exponential compute bursts, each followed by a touch of the next page of a region.
+
+    With the region swapped out, no readahead and a device of enough parallelism, every
+    touch is one fault-in of the device's service time: the machine-repairman workload of
+    the analytic checks (a closed queue of tasks that alternately compute and wait).
+    """
+
+    def __init__(
+        self, name: str, first_gfn: int, n_pages: int, burst_mean_ns: float, rng: np.random.Generator
+    ) -> None:
+        super().__init__(name)
+        self.first_gfn = first_gfn
+        self.n_pages = n_pages
+        self.burst_mean_ns = burst_mean_ns
+        self.rng = rng
+        self.next_page = 0
+        self.burst_left = self._draw()
+
+    def _draw(self) -> int:
+        return max(1, round(self.rng.exponential(self.burst_mean_ns)))
+
+    def plan(self, memory: GuestMemory) -> Plan:
+        if self.burst_left > 0:
+            return Plan(self.burst_left, StopKind.RESUME)
+        gfn = self.first_gfn + self.next_page % self.n_pages
+        if memory.state[gfn] != PageState.MAPPED:
+            return Plan(0, StopKind.MISS, gfn, AccessMode.USER)
+        return Plan(0, StopKind.RESUME)
+
+    def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
+        if self.burst_left > 0:
+            ran = min(elapsed_ns, self.burst_left)
+            self.burst_left -= ran
+            self.work_ns += ran
+            return self.burst_left == 0
+        gfn = self.first_gfn + self.next_page % self.n_pages
+        if memory.state[gfn] == PageState.MAPPED:
+            memory.touch(np.array([gfn], dtype=np.int64), write=True)
+            self.next_page += 1
+            self.ops += 1
+            self.burst_left = self._draw()
+        return True

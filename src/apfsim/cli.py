@@ -1,0 +1,194 @@
+"""``apfsim``: a thin command line over :mod:`apfsim.api`.
+
+Errors in input (scenario files, flags) print one line naming the field and exit 2; no
+traceback is shown. Results already computed are printed before any late error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from apfsim.api import DEFAULT_PROTOCOLS, compare_table, run
+from apfsim.protocols import PROTOCOLS
+from apfsim.scenario import (
+    DEFAULT_SCENARIO,
+    ScenarioError,
+    builtin_scenarios,
+    load_scenario,
+    scenario_to_toml,
+)
+
+try:  # typer >= 0.29 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer depends on click itself
+    from click.exceptions import ClickException  # type: ignore[import-not-found,no-redef]
+
+__all__ = ["app", "cli", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Simulate KVM asynchronous page faults and compare protocol designs.",
+)
+
+_PROGRESS_AFTER_S = 2.0
+
+
+class _Progress:
+    """A rich progress bar on a terminal, shown only once a run has taken ~2 s.
+
+    Off a terminal (CI logs) it prints a line to stderr every 10 s instead.
+    """
+
+    def __init__(self, quiet: bool, protocols: list[str]) -> None:
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.start = time.monotonic()
+        self.bar: Progress | None = None
+        self.task_ids: dict[str, Any] = {}
+        self.protocols = protocols
+        self.last_line = self.start
+
+    def __call__(self, protocol: str, fraction: float) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if now - self.start < _PROGRESS_AFTER_S:
+            return
+        if not self.console.is_terminal:
+            if now - self.last_line >= 10.0:
+                self.last_line = now
+                print(f"apfsim: {protocol}: {fraction:.0%}", file=sys.stderr)
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description:>14}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+            for name in self.protocols:
+                self.task_ids[name] = self.bar.add_task(name, total=1.0)
+        self.bar.update(self.task_ids[protocol], completed=fraction)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _fail(message: str) -> typer.Exit:
+    print(f"apfsim: error: {message}", file=sys.stderr)
+    return typer.Exit(2)
+
+
+@app.command("run")
+def run_command(
+    scenario: Annotated[
+        str, typer.Argument(help="Built-in scenario name or path to a TOML file.")
+    ] = DEFAULT_SCENARIO,
+    protocol: Annotated[
+        list[str] | None,
+        typer.Option("--protocol", "-p", help="Protocol to run (repeatable). Default: sync and arm64-rfcv2."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same results).")] = 0,
+    duration: Annotated[
+        float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON to this file.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+) -> None:
+    """Run a scenario under protocols on one seed and print the comparison."""
+    protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
+    for name in protocols:
+        if name not in PROTOCOLS:
+            raise _fail(f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    if len(set(protocols)) != len(protocols):
+        raise _fail("--protocol: each protocol may be given once")
+    if seed < 0:
+        raise _fail(f"--seed: must be a non-negative integer (got {seed})")
+    if duration is not None and not duration > 0:
+        raise _fail(f"--duration: must be a positive number of seconds (got {duration})")
+    if json_path is not None and not json_path.parent.is_dir():
+        raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
+    try:
+        sc = load_scenario(scenario)
+    except ScenarioError as err:
+        raise _fail(str(err)) from None
+    progress = _Progress(quiet, protocols)
+    try:
+        result = run(sc, protocols, seed=seed, duration_s=duration, progress=progress)
+    finally:
+        progress.close()
+    if not quiet:
+        print(compare_table(result))
+    if json_path is not None:
+        text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+        try:
+            json_path.write_text(text)
+        except OSError as err:
+            raise _fail(f"--json: cannot write {str(json_path)!r} ({err.strerror})") from None
+
+
+@app.command("scenarios")
+def scenarios_command() -> None:
+    """List the built-in scenarios."""
+    items = builtin_scenarios()
+    width = max(len(name) for name in items)
+    for name, description in items.items():
+        marker = " (default)" if name == DEFAULT_SCENARIO else ""
+        print(f"{name.ljust(width)}  {description}{marker}")
+
+
+@app.command("show")
+def show_command(
+    scenario: Annotated[str, typer.Argument(help="Built-in scenario name or TOML path.")],
+) -> None:
+    """Print the fully resolved scenario as TOML (copy it to start your own)."""
+    try:
+        sc = load_scenario(scenario)
+    except ScenarioError as err:
+        raise _fail(str(err)) from None
+    sys.stdout.write(scenario_to_toml(sc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: turns every usage error into one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="apfsim", standalone_mode=False)
+    except ClickException as err:
+        hint = ""
+        ctx = getattr(err, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        print(f"apfsim: error: {err.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except (typer.Abort, KeyboardInterrupt):
+        print("apfsim: interrupted", file=sys.stderr)
+        return 130
+    except ScenarioError as err:
+        print(f"apfsim: error: {err}", file=sys.stderr)
+        return 2
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+def cli() -> None:
+    """The ``apfsim`` console script."""
+    sys.exit(main())
