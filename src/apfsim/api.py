@@ -113,8 +113,12 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
     for k in ("zero_fill", "minor", "needs_io", "async", "sync", "repeated"):
         rows.append((f"  {k}", [str(r.faults[k]) for r in result.results]))
     for q in ("p50", "p99"):
-        rows.append((f"  fault-in latency {q} (us)",
-                     [_fmt(r.faults["fault_in_latency_us"][q]) for r in result.results]))
+        rows.append(
+            (
+                f"  fault-in latency {q} (us)",
+                [_fmt(r.faults["fault_in_latency_us"][q]) for r in result.results],
+            )
+        )
     if baseline in names:
         base = result.protocol(baseline)
         section(f"speedup over {baseline}")
@@ -131,10 +135,17 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
             rows.append((f"  {task.name}", cells))
     width0 = max(len(label) for label, _ in rows)
     widths = [max(len(n), *(len(c[i]) for _, c in rows)) for i, n in enumerate(names)]
-    lines = [" " * width0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True))]
+    lines = [
+        " " * width0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True))
+    ]
     for label, cells in rows:
-        lines.append(label.ljust(width0) + "  " + "  ".join(
-            c.rjust(w) for c, w in zip(cells, widths, strict=True)))
-    header = f"scenario {result.scenario['name']}  seed {result.seed}  " \
-             f"simulated {result.results[0].sim_time_s:.3f} s"
+        lines.append(
+            label.ljust(width0)
+            + "  "
+            + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+        )
+    header = (
+        f"scenario {result.scenario['name']}  seed {result.seed}  "
+        f"simulated {result.results[0].sim_time_s:.3f} s"
+    )
     return header + "\n" + "\n".join(lines)

@@ -26,11 +26,6 @@ from apfsim.scenario import (
     scenario_to_toml,
 )
 
-try:  # typer >= 0.29 vendors click
-    from typer._click.exceptions import ClickException
-except ImportError:  # pragma: no cover - older typer depends on click itself
-    from click.exceptions import ClickException  # type: ignore[import-not-found,no-redef]
-
 __all__ = ["app", "cli", "main"]
 
 app = typer.Typer(
@@ -99,7 +94,9 @@ def run_command(
     ] = DEFAULT_SCENARIO,
     protocol: Annotated[
         list[str] | None,
-        typer.Option("--protocol", "-p", help="Protocol to run (repeatable). Default: sync and arm64-rfcv2."),
+        typer.Option(
+            "--protocol", "-p", help="Protocol to run (repeatable). Default: sync and arm64-rfcv2."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same results).")] = 0,
     duration: Annotated[
@@ -114,7 +111,9 @@ def run_command(
     protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
     for name in protocols:
         if name not in PROTOCOLS:
-            raise _fail(f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+            raise _fail(
+                f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+            )
     if len(set(protocols)) != len(protocols):
         raise _fail("--protocol: each protocol may be given once")
     if seed < 0:
@@ -169,18 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="apfsim", standalone_mode=False)
-    except ClickException as err:
-        hint = ""
-        ctx = getattr(err, "ctx", None)
-        if ctx is not None:
-            hint = f" (see '{ctx.command_path} --help')"
-        print(f"apfsim: error: {err.format_message()}{hint}", file=sys.stderr)
-        return 2
     except (typer.Abort, KeyboardInterrupt):
         print("apfsim: interrupted", file=sys.stderr)
         return 130
     except ScenarioError as err:
         print(f"apfsim: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # Click's usage errors (typer vendors click in recent versions, so match by shape).
+        format_message = getattr(err, "format_message", None)
+        if format_message is None or not hasattr(err, "exit_code"):
+            raise
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"apfsim: error: {format_message()}{hint}", file=sys.stderr)
         return 2
     return rv if isinstance(rv, int) else 0
 

@@ -54,7 +54,9 @@ class Engine:
         heappush(self._queue, entry)
         return entry
 
-    def after(self, delay_ns: int, callback: Callable[[Any], object], arg: Any = None) -> EventHandle:
+    def after(
+        self, delay_ns: int, callback: Callable[[Any], object], arg: Any = None
+    ) -> EventHandle:
         """Schedule ``callback(arg)`` ``delay_ns`` after now."""
         if delay_ns < 0:
             raise ValueError(f"negative delay {delay_ns} ns")

@@ -210,7 +210,9 @@ class Scenario(_Model):
             )
         for t in self.tasks:
             if t.cpu is not None and t.cpu >= g.vcpus:
-                raise ValueError(f"tasks: cpu {t.cpu} of {t.name!r} must be < guest.vcpus ({g.vcpus})")
+                raise ValueError(
+                    f"tasks: cpu {t.cpu} of {t.name!r} must be < guest.vcpus ({g.vcpus})"
+                )
         resident_pages = self.initial_memory.resident_fraction * g.memory_mib
         if resident_pages > self.host.memory_limit_mib:
             raise ValueError(
@@ -268,9 +270,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
             raise ScenarioError(f"{source}: cannot read the file ({err})") from None
     else:
         known = ", ".join(builtin_scenarios())
-        raise ScenarioError(
-            f"{source}: no such built-in scenario or file; built-ins are: {known}"
-        )
+        raise ScenarioError(f"{source}: no such built-in scenario or file; built-ins are: {known}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

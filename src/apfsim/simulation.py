@@ -57,8 +57,9 @@ def _service_time(cfg: Any, rng: np.random.Generator, scale: float) -> ServiceTi
         return ConstantServiceTime(round(mean_ns))
     if cfg.distribution == "exponential":
         return ExponentialServiceTime(mean_ns, rng)
-    median, sigma = fit_lognormal(cfg.min_us * 1000.0, cfg.mean_us * 1000.0, cfg.max_us * 1000.0,
-                                  cfg.fit_samples)
+    median, sigma = fit_lognormal(
+        cfg.min_us * 1000.0, cfg.mean_us * 1000.0, cfg.max_us * 1000.0, cfg.fit_samples
+    )
     return LognormalServiceTime(median * scale, sigma, rng)
 
 
@@ -73,11 +74,13 @@ class Simulation:
         self.streams = RandomStreams(seed)
         g, h = scenario.guest, scenario.host
         n_pages = g.memory_mib * MIB_PAGES
-        self.memory = GuestMemory(n_pages, h.memory_limit_mib * MIB_PAGES, h.page_cluster,
-                                  h.reclaim_batch)
+        self.memory = GuestMemory(
+            n_pages, h.memory_limit_mib * MIB_PAGES, h.page_cluster, h.reclaim_batch
+        )
         im = scenario.initial_memory
-        self.memory.initialise(self.streams.stream("initial-memory"), im.resident_fraction,
-                               im.swapped_fraction)
+        self.memory.initialise(
+            self.streams.stream("initial-memory"), im.resident_fraction, im.swapped_fraction
+        )
         swap = h.swap
         self.device = SwapDevice(
             self.engine,
@@ -104,9 +107,13 @@ class Simulation:
         self.host_protocol, self.guest_protocol = build_protocol(
             protocol, g.vcpus, self, self._prefault, options
         )
-        cfs = CfsParams(g.sched.latency_ns, g.sched.min_granularity_ns,
-                        g.sched.wakeup_granularity_ns, g.sched.gentle_fair_sleepers,
-                        g.sched.wakeup_preemption).scaled(g.vcpus)
+        cfs = CfsParams(
+            g.sched.latency_ns,
+            g.sched.min_granularity_ns,
+            g.sched.wakeup_granularity_ns,
+            g.sched.gentle_fair_sleepers,
+            g.sched.wakeup_preemption,
+        ).scaled(g.vcpus)
         self.vcpus = [Vcpu(i, self) for i in range(g.vcpus)]
         self.cpus = [GuestCpu(i, self, v, cfs) for i, v in enumerate(self.vcpus)]
         for v, c in zip(self.vcpus, self.cpus, strict=True):
@@ -139,19 +146,37 @@ class Simulation:
                 workload: Workload
                 if isinstance(spec, FaultLoopSpec):
                     n = spec.region_mib * MIB_PAGES
-                    workload = FaultLoopTask(name, next_gfn, n, spec.burst_mean_us * 1000.0,
-                                             self.streams.stream(f"task:{name}"))
+                    workload = FaultLoopTask(
+                        name,
+                        next_gfn,
+                        n,
+                        spec.burst_mean_us * 1000.0,
+                        self.streams.stream(f"task:{name}"),
+                    )
                     next_gfn += n
                 elif isinstance(spec, ComputeSpec):
                     total = None if spec.work_s is None else round(spec.work_s * 1e9)
                     workload = ComputeTask(name, total)
                 elif isinstance(spec, RandomWriterSpec):
                     workload = RandomWriterTask(
-                        name, first, n, spec.access_ns, self.streams.stream(f"task:{name}"),
-                        spec.kernel_fraction, AccessMode[spec.kernel_mode.upper()])
+                        name,
+                        first,
+                        n,
+                        spec.access_ns,
+                        self.streams.stream(f"task:{name}"),
+                        spec.kernel_fraction,
+                        AccessMode[spec.kernel_mode.upper()],
+                    )
                 else:
-                    workload = MemoryHogTask(name, first, n, spec.passes, spec.iterations,
-                                             spec.page_write_ns, costs.guest_fault_ns)
+                    workload = MemoryHogTask(
+                        name,
+                        first,
+                        n,
+                        spec.passes,
+                        spec.iterations,
+                        spec.page_write_ns,
+                        costs.guest_fault_ns,
+                    )
                 cpu = spec.cpu if spec.cpu is not None else rr % g.vcpus
                 rr += 1
                 task = Task(tid=len(self.tasks), name=name, cpu=cpu)
@@ -253,7 +278,9 @@ class Simulation:
         self.engine.after(self._tick_ns, self._tick, vcpu)
         vcpu.on_tick()
 
-    def run(self, duration_s: float | None = None, progress: ProgressFn | None = None) -> ProtocolResult:
+    def run(
+        self, duration_s: float | None = None, progress: ProgressFn | None = None
+    ) -> ProtocolResult:
         """Simulate up to ``duration_s`` (default: the scenario's) and return the results."""
         wall0 = time.perf_counter()
         end = round((duration_s if duration_s is not None else self.scenario.duration_s) * 1e9)
@@ -280,18 +307,31 @@ class Simulation:
     def _result(self, now: int, wall_s: float) -> ProtocolResult:
         tasks = []
         for task, workload, kind in zip(self.tasks, self.workloads, self._task_kinds, strict=True):
-            tasks.append(TaskResult(
-                name=task.name, kind=kind, cpu=task.cpu,
-                work_s=round(workload.work_ns / 1e9, 9), ops=workload.ops,
-                completion_s=None if task.completion_ns is None else round(task.completion_ns / 1e9, 9),
-                state=task.state.value,
-            ))
+            tasks.append(
+                TaskResult(
+                    name=task.name,
+                    kind=kind,
+                    cpu=task.cpu,
+                    work_s=round(workload.work_ns / 1e9, 9),
+                    ops=workload.ops,
+                    completion_s=None
+                    if task.completion_ns is None
+                    else round(task.completion_ns / 1e9, 9),
+                    state=task.state.value,
+                )
+            )
         vcpus = []
         for v in self.vcpus:
             v.clock.close(now)
-            vcpus.append(VcpuResult(v.index, {
-                name: round(int(ns) / 1e9, 9) for name, ns in zip(TIME_CATEGORIES, v.clock.totals, strict=True)
-            }))
+            vcpus.append(
+                VcpuResult(
+                    v.index,
+                    {
+                        name: round(int(ns) / 1e9, 9)
+                        for name, ns in zip(TIME_CATEGORIES, v.clock.totals, strict=True)
+                    },
+                )
+            )
         apf: dict[str, int] = {}
         apf.update(self.host_protocol.counters())
         apf.update(self.guest_protocol.counters())
@@ -326,8 +366,14 @@ class Simulation:
             "ipis": self.stats["ipis"],
         }
         return ProtocolResult(
-            protocol=self.protocol, sim_time_s=round(now / 1e9, 9), wall_time_s=wall_s,
-            events=self.engine.events_run, tasks=tasks, vcpus=vcpus, apf=apf, faults=faults,
+            protocol=self.protocol,
+            sim_time_s=round(now / 1e9, 9),
+            wall_time_s=wall_s,
+            events=self.engine.events_run,
+            tasks=tasks,
+            vcpus=vcpus,
+            apf=apf,
+            faults=faults,
             memory=memory,
         )
 
@@ -346,4 +392,3 @@ def _resume(cpu: GuestCpu) -> None:
 
 def _ignore(_: object) -> None:
     pass
-

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from apfsim.protocols.base import GuestRegs, GuestView
 from apfsim.workloads.base import AccessMode
 
-__all__ = ["CONTEXT_OF_MODE", "GuestContext", "Contexts"]
+__all__ = ["CONTEXT_OF_MODE", "Contexts", "GuestContext"]
 
 HARDIRQ_OFFSET = 1 << 16
 
@@ -68,7 +68,10 @@ class Contexts:
             "vector", privileged=True, irqs_off=True, pc_offset=vector_pc_offset, elr_saved=False
         )
         self.entry = GuestContext(
-            "kernel_entry", privileged=True, irqs_off=True, pc_offset=entry_pc_offset,
+            "kernel_entry",
+            privileged=True,
+            irqs_off=True,
+            pc_offset=entry_pc_offset,
             elr_saved=False,
         )
 

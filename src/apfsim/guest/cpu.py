@@ -214,7 +214,9 @@ class GuestCpu:
             self.timer_pending = False
             self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
         if far is not None:
-            handler = Frame(Contexts.HANDLER, costs.apf_handler_ns, self._abort_handled, (far, regs))
+            handler = Frame(
+                Contexts.HANDLER, costs.apf_handler_ns, self._abort_handled, (far, regs)
+            )
             self._push_exception(handler)
 
     def _abort_handled(self, arg: tuple[int, GuestRegs]) -> None:

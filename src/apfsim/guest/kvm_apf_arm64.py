@@ -115,7 +115,9 @@ class Arm64ApfGuest:
     n_cpus: int
     async_pf_available: bool = True  # cleared by the `no-kvmapf` early param
     preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
-    handler_offsets_max: int = 0x1000  # max(el*_sync|irq|error - vectors), __exception_handlers_offset
+    handler_offsets_max: int = (
+        0x1000  # max(el*_sync|irq|error - vectors), __exception_handlers_offset
+    )
     send_always: bool = False  # the patch leaves "FIXME: Enable KVM_ASYNC_PF_SEND_ALWAYS"
     apf_data: list[ApfData] = field(init=False)
     apf_head: list[list[SleepNode]] = field(init=False)
@@ -138,7 +140,9 @@ class Arm64ApfGuest:
         node.hashed = False
 
     # -- page not present ----------------------------------------------------------------
-    def kvm_async_pf_wait(self, cpu: int, token: int, in_kernel: bool, regs: GuestRegs) -> AbortOutcome:
+    def kvm_async_pf_wait(
+        self, cpu: int, token: int, in_kernel: bool, regs: GuestRegs
+    ) -> AbortOutcome:
         """Park ``current`` on ``token``; reason is cleared before the task sleeps."""
         data = self.apf_data[cpu]
         existing = self.kvm_async_pf_find(cpu, token)

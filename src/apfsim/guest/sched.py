@@ -98,7 +98,11 @@ class CfsRq:
         """``__sched_period(nr) / nr`` for equal weights."""
         nr = max(1, self.nr_running)
         nr_latency = max(1, self.params.sched_latency_ns // self.params.min_granularity_ns)
-        period = self.params.sched_latency_ns if nr <= nr_latency else nr * self.params.min_granularity_ns
+        period = (
+            self.params.sched_latency_ns
+            if nr <= nr_latency
+            else nr * self.params.min_granularity_ns
+        )
         return period // nr
 
     def place_entity(self, task: Task) -> None:

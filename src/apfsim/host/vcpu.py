@@ -158,8 +158,10 @@ class Vcpu:
     def _wake_condition(self) -> bool:
         """``kvm_vcpu_check_block``: a pending IRQ, or the arch says runnable."""
         guest = self.guest
-        return guest.timer_pending or guest.ipi_pending or self.sim.host_protocol.vcpu_runnable(
-            self.index
+        return (
+            guest.timer_pending
+            or guest.ipi_pending
+            or self.sim.host_protocol.vcpu_runnable(self.index)
         )
 
     def wfi(self, halt: bool) -> None:

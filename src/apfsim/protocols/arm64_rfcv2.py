@@ -126,7 +126,7 @@ class VcpuApfArch:
     gfns: GfnHash = field(default_factory=GfnHash)
     no_fault_inst_range: int = DEFAULT_NO_FAULT_INST_RANGE
     pending_abort: int | None = None  # FAR of a data abort to inject at the next entry
-    view: GuestView = GuestView(privileged=False)
+    view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
 
 
 @dataclass(slots=True)

@@ -16,14 +16,14 @@ from typing import Protocol
 from apfsim.host.async_pf import AsyncPf
 
 __all__ = [
+    "AbortOutcome",
     "FaultDecision",
     "FaultResult",
     "GuestProtocol",
+    "GuestRegs",
     "GuestView",
     "HostProtocol",
     "PrefaultFn",
-    "AbortOutcome",
-    "GuestRegs",
     "SyncCause",
 ]
 

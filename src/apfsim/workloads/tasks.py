@@ -198,7 +198,12 @@ class FaultLoopTask(Workload):
     """
 
     def __init__(
-        self, name: str, first_gfn: int, n_pages: int, burst_mean_ns: float, rng: np.random.Generator
+        self,
+        name: str,
+        first_gfn: int,
+        n_pages: int,
+        burst_mean_ns: float,
+        rng: np.random.Generator,
     ) -> None:
         super().__init__(name)
         self.first_gfn = first_gfn
