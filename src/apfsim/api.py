@@ -128,8 +128,9 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
                 t = r.tasks[i]
                 if task.completion_s is not None and t.completion_s:
                     cells.append(f"x{task.completion_s / t.completion_s:.3f} (time)")
-                elif task.work_s > 0:
-                    cells.append(f"x{t.work_s / task.work_s:.3f} (work)")
+                elif task.work_s > 0 and r.sim_time_s > 0:
+                    rate, base_rate = t.work_s / r.sim_time_s, task.work_s / base.sim_time_s
+                    cells.append(f"x{rate / base_rate:.3f} (work/s)")
                 else:
                     cells.append("-")
             rows.append((f"  {task.name}", cells))

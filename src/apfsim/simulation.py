@@ -47,6 +47,11 @@ from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, Ra
 
 __all__ = ["Simulation"]
 
+_MAPPED = int(PageState.MAPPED)
+_SWAPPED = int(PageState.SWAPPED)
+_SWAPCACHE = int(PageState.SWAPCACHE)
+_IN_IO = int(PageState.IN_IO)
+
 R = TypeVar("R")
 ProgressFn = Callable[[float], None]
 
@@ -196,12 +201,12 @@ class Simulation:
 
     def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
         """Swap ``gfn`` in (with readahead) or join the read already in flight."""
-        state = self.memory.state[gfn]
-        if state == PageState.SWAPPED:
+        state = int(self.memory.state[gfn])
+        if state == _SWAPPED:
             window = self.memory.readahead_window(gfn)
             self.write_back(self.memory.start_read(window))
             self.device.submit(IoKind.READ, len(window), self._read_done, window)
-        elif state != PageState.IN_IO:
+        elif state != _IN_IO:
             self.engine.after(0, on_done, arg)
             return
         self._io_waiters.setdefault(gfn, []).append((on_done, arg))
@@ -227,10 +232,10 @@ class Simulation:
 
     def _prefault(self, gfn: int) -> bool:
         """``kvm_arch_async_page_ready``: map the page in stage 2 if it is still resident."""
-        state = self.memory.state[gfn]
-        if state == PageState.SWAPCACHE:
+        state = int(self.memory.state[gfn])
+        if state == _SWAPCACHE:
             return self.memory.map_after_read(gfn)
-        return bool(state == PageState.MAPPED)
+        return state == _MAPPED
 
     def send_ipi(self, cpu: int) -> None:
         self.stats["ipis"] += 1

@@ -71,6 +71,9 @@ _MAPPED = np.uint8(PageState.MAPPED)
 _SWAPCACHE = np.uint8(PageState.SWAPCACHE)
 _SWAPPED = np.uint8(PageState.SWAPPED)
 _IN_IO = np.uint8(PageState.IN_IO)
+# NOTE: plain ints for scalar checks on hot paths: IntEnum attribute access is slow.
+_UNTOUCHED_INT = int(PageState.UNTOUCHED)
+_SWAPCACHE_INT = int(PageState.SWAPCACHE)
 
 
 @dataclass(slots=True, frozen=True, eq=False)
@@ -226,7 +229,7 @@ class GuestMemory:
 
     def zero_fill(self, gfn: int) -> Reclaimed:
         """First touch of an ``UNTOUCHED`` page: the host maps a zeroed page, no I/O."""
-        self._expect(gfn, PageState.UNTOUCHED, "zero_fill")
+        self._expect(gfn, _UNTOUCHED_INT, "zero_fill")
         rec = self._charge(1)
         self.state[gfn] = _MAPPED
         self.dirty[gfn] = 1
@@ -236,7 +239,7 @@ class GuestMemory:
 
     def map_swapcache(self, gfn: int) -> None:
         """Minor fault: map a page already in the swap cache (no charge, already resident)."""
-        self._expect(gfn, PageState.SWAPCACHE, "map_swapcache")
+        self._expect(gfn, _SWAPCACHE_INT, "map_swapcache")
         self.state[gfn] = _MAPPED
         self.referenced[gfn] = 1
 
@@ -371,9 +374,9 @@ class GuestMemory:
         self.resident += npages
         return rec
 
-    def _expect(self, gfn: int, expected: PageState, op: str) -> None:
-        actual = self.state[gfn]
+    def _expect(self, gfn: int, expected: int, op: str) -> None:
+        actual = int(self.state[gfn])
         if actual != expected:
             raise ValueError(
-                f"{op}: gfn {gfn} is {PageState(int(actual)).name}, expected {expected.name}"
+                f"{op}: gfn {gfn} is {PageState(actual).name}, expected {PageState(expected).name}"
             )

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Vcpu", "VcpuMode"]
 
+# NOTE: plain ints on the fault path, for performance (IntEnum attribute access is slow).
+_MAPPED = int(PageState.MAPPED)
+_UNTOUCHED = int(PageState.UNTOUCHED)
+_SWAPCACHE = int(PageState.SWAPCACHE)
+
 
 class VcpuMode(IntEnum):
     GUEST = 0
@@ -87,15 +92,15 @@ class Vcpu:
         memory = sim.memory
         self._to_host()
         cost = self._exit_ns + self._stage2_ns
-        state = memory.state[gfn]
+        state = int(memory.state[gfn])
         host = sim.scenario.host
-        if state == PageState.MAPPED:
+        if state == _MAPPED:
             pass
-        elif state == PageState.UNTOUCHED:
+        elif state == _UNTOUCHED:
             sim.write_back(memory.zero_fill(gfn))
             sim.faults["zero_fill"] += 1
             cost += host.zero_fill_ns
-        elif state == PageState.SWAPCACHE:
+        elif state == _SWAPCACHE:
             memory.map_swapcache(gfn)
             sim.faults["minor"] += 1
             cost += host.minor_fault_ns
@@ -132,7 +137,7 @@ class Vcpu:
         sim = self.sim
         now = sim.engine.now
         sim.fault_latency.add(now - self._since)
-        if sim.memory.state[gfn] == PageState.SWAPCACHE:
+        if sim.memory.state[gfn] == _SWAPCACHE:
             sim.memory.map_after_read(gfn)
         if sim.scenario.guest.steal_time_accounting:
             self.guest.stolen_ns += now - self._since

@@ -10,6 +10,7 @@ from apfsim.workloads.base import AccessMode, Plan, StopKind, Workload, truncate
 __all__ = ["ComputeTask", "FaultLoopTask", "MemoryHogTask", "RandomWriterTask"]
 
 _FOREVER_NS = 1 << 62
+_MAPPED = int(PageState.MAPPED)  # NOTE: plain int for performance (IntEnum access is slow)
 _BATCH = 2048  # accesses looked at per plan: NOTE bounded for performance (numpy batch size)
 
 
@@ -100,6 +101,8 @@ class RandomWriterTask(Workload):
 
     def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
         n = min(elapsed_ns // self.access_ns, self._planned)
+        if n <= 0:
+            return self._planned == 0
         pages = self._pages[self._pos : self._pos + n]
         done = truncate_at_unmapped(memory, pages, len(pages))
         if done:
@@ -158,11 +161,15 @@ class MemoryHogTask(Workload):
         if self.finished:
             return Plan(0, StopKind.DONE)
         start = self.first_gfn + self.offset
+        mode = self.current_mode()
+        if memory.state[start] != _MAPPED:
+            # NOTE: scalar fast path for performance: the next page already misses.
+            self._planned = 0
+            return Plan(0, StopKind.MISS, start, mode)
         stop = min(start + _BATCH, self.first_gfn + self.n_pages)
         pages = np.arange(start, stop, dtype=np.int64)
         miss = memory.first_not_mapped(pages)
         self._planned = miss
-        mode = self.current_mode()
         if miss < len(pages):
             return Plan(miss * self._cost(), StopKind.MISS, int(pages[miss]), mode)
         return Plan(len(pages) * self._cost(), StopKind.RESUME, mode=mode)
@@ -170,6 +177,8 @@ class MemoryHogTask(Workload):
     def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
         cost = self._cost()
         n = min(elapsed_ns // cost, self._planned)
+        if n <= 0:
+            return self._planned == 0
         start = self.first_gfn + self.offset
         pages = np.arange(start, start + n, dtype=np.int64)
         done = truncate_at_unmapped(memory, pages, n)
@@ -220,7 +229,7 @@ class FaultLoopTask(Workload):
         if self.burst_left > 0:
             return Plan(self.burst_left, StopKind.RESUME)
         gfn = self.first_gfn + self.next_page % self.n_pages
-        if memory.state[gfn] != PageState.MAPPED:
+        if memory.state[gfn] != _MAPPED:
             return Plan(0, StopKind.MISS, gfn, AccessMode.USER)
         return Plan(0, StopKind.RESUME)
 
@@ -231,7 +240,7 @@ class FaultLoopTask(Workload):
             self.work_ns += ran
             return self.burst_left == 0
         gfn = self.first_gfn + self.next_page % self.n_pages
-        if memory.state[gfn] == PageState.MAPPED:
+        if memory.state[gfn] == _MAPPED:
             memory.touch(np.array([gfn], dtype=np.int64), write=True)
             self.next_page += 1
             self.ops += 1
