@@ -119,6 +119,9 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
                 [_fmt(r.faults["fault_in_latency_us"][q]) for r in result.results],
             )
         )
+    for q in ("p50", "p99"):
+        cells = [_fmt(r.faults["not_present_to_ready_us"][q]) for r in result.results]
+        rows.append((f"  not-present->ready {q} (us)", cells))
     if baseline in names:
         base = result.protocol(baseline)
         section(f"speedup over {baseline}")

@@ -99,6 +99,7 @@ class SwapConfig(_Model):
 
 class HostConfig(_Model):
     memory_limit_mib: int = Field(2048, ge=1)
+    tick_hz: int = Field(250, ge=0, le=10_000)  # host scheduler tick: an exit while in guest
     page_cluster: int = Field(3, ge=0, le=6)
     reclaim_batch: int = Field(32, ge=1)
     exit_ns: int = Field(1_000, ge=0)

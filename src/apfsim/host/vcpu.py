@@ -74,7 +74,10 @@ class Vcpu:
         """One run-loop iteration, then guest entry with any pending abort injected."""
         sim = self.sim
         self._host_event = None
-        sim.host_protocol.run_loop_iteration(self.index, self.guest.context().view())
+        delivered = sim.host_protocol.run_loop_iteration(self.index, self.guest.context().view())
+        for work in delivered:
+            if not work.wakeup_all:
+                sim.ready_latency.add(sim.engine.now - work.start_ns)
         far = sim.host_protocol.take_pending_abort(self.index)
         cost = self._entry_ns + (self._inject_ns if far is not None else 0)
         self._host_event = sim.engine.after(cost, self._entered, far)
@@ -211,6 +214,11 @@ class Vcpu:
             self.guest.timer_pending = True
             if mode == VcpuMode.SPIN and self._host_event is None:
                 self._host_event = self.sim.engine.after(0, self._spin_end)
+
+    def on_host_tick(self) -> None:
+        """The host's own scheduler tick on this pCPU: an exit, but nothing for the guest."""
+        if self.mode == VcpuMode.GUEST:
+            self.exit_async()
 
     def on_ipi(self) -> None:
         """A virtual IPI (reschedule) sent by another guest CPU."""
