@@ -182,19 +182,51 @@ def test_start_read_rejects_pages_not_swapped() -> None:
 # ---------------------------------------------------------------------- readahead
 
 
-def test_readahead_window_is_the_aligned_cluster() -> None:
+def test_cluster_window_is_the_aligned_cluster() -> None:
     mem = GuestMemory(64, 64, page_cluster=3)
     mem.state[:] = S
     mem.state[[9, 14]] = [M, IO]
-    assert mem.readahead_window(13).tolist() == [13, 8, 10, 11, 12, 15]
-    assert mem.readahead_window(8).tolist() == [8, 10, 11, 12, 13, 15]
-    assert mem.readahead_window(63).tolist() == [63, 56, 57, 58, 59, 60, 61, 62]
+    assert mem.cluster_window(13, 8).tolist() == [13, 8, 10, 11, 12, 15]
+    assert mem.cluster_window(8, 8).tolist() == [8, 10, 11, 12, 13, 15]
+    assert mem.cluster_window(63, 8).tolist() == [63, 56, 57, 58, 59, 60, 61, 62]
+    assert mem.cluster_window(13, 4).tolist() == [13, 12, 15]
 
 
-def test_readahead_window_truncated_at_end_of_memory() -> None:
+def test_cluster_window_truncated_at_end_of_memory() -> None:
     mem = GuestMemory(20, 20, page_cluster=3)
     mem.state[:] = S
-    assert mem.readahead_window(17).tolist() == [17, 16, 18, 19]
+    assert mem.cluster_window(17, 8).tolist() == [17, 16, 18, 19]
+
+
+def test_readahead_is_one_page_for_random_swapins() -> None:
+    """__swapin_nr_pages: no hits and a non-adjacent offset read only the target."""
+    mem = GuestMemory(64, 64, page_cluster=3)
+    mem.state[:] = S
+    assert mem.readahead_window(13).tolist() == [13]
+    assert mem.readahead_window(40).tolist() == [40]
+
+
+def test_readahead_ramps_up_on_sequential_hits() -> None:
+    """Adjacent faults read 2 pages' worth (rounded to one) then hits grow the window to 8."""
+    mem = GuestMemory(64, 64, page_cluster=3)
+    mem.state[:] = S
+    assert mem.swapin_nr_pages(10) == 1
+    assert mem.swapin_nr_pages(11) == 2  # adjacent, no hits: hits + 2
+    mem.ra_hits = 3
+    assert mem.swapin_nr_pages(12) == 8  # 3 + 2 rounded up to a power of two, capped at 8
+    assert mem.swapin_nr_pages(40) == 4  # no hits, far away: never below half the last window
+    mem.ra_hits = 1
+    assert mem.swapin_nr_pages(41) == 4  # 1 + 2 rounds up to 4
+
+
+def test_minor_fault_on_swapcache_counts_a_readahead_hit() -> None:
+    mem = GuestMemory(16, 16, page_cluster=3)
+    mem.state[:] = S
+    mem.swap_copy[:] = 1
+    mem.start_read(np.array([4, 5], dtype=np.int64))
+    mem.finish_read(np.array([4, 5], dtype=np.int64))
+    mem.map_swapcache(5)
+    assert mem.ra_hits == 1
 
 
 def test_page_cluster_zero_reads_one_page() -> None:

@@ -201,14 +201,21 @@ class Simulation:
         if len(reclaimed.writes):
             self.device.submit(IoKind.WRITE, len(reclaimed.writes), _ignore, None)
 
-    def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
-        """Swap ``gfn`` in (with readahead) or join the read already in flight."""
-        state = int(self.memory.state[gfn])
-        if state == _SWAPPED:
+    def submit_swapin(self, gfn: int) -> None:
+        """``do_swap_page`` -> ``swapin_readahead``: submit the read (with readahead).
+
+        KVM's first GUP with FOLL_NOWAIT already does this before giving up on the page
+        lock, so the I/O starts at the fault, whatever the protocol does next.
+        """
+        if int(self.memory.state[gfn]) == _SWAPPED:
             window = self.memory.readahead_window(gfn)
             self.write_back(self.memory.start_read(window))
             self.device.submit(IoKind.READ, len(window), self._read_done, window)
-        elif state != _IN_IO:
+
+    def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+        """Wait for ``gfn`` to be in memory: join its read, starting one if needed."""
+        self.submit_swapin(gfn)
+        if int(self.memory.state[gfn]) != _IN_IO:
             self.engine.after(0, on_done, arg)
             return
         self._io_waiters.setdefault(gfn, []).append((on_done, arg))

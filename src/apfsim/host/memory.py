@@ -104,6 +104,9 @@ class GuestMemory:
 
     __slots__ = (
         "_hand",
+        "_ra_prev_offset",
+        "_ra_prev_win",
+        "ra_hits",
         "clock_scanned",
         "dirty",
         "limit_pages",
@@ -150,6 +153,9 @@ class GuestMemory:
         self.zero_fills = 0
         self.reads_started = 0
         self.clock_scanned = 0
+        self.ra_hits = 0  # swapin_readahead_hits
+        self._ra_prev_offset = -2  # prev_offset of the last swap-in without hits
+        self._ra_prev_win = 0  # last_readahead_pages
 
     # ------------------------------------------------------------------ setup and queries
 
@@ -242,6 +248,7 @@ class GuestMemory:
         self._expect(gfn, _SWAPCACHE_INT, "map_swapcache")
         self.state[gfn] = _MAPPED
         self.referenced[gfn] = 1
+        self.ra_hits += 1  # a readahead page was used: lookup_swap_cache counts a hit
 
     def map_after_read(self, gfn: int) -> bool:
         """Map the faulting page once its read is done (the prefault in ``page_ready``).
@@ -255,27 +262,54 @@ class GuestMemory:
         self.referenced[gfn] = 1
         return True
 
-    def readahead_window(self, gfn: int) -> GfnArray:
-        """The gfns one swap-in of ``gfn`` reads: ``gfn``, then its cluster's other swapped pages.
+    def swapin_nr_pages(self, gfn: int) -> int:
+        """The adaptive readahead window (``swapin_nr_pages`` / ``__swapin_nr_pages``).
 
-        Approximates ``swap_cluster_readahead`` (the path used when a rotational swap device
-        disables VMA readahead): the kernel reads the aligned block of ``2**page_cluster``
-        swap *slots* around the faulting one. We take gfn order as swap-slot order, which
-        holds roughly because CLOCK evicts (and so allocates slots) in gfn order; pages
-        already resident or in flight are skipped, as ``__read_swap_cache_async`` finds
-        them in the swap cache.
+        Pages = readahead hits since the last swap-in + 2; with no hits, one page unless the
+        fault is next to the previous one; else rounded up to a power of two (at least 4);
+        capped at ``2**page_cluster``; never below half the previous window. So random
+        swap-ins read one page and sequential ones ramp up to the full cluster.
         """
-        if self.page_cluster == 0:
+        hits, self.ra_hits = self.ra_hits, 0
+        pages = hits + 2
+        if pages == 2:
+            if gfn not in (self._ra_prev_offset + 1, self._ra_prev_offset - 1):
+                pages = 1
+        else:
+            roundup = 4
+            while roundup < pages:
+                roundup <<= 1
+            pages = roundup
+        pages = min(pages, 1 << self.page_cluster)
+        pages = max(pages, self._ra_prev_win // 2)
+        if not hits:
+            self._ra_prev_offset = gfn
+        self._ra_prev_win = pages
+        return pages
+
+    def cluster_window(self, gfn: int, pages: int) -> GfnArray:
+        """``swap_cluster_readahead`` over a window of ``pages``: ``gfn`` first, then the
+        other swapped pages of the window-aligned block.
+
+        The kernel reads swap *slots*; we take gfn order as swap-slot order, which holds
+        roughly because CLOCK evicts (and so allocates slots) in gfn order. Pages already
+        resident or in flight are skipped, as ``__read_swap_cache_async`` finds them in the
+        swap cache.
+        """
+        if pages <= 1:
             return np.array([gfn], dtype=np.int64)
-        size = 1 << self.page_cluster
-        base = gfn & ~(size - 1)
-        end = min(base + size, self.n_pages)
+        base = gfn & ~(pages - 1)
+        end = min(base + pages, self.n_pages)
         others = np.flatnonzero(self.state[base:end] == _SWAPPED) + base
         others = others[others != gfn]
         window = np.empty(len(others) + 1, dtype=np.int64)
         window[0] = gfn
         window[1:] = others
         return window
+
+    def readahead_window(self, gfn: int) -> GfnArray:
+        """The gfns one swap-in of ``gfn`` reads (adaptive window, aligned cluster)."""
+        return self.cluster_window(gfn, self.swapin_nr_pages(gfn))
 
     def start_read(self, gfns: IntArray) -> Reclaimed:
         """Swap read submitted: ``SWAPPED`` -> ``IN_IO`` (locked), charging every page first."""

@@ -21,6 +21,7 @@ from apfsim.guest.kvm_apf_arm64 import (
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     KVM_PV_REASON_PAGE_READY,
     SMCCC_RET_NOT_REQUIRED,
+    SMCCC_RET_NOT_SUPPORTED,
     SMCCC_RET_SUCCESS,
     WAKE_ALL_TOKEN,
     ApfData,
@@ -265,7 +266,7 @@ class Arm64Rfcv2Host:
         arch = self.arch[vcpu]
         if val & APF_FUNC_SET_RANGE:
             if arch.enabled:
-                return SMCCC_RET_NOT_REQUIRED
+                return SMCCC_RET_NOT_SUPPORTED
             # The range may only grow.
             arch.no_fault_inst_range = max(arch.no_fault_inst_range, val & ((1 << 56) - 1))
             return SMCCC_RET_SUCCESS
