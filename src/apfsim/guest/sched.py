@@ -142,9 +142,12 @@ class CfsRq:
             self.curr = None
 
     def check_preempt_tick(self) -> bool:
+        """From ``entity_tick``, which calls it only when ``nr_running > 1``."""
         curr = self.curr
         if curr is None:
             return bool(self.queue)
+        if not self.queue:
+            return False
         ideal = self.sched_slice()
         delta_exec = curr.sum_exec_runtime - curr.prev_sum_exec_runtime
         if delta_exec > ideal:

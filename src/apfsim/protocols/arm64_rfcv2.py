@@ -163,27 +163,36 @@ class Arm64Rfcv2Host:
         self.stats = HostCounters()
 
     # -- admission -------------------------------------------------------------------------
-    def _can_inject(self, vcpu: int, view: GuestView) -> SyncCause | None:
-        """None when an abort may be injected now, else why not."""
+    def _can_inject_present(self, vcpu: int, view: GuestView) -> SyncCause | None:
+        """``kvm_arch_can_inject_async_page_present`` without its "not enabled" case:
+        the previous signal consumed (``reason == 0``) and the PC outside the window."""
         arch = self.arch[vcpu]
-        if not arch.enabled:
-            return SyncCause.NO_APF
         if arch.control_block.reason != 0:
             return SyncCause.REASON_BUSY
         if view.pc_offset is not None and view.pc_offset < arch.no_fault_inst_range:
             return SyncCause.WINDOW
         return None
 
-    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        """``try_async_pf`` in ``user_mem_abort``: called once GUP NOWAIT said "needs I/O"."""
+    def _can_inject_not_present(self, vcpu: int, view: GuestView) -> SyncCause | None:
+        """``kvm_arch_can_inject_async_page_not_present``, in the patch's order; None = yes."""
         arch = self.arch[vcpu]
-        arch.view = view
-        cause = self._can_inject(vcpu, view)
-        if cause is None and arch.send_user_only and view.privileged:
-            cause = SyncCause.GATED_CONTEXT
+        if not arch.enabled:
+            return SyncCause.NO_APF
+        if arch.send_user_only and view.privileged:
+            return SyncCause.GATED_CONTEXT
+        return self._can_inject_present(vcpu, view)
+
+    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
+        """``try_async_pf`` in ``user_mem_abort``, once GUP NOWAIT said "needs I/O".
+
+        The gate comes before the hash lookup, so a repeated fault with the gate closed is
+        handled synchronously even though a worker is already fetching the page.
+        """
+        self.arch[vcpu].view = view
+        cause = self._can_inject_not_present(vcpu, view)
         if cause is not None:
             return FaultResult(FaultDecision.SYNC, cause=cause)
-        if arch.gfns.find(gfn):
+        if self.arch[vcpu].gfns.find(gfn):
             # No artificial halt on arm64: re-enter and let the guest fault again.
             self.stats.repeated_faults += 1
             return FaultResult(FaultDecision.REPEATED)
@@ -194,7 +203,11 @@ class Arm64Rfcv2Host:
         return FaultResult(FaultDecision.ASYNC, work=work)
 
     def kvm_arch_setup_async_pf_token(self, vcpu: int) -> int:
-        """``token = (apf.id++ << 16) | vcpu_id``; the u16 id wraps, 0 and ~0 not skipped."""
+        """``token = (apf.id++ << 16) | vcpu_id`` in ``kvm_arch_setup_async_pf``.
+
+        The u16 id advances on every attempt (also when the queue is then full), wraps at
+        65536, and skips neither 0 nor ~0: the first token of vCPU 0 is 0.
+        """
         arch = self.arch[vcpu]
         token = make_token(arch.id, vcpu)
         arch.id = (arch.id + 1) & 0xFFFF
@@ -238,7 +251,7 @@ class Arm64Rfcv2Host:
         arch = self.arch[vcpu_id]
         if not arch.enabled:
             return True  # drained without telling the guest
-        return self._can_inject(vcpu_id, arch.view) is None
+        return self._can_inject_present(vcpu_id, arch.view) is None
 
     def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
         """RFCv2 (v5.7 base) has no such hook: a running vCPU is not kicked."""
@@ -253,7 +266,9 @@ class Arm64Rfcv2Host:
         return async_pf_execute(self.apf[work.vcpu_id], self, work)
 
     def vcpu_runnable(self, vcpu: int) -> bool:
-        """``kvm_arch_vcpu_runnable``: RFCv2 adds "done non-empty or reason != 0"."""
+        """``kvm_arch_vcpu_runnable``: while enabled, also "done non-empty or reason != 0"."""
+        if not self.arch[vcpu].enabled:
+            return False
         return bool(self.apf[vcpu].done) or self.arch[vcpu].control_block.reason != 0
 
     def take_pending_abort(self, vcpu: int) -> int | None:
