@@ -97,7 +97,8 @@ class CfsRq:
     def sched_slice(self) -> int:
         """``__sched_period(nr) / nr`` for equal weights."""
         nr = max(1, self.nr_running)
-        nr_latency = max(1, self.params.sched_latency_ns // self.params.min_granularity_ns)
+        # DIV_ROUND_UP(latency, min_granularity): 8 with the defaults.
+        nr_latency = max(1, -(-self.params.sched_latency_ns // self.params.min_granularity_ns))
         period = (
             self.params.sched_latency_ns
             if nr <= nr_latency

@@ -53,8 +53,8 @@ _EMPTY = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def make_token(apf_id: int, vcpu_id: int) -> int:
-    """``(apf.id << 16) | vcpu_id`` with a u16 ``id``: 32 bits, as AArch32 guests need."""
-    return ((apf_id & 0xFFFF) << 16) | (vcpu_id & 0xFFFF)
+    """``(apf.id << 16) | vcpu_id`` with a u16 ``id``, stored in a u32 (AArch32 guests)."""
+    return (((apf_id & 0xFFFF) << 16) | vcpu_id) & 0xFFFF_FFFF
 
 
 def hash_32(value: int, bits: int) -> int:
@@ -277,17 +277,23 @@ class Arm64Rfcv2Host:
         return far
 
     def smccc_apf(self, vcpu: int, val: int) -> int:
-        """ARM_SMCCC_VENDOR_HYP_KVM_APF_FUNC_ID: BIT(63) enable word, BIT(62) window."""
+        """``kvm_async_pf_hypercall``: bits 63:56 select exactly one function.
+
+        BIT(63) updates the enable word, BIT(62) sets the no-fault range; any other
+        selector is SMCCC_RET_NOT_SUPPORTED (the patch's ``switch`` default).
+        """
         arch = self.arch[vcpu]
-        if val & APF_FUNC_SET_RANGE:
+        func = val & (0xFF << 56)
+        arg = val & ~(0xFF << 56)
+        if func == APF_FUNC_SET_RANGE:
             if arch.enabled:
                 return SMCCC_RET_NOT_SUPPORTED
             # The range may only grow.
-            arch.no_fault_inst_range = max(arch.no_fault_inst_range, val & ((1 << 56) - 1))
+            arch.no_fault_inst_range = max(arch.no_fault_inst_range, arg)
             return SMCCC_RET_SUCCESS
-        if not val & APF_FUNC_UPDATE_ENABLE:
-            return SMCCC_RET_NOT_REQUIRED
-        enable = bool(val & KVM_ASYNC_PF_ENABLED)
+        if func != APF_FUNC_UPDATE_ENABLE:
+            return SMCCC_RET_NOT_SUPPORTED
+        enable = bool(arg & KVM_ASYNC_PF_ENABLED)
         if enable == arch.enabled:
             return SMCCC_RET_NOT_REQUIRED
         if not enable:
@@ -295,7 +301,7 @@ class Arm64Rfcv2Host:
             self.stats.cancelled += len(kvm_clear_async_pf_completion_queue(self.apf[vcpu]))
             return SMCCC_RET_SUCCESS
         arch.enabled = True
-        arch.send_user_only = not val & KVM_ASYNC_PF_SEND_ALWAYS
+        arch.send_user_only = not arg & KVM_ASYNC_PF_SEND_ALWAYS
         arch.gfns.reset()
         if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
             self.stats.wakeup_all_queued += 1
