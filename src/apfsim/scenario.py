@@ -131,61 +131,63 @@ class InitialMemory(_Model):
 Mode = Literal["user", "kernel", "kernel_atomic", "kernel_rcu", "kernel_irqs_off"]
 
 
-class ComputeSpec(_Model):
-    kind: Literal["compute"]
-    name: str = "compute"
+class _TaskBase(_Model):
+    """Keys every task entry has: ``count`` threads, optionally pinned to one ``cpu``."""
+
     count: int = Field(1, ge=1, le=256)
     cpu: int | None = Field(None, ge=0)
+
+    def claimed_mib(self) -> int:
+        """Guest memory this entry claims (shared by its ``count`` threads)."""
+        return 0
+
+
+class ComputeSpec(_TaskBase):
+    kind: Literal["compute"]
+    name: str = "compute"
     work_s: float | None = Field(None, gt=0)
 
 
-class RandomWriterSpec(_Model):
+class RandomWriterSpec(_TaskBase):
     kind: Literal["random_writer"]
     name: str = "writer"
-    count: int = Field(1, ge=1, le=256)
-    cpu: int | None = Field(None, ge=0)
     buffer_mib: int = Field(1024, ge=1)
     access_ns: int = Field(200, ge=1)
     kernel_fraction: float = Field(0.0, ge=0.0, le=1.0)
     kernel_mode: Mode = "kernel"
 
+    def claimed_mib(self) -> int:
+        return self.buffer_mib
 
-class MemoryHogSpec(_Model):
+
+class MemoryHogSpec(_TaskBase):
     kind: Literal["memory_hog"]
     name: str = "memhog"
     count: int = Field(1, ge=1, le=1)
-    cpu: int | None = Field(None, ge=0)
-    memory_mib: int | None = Field(None, ge=1)
+    memory_mib: int | None = Field(None, ge=1)  # unset: all memory the other tasks leave
     passes: int = Field(2, ge=1)
-    iterations: int | None = Field(None, ge=1)
+    iterations: int | None = Field(None, ge=1)  # unset: repeat for the whole run
     page_write_ns: int = Field(600, ge=1)
 
+    def claimed_mib(self) -> int:
+        return self.memory_mib or 0
 
-class FaultLoopSpec(_Model):
+
+class FaultLoopSpec(_TaskBase):
     """Exponential compute bursts, each followed by a fault on the next page of a region."""
 
     kind: Literal["fault_loop"]
     name: str = "faulter"
-    count: int = Field(1, ge=1, le=256)
-    cpu: int | None = Field(None, ge=0)
     region_mib: int = Field(64, ge=1)
     burst_mean_us: float = Field(1000.0, gt=0)
+
+    def claimed_mib(self) -> int:
+        return self.region_mib * self.count
 
 
 TaskSpec = Annotated[
     ComputeSpec | RandomWriterSpec | MemoryHogSpec | FaultLoopSpec, Field(discriminator="kind")
 ]
-
-
-def buffer_mib(task: ComputeSpec | RandomWriterSpec | MemoryHogSpec | FaultLoopSpec) -> int:
-    """Guest memory a task entry claims (shared by its `count` threads)."""
-    if isinstance(task, RandomWriterSpec):
-        return task.buffer_mib
-    if isinstance(task, MemoryHogSpec):
-        return task.memory_mib or 0
-    if isinstance(task, FaultLoopSpec):
-        return task.region_mib * task.count
-    return 0
 
 
 class Scenario(_Model):
@@ -203,7 +205,7 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _fits(self) -> Scenario:
         g = self.guest
-        fixed = sum(buffer_mib(t) for t in self.tasks)
+        fixed = sum(t.claimed_mib() for t in self.tasks)
         if g.reserved_mib + fixed > g.memory_mib:
             raise ValueError(
                 f"tasks: buffers need {fixed} MiB + reserved {g.reserved_mib} MiB but "

@@ -40,7 +40,6 @@ from apfsim.scenario import (
     MemoryHogSpec,
     RandomWriterSpec,
     Scenario,
-    buffer_mib,
 )
 from apfsim.workloads.base import AccessMode, Workload
 from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, RandomWriterTask
@@ -136,7 +135,7 @@ class Simulation:
     def _build_tasks(self) -> None:
         g = self.scenario.guest
         next_gfn = g.reserved_mib * MIB_PAGES
-        fixed = sum(buffer_mib(t) for t in self.scenario.tasks)
+        fixed = sum(t.claimed_mib() for t in self.scenario.tasks)
         free_pages = (g.memory_mib - g.reserved_mib - fixed) * MIB_PAGES
         rr = 0
         costs = g.costs

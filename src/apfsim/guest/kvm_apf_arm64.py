@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from apfsim.metrics.accumulators import counter_dict
 from apfsim.protocols.base import AbortOutcome, GuestRegs
 
 __all__ = [
@@ -316,5 +317,4 @@ class Arm64ApfGuest:
         self.kvm_async_pf_delayed_wake(cpu)
 
     def counters(self) -> dict[str, int]:
-        c = self.stats
-        return {name: getattr(c, name) for name in c.__dataclass_fields__}
+        return counter_dict(self.stats)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
-__all__ = ["TIME_CATEGORIES", "LatencySamples", "TimeCategory", "VcpuClock"]
+__all__ = ["TIME_CATEGORIES", "LatencySamples", "TimeCategory", "VcpuClock", "counter_dict"]
+
+
+def counter_dict(counters: Any) -> dict[str, int]:
+    """A dataclass of int counters as a plain dict, in field order."""
+    return {f.name: getattr(counters, f.name) for f in fields(counters)}
 
 
 class TimeCategory(IntEnum):

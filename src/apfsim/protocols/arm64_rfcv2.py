@@ -36,6 +36,7 @@ from apfsim.host.async_pf import (
     kvm_clear_async_pf_completion_queue,
     kvm_setup_async_pf,
 )
+from apfsim.metrics.accumulators import counter_dict
 from apfsim.protocols.base import (
     FaultDecision,
     FaultResult,
@@ -308,5 +309,4 @@ class Arm64Rfcv2Host:
         return SMCCC_RET_SUCCESS
 
     def counters(self) -> dict[str, int]:
-        c = self.stats
-        return {name: getattr(c, name) for name in c.__dataclass_fields__}
+        return counter_dict(self.stats)
