@@ -46,15 +46,21 @@ def _job(args: tuple[Scenario, str, int, str]) -> float:
     return _metric(*args)
 
 
-def paired(pool: ProcessPoolExecutor, scenario: Scenario, metric: str, seeds: int) -> dict[str, Any]:
+def paired(
+    pool: ProcessPoolExecutor, scenario: Scenario, metric: str, seeds: int
+) -> dict[str, Any]:
     jobs = [(scenario, p, s, metric) for s in range(seeds) for p in ("sync", "arm64-rfcv2")]
     values = list(pool.map(_job, jobs))
     sync, apf = values[0::2], values[1::2]
     ratios = [a / b for a, b in zip(apf, sync, strict=True)]
     mean = statistics.fmean(ratios)
     half = T95[seeds - 1] * statistics.stdev(ratios) / seeds**0.5 if seeds > 1 else float("nan")
-    return {"sync": statistics.fmean(sync), "apf": statistics.fmean(apf), "ratio": mean,
-            "half": half}
+    return {
+        "sync": statistics.fmean(sync),
+        "apf": statistics.fmean(apf),
+        "ratio": mean,
+        "half": half,
+    }
 
 
 def main() -> None:
@@ -68,11 +74,15 @@ def main() -> None:
         print("| run | sync | arm64-rfcv2 | ratio (95 % CI) |")
         print("|---|---|---|---|")
         r = paired(pool, both, "compute_rate", args.seeds)
-        print(f"| compute thread, CPU share (work s / s) | {r['sync']:.4f} | {r['apf']:.4f} | "
-              f"{r['ratio']:.3f} ± {r['half']:.3f} |")
+        print(
+            f"| compute thread, CPU share (work s / s) | {r['sync']:.4f} | {r['apf']:.4f} | "
+            f"{r['ratio']:.3f} ± {r['half']:.3f} |"
+        )
         r = paired(pool, mem, "memhog_completion", args.seeds)
-        print(f"| memory hog alone, completion (s) | {r['sync']:.2f} | {r['apf']:.2f} | "
-              f"{r['ratio']:.4f} ± {r['half']:.4f} |")
+        print(
+            f"| memory hog alone, completion (s) | {r['sync']:.2f} | {r['apf']:.2f} | "
+            f"{r['ratio']:.4f} ± {r['half']:.4f} |"
+        )
         if args.quick:
             return
         print()
@@ -80,17 +90,29 @@ def main() -> None:
         print("|---|---|---|")
         studies: list[tuple[str, dict[str, Any]]] = [
             ("none (as shipped)", {}),
-            ("scale 1/8 (512 MiB guest, 256 MiB limit)", {
-                "guest.memory_mib": 512, "guest.reserved_mib": 32, "host.memory_limit_mib": 256,
-                "duration_s": 120.0}),
+            (
+                "scale 1/8 (512 MiB guest, 256 MiB limit)",
+                {
+                    "guest.memory_mib": 512,
+                    "guest.reserved_mib": 32,
+                    "host.memory_limit_mib": 256,
+                    "duration_s": 120.0,
+                },
+            ),
             ("guest.hz = 100", {"guest.hz": 100}),
             ("guest.hz = 1000, host.tick_hz = 1000", {"guest.hz": 1000, "host.tick_hz": 1000}),
             ("host.tick_hz = 0 (tickless host)", {"host.tick_hz": 0}),
             ("guest.steal_time_accounting = true", {"guest.steal_time_accounting": True}),
             ("guest.sched.wakeup_preemption = false", {"guest.sched.wakeup_preemption": False}),
             ("memory hog passes = 3 (two user passes)", {"tasks.0.passes": 3}),
-            ("swap mean 0.2 ms", {"host.swap.mean_us": 200.0, "host.swap.min_us": 20.0,
-                                  "host.swap.max_us": 10_000.0}),
+            (
+                "swap mean 0.2 ms",
+                {
+                    "host.swap.mean_us": 200.0,
+                    "host.swap.min_us": 20.0,
+                    "host.swap.max_us": 10_000.0,
+                },
+            ),
             ("swap mean 10 ms", {"host.swap.mean_us": 10_000.0, "host.swap.max_us": 200_000.0}),
             ("page_cluster = 0 (no readahead)", {"host.page_cluster": 0}),
         ]
@@ -100,8 +122,10 @@ def main() -> None:
             if "guest.memory_mib" in overrides:
                 mem_over["duration_s"] = 1200.0
             m = paired(pool, _with(mem, mem_over), "memhog_completion", args.seeds)
-            print(f"| {label} | {c['ratio']:.3f} ± {c['half']:.3f} | "
-                  f"{m['ratio']:.4f} ± {m['half']:.4f} |")
+            print(
+                f"| {label} | {c['ratio']:.3f} ± {c['half']:.3f} | "
+                f"{m['ratio']:.4f} ± {m['half']:.4f} |"
+            )
 
 
 if __name__ == "__main__":

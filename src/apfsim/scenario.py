@@ -200,7 +200,7 @@ class Scenario(_Model):
     guest: GuestConfig = GuestConfig()
     host: HostConfig = HostConfig()
     initial_memory: InitialMemory = InitialMemory()
-    tasks: list[TaskSpec] = Field(default_factory=list, min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _fits(self) -> Scenario:
@@ -234,6 +234,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     hint = ""
     if first["type"] == "extra_forbidden":
         hint = "; remove it or check the spelling (`apfsim show` prints every valid key)"
+    elif first["type"] == "missing":
+        hint = "; add it (`apfsim show rfcv2-2020` prints a complete example)"
     where = f"{loc}: " if loc else ""
     return f"{source}: {where}{msg}{shown}{hint}"
 
