@@ -29,7 +29,23 @@ from apfsim.guest.kvm_apf_arm64 import (
 )
 from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.protocols.arm64_rfcv2 import Arm64Rfcv2Host, HostCounters
-from apfsim.protocols.base import AbortOutcome, FaultDecision, GuestRegs, GuestView
+from apfsim.protocols.base import (
+    AbortOutcome,
+    FaultDecision,
+    GuestRegs,
+    GuestView,
+    Injection,
+    InjectionKind,
+)
+
+
+def _far(injection: Injection | None) -> int | None:
+    """The FAR of an injected data abort (RFCv2 carries the token there)."""
+    if injection is None:
+        return None
+    assert injection.kind is InjectionKind.DATA_ABORT
+    return injection.payload
+
 
 USER_REGS = GuestRegs(user_mode=True)
 KERNEL_REGS = GuestRegs(user_mode=False)
@@ -119,18 +135,18 @@ class Vm:
         """A stage-2 fault that needs I/O, taken async; the guest handles the not-present."""
         result = self.host.try_async_pf(cpu, gfn, view, now_ns=0)
         assert result.decision is FaultDecision.ASYNC and result.work is not None
-        far = self.host.take_pending_abort(cpu)
+        far = _far(self.host.take_injection(cpu))
         assert far == result.work.token
-        return result.work, self.guest.on_abort(cpu, far, regs)
+        return result.work, self.guest.do_async_pf(cpu, far, regs)
 
     def deliver(self, cpu: int, view: GuestView = EL1_VIEW) -> list[AbortOutcome]:
         """One run-loop iteration; the guest handles whatever page-ready it injected."""
         delivered = self.host.run_loop_iteration(cpu, view)
         outcomes = []
         if delivered:
-            far = self.host.take_pending_abort(cpu)
+            far = _far(self.host.take_injection(cpu))
             assert far is not None
-            outcomes.append(self.guest.on_abort(cpu, far, HANDLER_REGS))
+            outcomes.append(self.guest.do_async_pf(cpu, far, HANDLER_REGS))
         return outcomes
 
     def complete(self, cpu: int, work: AsyncPf, view: GuestView = EL1_VIEW) -> AbortOutcome:
@@ -634,9 +650,9 @@ def test_cpu_online_again_queues_wake_all_that_wakes_old_sleepers() -> None:
     assert item.wakeup_all
     delivered = vm.host.run_loop_iteration(1, EL1_VIEW)
     assert delivered == [item]
-    far = vm.host.take_pending_abort(1)
+    far = _far(vm.host.take_injection(1))
     assert far == WAKE_ALL_TOKEN
-    assert vm.guest.on_abort(1, far, HANDLER_REGS) is AbortOutcome.WOKE
+    assert vm.guest.do_async_pf(1, far, HANDLER_REGS) is AbortOutcome.WOKE
     assert vm.port.swoken == [42]
     assert vm.guest.sleepers(1) == [] and vm.guest.waiter_woken(1, 42)
 

@@ -32,7 +32,16 @@ from apfsim.protocols.arm64_rfcv2 import (
     hash_32,
     make_token,
 )
-from apfsim.protocols.base import FaultDecision, GuestView, SyncCause
+from apfsim.protocols.base import FaultDecision, GuestView, Injection, InjectionKind, SyncCause
+
+
+def _far(injection: Injection | None) -> int | None:
+    """The FAR of an injected data abort (RFCv2 carries the token there)."""
+    if injection is None:
+        return None
+    assert injection.kind is InjectionKind.DATA_ABORT
+    return injection.payload
+
 
 USER = GuestView(privileged=False)
 EL1 = GuestView(privileged=True)
@@ -69,7 +78,7 @@ def make_host(
 
 def ack(host: Arm64Rfcv2Host, vcpu: int) -> int | None:
     """The guest takes the injected abort and its handler clears ``reason``."""
-    far = host.take_pending_abort(vcpu)
+    far = _far(host.take_injection(vcpu))
     host.arch[vcpu].control_block.reason = 0
     return far
 
@@ -434,7 +443,7 @@ def test_enable_resets_hash_and_queues_wake_all() -> None:
     assert host.vcpu_runnable(0)
     assert host.run_loop_iteration(0, USER) == [item]
     assert host.arch[0].control_block.reason == KVM_PV_REASON_PAGE_READY
-    assert host.take_pending_abort(0) == WAKE_ALL_TOKEN
+    assert _far(host.take_injection(0)) == WAKE_ALL_TOKEN
     assert prefault.gfns == []  # no prefault for wakeup_all
     assert host.apf[0].queued == 0
 
@@ -465,7 +474,7 @@ def test_disable_cancels_everything_and_ignores_later_completions() -> None:
     assert host.stats.cancelled == 2
     assert not host.worker_done(running)
     assert host.run_loop_iteration(0, USER) == []
-    assert host.take_pending_abort(0) is None
+    assert _far(host.take_injection(0)) is None
     assert host.arch[0].control_block.reason == 0
     assert prefault.gfns == []
     result = host.try_async_pf(0, 0x3, USER, now_ns=0)

@@ -9,7 +9,7 @@ injection can land in the vector table, in ``__schedule``, or in the sleeper's o
 between ``kvm_async_pf_wait`` clearing ``reason`` and ``schedule()``, as on real hardware.
 
 Call sites of the seed's driver: ``do_mem_abort`` (abort frames end in
-``GuestProtocol.on_abort``), ``ret_to_user`` (``on_ret_to_user`` when a kernel frame
+``GuestProtocol.on_injection``), ``ret_to_user`` (``on_ret_to_user`` when a kernel frame
 returns to a user-mode task) and ``__cpu_do_idle`` (``on_idle_entry`` before WFI).
 """
 
@@ -23,7 +23,7 @@ from apfsim.guest.context import CONTEXT_OF_MODE, Contexts, GuestContext
 from apfsim.guest.sched import CfsParams, CfsRq, Task, TaskState
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory
-from apfsim.protocols.base import AbortOutcome, GuestRegs
+from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection
 from apfsim.workloads.base import Plan, StopKind
 
 if TYPE_CHECKING:
@@ -203,8 +203,8 @@ class GuestCpu:
         self.frames.append(Frame(contexts.entry, self._entry_ns, _noop))
         self.frames.append(Frame(contexts.vector, self._vector_ns, _noop))
 
-    def take_events(self, far: int | None) -> None:
-        """At entry: injected data abort first, then pending IRQs (timer tick, IPI)."""
+    def take_events(self, injection: Injection | None) -> None:
+        """At entry: an injected exception first, then interrupts (APF, timer tick, IPI)."""
         regs = self.context().regs()
         costs = self.sim.scenario.guest.costs
         if self.ipi_pending:
@@ -213,17 +213,18 @@ class GuestCpu:
         if self.timer_pending:
             self.timer_pending = False
             self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
-        if far is not None:
-            handler = Frame(
-                Contexts.HANDLER, costs.apf_handler_ns, self._abort_handled, (far, regs)
-            )
+        if injection is not None:
+            ctx = Contexts.HANDLER if injection.kind.synchronous else Contexts.IRQ
+            handler = Frame(ctx, costs.apf_handler_ns, self._injection_handled, (injection, regs))
             self._push_exception(handler)
 
-    def _abort_handled(self, arg: tuple[int, GuestRegs]) -> None:
-        """``do_mem_abort`` -> ``do_async_pf`` returned: act on its outcome."""
-        far, regs = arg
+    def _injection_handled(self, arg: tuple[Injection, GuestRegs]) -> None:
+        """The APF handler (``do_mem_abort`` -> ``do_async_pf``, or its kin) returned."""
+        injection, regs = arg
         sim = self.sim
-        outcome = sim.run_driver(self.cpu, sim.guest_protocol.on_abort, self.cpu, far, regs)
+        outcome = sim.run_driver(
+            self.cpu, sim.guest_protocol.on_injection, self.cpu, injection, regs
+        )
         if outcome is AbortOutcome.WAIT_SCHEDULE:
             task = self.current
             assert task is not None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from apfsim.metrics.accumulators import counter_dict
-from apfsim.protocols.base import AbortOutcome, GuestRegs
+from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
 
 __all__ = [
     "KVM_ASYNC_PF_ENABLED",
@@ -304,9 +304,11 @@ class Arm64ApfGuest:
             for cpu in range(1, self.n_cpus):
                 self.kvm_async_pf_cpu_online(cpu)
 
-    def on_abort(self, cpu: int, far: int, regs: GuestRegs) -> AbortOutcome:
+    def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome:
         """``do_mem_abort`` calls ``do_async_pf`` before the ordinary fault table."""
-        return self.do_async_pf(cpu, far, regs)
+        if injection.kind is not InjectionKind.DATA_ABORT:
+            return AbortOutcome.NOT_APF
+        return self.do_async_pf(cpu, injection.payload, regs)
 
     def on_ret_to_user(self, cpu: int) -> None:
         """``ret_to_user`` in entry.S calls ``kvm_async_pf_delayed_wake``."""

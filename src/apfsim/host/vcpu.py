@@ -17,7 +17,7 @@ from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
-from apfsim.protocols.base import FaultDecision
+from apfsim.protocols.base import FaultDecision, Injection
 
 if TYPE_CHECKING:
     from apfsim.guest.cpu import GuestCpu
@@ -78,14 +78,14 @@ class Vcpu:
         for work in delivered:
             if not work.wakeup_all:
                 sim.ready_latency.add(sim.engine.now - work.start_ns)
-        far = sim.host_protocol.take_pending_abort(self.index)
-        cost = self._entry_ns + (self._inject_ns if far is not None else 0)
-        self._host_event = sim.engine.after(cost, self._entered, far)
+        injection = sim.host_protocol.take_injection(self.index)
+        cost = self._entry_ns + (self._inject_ns if injection is not None else 0)
+        self._host_event = sim.engine.after(cost, self._entered, injection)
 
-    def _entered(self, far: int | None) -> None:
+    def _entered(self, injection: Injection | None) -> None:
         self._host_event = None
         self.mode = VcpuMode.GUEST
-        self.guest.take_events(far)
+        self.guest.take_events(injection)
         self.guest.resume()
 
     # -- stage-2 faults ----------------------------------------------------------------------

@@ -41,6 +41,8 @@ from apfsim.protocols.base import (
     FaultDecision,
     FaultResult,
     GuestView,
+    Injection,
+    InjectionKind,
     PrefaultFn,
     SyncCause,
 )
@@ -272,10 +274,10 @@ class Arm64Rfcv2Host:
             return False
         return bool(self.apf[vcpu].done) or self.arch[vcpu].control_block.reason != 0
 
-    def take_pending_abort(self, vcpu: int) -> int | None:
+    def take_injection(self, vcpu: int) -> Injection | None:
         arch = self.arch[vcpu]
         far, arch.pending_abort = arch.pending_abort, None
-        return far
+        return None if far is None else Injection(InjectionKind.DATA_ABORT, far)
 
     def smccc_apf(self, vcpu: int, val: int) -> int:
         """``kvm_async_pf_hypercall``: bits 63:56 select exactly one function.

@@ -23,6 +23,8 @@ __all__ = [
     "GuestRegs",
     "GuestView",
     "HostProtocol",
+    "Injection",
+    "InjectionKind",
     "PrefaultFn",
     "SyncCause",
 ]
@@ -59,6 +61,26 @@ class AbortOutcome(Enum):
     WAIT_HALT = "wait_halt"  # task spins in dsb(sy); wfi() until its node is unhashed
     WOKE = "woke"  # a page-ready was handled; return to the interrupted context
     ILLEGAL_REASON = "illegal_reason"
+
+
+class InjectionKind(Enum):
+    """How the host delivers a signal into the guest at the next entry."""
+
+    DATA_ABORT = "data_abort"  # arm64 synchronous external abort, FAR = payload (RFCv2)
+    PAGE_FAULT = "page_fault"  # x86 #PF, CR2 = payload
+    INTERRUPT = "interrupt"  # a vector / PPI; the token is in shared memory
+    SDEI = "sdei"  # an SDEI event dispatched to the guest's handler
+
+    @property
+    def synchronous(self) -> bool:
+        """Exceptions are taken at once; an interrupt waits until the guest unmasks IRQs."""
+        return self is not InjectionKind.INTERRUPT
+
+
+@dataclass(slots=True, frozen=True)
+class Injection:
+    kind: InjectionKind
+    payload: int
 
 
 class FaultDecision(Enum):
@@ -99,7 +121,7 @@ class HostProtocol(Protocol):
 
     def vcpu_runnable(self, vcpu: int) -> bool: ...
 
-    def take_pending_abort(self, vcpu: int) -> int | None: ...
+    def take_injection(self, vcpu: int) -> Injection | None: ...
 
     def smccc_apf(self, vcpu: int, val: int) -> int: ...
 
@@ -111,7 +133,7 @@ class GuestProtocol(Protocol):
 
     def boot(self) -> None: ...
 
-    def on_abort(self, cpu: int, far: int, regs: GuestRegs) -> AbortOutcome: ...
+    def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome: ...
 
     def on_ret_to_user(self, cpu: int) -> None: ...
 

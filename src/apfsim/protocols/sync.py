@@ -15,6 +15,7 @@ from apfsim.protocols.base import (
     FaultResult,
     GuestRegs,
     GuestView,
+    Injection,
     SyncCause,
 )
 
@@ -40,7 +41,7 @@ class SyncHost:
     def vcpu_runnable(self, vcpu: int) -> bool:
         return False
 
-    def take_pending_abort(self, vcpu: int) -> int | None:
+    def take_injection(self, vcpu: int) -> Injection | None:
         return None
 
     def smccc_apf(self, vcpu: int, val: int) -> int:
@@ -56,7 +57,7 @@ class NoApfGuest:
     def boot(self) -> None:
         pass
 
-    def on_abort(self, cpu: int, far: int, regs: GuestRegs) -> AbortOutcome:
+    def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome:
         return AbortOutcome.NOT_APF
 
     def on_ret_to_user(self, cpu: int) -> None:
