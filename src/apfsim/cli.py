@@ -35,6 +35,7 @@ app = typer.Typer(
 )
 
 _PROGRESS_AFTER_S = 2.0
+MAX_DURATION_S = 86_400.0  # the scenario schema's bound on duration_s
 
 
 class _Progress:
@@ -118,8 +119,10 @@ def run_command(
         raise _fail("--protocol: each protocol may be given once")
     if seed < 0:
         raise _fail(f"--seed: must be a non-negative integer (got {seed})")
-    if duration is not None and not duration > 0:
-        raise _fail(f"--duration: must be a positive number of seconds (got {duration})")
+    if duration is not None and not 0 < duration <= MAX_DURATION_S:
+        raise _fail(
+            f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
+        )
     if json_path is not None and not json_path.parent.is_dir():
         raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
     try:

@@ -93,7 +93,7 @@ class SwapConfig(_Model):
     @model_validator(mode="after")
     def _ordered(self) -> SwapConfig:
         if self.distribution == "lognormal" and not self.min_us < self.mean_us < self.max_us:
-            raise ValueError("host.swap: need min_us < mean_us < max_us for the lognormal fit")
+            raise ValueError("need min_us < mean_us < max_us for the lognormal fit")
         return self
 
 
@@ -123,7 +123,7 @@ class InitialMemory(_Model):
     def _sum(self) -> InitialMemory:
         if self.resident_fraction + self.swapped_fraction > 1.0:
             raise ValueError(
-                "initial_memory: resident_fraction + swapped_fraction must be at most 1"
+                "resident_fraction + swapped_fraction must be at most 1"
             )
         return self
 

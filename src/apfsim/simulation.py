@@ -46,6 +46,8 @@ from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, Ra
 
 __all__ = ["Simulation"]
 
+ARM_SMCCC_KVM_FUNC_APF = 1  # the vendor-hyp function number the seed's SMCCC call uses
+
 _MAPPED = int(PageState.MAPPED)
 _SWAPPED = int(PageState.SWAPPED)
 _SWAPCACHE = int(PageState.SWAPCACHE)
@@ -102,6 +104,7 @@ class Simulation:
         self._io_waiters: dict[int, list[tuple[Callable[[Any], object], Any]]] = {}
         self._alloc_rng = self.streams.stream("guest-kzalloc")
         self._running_cpu = -1
+        self._started = False
         options = ProtocolOptions(
             no_kvmapf=g.no_kvmapf,
             send_always=g.send_always,
@@ -110,7 +113,7 @@ class Simulation:
             preempt_count_config=g.preempt_count_config,
         )
         self.host_protocol, self.guest_protocol = build_protocol(
-            protocol, g.vcpus, self, self._prefault, options
+            protocol, g.vcpus, self, self._prefault, self.kick_vcpu, options
         )
         cfs = CfsParams(
             g.sched.latency_ns,
@@ -283,8 +286,20 @@ class Simulation:
         p = self.scenario.guest.dummy_alloc_fail_probability
         return p == 0.0 or bool(self._alloc_rng.random() >= p)
 
+    def _guest_call(self, cpu: int, call: int, val: int) -> int:
+        """A guest exit (SMCCC, WRMSR): applied now; a running CPU pays the round trip."""
+        if self._running_cpu >= 0 and self._started:
+            self.cpus[cpu].exit_requested = True
+        return self.host_protocol.guest_call(cpu, call, val)
+
     def smccc_apf(self, cpu: int, val: int) -> int:
-        return self.host_protocol.smccc_apf(cpu, val)
+        return self._guest_call(cpu, ARM_SMCCC_KVM_FUNC_APF, val)
+
+    def wrmsr(self, cpu: int, msr: int, val: int) -> None:
+        self._guest_call(cpu, msr, val)
+
+    def kick_vcpu(self, vcpu: int) -> None:
+        self.vcpus[vcpu].kick()
 
     # -- running ----------------------------------------------------------------------------------
     def _tick(self, vcpu: Vcpu) -> None:
@@ -303,6 +318,7 @@ class Simulation:
         end = round((duration_s if duration_s is not None else self.scenario.duration_s) * 1e9)
         engine = self.engine
         self.run_driver(0, self.guest_protocol.boot)
+        self._started = True
         n = len(self.vcpus)
         for i, vcpu in enumerate(self.vcpus):
             engine.at(self._tick_ns * (i + 1) // (n + 1) + self._tick_ns // 2, self._tick, vcpu)

@@ -38,10 +38,12 @@ class GuestContext:
         )
 
     def view(self) -> GuestView:
-        return GuestView(self.privileged, self.pc_offset, self.elr_saved)
+        return GuestView(self.privileged, self.pc_offset, self.elr_saved, self.irqs_off)
 
     def regs(self) -> GuestRegs:
-        return GuestRegs(not self.privileged, self.preempt_count, self.rcu_depth, self.idle)
+        return GuestRegs(
+            not self.privileged, self.preempt_count, self.rcu_depth, self.idle, self.irqs_off
+        )
 
 
 class Contexts:

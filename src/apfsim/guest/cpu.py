@@ -64,6 +64,7 @@ class GuestCpu:
         self.halt_waiter: Task | None = None
         self.timer_pending = False
         self.ipi_pending = False
+        self.exit_requested = False
         self.in_kernel = True
         self.stolen_ns = 0
         self._stolen_mark = 0
@@ -183,6 +184,11 @@ class GuestCpu:
         self._event = None
         self._seg = _NONE
         frame.on_end(frame.arg)
+        if self.exit_requested:
+            # The handler wrote an MSR / made a hypercall: an exit before it continues.
+            self.exit_requested = False
+            self.vcpu.exit_for_guest_call()
+            return
         self.resume()
 
     def interrupt(self, now: int) -> None:
@@ -203,7 +209,7 @@ class GuestCpu:
         self.frames.append(Frame(contexts.entry, self._entry_ns, _noop))
         self.frames.append(Frame(contexts.vector, self._vector_ns, _noop))
 
-    def take_events(self, injection: Injection | None) -> None:
+    def take_events(self, injections: list[Injection]) -> None:
         """At entry: an injected exception first, then interrupts (APF, timer tick, IPI)."""
         regs = self.context().regs()
         costs = self.sim.scenario.guest.costs
@@ -213,7 +219,8 @@ class GuestCpu:
         if self.timer_pending:
             self.timer_pending = False
             self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
-        if injection is not None:
+        # Interrupts run after exceptions: push them first (frames run top-down).
+        for injection in sorted(injections, key=lambda inj: inj.kind.synchronous):
             ctx = Contexts.HANDLER if injection.kind.synchronous else Contexts.IRQ
             handler = Frame(ctx, costs.apf_handler_ns, self._injection_handled, (injection, regs))
             self._push_exception(handler)

@@ -78,15 +78,22 @@ class Vcpu:
         for work in delivered:
             if not work.wakeup_all:
                 sim.ready_latency.add(sim.engine.now - work.start_ns)
-        injection = sim.host_protocol.take_injection(self.index)
-        cost = self._entry_ns + (self._inject_ns if injection is not None else 0)
-        self._host_event = sim.engine.after(cost, self._entered, injection)
+        injections: list[Injection] = []
+        while (injection := sim.host_protocol.take_injection(self.index)) is not None:
+            injections.append(injection)
+        cost = self._entry_ns + self._inject_ns * len(injections)
+        self._host_event = sim.engine.after(cost, self._entered, injections)
 
-    def _entered(self, injection: Injection | None) -> None:
+    def _entered(self, injections: list[Injection]) -> None:
         self._host_event = None
         self.mode = VcpuMode.GUEST
-        self.guest.take_events(injection)
+        self.guest.take_events(injections)
         self.guest.resume()
+
+    def exit_for_guest_call(self) -> None:
+        """The guest executed WRMSR/HVC: the host already applied it; pay the round trip."""
+        self._to_host()
+        self._host_event = self.sim.engine.after(self._exit_ns, self.enter)
 
     # -- stage-2 faults ----------------------------------------------------------------------
     def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
@@ -126,6 +133,13 @@ class Vcpu:
             self._host_event = sim.engine.after(cost, self.enter)
         elif result.decision is FaultDecision.REPEATED:
             self._spin(now + cost)
+        elif result.decision is FaultDecision.HALT:
+            # KVM_REQ_APF_HALT: vcpu_enter_guest returns without entering; kvm_vcpu_block.
+            if result.work is not None:
+                sim.faults["async"] += 1
+                sim.start_worker(result.work)
+            sim.faults["halts"] += 1
+            self._host_event = sim.engine.after(cost, self._block, True)
         else:
             assert result.cause is not None
             sim.sync_causes[result.cause.value] += 1
@@ -215,6 +229,13 @@ class Vcpu:
             self.guest.timer_pending = True
             if mode == VcpuMode.SPIN and self._host_event is None:
                 self._host_event = self.sim.engine.after(0, self._spin_end)
+
+    def kick(self) -> None:
+        """``kvm_vcpu_kick``: force a running vCPU out of the guest (a blocked one is woken
+        by the worker's ``swake_up_one`` / rcuwait)."""
+        if self.mode == VcpuMode.GUEST:
+            self.sim.stats["kicks"] += 1
+            self.exit_async()
 
     def on_host_tick(self) -> None:
         """The host's own scheduler tick on this pCPU: an exit, but nothing for the guest."""

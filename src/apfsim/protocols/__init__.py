@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest, GuestKernelPort
+from apfsim.guest.kvm_apf_x86 import X86ApfGuest, X86GuestPort
 from apfsim.protocols.arm64_rfcv2 import DEFAULT_NO_FAULT_INST_RANGE, Arm64Rfcv2Host
 from apfsim.protocols.base import GuestProtocol, HostProtocol, PrefaultFn
 from apfsim.protocols.sync import NoApfGuest, SyncHost
+from apfsim.protocols.x86 import KickFn, X86Host
 
 __all__ = ["PROTOCOLS", "ProtocolOptions", "build_protocol"]
 
@@ -28,16 +31,22 @@ class ProtocolOptions:
     preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
 
 
+class KernelPort(GuestKernelPort, X86GuestPort, Protocol):
+    """Everything any guest driver may call (the simulator implements all of it)."""
+
+
 Built = tuple[HostProtocol, GuestProtocol]
-Factory = Callable[[int, GuestKernelPort, PrefaultFn, ProtocolOptions], Built]
+Factory = Callable[[int, KernelPort, PrefaultFn, KickFn, ProtocolOptions], Built]
 
 
-def _build_sync(n: int, port: GuestKernelPort, prefault: PrefaultFn, opt: ProtocolOptions) -> Built:
+def _build_sync(
+    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
+) -> Built:
     return SyncHost(), NoApfGuest()
 
 
 def _build_arm64_rfcv2(
-    n: int, port: GuestKernelPort, prefault: PrefaultFn, opt: ProtocolOptions
+    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
 ) -> Built:
     guest = Arm64ApfGuest(
         port=port,
@@ -51,18 +60,40 @@ def _build_arm64_rfcv2(
     return host, guest
 
 
+def _build_x86(
+    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
+) -> Built:
+    guest = X86ApfGuest(port=port, n_cpus=n, kvmapf=not opt.no_kvmapf)
+    return X86Host(guest.apf_reason, prefault, kick), guest
+
+
+def _build_halt_only(
+    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
+) -> Built:
+    """A guest without the PV driver on an x86 host: every async fault is an artificial halt."""
+    guest = X86ApfGuest(port=port, n_cpus=n, kvmapf=False)
+    return X86Host(guest.apf_reason, prefault, kick), NoApfGuest()
+
+
 PROTOCOLS: dict[str, Factory] = {
     "sync": _build_sync,
     "arm64-rfcv2": _build_arm64_rfcv2,
+    "x86": _build_x86,
+    "halt-only": _build_halt_only,
 }
 
 
 def build_protocol(
-    name: str, n_vcpus: int, port: GuestKernelPort, prefault: PrefaultFn, opt: ProtocolOptions
+    name: str,
+    n_vcpus: int,
+    port: KernelPort,
+    prefault: PrefaultFn,
+    kick: KickFn,
+    opt: ProtocolOptions,
 ) -> Built:
     """Instantiate variant ``name`` for a VM of ``n_vcpus``."""
     try:
         factory = PROTOCOLS[name]
     except KeyError:
         raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
-    return factory(n_vcpus, port, prefault, opt)
+    return factory(n_vcpus, port, prefault, kick, opt)

@@ -279,6 +279,10 @@ class Arm64Rfcv2Host:
         far, arch.pending_abort = arch.pending_abort, None
         return None if far is None else Injection(InjectionKind.DATA_ABORT, far)
 
+    def guest_call(self, vcpu: int, call: int, val: int) -> int:
+        """The SMCCC exit: only ARM_SMCCC_VENDOR_HYP_KVM_APF_FUNC_ID is modelled."""
+        return self.smccc_apf(vcpu, val)
+
     def smccc_apf(self, vcpu: int, val: int) -> int:
         """``kvm_async_pf_hypercall``: bits 63:56 select exactly one function.
 

@@ -40,6 +40,7 @@ class GuestView:
     privileged: bool
     pc_offset: int | None = None  # PC - VBAR_EL1 while in vector/entry code, else None
     elr_saved: bool = True  # False in entry code before kernel_entry saved ELR/SPSR
+    irqs_off: bool = False  # x86: IF=0 (no artificial halt possible either)
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,6 +51,7 @@ class GuestRegs:
     preempt_count: int = 0
     rcu_depth: int = 0
     is_idle_task: bool = False
+    irqs_off: bool = False
 
 
 class AbortOutcome(Enum):
@@ -88,6 +90,7 @@ class FaultDecision(Enum):
 
     ASYNC = "async"  # work queued; re-enter the guest (not-present injected)
     REPEATED = "repeated"  # gfn already outstanding: re-enter without new work
+    HALT = "halt"  # artificial halt (KVM_REQ_APF_HALT) until the page is in or an IRQ comes
     SYNC = "sync"  # fault the page in synchronously in the vCPU thread
 
 
@@ -99,6 +102,7 @@ class SyncCause(Enum):
     GATED_CONTEXT = "gated_context"  # send_user_only and the guest was privileged
     WINDOW = "window"  # PC inside the no-inject window
     REASON_BUSY = "reason_busy"  # previous signal not consumed (reason != 0)
+    IRQS_OFF = "irqs_off"  # x86 kvm_can_do_async_pf: interrupts not allowed
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,7 +127,9 @@ class HostProtocol(Protocol):
 
     def take_injection(self, vcpu: int) -> Injection | None: ...
 
-    def smccc_apf(self, vcpu: int, val: int) -> int: ...
+    def guest_call(self, vcpu: int, call: int, val: int) -> int:
+        """A guest-initiated exit: WRMSR (x86) or an SMCCC/hypercall (arm64)."""
+        ...
 
     def counters(self) -> dict[str, int]: ...
 

@@ -44,7 +44,7 @@ class SyncHost:
     def take_injection(self, vcpu: int) -> Injection | None:
         return None
 
-    def smccc_apf(self, vcpu: int, val: int) -> int:
+    def guest_call(self, vcpu: int, call: int, val: int) -> int:
         return SMCCC_RET_NOT_SUPPORTED
 
     def counters(self) -> dict[str, int]:

@@ -1,0 +1,254 @@
+"""The x86 guest driver, upstream since 5.10 (``arch/x86/kernel/kvm.c``).
+
+Not-present arrives as a #PF whose CR2 is the token, announced by ``flags`` in the per-CPU
+``kvm_vcpu_pv_apf_data``; page-ready arrives as an interrupt (``HYPERVISOR_CALLBACK_VECTOR``)
+with the token in the block's ``token`` word, which the guest zeroes before writing
+``MSR_KVM_ASYNC_PF_ACK``. Sleepers sit in one global table of 256 buckets; a wake that comes
+before its wait leaves a dummy node. Since "x86/kvm: Restrict ASYNC_PF to user space" (v5.8)
+a not-present taken in kernel mode or with IF=0 is a guest panic, and the only wait is
+``schedule()``; the pre-5.8 halted wait lives in ``x86-legacy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from apfsim.metrics.accumulators import counter_dict
+from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
+
+__all__ = [
+    "KVM_ASYNC_PF_DELIVERY_AS_INT",
+    "KVM_ASYNC_PF_ENABLED",
+    "KVM_TASK_SLEEP_HASHBITS",
+    "MSR_KVM_ASYNC_PF_ACK",
+    "MSR_KVM_ASYNC_PF_EN",
+    "MSR_KVM_ASYNC_PF_INT",
+    "X86ApfData",
+    "X86ApfGuest",
+    "X86GuestPort",
+    "X86SleepNode",
+    "hash_32",
+]
+
+MSR_KVM_ASYNC_PF_EN = 0x4B564D02
+MSR_KVM_ASYNC_PF_INT = 0x4B564D06
+MSR_KVM_ASYNC_PF_ACK = 0x4B564D07
+KVM_ASYNC_PF_ENABLED = 1 << 0
+KVM_ASYNC_PF_SEND_ALWAYS = 1 << 1
+KVM_ASYNC_PF_DELIVERY_AS_INT = 1 << 3
+KVM_PV_REASON_PAGE_NOT_PRESENT = 1
+HYPERVISOR_CALLBACK_VECTOR = 0xF3
+KVM_TASK_SLEEP_HASHBITS = 8
+WAKE_ALL_TOKEN = 0xFFFF_FFFF
+
+
+def hash_32(value: int, bits: int) -> int:
+    """The kernel's ``hash_32`` (multiplicative hash by GOLDEN_RATIO_32)."""
+    return ((value * 0x61C88647) & 0xFFFF_FFFF) >> (32 - bits)
+
+
+@dataclass(slots=True)
+class X86ApfData:
+    """Per-CPU ``struct kvm_vcpu_pv_apf_data``: ``flags`` @0, ``token`` @4, guest ``enabled``."""
+
+    flags: int = 0
+    token: int = 0
+    enabled: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class X86SleepNode:
+    """``struct kvm_task_sleep_node`` (on the sleeper's stack; a dummy is kzalloc'ed)."""
+
+    token: int
+    cpu: int
+    task: int
+    dummy: bool = False
+    hashed: bool = True
+
+
+class X86GuestPort(Protocol):
+    """Kernel services the x86 driver calls."""
+
+    def current_task(self, cpu: int) -> int: ...
+
+    def swake_up_one(self, task: int) -> None: ...
+
+    def kzalloc_atomic(self, cpu: int) -> bool: ...
+
+    def wrmsr(self, cpu: int, msr: int, val: int) -> None: ...
+
+
+@dataclass(slots=True)
+class X86DriverCounters:
+    waits_schedule: int = 0
+    wakes: int = 0
+    wake_all: int = 0
+    dummies_created: int = 0
+    dummies_consumed: int = 0
+    dummies_leaked: int = 0
+    dummy_alloc_retries: int = 0
+    acks: int = 0
+    guest_panics: int = 0  # "Host injected async #PF in kernel mode / interrupt disabled region"
+    spurious_pf: int = 0  # an injected #PF with flags == 0: the ordinary fault path
+
+
+@dataclass
+class X86ApfGuest:
+    """The upstream x86 guest side: per-CPU ``apf_reason`` and the global sleep table."""
+
+    port: X86GuestPort
+    n_cpus: int
+    kvmapf: bool = True  # cleared by the `no-kvmapf` early param
+    apf_reason: list[X86ApfData] = field(init=False)
+    async_pf_sleepers: list[list[X86SleepNode]] = field(init=False)
+    stats: X86DriverCounters = field(default_factory=X86DriverCounters)
+
+    def __post_init__(self) -> None:
+        self.apf_reason = [X86ApfData() for _ in range(self.n_cpus)]
+        self.async_pf_sleepers = [[] for _ in range(1 << KVM_TASK_SLEEP_HASHBITS)]
+
+    def _bucket(self, token: int) -> list[X86SleepNode]:
+        return self.async_pf_sleepers[hash_32(token, KVM_TASK_SLEEP_HASHBITS)]
+
+    @staticmethod
+    def _find(bucket: list[X86SleepNode], token: int) -> X86SleepNode | None:
+        for node in bucket:
+            if node.token == token:
+                return node
+        return None
+
+    # -- not present ------------------------------------------------------------------------
+    def kvm_read_and_reset_apf_flags(self, cpu: int) -> int:
+        data = self.apf_reason[cpu]
+        if not data.enabled:
+            return 0
+        flags, data.flags = data.flags, 0
+        return flags
+
+    def kvm_async_pf_queue_task(self, cpu: int, token: int) -> bool:
+        """Hash the sleeper's node; False if a dummy was there (the wake came first)."""
+        bucket = self._bucket(token)
+        dummy = self._find(bucket, token)
+        if dummy is not None:
+            bucket.remove(dummy)
+            dummy.hashed = False
+            self.stats.dummies_consumed += 1
+            return False
+        bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu)))
+        return True
+
+    def kvm_async_pf_task_wait_schedule(self, cpu: int, token: int) -> AbortOutcome:
+        if not self.kvm_async_pf_queue_task(cpu, token):
+            return AbortOutcome.DUMMY_CONSUMED
+        self.stats.waits_schedule += 1
+        return AbortOutcome.WAIT_SCHEDULE
+
+    def kvm_handle_async_pf(self, cpu: int, token: int, regs: GuestRegs) -> AbortOutcome:
+        """``__kvm_handle_async_pf`` from ``exc_page_fault``."""
+        flags = self.kvm_read_and_reset_apf_flags(cpu)
+        if not flags:
+            self.stats.spurious_pf += 1
+            return AbortOutcome.NOT_APF
+        if regs.irqs_off or not regs.user_mode:
+            self.stats.guest_panics += 1
+            return AbortOutcome.NOT_APF
+        if flags & KVM_PV_REASON_PAGE_NOT_PRESENT:
+            return self.kvm_async_pf_task_wait_schedule(cpu, token)
+        return AbortOutcome.ILLEGAL_REASON
+
+    # -- page ready --------------------------------------------------------------------------
+    def apf_task_wake_one(self, bucket: list[X86SleepNode], node: X86SleepNode) -> None:
+        bucket.remove(node)
+        node.hashed = False
+        if node.dummy:
+            self.stats.dummies_leaked += 1  # unhashed by wake-all, never freed
+            return
+        self.stats.wakes += 1
+        self.port.swake_up_one(node.task)
+
+    def apf_task_wake_all(self, cpu: int) -> None:
+        """Wake every node of this CPU in all 256 buckets."""
+        self.stats.wake_all += 1
+        for bucket in self.async_pf_sleepers:
+            for node in [n for n in bucket if n.cpu == cpu]:
+                self.apf_task_wake_one(bucket, node)
+
+    def kvm_async_pf_task_wake(self, cpu: int, token: int) -> None:
+        if token == WAKE_ALL_TOKEN:
+            self.apf_task_wake_all(cpu)
+            return
+        bucket = self._bucket(token)
+        node = self._find(bucket, token)
+        if node is not None:
+            self.apf_task_wake_one(bucket, node)
+            return
+        # Not found: the wait has not run yet. Allocate a dummy outside the raw lock,
+        # retrying until the allocation succeeds (the node cannot appear meanwhile here).
+        while not self.port.kzalloc_atomic(cpu):
+            self.stats.dummy_alloc_retries += 1
+        bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu), dummy=True))
+        self.stats.dummies_created += 1
+
+    def sysvec_kvm_asyncpf_interrupt(self, cpu: int) -> AbortOutcome:
+        """Read the token, wake, zero the slot, then ACK (the order matters: B5/B9)."""
+        data = self.apf_reason[cpu]
+        if not data.enabled:
+            return AbortOutcome.NOT_APF
+        token = data.token
+        self.kvm_async_pf_task_wake(cpu, token)
+        data.token = 0
+        self.stats.acks += 1
+        self.port.wrmsr(cpu, MSR_KVM_ASYNC_PF_ACK, 1)
+        return AbortOutcome.WOKE
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def kvm_guest_cpu_init(self, cpu: int) -> None:
+        """INT MSR first ("or interrupt #0 can get injected"), then EN, then enabled=1."""
+        if not self.kvmapf:
+            return
+        self.port.wrmsr(cpu, MSR_KVM_ASYNC_PF_INT, HYPERVISOR_CALLBACK_VECTOR)
+        self.port.wrmsr(
+            cpu, MSR_KVM_ASYNC_PF_EN, KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        )
+        self.apf_reason[cpu].enabled = 1
+
+    def kvm_pv_disable_apf(self, cpu: int) -> None:
+        if not self.apf_reason[cpu].enabled:
+            return
+        self.port.wrmsr(cpu, MSR_KVM_ASYNC_PF_EN, 0)
+        self.apf_reason[cpu].enabled = 0
+
+    def kvm_guest_cpu_offline(self, cpu: int, shutdown: bool) -> None:
+        """CPU down-prepare: disable, then (unless shutting down) release this CPU's sleepers."""
+        self.kvm_pv_disable_apf(cpu)
+        if not shutdown:
+            self.apf_task_wake_all(cpu)
+
+    # -- GuestProtocol --------------------------------------------------------------------------
+    def boot(self) -> None:
+        for cpu in range(self.n_cpus):
+            self.kvm_guest_cpu_init(cpu)
+
+    def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome:
+        if injection.kind is InjectionKind.PAGE_FAULT:
+            return self.kvm_handle_async_pf(cpu, injection.payload, regs)
+        if injection.kind is InjectionKind.INTERRUPT:
+            return self.sysvec_kvm_asyncpf_interrupt(cpu)
+        return AbortOutcome.NOT_APF
+
+    def on_ret_to_user(self, cpu: int) -> None:
+        pass
+
+    def on_idle_entry(self, cpu: int) -> None:
+        pass
+
+    def waiter_woken(self, cpu: int, task: int) -> bool:
+        """``hlist_unhashed(&n.link)`` for ``task``'s node."""
+        return not any(
+            n.task == task and not n.dummy for bucket in self.async_pf_sleepers for n in bucket
+        )
+
+    def counters(self) -> dict[str, int]:
+        return counter_dict(self.stats)

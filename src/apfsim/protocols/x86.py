@@ -1,0 +1,256 @@
+"""x86 upstream (5.10+): not-present as #PF, page-ready as an interrupt with an ACK MSR.
+
+Host hooks (``arch/x86/kvm/x86.c``, ``mmu/mmu.c``; spec §1):
+
+* ``__kvm_faultin_pfn``: NOWAIT first; then, if ``kvm_can_do_async_pf`` (interrupts
+  allowed): a gfn already outstanding on this vCPU is a repeated fault and halts the vCPU
+  (KVM_REQ_APF_HALT); otherwise ``kvm_arch_setup_async_pf``. Interrupts off: synchronous.
+* ``kvm_arch_async_page_not_present``: inject #PF(token) with ``flags = NOT_PRESENT`` if
+  ``kvm_can_deliver_async_pf`` (enabled with DELIVERY_AS_INT, user mode unless SEND_ALWAYS),
+  else the artificial halt. The core records which (``notpresent_injected``).
+* ``kvm_arch_async_page_present_queued``: KVM_REQ_APF_READY, and a kick unless a page-ready
+  is already in flight. ``kvm_arch_can_dequeue_async_page_present``: the guest's ``token``
+  slot is free. ``kvm_arch_async_page_present``: write the token and raise the vector only
+  for injected not-presents (or wake-all); always end the halt.
+* ``MSR_KVM_ASYNC_PF_ACK``: clear ``pageready_pending`` and deliver the next completion
+  inline: at most one page-ready in flight per vCPU.
+* Tokens are ``(id++ << 12) | vcpu_id``, skipping ids whose shifted value is 0 (B9 fix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from apfsim.guest.kvm_apf_x86 import (
+    KVM_ASYNC_PF_DELIVERY_AS_INT,
+    KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    WAKE_ALL_TOKEN,
+    X86ApfData,
+)
+from apfsim.host.async_pf import (
+    AsyncPf,
+    VcpuAsyncPf,
+    async_pf_execute,
+    kvm_async_pf_wakeup_all,
+    kvm_check_async_pf_completion,
+    kvm_clear_async_pf_completion_queue,
+    kvm_setup_async_pf,
+)
+from apfsim.metrics.accumulators import counter_dict
+from apfsim.protocols.arm64_rfcv2 import GfnHash
+from apfsim.protocols.base import (
+    FaultDecision,
+    FaultResult,
+    GuestView,
+    Injection,
+    InjectionKind,
+    PrefaultFn,
+    SyncCause,
+)
+
+__all__ = ["X86Host", "make_x86_token"]
+
+KickFn = Callable[[int], None]
+
+
+def make_x86_token(apf_id: int, vcpu_id: int) -> int:
+    return ((apf_id << 12) | vcpu_id) & 0xFFFF_FFFF
+
+
+@dataclass(slots=True)
+class VcpuApfX86:
+    """``vcpu->arch.apf`` (x86) plus the vCPU's pending events."""
+
+    block: X86ApfData  # the guest's per-CPU data block (flags, token)
+    msr_en_val: int = 0
+    vec: int = 0
+    id: int = 0
+    send_user_only: bool = True
+    pageready_pending: bool = False
+    halted: bool = False
+    apf_ready_request: bool = False  # KVM_REQ_APF_READY
+    gfns: GfnHash = field(default_factory=GfnHash)
+    pending_pf: int | None = None  # CR2 of a #PF to inject at the next entry
+    pending_irq: bool = False  # the page-ready vector is pending in the LAPIC
+    view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
+
+    @property
+    def enabled(self) -> bool:
+        """``kvm_pv_async_pf_enabled``: EN and DELIVERY_AS_INT both set."""
+        want = KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        return self.msr_en_val & want == want
+
+
+@dataclass(slots=True)
+class X86Counters:
+    not_present_injected: int = 0
+    not_present_halted: int = 0  # kvm_can_deliver_async_pf false: artificial halt instead
+    page_ready_injected: int = 0
+    halt_ended_without_ready: int = 0
+    wakeup_all_queued: int = 0
+    repeated_faults: int = 0
+    prefaults: int = 0
+    prefaults_missed: int = 0
+    acks: int = 0
+    kicks: int = 0
+    cancelled: int = 0
+
+
+class X86Host:
+    """The x86 arch hooks over the generic core, one instance per VM."""
+
+    name = "x86"
+
+    def __init__(self, blocks: list[X86ApfData], prefault: PrefaultFn, kick: KickFn) -> None:
+        self.prefault = prefault
+        self.kick = kick
+        self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(blocks))]
+        self.arch = [VcpuApfX86(block=b) for b in blocks]
+        self.stats = X86Counters()
+
+    # -- fault path ----------------------------------------------------------------------------
+    def kvm_can_do_async_pf(self, vcpu: int, view: GuestView, irqs_off: bool) -> bool:
+        """ "If interrupts are off we cannot even use an artificial halt state"."""
+        return not irqs_off
+
+    def kvm_can_deliver_async_pf(self, vcpu: int, view: GuestView) -> bool:
+        arch = self.arch[vcpu]
+        if not arch.enabled:
+            return False
+        return not (arch.send_user_only and view.privileged)
+
+    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
+        arch = self.arch[vcpu]
+        arch.view = view
+        if not self.kvm_can_do_async_pf(vcpu, view, view.irqs_off):
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.IRQS_OFF)
+        if arch.gfns.find(gfn):
+            # kvm_async_pf_repeated_fault: halt until the outstanding fault-in completes.
+            self.stats.repeated_faults += 1
+            return FaultResult(FaultDecision.HALT)
+        token = self.alloc_apf_token(vcpu)
+        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
+        if work is None:
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
+        if work.notpresent_injected:
+            return FaultResult(FaultDecision.ASYNC, work=work)
+        return FaultResult(FaultDecision.HALT, work=work)
+
+    def alloc_apf_token(self, vcpu: int) -> int:
+        """``(apf.id++ << 12) | vcpu_id``, never 0 ("make apf token non-zero to fix bug")."""
+        arch = self.arch[vcpu]
+        arch.id = (arch.id + 1) & 0xF_FFFF
+        if (arch.id << 12) & 0xFFFF_FFFF == 0:
+            arch.id = 1
+        return make_x86_token(arch.id, vcpu)
+
+    # -- arch hooks ------------------------------------------------------------------------------
+    def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
+        arch = self.arch[vcpu_id]
+        arch.gfns.add(work.gfn)
+        if self.kvm_can_deliver_async_pf(vcpu_id, arch.view):
+            arch.block.flags = KVM_PV_REASON_PAGE_NOT_PRESENT
+            arch.pending_pf = work.token
+            self.stats.not_present_injected += 1
+            return True
+        arch.halted = True  # KVM_REQ_APF_HALT
+        self.stats.not_present_halted += 1
+        return False
+
+    def kvm_arch_async_page_present(self, vcpu_id: int, work: AsyncPf) -> None:
+        arch = self.arch[vcpu_id]
+        if work.wakeup_all:
+            token = WAKE_ALL_TOKEN
+        else:
+            token = work.token
+            arch.gfns.delete(work.gfn)
+        if (work.wakeup_all or work.notpresent_injected) and arch.enabled:
+            arch.block.token = token
+            arch.pageready_pending = True
+            arch.pending_irq = True
+            self.stats.page_ready_injected += 1
+        elif arch.halted:
+            self.stats.halt_ended_without_ready += 1
+        arch.halted = False  # always: this is what ends an artificial halt
+
+    def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
+        self.stats.prefaults += 1
+        if not self.prefault(work.gfn):
+            self.stats.prefaults_missed += 1
+
+    def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
+        arch = self.arch[vcpu_id]
+        if not arch.enabled:
+            return True
+        return arch.block.token == 0  # apf_pageready_slot_free (LAPIC always enabled here)
+
+    def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
+        arch = self.arch[vcpu_id]
+        arch.apf_ready_request = True
+        if not arch.pageready_pending:
+            self.stats.kicks += 1
+            self.kick(vcpu_id)
+
+    # -- run loop and MSRs -----------------------------------------------------------------------
+    def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]:
+        """``vcpu_enter_guest``: KVM_REQ_APF_READY -> ``kvm_check_async_pf_completion``."""
+        arch = self.arch[vcpu]
+        arch.view = view
+        if not arch.apf_ready_request:
+            return []
+        arch.apf_ready_request = False
+        return kvm_check_async_pf_completion(self.apf[vcpu], self)
+
+    def worker_done(self, work: AsyncPf) -> bool:
+        return async_pf_execute(self.apf[work.vcpu_id], self, work)
+
+    def vcpu_runnable(self, vcpu: int) -> bool:
+        """``kvm_vcpu_has_events``: its first test is a non-empty ``done`` list."""
+        return bool(self.apf[vcpu].done) or self.arch[vcpu].pending_irq
+
+    def take_injection(self, vcpu: int) -> Injection | None:
+        arch = self.arch[vcpu]
+        if arch.pending_pf is not None:
+            token, arch.pending_pf = arch.pending_pf, None
+            return Injection(InjectionKind.PAGE_FAULT, token)
+        if arch.pending_irq:
+            arch.pending_irq = False
+            return Injection(InjectionKind.INTERRUPT, arch.vec)
+        return None
+
+    def guest_call(self, vcpu: int, call: int, val: int) -> int:
+        """A WRMSR exit from the guest."""
+        arch = self.arch[vcpu]
+        if call == MSR_KVM_ASYNC_PF_INT:
+            arch.vec = val & 0xFF
+            return 0
+        if call == MSR_KVM_ASYNC_PF_ACK:
+            if val & 1:
+                self.stats.acks += 1
+                arch.pageready_pending = False
+                kvm_check_async_pf_completion(self.apf[vcpu], self)
+            return 0
+        if call == MSR_KVM_ASYNC_PF_EN:
+            return self.kvm_pv_enable_async_pf(vcpu, val)
+        return 1
+
+    def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
+        arch = self.arch[vcpu]
+        arch.msr_en_val = val
+        if not arch.enabled:
+            self.stats.cancelled += len(kvm_clear_async_pf_completion_queue(self.apf[vcpu]))
+            arch.gfns.reset()
+            return 0
+        arch.send_user_only = not val & KVM_ASYNC_PF_SEND_ALWAYS
+        if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
+            self.stats.wakeup_all_queued += 1
+        return 0
+
+    def counters(self) -> dict[str, int]:
+        return counter_dict(self.stats)
