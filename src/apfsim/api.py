@@ -35,6 +35,16 @@ def _resolve(scenario: Scenario | str | Path) -> Scenario:
     return load_scenario(scenario)
 
 
+MAX_DURATION_S = 86_400.0  # the scenario schema's bound on duration_s
+
+
+def _check_duration(duration_s: float | None) -> None:
+    if duration_s is not None and not 0 < duration_s <= MAX_DURATION_S:
+        raise ScenarioError(
+            f"duration_s: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration_s})"
+        )
+
+
 def run_protocol(
     scenario: Scenario | str | Path,
     protocol: str,
@@ -44,6 +54,7 @@ def run_protocol(
 ) -> ProtocolResult:
     """Run one protocol; ``duration_s`` overrides the scenario's duration."""
     sc = _resolve(scenario)
+    _check_duration(duration_s)
     if protocol not in PROTOCOLS:
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
@@ -60,6 +71,7 @@ def run(
 ) -> RunResult:
     """Run ``scenario`` under each protocol on the same seed."""
     sc = _resolve(scenario)
+    _check_duration(duration_s)
     for name in protocols:
         if name not in PROTOCOLS:
             raise ScenarioError(

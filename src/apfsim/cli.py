@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from apfsim.api import DEFAULT_PROTOCOLS, compare_table, run
+from apfsim.api import DEFAULT_PROTOCOLS, MAX_DURATION_S, compare_table, run
 from apfsim.protocols import PROTOCOLS
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
@@ -35,7 +35,6 @@ app = typer.Typer(
 )
 
 _PROGRESS_AFTER_S = 2.0
-MAX_DURATION_S = 86_400.0  # the scenario schema's bound on duration_s
 
 
 class _Progress:

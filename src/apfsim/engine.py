@@ -72,6 +72,7 @@ class Engine:
 
     @staticmethod
     def is_pending(handle: EventHandle | None) -> bool:
+        """True while the event is queued: neither cancelled nor run."""
         return handle is not None and handle[2] is not None
 
     def pending(self) -> int:
@@ -83,18 +84,20 @@ class Engine:
 
         The loop ends by testing its condition, never by an exception.
         """
+        if until < self.now:
+            raise ValueError(f"cannot run until {until} ns, before now={self.now} ns")
         queue = self._queue
         pop = heappop
         ran = 0
         # NOTE: locals and a single tuple-unpack per event, for performance.
         while queue and queue[0][0] <= until:
-            time_ns, _, callback, arg = pop(queue)
+            entry = pop(queue)
+            callback = entry[2]
             if callback is None:
                 continue
-            self.now = time_ns
-            callback(arg)
-            # A callback may have run the fault path that ends the handle it came from;
-            # the tombstone only matters for entries still queued.
+            entry[2] = None  # consumed: is_pending() is False from here on
+            self.now = entry[0]
+            callback(entry[3])
             ran += 1
         self.events_run += ran
         if until > self.now:

@@ -122,9 +122,7 @@ class InitialMemory(_Model):
     @model_validator(mode="after")
     def _sum(self) -> InitialMemory:
         if self.resident_fraction + self.swapped_fraction > 1.0:
-            raise ValueError(
-                "resident_fraction + swapped_fraction must be at most 1"
-            )
+            raise ValueError("resident_fraction + swapped_fraction must be at most 1")
         return self
 
 
