@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest, GuestKernelPort
-from apfsim.guest.kvm_apf_x86 import X86ApfGuest, X86GuestPort
+from apfsim.guest.kvm_apf_x86 import X86ApfGuest
+from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest, X86LegacyGuestPort
 from apfsim.protocols.arm64_rfcv2 import DEFAULT_NO_FAULT_INST_RANGE, Arm64Rfcv2Host
 from apfsim.protocols.base import GuestProtocol, HostProtocol, PrefaultFn
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import KickFn, X86Host
+from apfsim.protocols.x86_legacy import X86LegacyHost
 
 __all__ = ["PROTOCOLS", "ProtocolOptions", "build_protocol"]
 
@@ -31,7 +33,7 @@ class ProtocolOptions:
     preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
 
 
-class KernelPort(GuestKernelPort, X86GuestPort, Protocol):
+class KernelPort(GuestKernelPort, X86LegacyGuestPort, Protocol):
     """Everything any guest driver may call (the simulator implements all of it)."""
 
 
@@ -67,6 +69,15 @@ def _build_x86(
     return X86Host(guest.apf_reason, prefault, kick), guest
 
 
+def _build_x86_legacy(
+    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
+) -> Built:
+    guest = X86LegacyApfGuest(
+        port=port, n_cpus=n, kvmapf=not opt.no_kvmapf, preempt_count_config=opt.preempt_count_config
+    )
+    return X86LegacyHost(guest.apf_reason, prefault, kick), guest
+
+
 def _build_halt_only(
     n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
 ) -> Built:
@@ -79,6 +90,7 @@ PROTOCOLS: dict[str, Factory] = {
     "sync": _build_sync,
     "arm64-rfcv2": _build_arm64_rfcv2,
     "x86": _build_x86,
+    "x86-legacy": _build_x86_legacy,
     "halt-only": _build_halt_only,
 }
 

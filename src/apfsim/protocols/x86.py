@@ -119,9 +119,13 @@ class X86Host:
         """ "If interrupts are off we cannot even use an artificial halt state"."""
         return not irqs_off
 
+    def apf_enabled(self, vcpu: int) -> bool:
+        """``kvm_pv_async_pf_enabled``."""
+        return self.arch[vcpu].enabled
+
     def kvm_can_deliver_async_pf(self, vcpu: int, view: GuestView) -> bool:
         arch = self.arch[vcpu]
-        if not arch.enabled:
+        if not self.apf_enabled(vcpu):
             return False
         return not (arch.send_user_only and view.privileged)
 
@@ -170,7 +174,7 @@ class X86Host:
         else:
             token = work.token
             arch.gfns.delete(work.gfn)
-        if (work.wakeup_all or work.notpresent_injected) and arch.enabled:
+        if (work.wakeup_all or work.notpresent_injected) and self.apf_enabled(vcpu_id):
             arch.block.token = token
             arch.pageready_pending = True
             arch.pending_irq = True
@@ -185,10 +189,9 @@ class X86Host:
             self.stats.prefaults_missed += 1
 
     def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
-        arch = self.arch[vcpu_id]
-        if not arch.enabled:
+        if not self.apf_enabled(vcpu_id):
             return True
-        return arch.block.token == 0  # apf_pageready_slot_free (LAPIC always enabled here)
+        return self.arch[vcpu_id].block.token == 0  # slot free (the LAPIC is always enabled)
 
     def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
         arch = self.arch[vcpu_id]
@@ -243,7 +246,7 @@ class X86Host:
     def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
         arch = self.arch[vcpu]
         arch.msr_en_val = val
-        if not arch.enabled:
+        if not self.apf_enabled(vcpu):
             self.stats.cancelled += len(kvm_clear_async_pf_completion_queue(self.apf[vcpu]))
             arch.gfns.reset()
             return 0
