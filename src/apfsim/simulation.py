@@ -298,6 +298,9 @@ class Simulation:
     def wrmsr(self, cpu: int, msr: int, val: int) -> None:
         self._guest_call(cpu, msr, val)
 
+    def smccc(self, cpu: int, function: int, val: int) -> int:
+        return self._guest_call(cpu, function, val)
+
     def kick_vcpu(self, vcpu: int) -> None:
         self.vcpus[vcpu].kick()
 

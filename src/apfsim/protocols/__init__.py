@@ -14,6 +14,7 @@ from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest, GuestKernelPort
 from apfsim.guest.kvm_apf_x86 import X86ApfGuest
 from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest, X86LegacyGuestPort
 from apfsim.protocols.arm64_rfcv2 import DEFAULT_NO_FAULT_INST_RANGE, Arm64Rfcv2Host
+from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost, SdeiGuestPort
 from apfsim.protocols.base import GuestProtocol, HostProtocol, PrefaultFn
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import KickFn, X86Host
@@ -33,7 +34,7 @@ class ProtocolOptions:
     preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
 
 
-class KernelPort(GuestKernelPort, X86LegacyGuestPort, Protocol):
+class KernelPort(GuestKernelPort, X86LegacyGuestPort, SdeiGuestPort, Protocol):
     """Everything any guest driver may call (the simulator implements all of it)."""
 
 
@@ -78,6 +79,13 @@ def _build_x86_legacy(
     return X86LegacyHost(guest.apf_reason, prefault, kick), guest
 
 
+def _build_arm64_sdei_ppi(
+    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
+) -> Built:
+    guest = Arm64SdeiPpiGuest(port=port, n_cpus=n, kvmapf=not opt.no_kvmapf)
+    return Arm64SdeiPpiHost(guest.buffers, prefault, kick), guest
+
+
 def _build_halt_only(
     n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
 ) -> Built:
@@ -92,6 +100,7 @@ PROTOCOLS: dict[str, Factory] = {
     "x86": _build_x86,
     "x86-legacy": _build_x86_legacy,
     "halt-only": _build_halt_only,
+    "arm64-sdei-ppi": _build_arm64_sdei_ppi,
 }
 
 

@@ -1,0 +1,296 @@
+"""arm64 SDEI/PPI (Gavin Shan, "[PATCH v4 00/15] Support Asynchronous Page Fault", 2021).
+
+The review's answer to the seed (spec §3.3; `Documentation/virt/kvm/arm/apf.rst` of v4):
+
+* **not-present = SDEI event** 0x40400001. The guest's handler tags the current task
+  (``TIF_ASYNC_PF``) with the token, sends itself a reschedule IPI and completes the event
+  (an SMCCC exit); the IPI fires once the host has seen the completion, and the task
+  reschedules on return to user until it is woken. Only one event in flight
+  (``notpresent_pending``); sent only at EL0 (``send_user_only``).
+* **page-ready = a PPI.** When the first completion lands, the host raises KVM_REQ_ASYNC_PF
+  and kicks the vCPU (assumed as in the 5.14 generic core), writes ``reason`` and ``token``
+  into the shared buffer and injects the PPI; the guest wakes the task and ACKs with an SMCCC
+  call, after which the host sends the next (``pageready_pending``).
+* A repeated fault (gfn outstanding) re-enters the guest as in RFCv2: there is no halt on
+  arm64 (assumption: the v4 series keeps RFCv2's fault hook).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from apfsim.host.async_pf import (
+    AsyncPf,
+    VcpuAsyncPf,
+    async_pf_execute,
+    kvm_async_pf_wakeup_all,
+    kvm_check_async_pf_completion,
+    kvm_setup_async_pf,
+)
+from apfsim.metrics.accumulators import counter_dict
+from apfsim.protocols.arm64_rfcv2 import GfnHash, make_token
+from apfsim.protocols.base import (
+    AbortOutcome,
+    FaultDecision,
+    FaultResult,
+    GuestRegs,
+    GuestView,
+    Injection,
+    InjectionKind,
+    PrefaultFn,
+    SyncCause,
+)
+from apfsim.protocols.x86 import KickFn
+
+__all__ = ["Arm64SdeiPpiGuest", "Arm64SdeiPpiHost", "SdeiApfBuffer", "SdeiGuestPort"]
+
+SDEI_EVENT_ASYNC_PF = 0x40400001
+SDEI_EVENT_COMPLETE = 0xC4000025  # SDEI_1_0_FN_SDEI_EVENT_COMPLETE (SMC64)
+ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE = 0x100  # model-local ids for the v4 SMCCC functions
+ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK = 0x101
+ASYNC_PF_PPI = 20  # assumption: a free PPI chosen by userspace and described in DT/ACPI
+KVM_PV_REASON_PAGE_READY = 2
+WAKE_ALL_TOKEN = 0xFFFF_FFFF
+
+
+@dataclass(slots=True)
+class SdeiApfBuffer:
+    """The shared buffer (reason, token) written by the host, read and cleared by the guest."""
+
+    reason: int = 0
+    token: int = 0
+    enabled: int = 0
+
+
+@dataclass(slots=True)
+class VcpuSdeiArch:
+    buffer: SdeiApfBuffer
+    enabled: bool = False
+    send_user_only: bool = True
+    id: int = 0
+    notpresent_pending: bool = False
+    notpresent_token: int = 0
+    pageready_pending: bool = False
+    async_pf_request: bool = False  # KVM_REQ_ASYNC_PF
+    gfns: GfnHash = field(default_factory=GfnHash)
+    pending: list[Injection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SdeiHostCounters:
+    not_present_injected: int = 0
+    page_ready_injected: int = 0
+    sdei_completions: int = 0
+    acks: int = 0
+    kicks: int = 0
+    repeated_faults: int = 0
+    wakeup_all_queued: int = 0
+    prefaults: int = 0
+    prefaults_missed: int = 0
+
+
+class Arm64SdeiPpiHost:
+    name = "arm64-sdei-ppi"
+
+    def __init__(self, buffers: list[SdeiApfBuffer], prefault: PrefaultFn, kick: KickFn) -> None:
+        self.prefault = prefault
+        self.kick = kick
+        self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(buffers))]
+        self.arch = [VcpuSdeiArch(buffer=b) for b in buffers]
+        self.stats = SdeiHostCounters()
+
+    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
+        arch = self.arch[vcpu]
+        if not arch.enabled:
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.NO_APF)
+        if arch.send_user_only and view.privileged:
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.GATED_CONTEXT)
+        if arch.notpresent_pending:
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.REASON_BUSY)
+        if arch.gfns.find(gfn):
+            self.stats.repeated_faults += 1
+            return FaultResult(FaultDecision.REPEATED)
+        token = make_token(arch.id, vcpu)
+        arch.id = (arch.id + 1) & 0xFFFF
+        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
+        if work is None:
+            return FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
+        return FaultResult(FaultDecision.ASYNC, work=work)
+
+    # -- arch hooks -------------------------------------------------------------------------------
+    def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
+        arch = self.arch[vcpu_id]
+        arch.gfns.add(work.gfn)
+        arch.notpresent_pending = True
+        arch.notpresent_token = work.token
+        arch.pending.append(Injection(InjectionKind.SDEI, work.token))
+        self.stats.not_present_injected += 1
+        return True
+
+    def kvm_arch_async_page_present(self, vcpu_id: int, work: AsyncPf) -> None:
+        arch = self.arch[vcpu_id]
+        token = WAKE_ALL_TOKEN if work.wakeup_all else work.token
+        if not work.wakeup_all:
+            arch.gfns.delete(work.gfn)
+        if not arch.enabled:
+            return
+        arch.buffer.reason = KVM_PV_REASON_PAGE_READY
+        arch.buffer.token = token
+        arch.pageready_pending = True
+        arch.pending.append(Injection(InjectionKind.INTERRUPT, ASYNC_PF_PPI))
+        self.stats.page_ready_injected += 1
+
+    def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
+        self.stats.prefaults += 1
+        if not self.prefault(work.gfn):
+            self.stats.prefaults_missed += 1
+
+    def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
+        arch = self.arch[vcpu_id]
+        return not arch.enabled or not arch.pageready_pending
+
+    def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
+        arch = self.arch[vcpu_id]
+        arch.async_pf_request = True
+        if not arch.pageready_pending:
+            self.stats.kicks += 1
+            self.kick(vcpu_id)
+
+    # -- run loop and SMCCC ---------------------------------------------------------------------
+    def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]:
+        arch = self.arch[vcpu]
+        if not arch.async_pf_request:
+            return []
+        arch.async_pf_request = False
+        return kvm_check_async_pf_completion(self.apf[vcpu], self)
+
+    def worker_done(self, work: AsyncPf) -> bool:
+        return async_pf_execute(self.apf[work.vcpu_id], self, work)
+
+    def vcpu_runnable(self, vcpu: int) -> bool:
+        return bool(self.apf[vcpu].done) or bool(self.arch[vcpu].pending)
+
+    def take_injection(self, vcpu: int) -> Injection | None:
+        pending = self.arch[vcpu].pending
+        return pending.pop(0) if pending else None
+
+    def guest_call(self, vcpu: int, call: int, val: int) -> int:
+        arch = self.arch[vcpu]
+        if call == SDEI_EVENT_COMPLETE:
+            self.stats.sdei_completions += 1
+            arch.notpresent_pending = False
+            return 0
+        if call == ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK:
+            self.stats.acks += 1
+            arch.pageready_pending = False
+            kvm_check_async_pf_completion(self.apf[vcpu], self)
+            return 0
+        if call == ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE:
+            arch.enabled = bool(val & 1)
+            arch.gfns.reset()
+            if arch.enabled and kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN):
+                self.stats.wakeup_all_queued += 1
+            return 0
+        return -1
+
+    def counters(self) -> dict[str, int]:
+        return counter_dict(self.stats)
+
+
+class SdeiGuestPort(Protocol):
+    def current_task(self, cpu: int) -> int: ...
+
+    def swake_up_one(self, task: int) -> None: ...
+
+    def smp_send_reschedule(self, cpu: int) -> None: ...
+
+    def smccc(self, cpu: int, function: int, val: int) -> int: ...
+
+
+@dataclass(slots=True)
+class SdeiGuestCounters:
+    sdei_events: int = 0
+    waits_schedule: int = 0
+    wakes: int = 0
+    woken_before_sleep: int = 0
+    wake_all: int = 0
+    unknown_token: int = 0
+    acks: int = 0
+
+
+@dataclass
+class Arm64SdeiPpiGuest:
+    """The v4 guest: task tagged by the SDEI handler, woken by the PPI handler."""
+
+    port: SdeiGuestPort
+    n_cpus: int
+    kvmapf: bool = True
+    buffers: list[SdeiApfBuffer] = field(init=False)
+    waiting: list[dict[int, int]] = field(init=False)  # per CPU: token -> task (TIF_ASYNC_PF)
+    stats: SdeiGuestCounters = field(default_factory=SdeiGuestCounters)
+
+    def __post_init__(self) -> None:
+        self.buffers = [SdeiApfBuffer() for _ in range(self.n_cpus)]
+        self.waiting = [{} for _ in range(self.n_cpus)]
+
+    def boot(self) -> None:
+        if not self.kvmapf:
+            return
+        for cpu in range(self.n_cpus):
+            self.port.smccc(cpu, ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE, 1)
+            self.buffers[cpu].enabled = 1
+
+    def sdei_asyncpf_handler(self, cpu: int, token: int) -> AbortOutcome:
+        """Tag current with the token, self-IPI, complete the event; sleep on return to user."""
+        self.stats.sdei_events += 1
+        self.waiting[cpu][token] = self.port.current_task(cpu)
+        self.port.smp_send_reschedule(cpu)
+        self.port.smccc(cpu, SDEI_EVENT_COMPLETE, 0)
+        self.stats.waits_schedule += 1
+        return AbortOutcome.WAIT_SCHEDULE
+
+    def asyncpf_ppi_handler(self, cpu: int) -> AbortOutcome:
+        """Find the task by token, clear its flag and wake it, then ACK."""
+        buf = self.buffers[cpu]
+        token = buf.token
+        if token == WAKE_ALL_TOKEN:
+            self.stats.wake_all += 1
+            for tok in list(self.waiting[cpu]):
+                self._wake(cpu, tok)
+        elif token in self.waiting[cpu]:
+            self._wake(cpu, token)
+        else:
+            self.stats.unknown_token += 1
+        buf.reason = 0
+        buf.token = 0
+        self.stats.acks += 1
+        self.port.smccc(cpu, ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK, 1)
+        return AbortOutcome.WOKE
+
+    def _wake(self, cpu: int, token: int) -> None:
+        task = self.waiting[cpu].pop(token)
+        self.stats.wakes += 1
+        if task == self.port.current_task(cpu):
+            self.stats.woken_before_sleep += 1  # flag cleared: it will not sleep
+        else:
+            self.port.swake_up_one(task)
+
+    def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome:
+        if injection.kind is InjectionKind.SDEI:
+            return self.sdei_asyncpf_handler(cpu, injection.payload)
+        if injection.kind is InjectionKind.INTERRUPT:
+            return self.asyncpf_ppi_handler(cpu)
+        return AbortOutcome.NOT_APF
+
+    def on_ret_to_user(self, cpu: int) -> None:
+        pass
+
+    def on_idle_entry(self, cpu: int) -> None:
+        pass
+
+    def waiter_woken(self, cpu: int, task: int) -> bool:
+        return task not in self.waiting[cpu].values()
+
+    def counters(self) -> dict[str, int]:
+        return counter_dict(self.stats)
