@@ -32,7 +32,7 @@ from apfsim.host.memory import GuestMemory, PageState, Reclaimed
 from apfsim.host.vcpu import Vcpu
 from apfsim.metrics.accumulators import TIME_CATEGORIES, LatencySamples
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
-from apfsim.protocols import ProtocolOptions, build_protocol
+from apfsim.protocols import HostPorts, ProtocolOptions, build_protocol
 from apfsim.scenario import (
     MIB_PAGES,
     ComputeSpec,
@@ -112,8 +112,9 @@ class Simulation:
             guest_handler_offsets_max=g.handler_offsets_max,
             preempt_count_config=g.preempt_count_config,
         )
+        ports = HostPorts(self._prefault, self.kick_vcpu, self.submit_swapin)
         self.host_protocol, self.guest_protocol = build_protocol(
-            protocol, g.vcpus, self, self._prefault, self.kick_vcpu, options
+            protocol, g.vcpus, self, ports, options
         )
         cfs = CfsParams(
             g.sched.latency_ns,

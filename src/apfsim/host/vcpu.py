@@ -124,7 +124,6 @@ class Vcpu:
         sim = self.sim
         now = sim.engine.now
         sim.faults["needs_io"] += 1
-        sim.submit_swapin(gfn)
         result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
         if result.decision is FaultDecision.ASYNC:
             assert result.work is not None

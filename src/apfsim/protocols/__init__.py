@@ -15,12 +15,12 @@ from apfsim.guest.kvm_apf_x86 import X86ApfGuest
 from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest, X86LegacyGuestPort
 from apfsim.protocols.arm64_rfcv2 import DEFAULT_NO_FAULT_INST_RANGE, Arm64Rfcv2Host
 from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost, SdeiGuestPort
-from apfsim.protocols.base import GuestProtocol, HostProtocol, PrefaultFn
+from apfsim.protocols.base import GuestProtocol, GupNowaitFn, HostProtocol, PrefaultFn
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import KickFn, X86Host
 from apfsim.protocols.x86_legacy import X86LegacyHost
 
-__all__ = ["PROTOCOLS", "ProtocolOptions", "build_protocol"]
+__all__ = ["PROTOCOLS", "HostPorts", "ProtocolOptions", "build_protocol"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,18 +39,25 @@ class KernelPort(GuestKernelPort, X86LegacyGuestPort, SdeiGuestPort, Protocol):
 
 
 Built = tuple[HostProtocol, GuestProtocol]
-Factory = Callable[[int, KernelPort, PrefaultFn, KickFn, ProtocolOptions], Built]
 
 
-def _build_sync(
-    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
-) -> Built:
+@dataclass(frozen=True, slots=True)
+class HostPorts:
+    """Host services the arch hooks call (the simulator provides them)."""
+
+    prefault: PrefaultFn
+    kick: KickFn
+    gup_nowait: GupNowaitFn
+
+
+Factory = Callable[[int, KernelPort, HostPorts, ProtocolOptions], Built]
+
+
+def _build_sync(n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions) -> Built:
     return SyncHost(), NoApfGuest()
 
 
-def _build_arm64_rfcv2(
-    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
-) -> Built:
+def _build_arm64_rfcv2(n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions) -> Built:
     guest = Arm64ApfGuest(
         port=port,
         n_cpus=n,
@@ -59,39 +66,33 @@ def _build_arm64_rfcv2(
         handler_offsets_max=opt.guest_handler_offsets_max,
         send_always=opt.send_always,
     )
-    host = Arm64Rfcv2Host(guest.apf_data, prefault, opt.no_fault_inst_range)
+    host = Arm64Rfcv2Host(guest.apf_data, ports.prefault, opt.no_fault_inst_range, ports.gup_nowait)
     return host, guest
 
 
-def _build_x86(
-    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
-) -> Built:
+def _build_x86(n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions) -> Built:
     guest = X86ApfGuest(port=port, n_cpus=n, kvmapf=not opt.no_kvmapf)
-    return X86Host(guest.apf_reason, prefault, kick), guest
+    return X86Host(guest.apf_reason, ports.prefault, ports.kick, ports.gup_nowait), guest
 
 
-def _build_x86_legacy(
-    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
-) -> Built:
+def _build_x86_legacy(n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions) -> Built:
     guest = X86LegacyApfGuest(
         port=port, n_cpus=n, kvmapf=not opt.no_kvmapf, preempt_count_config=opt.preempt_count_config
     )
-    return X86LegacyHost(guest.apf_reason, prefault, kick), guest
+    return X86LegacyHost(guest.apf_reason, ports.prefault, ports.kick, ports.gup_nowait), guest
 
 
 def _build_arm64_sdei_ppi(
-    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
+    n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions
 ) -> Built:
     guest = Arm64SdeiPpiGuest(port=port, n_cpus=n, kvmapf=not opt.no_kvmapf)
-    return Arm64SdeiPpiHost(guest.buffers, prefault, kick), guest
+    return Arm64SdeiPpiHost(guest.buffers, ports.prefault, ports.kick, ports.gup_nowait), guest
 
 
-def _build_halt_only(
-    n: int, port: KernelPort, prefault: PrefaultFn, kick: KickFn, opt: ProtocolOptions
-) -> Built:
+def _build_halt_only(n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions) -> Built:
     """A guest without the PV driver on an x86 host: every async fault is an artificial halt."""
     guest = X86ApfGuest(port=port, n_cpus=n, kvmapf=False)
-    return X86Host(guest.apf_reason, prefault, kick), NoApfGuest()
+    return X86Host(guest.apf_reason, ports.prefault, ports.kick, ports.gup_nowait), NoApfGuest()
 
 
 PROTOCOLS: dict[str, Factory] = {
@@ -108,8 +109,7 @@ def build_protocol(
     name: str,
     n_vcpus: int,
     port: KernelPort,
-    prefault: PrefaultFn,
-    kick: KickFn,
+    ports: HostPorts,
     opt: ProtocolOptions,
 ) -> Built:
     """Instantiate variant ``name`` for a VM of ``n_vcpus``."""
@@ -117,4 +117,4 @@ def build_protocol(
         factory = PROTOCOLS[name]
     except KeyError:
         raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
-    return factory(n_vcpus, port, prefault, kick, opt)
+    return factory(n_vcpus, port, ports, opt)

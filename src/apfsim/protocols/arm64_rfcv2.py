@@ -41,6 +41,7 @@ from apfsim.protocols.base import (
     FaultDecision,
     FaultResult,
     GuestView,
+    GupNowaitFn,
     Injection,
     InjectionKind,
     PrefaultFn,
@@ -156,8 +157,10 @@ class Arm64Rfcv2Host:
         control_blocks: list[ApfData],
         prefault: PrefaultFn,
         no_fault_inst_range: int = DEFAULT_NO_FAULT_INST_RANGE,
+        gup_nowait: GupNowaitFn | None = None,
     ) -> None:
         self.prefault = prefault
+        self.gup_nowait = gup_nowait
         self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(control_blocks))]
         self.arch = [
             VcpuApfArch(control_block=block, no_fault_inst_range=no_fault_inst_range)
@@ -191,6 +194,8 @@ class Arm64Rfcv2Host:
         The gate comes before the hash lookup, so a repeated fault with the gate closed is
         handled synchronously even though a worker is already fetching the page.
         """
+        if self.gup_nowait is not None:
+            self.gup_nowait(gfn)  # __gfn_to_pfn_memslot(..., &async): submits the swap read
         self.arch[vcpu].view = view
         cause = self._can_inject_not_present(vcpu, view)
         if cause is not None:

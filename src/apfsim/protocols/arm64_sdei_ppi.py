@@ -36,6 +36,7 @@ from apfsim.protocols.base import (
     FaultResult,
     GuestRegs,
     GuestView,
+    GupNowaitFn,
     Injection,
     InjectionKind,
     PrefaultFn,
@@ -93,14 +94,23 @@ class SdeiHostCounters:
 class Arm64SdeiPpiHost:
     name = "arm64-sdei-ppi"
 
-    def __init__(self, buffers: list[SdeiApfBuffer], prefault: PrefaultFn, kick: KickFn) -> None:
+    def __init__(
+        self,
+        buffers: list[SdeiApfBuffer],
+        prefault: PrefaultFn,
+        kick: KickFn,
+        gup_nowait: GupNowaitFn | None = None,
+    ) -> None:
         self.prefault = prefault
         self.kick = kick
+        self.gup_nowait = gup_nowait
         self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(buffers))]
         self.arch = [VcpuSdeiArch(buffer=b) for b in buffers]
         self.stats = SdeiHostCounters()
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
+        if self.gup_nowait is not None:
+            self.gup_nowait(gfn)
         arch = self.arch[vcpu]
         if not arch.enabled:
             return FaultResult(FaultDecision.SYNC, cause=SyncCause.NO_APF)

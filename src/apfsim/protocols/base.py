@@ -22,6 +22,7 @@ __all__ = [
     "GuestProtocol",
     "GuestRegs",
     "GuestView",
+    "GupNowaitFn",
     "HostProtocol",
     "Injection",
     "InjectionKind",
@@ -31,6 +32,9 @@ __all__ = [
 
 PrefaultFn = Callable[[int], bool]
 """Map a gfn into stage 2 if it is resident; False if it was reclaimed meanwhile."""
+
+GupNowaitFn = Callable[[int], None]
+"""GUP with FOLL_NOWAIT on a swapped gfn: submits the swap read (with readahead), no wait."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -48,6 +48,7 @@ from apfsim.protocols.base import (
     FaultDecision,
     FaultResult,
     GuestView,
+    GupNowaitFn,
     Injection,
     InjectionKind,
     PrefaultFn,
@@ -107,9 +108,16 @@ class X86Host:
 
     name = "x86"
 
-    def __init__(self, blocks: list[X86ApfData], prefault: PrefaultFn, kick: KickFn) -> None:
+    def __init__(
+        self,
+        blocks: list[X86ApfData],
+        prefault: PrefaultFn,
+        kick: KickFn,
+        gup_nowait: GupNowaitFn | None = None,
+    ) -> None:
         self.prefault = prefault
         self.kick = kick
+        self.gup_nowait = gup_nowait
         self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(blocks))]
         self.arch = [VcpuApfX86(block=b) for b in blocks]
         self.stats = X86Counters()
@@ -130,6 +138,8 @@ class X86Host:
         return not (arch.send_user_only and view.privileged)
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
+        if self.gup_nowait is not None:
+            self.gup_nowait(gfn)  # __kvm_faultin_pfn: FOLL_NOWAIT first, which submits the read
         arch = self.arch[vcpu]
         arch.view = view
         if not self.kvm_can_do_async_pf(vcpu, view, view.irqs_off):
