@@ -112,7 +112,9 @@ class Simulation:
             guest_handler_offsets_max=g.handler_offsets_max,
             preempt_count_config=g.preempt_count_config,
         )
-        ports = HostPorts(self._prefault, self.kick_vcpu, self.submit_swapin)
+        ports = HostPorts(
+            self._prefault, self.kick_vcpu, self.submit_swapin, self.start_worker, self._now
+        )
         self.host_protocol, self.guest_protocol = build_protocol(
             protocol, g.vcpus, self, ports, options
         )
@@ -301,6 +303,12 @@ class Simulation:
 
     def smccc(self, cpu: int, function: int, val: int) -> int:
         return self._guest_call(cpu, function, val)
+
+    def hypercall(self, cpu: int, nr: int, arg: int) -> int:
+        return self._guest_call(cpu, nr, arg)
+
+    def _now(self) -> int:
+        return self.engine.now
 
     def kick_vcpu(self, vcpu: int) -> None:
         self.vcpus[vcpu].kick()

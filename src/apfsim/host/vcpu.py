@@ -126,9 +126,9 @@ class Vcpu:
         sim.faults["needs_io"] += 1
         result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
         if result.decision is FaultDecision.ASYNC:
-            assert result.work is not None
             sim.faults["async"] += 1
-            sim.start_worker(result.work)
+            if result.work is not None:  # guest-initiated queues its work at the hypercall
+                sim.start_worker(result.work)
             self._host_event = sim.engine.after(cost, self.enter)
         elif result.decision is FaultDecision.REPEATED:
             self._spin(now + cost)

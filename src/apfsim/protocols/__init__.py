@@ -13,9 +13,15 @@ from typing import Protocol
 from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest, GuestKernelPort
 from apfsim.guest.kvm_apf_x86 import X86ApfGuest
 from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest, X86LegacyGuestPort
+from apfsim.host.async_pf import AsyncPf
 from apfsim.protocols.arm64_rfcv2 import DEFAULT_NO_FAULT_INST_RANGE, Arm64Rfcv2Host
 from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost, SdeiGuestPort
 from apfsim.protocols.base import GuestProtocol, GupNowaitFn, HostProtocol, PrefaultFn
+from apfsim.protocols.guest_initiated import (
+    GuestInitiatedGuest,
+    GuestInitiatedHost,
+    GuestInitiatedPort,
+)
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import KickFn, X86Host
 from apfsim.protocols.x86_legacy import X86LegacyHost
@@ -34,7 +40,7 @@ class ProtocolOptions:
     preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
 
 
-class KernelPort(GuestKernelPort, X86LegacyGuestPort, SdeiGuestPort, Protocol):
+class KernelPort(GuestKernelPort, X86LegacyGuestPort, SdeiGuestPort, GuestInitiatedPort, Protocol):
     """Everything any guest driver may call (the simulator implements all of it)."""
 
 
@@ -48,6 +54,8 @@ class HostPorts:
     prefault: PrefaultFn
     kick: KickFn
     gup_nowait: GupNowaitFn
+    start_worker: Callable[[AsyncPf], None]
+    now: Callable[[], int]
 
 
 Factory = Callable[[int, KernelPort, HostPorts, ProtocolOptions], Built]
@@ -89,6 +97,21 @@ def _build_arm64_sdei_ppi(
     return Arm64SdeiPpiHost(guest.buffers, ports.prefault, ports.kick, ports.gup_nowait), guest
 
 
+def _build_guest_initiated(
+    n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions
+) -> Built:
+    guest = GuestInitiatedGuest(port=port, n_cpus=n, kvmapf=not opt.no_kvmapf)
+    host = GuestInitiatedHost(
+        guest.apf_reason,
+        ports.prefault,
+        ports.kick,
+        ports.gup_nowait,
+        ports.start_worker,
+        ports.now,
+    )
+    return host, guest
+
+
 def _build_halt_only(n: int, port: KernelPort, ports: HostPorts, opt: ProtocolOptions) -> Built:
     """A guest without the PV driver on an x86 host: every async fault is an artificial halt."""
     guest = X86ApfGuest(port=port, n_cpus=n, kvmapf=False)
@@ -102,6 +125,7 @@ PROTOCOLS: dict[str, Factory] = {
     "x86-legacy": _build_x86_legacy,
     "halt-only": _build_halt_only,
     "arm64-sdei-ppi": _build_arm64_sdei_ppi,
+    "guest-initiated": _build_guest_initiated,
 }
 
 

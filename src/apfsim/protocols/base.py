@@ -66,6 +66,7 @@ class AbortOutcome(Enum):
     WAIT_SCHEDULE = "wait_schedule"  # task set TASK_UNINTERRUPTIBLE and calls schedule()
     WAIT_HALT = "wait_halt"  # task spins in dsb(sy); wfi() until its node is unhashed
     WOKE = "woke"  # a page-ready was handled; return to the interrupted context
+    RETRY = "retry"  # the guest declines to wait: return and retry the access
     ILLEGAL_REASON = "illegal_reason"
 
 
@@ -107,6 +108,7 @@ class SyncCause(Enum):
     WINDOW = "window"  # PC inside the no-inject window
     REASON_BUSY = "reason_busy"  # previous signal not consumed (reason != 0)
     IRQS_OFF = "irqs_off"  # x86 kvm_can_do_async_pf: interrupts not allowed
+    GUEST_DECLINED = "guest_declined"  # guest-initiated: told, but it could not sleep
 
 
 @dataclass(slots=True, frozen=True)
