@@ -33,6 +33,7 @@ from apfsim.host.vcpu import Vcpu
 from apfsim.metrics.accumulators import TIME_CATEGORIES, LatencySamples
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
 from apfsim.protocols import HostPorts, ProtocolOptions, build_protocol
+from apfsim.protocols.base import SyncCause
 from apfsim.scenario import (
     MIB_PAGES,
     ComputeSpec,
@@ -386,8 +387,8 @@ class Simulation:
         apf.update(self.guest_protocol.counters())
         apf["apf_sleeps"] = self.stats["apf_sleeps"]
         apf["guest_bogus_aborts"] = self.stats["guest_bogus_aborts"]
-        for cause in ("queue_full", "gated_context", "window", "reason_busy", "no_apf"):
-            apf[f"sync_fallback_{cause}"] = self.sync_causes[cause]
+        for cause in SyncCause:
+            apf[f"sync_fallback_{cause.value}"] = self.sync_causes[cause.value]
         apf["sync_fallbacks"] = sum(self.sync_causes.values())
         faults: dict[str, Any] = {
             "zero_fill": self.faults["zero_fill"],
