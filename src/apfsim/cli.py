@@ -16,7 +16,15 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from apfsim.api import DEFAULT_PROTOCOLS, MAX_DURATION_S, compare_table, run
+from apfsim.api import (
+    DEFAULT_PROTOCOLS,
+    DEFAULT_SEEDS,
+    MAX_DURATION_S,
+    compare,
+    compare_summary_table,
+    compare_table,
+    run,
+)
 from apfsim.protocols import PROTOCOLS
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
@@ -82,6 +90,60 @@ class _Progress:
             self.bar.stop()
 
 
+class _RunsProgress:
+    """As :class:`_Progress`, for ``compare``: one bar of completed runs out of the total."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.start = time.monotonic()
+        self.bar: Progress | None = None
+        self.task_id: Any = None
+        self.last_line = self.start
+
+    def __call__(self, completed: float, total: int) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if now - self.start < _PROGRESS_AFTER_S:
+            return
+        if not self.console.is_terminal:
+            if now - self.last_line >= 10.0:
+                self.last_line = now
+                print(f"apfsim: compare: {int(completed)}/{total} runs", file=sys.stderr)
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description:>14}"),
+                BarColumn(),
+                TextColumn("{task.completed:>6.1f}/{task.total:.0f} runs"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+            self.task_id = self.bar.add_task("compare", total=total)
+        self.bar.update(self.task_id, completed=completed)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _split_protocols(values: list[str]) -> list[str]:
+    """``-p a,b -p c`` -> ``[a, b, c]``; an empty item is an error."""
+    names = []
+    for value in values:
+        for name in value.split(","):
+            if not name.strip():
+                raise _fail(
+                    f"--protocol: empty name in {value!r}; give comma-separated names from "
+                    f"{', '.join(PROTOCOLS)}"
+                )
+            names.append(name.strip())
+    return names
+
+
 def _fail(message: str) -> typer.Exit:
     print(f"apfsim: error: {message}", file=sys.stderr)
     return typer.Exit(2)
@@ -135,6 +197,64 @@ def run_command(
         progress.close()
     if not quiet:
         print(compare_table(result))
+    if json_path is not None:
+        text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
+        try:
+            json_path.write_text(text)
+        except OSError as err:
+            raise _fail(f"--json: cannot write {str(json_path)!r} ({err.strerror})") from None
+
+
+@app.command("compare")
+def compare_command(
+    scenario: Annotated[str, typer.Argument(help="Built-in scenario name or path to a TOML file.")],
+    protocol: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--protocol",
+            "-p",
+            help="Protocols, comma-separated (the flag may repeat). Default: all of them.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str, typer.Option(help="Protocol the others are compared with (must be run).")
+    ] = "sync",
+    seeds: Annotated[
+        int, typer.Option(help="Number of seeds: every protocol runs on seeds 0..N-1.")
+    ] = DEFAULT_SEEDS,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", "-j", help="Worker processes (default: usable CPUs; 1 runs in-process)."
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write runs and summary as JSON to this file.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+) -> None:
+    """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
+    protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
+    if seeds < 1:
+        raise _fail(f"--seeds: must be at least 1 (got {seeds})")
+    if duration is not None and not 0 < duration <= MAX_DURATION_S:
+        raise _fail(
+            f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
+        )
+    if json_path is not None and not json_path.parent.is_dir():
+        raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
+    progress = _RunsProgress(quiet)
+    try:
+        result = compare(scenario, protocols, seeds, baseline, duration, jobs, progress=progress)
+    except ScenarioError as err:
+        raise _fail(str(err)) from None
+    finally:
+        progress.close()
+    if not quiet:
+        print(compare_summary_table(result))
     if json_path is not None:
         text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
         try:

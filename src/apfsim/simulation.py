@@ -339,8 +339,9 @@ class Simulation:
                 # Host and guest ticks are not aligned: start the host's a third of a period in.
                 first = self._host_tick_ns * (i + 1) // (n + 1) + self._host_tick_ns // 3
                 engine.at(first, self._host_tick, vcpu)
-            vcpu.mode = vcpu.mode.GUEST
-            engine.at(0, _resume, vcpu.guest)
+            # The boot-time enable was an exit (SMCCC / WRMSR): every vCPU starts with a
+            # run-loop iteration, which delivers the enable's wake-all before any task runs.
+            engine.at(0, vcpu.enter)
         step = max(1, min(end, 100_000_000))
         t = 0
         stop_early = self.scenario.stop_when_done and self._unfinished > 0
@@ -439,10 +440,6 @@ def _is_finite(workload: Workload) -> bool:
     if isinstance(workload, MemoryHogTask):
         return workload.iterations is not None
     return False
-
-
-def _resume(cpu: GuestCpu) -> None:
-    cpu.resume()
 
 
 def _ignore(_: object) -> None:

@@ -76,6 +76,7 @@ class VcpuSdeiArch:
     async_pf_request: bool = False  # KVM_REQ_ASYNC_PF
     gfns: GfnHash = field(default_factory=GfnHash)
     pending: list[Injection] = field(default_factory=list)
+    acked: list[AsyncPf] = field(default_factory=list)  # delivered inline by an ACK
 
 
 @dataclass(slots=True)
@@ -170,10 +171,11 @@ class Arm64SdeiPpiHost:
     # -- run loop and SMCCC ---------------------------------------------------------------------
     def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]:
         arch = self.arch[vcpu]
-        if not arch.async_pf_request:
-            return []
-        arch.async_pf_request = False
-        return kvm_check_async_pf_completion(self.apf[vcpu], self)
+        delivered, arch.acked = arch.acked, []
+        if arch.async_pf_request:
+            arch.async_pf_request = False
+            delivered.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
+        return delivered
 
     def worker_done(self, work: AsyncPf) -> bool:
         return async_pf_execute(self.apf[work.vcpu_id], self, work)
@@ -194,7 +196,7 @@ class Arm64SdeiPpiHost:
         if call == ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK:
             self.stats.acks += 1
             arch.pageready_pending = False
-            kvm_check_async_pf_completion(self.apf[vcpu], self)
+            arch.acked.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
             return 0
         if call == ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE:
             arch.enabled = bool(val & 1)

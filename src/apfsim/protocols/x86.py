@@ -58,6 +58,7 @@ from apfsim.protocols.base import (
 __all__ = ["X86Host", "make_x86_token"]
 
 KickFn = Callable[[int], None]
+KVM_ASYNC_PF_RESERVED = 0b11 << 4
 
 
 def make_x86_token(apf_id: int, vcpu_id: int) -> int:
@@ -79,6 +80,7 @@ class VcpuApfX86:
     gfns: GfnHash = field(default_factory=GfnHash)
     pending_pf: int | None = None  # CR2 of a #PF to inject at the next entry
     pending_irq: bool = False  # the page-ready vector is pending in the LAPIC
+    acked: list[AsyncPf] = field(default_factory=list)  # delivered inline by an ACK
     view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
 
     @property
@@ -147,6 +149,7 @@ class X86Host:
         if arch.gfns.find(gfn):
             # kvm_async_pf_repeated_fault: halt until the outstanding fault-in completes.
             self.stats.repeated_faults += 1
+            arch.halted = True  # KVM_REQ_APF_HALT
             return FaultResult(FaultDecision.HALT)
         token = self.alloc_apf_token(vcpu)
         work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
@@ -215,10 +218,11 @@ class X86Host:
         """``vcpu_enter_guest``: KVM_REQ_APF_READY -> ``kvm_check_async_pf_completion``."""
         arch = self.arch[vcpu]
         arch.view = view
-        if not arch.apf_ready_request:
-            return []
-        arch.apf_ready_request = False
-        return kvm_check_async_pf_completion(self.apf[vcpu], self)
+        delivered, arch.acked = arch.acked, []
+        if arch.apf_ready_request:
+            arch.apf_ready_request = False
+            delivered.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
+        return delivered
 
     def worker_done(self, work: AsyncPf) -> bool:
         return async_pf_execute(self.apf[work.vcpu_id], self, work)
@@ -247,13 +251,17 @@ class X86Host:
             if val & 1:
                 self.stats.acks += 1
                 arch.pageready_pending = False
-                kvm_check_async_pf_completion(self.apf[vcpu], self)
+                # Delivered inline; reported with the next run-loop iteration's deliveries.
+                arch.acked.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
             return 0
         if call == MSR_KVM_ASYNC_PF_EN:
             return self.kvm_pv_enable_async_pf(vcpu, val)
         return 1
 
     def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
+        """A write of MSR_KVM_ASYNC_PF_EN; 1 means the WRMSR fails (#GP)."""
+        if val & KVM_ASYNC_PF_RESERVED:
+            return 1  # bits 5:4 are reserved
         arch = self.arch[vcpu]
         arch.msr_en_val = val
         if not self.apf_enabled(vcpu):

@@ -1,0 +1,484 @@
+"""Multi-seed comparison of protocols: every protocol on seeds 0..N-1, paired statistics.
+
+Each seed is the same workload randomness under every protocol (common random numbers:
+:class:`~apfsim.simulation.Simulation` draws each source from its own named stream), so a
+protocol is compared with the baseline seed by seed: the per-seed ratio, then its mean and
+95 % confidence interval. Runs go to a process pool; results are ordered by (protocol, seed),
+never by completion, so the output does not depend on the number of jobs.
+
+Example::
+
+    from apfsim.api import compare, compare_summary_table
+    result = compare("natapov-2010", ["sync", "x86"], seeds=3, duration_s=5)
+    print(compare_summary_table(result))
+    result.summary["x86"].ratio_to_baseline["kind.compute.work_rate"].mean
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.scenario import Scenario, scenario_from_dict
+from apfsim.simulation import Simulation
+
+__all__ = [
+    "APF_COUNTERS",
+    "CompareProgressFn",
+    "CompareResult",
+    "CompareRun",
+    "Estimate",
+    "ProtocolSummary",
+    "default_jobs",
+    "estimate",
+    "paired_ratios",
+    "run_compare",
+    "run_one",
+    "summary_table",
+    "t_quantile_975",
+]
+
+CompareProgressFn = Callable[[float, int], None]
+"""Called with (runs completed, fractional in a serial run; total runs)."""
+
+APF_COUNTERS = ("not_present_injected", "page_ready_injected", "sync_fallbacks")
+
+# Two-sided 95 % Student t quantiles t(0.975, dof) for dof 1..30 (standard tables).
+_T975 = (
+    12.706204736,
+    4.302652730,
+    3.182446305,
+    2.776445105,
+    2.570581836,
+    2.446911851,
+    2.364624252,
+    2.306004135,
+    2.262157163,
+    2.228138852,
+    2.200985160,
+    2.178812830,
+    2.160368656,
+    2.144786688,
+    2.131449546,
+    2.119905299,
+    2.109815578,
+    2.100922040,
+    2.093024054,
+    2.085963447,
+    2.079613845,
+    2.073873068,
+    2.068657610,
+    2.063898562,
+    2.059538553,
+    2.055529439,
+    2.051830516,
+    2.048407142,
+    2.045229642,
+    2.042272456,
+)
+_Z975 = statistics.NormalDist().inv_cdf(0.975)
+
+
+def t_quantile_975(dof: int) -> float:
+    """The 0.975 quantile of Student's t with ``dof`` degrees of freedom (>= 1).
+
+    Exact table up to 30 dof; beyond, the normal quantile with the Cornish-Fisher correction
+    for t (error below 1e-4 there, where the bare normal 1.960 would be ~4 % too small).
+    """
+    if dof < 1:
+        raise ValueError(f"dof must be at least 1 (got {dof})")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = _Z975
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Mean and 95 % CI half-width of ``n`` values; ``ci95`` is None below 2 values."""
+
+    mean: float | None
+    ci95: float | None
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci95": self.ci95, "n": self.n}
+
+
+def estimate(values: Sequence[float | None]) -> Estimate:
+    """Mean ± t(0.975, n-1) · s / sqrt(n) over the values that are not None."""
+    xs = [v for v in values if v is not None]
+    n = len(xs)
+    if n == 0:
+        return Estimate(None, None, 0)
+    mean = statistics.fmean(xs)
+    if n == 1:
+        return Estimate(mean, None, 1)
+    return Estimate(mean, t_quantile_975(n - 1) * statistics.stdev(xs) / math.sqrt(n), n)
+
+
+def paired_ratios(
+    values: Sequence[float | None], base: Sequence[float | None]
+) -> list[float | None]:
+    """Per-seed ``value / base``; None where either is missing or the base is 0."""
+    return [
+        None if v is None or b is None or b == 0 else v / b
+        for v, b in zip(values, base, strict=True)
+    ]
+
+
+# ------------------------------------------------------------------------------- running
+
+
+def run_one(
+    scenario_dict: dict[str, Any], protocol: str, seed: int, duration_s: float | None
+) -> dict[str, Any]:
+    """Run one (protocol, seed): the process pool's picklable unit of work.
+
+    Returns the ProtocolResult's dict with ``wall_time_s`` (dropped again from the JSON).
+    """
+    return _run(scenario_dict, protocol, seed, duration_s)
+
+
+def _run(
+    scenario_dict: dict[str, Any],
+    protocol: str,
+    seed: int,
+    duration_s: float | None,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    scenario = scenario_from_dict(scenario_dict)
+    result = Simulation(scenario, protocol, seed).run(duration_s, progress)
+    return result.to_dict(include_wall=True)
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - platforms without affinity
+
+
+_Spec = tuple[dict[str, Any], str, int, float | None]
+
+
+def _execute(
+    specs: list[_Spec], jobs: int, progress: CompareProgressFn | None
+) -> list[dict[str, Any]]:
+    """Run every spec; results in spec order. One worker (or one run): in this process."""
+    total = len(specs)
+    workers = min(jobs, total)
+    if workers <= 1:
+        out = []
+        for i, spec in enumerate(specs):
+            cb = None if progress is None else (lambda f, i=i: progress(i + f, total))
+            out.append(_run(*spec, progress=cb))
+        return out
+    # An explicit start method, so nothing changes when Python 3.14 changes the default.
+    context = multiprocessing.get_context("forkserver")
+    results: list[dict[str, Any] | None] = [None] * total
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        index: dict[Future[dict[str, Any]], int] = {
+            pool.submit(run_one, *spec): i for i, spec in enumerate(specs)
+        }
+        pending = set(index)
+        try:
+            while pending:
+                # The timeout keeps the progress display alive while long runs are in flight.
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[index[future]] = future.result()
+                if progress is not None:
+                    progress(float(total - len(pending)), total)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    out = []
+    for r in results:
+        assert r is not None  # every future was waited for
+        out.append(r)
+    return out
+
+
+def _protocol_result(data: dict[str, Any]) -> ProtocolResult:
+    """Rebuild the typed result from :meth:`ProtocolResult.to_dict` (``include_wall=True``)."""
+    return ProtocolResult(
+        **{
+            **data,
+            "tasks": [TaskResult(**t) for t in data["tasks"]],
+            "vcpus": [VcpuResult(**v) for v in data["vcpus"]],
+        }
+    )
+
+
+# ------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class CompareRun:
+    """One protocol on one seed."""
+
+    seed: int
+    result: ProtocolResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, **self.result.to_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSummary:
+    """Per-metric estimates over seeds, and paired ratios to the baseline."""
+
+    metrics: dict[str, Estimate]
+    ratio_to_baseline: dict[str, Estimate]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: e.to_dict() for k, e in self.metrics.items()}
+        out["ratio_to_baseline"] = {k: e.to_dict() for k, e in self.ratio_to_baseline.items()}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CompareResult:
+    """Every (protocol, seed) run, in that order, and the summary; see docs/compare.md."""
+
+    scenario: dict[str, Any]
+    seeds: list[int]
+    baseline: str
+    protocols: list[str]
+    runs: list[CompareRun]
+    summary: dict[str, ProtocolSummary]
+    jobs: int
+    elapsed_s: float  # wall clock of the whole comparison; not in to_dict
+
+    def run(self, protocol: str, seed: int) -> ProtocolResult:
+        for r in self.runs:
+            if r.result.protocol == protocol and r.seed == seed:
+                return r.result
+        raise KeyError((protocol, seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document; no wall-clock figure, so equal inputs give equal bytes."""
+        return {
+            "schema_version": 1,
+            "kind": "compare",
+            "scenario": self.scenario,
+            "seeds": list(self.seeds),
+            "baseline": self.baseline,
+            "protocols": list(self.protocols),
+            "runs": [r.to_dict() for r in self.runs],
+            "summary": {p: s.to_dict() for p, s in self.summary.items()},
+        }
+
+
+def _kinds(result: ProtocolResult) -> dict[str, list[TaskResult]]:
+    out: dict[str, list[TaskResult]] = {}
+    for t in result.tasks:
+        out.setdefault(t.kind, []).append(t)
+    return out
+
+
+def run_metrics(result: ProtocolResult) -> dict[str, float | None]:
+    """The summarised metrics of one run (a counter the protocol lacks is left out)."""
+    m: dict[str, float | None] = {}
+    for t in result.tasks:
+        m[f"task.{t.name}.work_s"] = t.work_s
+        m[f"task.{t.name}.completion_s"] = t.completion_s
+    for kind, tasks in _kinds(result).items():
+        m[f"kind.{kind}.work_s"] = math.fsum(t.work_s for t in tasks)
+    for cat in result.vcpus[0].time_s:
+        m[f"vcpu_time_s.{cat}"] = math.fsum(v.time_s[cat] for v in result.vcpus)
+    for key in APF_COUNTERS:
+        if key in result.apf:
+            m[f"apf.{key}"] = float(result.apf[key])
+    for q in ("p50", "p99"):
+        m[f"fault_in_latency_us.{q}"] = result.faults["fault_in_latency_us"][q]
+    return m
+
+
+def _work_rates(result: ProtocolResult) -> dict[str, float | None]:
+    """Work per simulated second (runs that stop early are compared fairly)."""
+    sim = result.sim_time_s
+    m: dict[str, float | None] = {}
+    for t in result.tasks:
+        m[f"task.{t.name}.work_rate"] = t.work_s / sim if sim > 0 else None
+    for kind, tasks in _kinds(result).items():
+        m[f"kind.{kind}.work_rate"] = math.fsum(t.work_s for t in tasks) / sim if sim else None
+    return m
+
+
+def _ratio_series(
+    runs: list[ProtocolResult], base: list[ProtocolResult]
+) -> dict[str, list[float | None]]:
+    """Per-seed ratios: work rate protocol / baseline, completion baseline / protocol."""
+    series: dict[str, list[float | None]] = {}
+    rates = [_work_rates(r) for r in runs]
+    base_rates = [_work_rates(b) for b in base]
+    for key in rates[0]:
+        series[key] = paired_ratios([r[key] for r in rates], [b[key] for b in base_rates])
+    for i, t in enumerate(runs[0].tasks):
+        if any(r.tasks[i].completion_s is not None for r in runs):
+            # Inverted so that > 1 means faster than the baseline, as for the work rate.
+            series[f"task.{t.name}.completion_speedup"] = paired_ratios(
+                [b.tasks[i].completion_s for b in base], [r.tasks[i].completion_s for r in runs]
+            )
+    return series
+
+
+def _summarise(runs: list[ProtocolResult], base: list[ProtocolResult]) -> ProtocolSummary:
+    per_seed = [run_metrics(r) for r in runs]
+    keys = list(per_seed[0])
+    for m in per_seed[1:]:
+        keys += [k for k in m if k not in keys]
+    metrics = {}
+    for key in keys:
+        values = [m.get(key) for m in per_seed]
+        if key.endswith(".completion_s") and all(v is None for v in values):
+            continue  # endless tasks have no completion time
+        metrics[key] = estimate(values)
+    ratios = {k: estimate(v) for k, v in _ratio_series(runs, base).items()}
+    return ProtocolSummary(metrics, ratios)
+
+
+def run_compare(
+    scenario: Scenario,
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    baseline: str,
+    duration_s: float | None,
+    jobs: int,
+    progress: CompareProgressFn | None = None,
+) -> CompareResult:
+    """Run every protocol on every seed (arguments already checked) and summarise."""
+    start = time.monotonic()
+    scenario_dict = scenario.model_dump(mode="json")
+    specs: list[_Spec] = [(scenario_dict, p, s, duration_s) for p in protocols for s in seeds]
+    results = [_protocol_result(d) for d in _execute(specs, jobs, progress)]
+    runs = [CompareRun(spec[2], r) for spec, r in zip(specs, results, strict=True)]
+    by_protocol = {p: [r.result for r in runs if r.result.protocol == p] for p in protocols}
+    summary = {p: _summarise(by_protocol[p], by_protocol[baseline]) for p in protocols}
+    shown = dict(scenario_dict)
+    if duration_s is not None:
+        shown["duration_s"] = duration_s
+    return CompareResult(
+        scenario=shown,
+        seeds=list(seeds),
+        baseline=baseline,
+        protocols=list(protocols),
+        runs=runs,
+        summary=summary,
+        jobs=jobs,
+        elapsed_s=time.monotonic() - start,
+    )
+
+
+# ------------------------------------------------------------------------------- table
+
+
+def _cell(e: Estimate | None, digits: int, prefix: str = "") -> str:
+    if e is None or e.mean is None:
+        return "-"
+    ci = "-" if e.ci95 is None else f"{e.ci95:.{digits}f}"
+    return f"{prefix}{e.mean:.{digits}f} ± {ci}"
+
+
+def _digits(estimates: list[Estimate | None]) -> int:
+    """Decimals giving the row's largest mean 4 significant digits (at most 9)."""
+    means = [abs(e.mean) for e in estimates if e is not None and e.mean]
+    if not means:
+        return 3
+    return min(9, max(0, 3 - math.floor(math.log10(max(means)))))
+
+
+def summary_table(result: CompareResult) -> str:
+    """Mean ± 95 % CI per metric and protocol, then the paired ratios to the baseline."""
+    names = result.protocols
+    first = result.runs[0].result
+    rows: list[tuple[str, list[str]]] = []
+
+    def section(title: str) -> None:
+        rows.append((f"[{title}]", ["" for _ in names]))
+
+    def metric(label: str, key: str) -> None:
+        estimates = [result.summary[p].metrics.get(key) for p in names]
+        digits = _digits(estimates)
+        rows.append((f"  {label}", [_cell(e, digits) for e in estimates]))
+
+    def ratio(label: str, key: str) -> None:
+        cells = [_cell(result.summary[p].ratio_to_baseline.get(key), 3, "x") for p in names]
+        rows.append((f"  {label}", cells))
+
+    kinds = _kinds(first)
+    section("tasks: work (s)")
+    for t in first.tasks:
+        metric(f"{t.name} ({t.kind})", f"task.{t.name}.work_s")
+    for kind, tasks in kinds.items():
+        metric(f"all {kind} ({len(tasks)})", f"kind.{kind}.work_s")
+    timed = {k for p in names for k in result.summary[p].metrics if k.endswith(".completion_s")}
+    done = [t for t in first.tasks if f"task.{t.name}.completion_s" in timed]
+    if done:
+        section("tasks: completion (s)")
+        for t in done:
+            metric(t.name, f"task.{t.name}.completion_s")
+    section("vCPU time, all vCPUs (s)")
+    for cat in first.vcpus[0].time_s:
+        metric(cat, f"vcpu_time_s.{cat}")
+    section("APF counters")
+    for key in APF_COUNTERS:
+        metric(key, f"apf.{key}")
+    section("fault-in latency (us)")
+    for q in ("p50", "p99"):
+        metric(q, f"fault_in_latency_us.{q}")
+    section(f"work rate / {result.baseline}'s (paired by seed)")
+    for t in first.tasks:
+        ratio(t.name, f"task.{t.name}.work_rate")
+    for kind, tasks in kinds.items():
+        ratio(f"all {kind} ({len(tasks)})", f"kind.{kind}.work_rate")
+    if done:
+        section(f"completion speedup: {result.baseline}'s time / time (paired by seed)")
+        for t in done:
+            ratio(t.name, f"task.{t.name}.completion_speedup")
+    return _header(result) + "\n" + _layout(names, rows) + "\n" + _footer(result)
+
+
+def _layout(names: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    width0 = max(len(label) for label, _ in rows)
+    widths = [max(len(n), *(len(c[i]) for _, c in rows)) for i, n in enumerate(names)]
+    lines = [
+        " " * width0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True))
+    ]
+    for label, cells in rows:
+        row = "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+        lines.append(label.ljust(width0) + "  " + row)
+    return "\n".join(lines)
+
+
+def _header(result: CompareResult) -> str:
+    seeds = result.seeds
+    span = f"{seeds[0]}..{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ""
+    shown = span or ",".join(str(s) for s in seeds)
+    sim = result.runs[0].result.sim_time_s
+    return (
+        f"scenario {result.scenario['name']}  seeds {shown} (n={len(seeds)})  "
+        f"simulated {sim:.3f} s  baseline {result.baseline}\n"
+        "mean ± 95 % CI half-width (Student t, n-1 dof); ratios are per-seed, then averaged"
+    )
+
+
+def _footer(result: CompareResult) -> str:
+    walls = []
+    for p in result.protocols:
+        ws = [r.result.wall_time_s for r in result.runs if r.result.protocol == p]
+        walls.append(f"{p} {statistics.fmean(ws):.1f} s")
+    return (
+        f"wall time: {result.elapsed_s:.1f} s for {len(result.runs)} runs with "
+        f"{result.jobs} job(s); mean per run: {', '.join(walls)}"
+    )
