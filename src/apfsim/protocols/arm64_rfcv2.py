@@ -29,14 +29,11 @@ from apfsim.guest.kvm_apf_arm64 import (
 from apfsim.host.async_pf import (
     ASYNC_PF_PER_VCPU,
     AsyncPf,
-    VcpuAsyncPf,
-    async_pf_execute,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_clear_async_pf_completion_queue,
     kvm_setup_async_pf,
 )
-from apfsim.metrics.accumulators import counter_dict
 from apfsim.protocols.base import (
     FaultDecision,
     FaultResult,
@@ -47,6 +44,7 @@ from apfsim.protocols.base import (
     PrefaultFn,
     SyncCause,
 )
+from apfsim.protocols.common import HostBase
 
 __all__ = ["DEFAULT_NO_FAULT_INST_RANGE", "Arm64Rfcv2Host", "GfnHash", "make_token"]
 
@@ -147,7 +145,7 @@ class HostCounters:
     token_wraps: int = 0
 
 
-class Arm64Rfcv2Host:
+class Arm64Rfcv2Host(HostBase):
     """The RFCv2 arch hooks over the generic core, one instance per VM."""
 
     name = "arm64-rfcv2"
@@ -159,9 +157,7 @@ class Arm64Rfcv2Host:
         no_fault_inst_range: int = DEFAULT_NO_FAULT_INST_RANGE,
         gup_nowait: GupNowaitFn | None = None,
     ) -> None:
-        self.prefault = prefault
-        self.gup_nowait = gup_nowait
-        self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(control_blocks))]
+        super().__init__(len(control_blocks), prefault, gup_nowait)
         self.arch = [
             VcpuApfArch(control_block=block, no_fault_inst_range=no_fault_inst_range)
             for block in control_blocks
@@ -194,8 +190,7 @@ class Arm64Rfcv2Host:
         The gate comes before the hash lookup, so a repeated fault with the gate closed is
         handled synchronously even though a worker is already fetching the page.
         """
-        if self.gup_nowait is not None:
-            self.gup_nowait(gfn)  # __gfn_to_pfn_memslot(..., &async): submits the swap read
+        self.gup_nowait_first(gfn)  # __gfn_to_pfn_memslot(..., &async)
         self.arch[vcpu].view = view
         cause = self._can_inject_not_present(vcpu, view)
         if cause is not None:
@@ -249,12 +244,6 @@ class Arm64Rfcv2Host:
         self._inject_dabt(vcpu_id, token, KVM_PV_REASON_PAGE_READY)
         self.stats.page_ready_injected += 1
 
-    def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
-        """Prefault the page so the woken task's retry does not fault again."""
-        self.stats.prefaults += 1
-        if not self.prefault(work.gfn):
-            self.stats.prefaults_missed += 1
-
     def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
         arch = self.arch[vcpu_id]
         if not arch.enabled:
@@ -269,9 +258,6 @@ class Arm64Rfcv2Host:
         """``kvm_check_async_pf_completion`` on every iteration of the run loop."""
         self.arch[vcpu].view = view
         return kvm_check_async_pf_completion(self.apf[vcpu], self)
-
-    def worker_done(self, work: AsyncPf) -> bool:
-        return async_pf_execute(self.apf[work.vcpu_id], self, work)
 
     def vcpu_runnable(self, vcpu: int) -> bool:
         """``kvm_arch_vcpu_runnable``: while enabled, also "done non-empty or reason != 0"."""
@@ -318,6 +304,3 @@ class Arm64Rfcv2Host:
         if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
             self.stats.wakeup_all_queued += 1
         return SMCCC_RET_SUCCESS
-
-    def counters(self) -> dict[str, int]:
-        return counter_dict(self.stats)

@@ -22,8 +22,6 @@ from typing import Protocol
 
 from apfsim.host.async_pf import (
     AsyncPf,
-    VcpuAsyncPf,
-    async_pf_execute,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_setup_async_pf,
@@ -42,6 +40,7 @@ from apfsim.protocols.base import (
     PrefaultFn,
     SyncCause,
 )
+from apfsim.protocols.common import HostBase
 from apfsim.protocols.x86 import KickFn
 
 __all__ = ["Arm64SdeiPpiGuest", "Arm64SdeiPpiHost", "SdeiApfBuffer", "SdeiGuestPort"]
@@ -92,7 +91,7 @@ class SdeiHostCounters:
     prefaults_missed: int = 0
 
 
-class Arm64SdeiPpiHost:
+class Arm64SdeiPpiHost(HostBase):
     name = "arm64-sdei-ppi"
 
     def __init__(
@@ -102,16 +101,13 @@ class Arm64SdeiPpiHost:
         kick: KickFn,
         gup_nowait: GupNowaitFn | None = None,
     ) -> None:
-        self.prefault = prefault
+        super().__init__(len(buffers), prefault, gup_nowait)
         self.kick = kick
-        self.gup_nowait = gup_nowait
-        self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(buffers))]
         self.arch = [VcpuSdeiArch(buffer=b) for b in buffers]
         self.stats = SdeiHostCounters()
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        if self.gup_nowait is not None:
-            self.gup_nowait(gfn)
+        self.gup_nowait_first(gfn)
         arch = self.arch[vcpu]
         if not arch.enabled:
             return FaultResult(FaultDecision.SYNC, cause=SyncCause.NO_APF)
@@ -152,11 +148,6 @@ class Arm64SdeiPpiHost:
         arch.pending.append(Injection(InjectionKind.INTERRUPT, ASYNC_PF_PPI))
         self.stats.page_ready_injected += 1
 
-    def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
-        self.stats.prefaults += 1
-        if not self.prefault(work.gfn):
-            self.stats.prefaults_missed += 1
-
     def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
         arch = self.arch[vcpu_id]
         return not arch.enabled or not arch.pageready_pending
@@ -176,9 +167,6 @@ class Arm64SdeiPpiHost:
             arch.async_pf_request = False
             delivered.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
         return delivered
-
-    def worker_done(self, work: AsyncPf) -> bool:
-        return async_pf_execute(self.apf[work.vcpu_id], self, work)
 
     def vcpu_runnable(self, vcpu: int) -> bool:
         return bool(self.apf[vcpu].done) or bool(self.arch[vcpu].pending)
@@ -205,9 +193,6 @@ class Arm64SdeiPpiHost:
                 self.stats.wakeup_all_queued += 1
             return 0
         return -1
-
-    def counters(self) -> dict[str, int]:
-        return counter_dict(self.stats)
 
 
 class SdeiGuestPort(Protocol):

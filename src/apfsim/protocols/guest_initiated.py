@@ -74,8 +74,7 @@ class GuestInitiatedHost(X86Host):
         told = self.told[vcpu]
         if not self.apf_enabled(vcpu) or gfn in told.values():
             # APF off, or the guest was told and retried without asking: synchronous.
-            if self.gup_nowait is not None:
-                self.gup_nowait(gfn)
+            self.gup_nowait_first(gfn)
             cause = SyncCause.NO_APF if not self.apf_enabled(vcpu) else SyncCause.GUEST_DECLINED
             if cause is SyncCause.GUEST_DECLINED:
                 self.declined += 1
@@ -108,8 +107,7 @@ class GuestInitiatedHost(X86Host):
         if work is None:
             return -2  # queue full: the guest retries and the host faults in synchronously
         self.populates += 1
-        if self.gup_nowait is not None:
-            self.gup_nowait(gfn)  # the worker's GUP starts the read
+        self.gup_nowait_first(gfn)  # the worker's GUP starts the read
         self.start_worker(work)
         return 0
 

@@ -35,14 +35,11 @@ from apfsim.guest.kvm_apf_x86 import (
 )
 from apfsim.host.async_pf import (
     AsyncPf,
-    VcpuAsyncPf,
-    async_pf_execute,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_clear_async_pf_completion_queue,
     kvm_setup_async_pf,
 )
-from apfsim.metrics.accumulators import counter_dict
 from apfsim.protocols.arm64_rfcv2 import GfnHash
 from apfsim.protocols.base import (
     FaultDecision,
@@ -54,6 +51,7 @@ from apfsim.protocols.base import (
     PrefaultFn,
     SyncCause,
 )
+from apfsim.protocols.common import HostBase
 
 __all__ = ["X86Host", "make_x86_token"]
 
@@ -105,7 +103,7 @@ class X86Counters:
     cancelled: int = 0
 
 
-class X86Host:
+class X86Host(HostBase):
     """The x86 arch hooks over the generic core, one instance per VM."""
 
     name = "x86"
@@ -117,10 +115,8 @@ class X86Host:
         kick: KickFn,
         gup_nowait: GupNowaitFn | None = None,
     ) -> None:
-        self.prefault = prefault
+        super().__init__(len(blocks), prefault, gup_nowait)
         self.kick = kick
-        self.gup_nowait = gup_nowait
-        self.apf = [VcpuAsyncPf(vcpu_id=i) for i in range(len(blocks))]
         self.arch = [VcpuApfX86(block=b) for b in blocks]
         self.stats = X86Counters()
 
@@ -140,8 +136,7 @@ class X86Host:
         return not (arch.send_user_only and view.privileged)
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        if self.gup_nowait is not None:
-            self.gup_nowait(gfn)  # __kvm_faultin_pfn: FOLL_NOWAIT first, which submits the read
+        self.gup_nowait_first(gfn)  # __kvm_faultin_pfn: FOLL_NOWAIT first
         arch = self.arch[vcpu]
         arch.view = view
         if not self.kvm_can_do_async_pf(vcpu, view, view.irqs_off):
@@ -196,11 +191,6 @@ class X86Host:
             self.stats.halt_ended_without_ready += 1
         arch.halted = False  # always: this is what ends an artificial halt
 
-    def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
-        self.stats.prefaults += 1
-        if not self.prefault(work.gfn):
-            self.stats.prefaults_missed += 1
-
     def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
         if not self.apf_enabled(vcpu_id):
             return True
@@ -223,9 +213,6 @@ class X86Host:
             arch.apf_ready_request = False
             delivered.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
         return delivered
-
-    def worker_done(self, work: AsyncPf) -> bool:
-        return async_pf_execute(self.apf[work.vcpu_id], self, work)
 
     def vcpu_runnable(self, vcpu: int) -> bool:
         """``kvm_vcpu_has_events``: its first test is a non-empty ``done`` list."""
@@ -272,6 +259,3 @@ class X86Host:
         if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
             self.stats.wakeup_all_queued += 1
         return 0
-
-    def counters(self) -> dict[str, int]:
-        return counter_dict(self.stats)
