@@ -66,6 +66,7 @@ class X86SleepNode:
     task: int
     dummy: bool = False
     hashed: bool = True
+    halted: bool = False  # pre-5.8 only: the waiter spins in native_safe_halt()
 
 
 class X86GuestPort(Protocol):
@@ -89,6 +90,8 @@ class X86DriverCounters:
     dummies_consumed: int = 0
     dummies_leaked: int = 0
     dummy_alloc_retries: int = 0
+    waits_halt: int = 0  # pre-5.8 (x86-legacy) only
+    resched_ipis: int = 0  # pre-5.8 (x86-legacy) only
     acks: int = 0
     guest_panics: int = 0  # "Host injected async #PF in kernel mode / interrupt disabled region"
     spurious_pf: int = 0  # an injected #PF with flags == 0: the ordinary fault path
@@ -127,7 +130,7 @@ class X86ApfGuest:
         flags, data.flags = data.flags, 0
         return flags
 
-    def kvm_async_pf_queue_task(self, cpu: int, token: int) -> bool:
+    def kvm_async_pf_queue_task(self, cpu: int, token: int, halted: bool = False) -> bool:
         """Hash the sleeper's node; False if a dummy was there (the wake came first)."""
         bucket = self._bucket(token)
         dummy = self._find(bucket, token)
@@ -136,7 +139,7 @@ class X86ApfGuest:
             dummy.hashed = False
             self.stats.dummies_consumed += 1
             return False
-        bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu)))
+        bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu), halted=halted))
         return True
 
     def kvm_async_pf_task_wait_schedule(self, cpu: int, token: int) -> AbortOutcome:
