@@ -256,7 +256,9 @@ def test_t_quantile_rejects_zero_dof() -> None:
 def test_table_shows_every_protocol_and_the_ratios(
     tiny: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = cli(["compare", str(tiny), "-p", "sync,x86", "--seeds", "2", "-j", "1"], capsys)
+    code, out, err = cli(
+        ["compare", str(tiny), "-p", "sync,x86", "--seeds", "2", "-j", "1"], capsys
+    )
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].startswith("scenario tiny-compare  seeds 0..1 (n=2)")

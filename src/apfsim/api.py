@@ -224,6 +224,8 @@ def compare(
     ``protocols`` defaults to every registered protocol; ``seeds`` is a count N (seeds
     0..N-1) or the seeds themselves; ``jobs`` worker processes (default: the CPUs this
     process may use; 1 runs in this process). The result does not depend on ``jobs``.
+    Worker processes re-import the calling script: call this under
+    ``if __name__ == "__main__":`` in a script.
 
     Example::
 

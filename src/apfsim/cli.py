@@ -116,14 +116,15 @@ class _RunsProgress:
             self.bar = Progress(
                 TextColumn("{task.description:>14}"),
                 BarColumn(),
-                TextColumn("{task.completed:>6.1f}/{task.total:.0f} runs"),
+                TextColumn("{task.fields[runs]:>4}/{task.total:.0f} runs"),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
             )
             self.bar.start()
-            self.task_id = self.bar.add_task("compare", total=total)
-        self.bar.update(self.task_id, completed=completed)
+            self.task_id = self.bar.add_task("compare", total=total, runs=0)
+        # The bar moves within a serial run; the count is of finished runs only.
+        self.bar.update(self.task_id, completed=completed, runs=int(completed))
 
     def close(self) -> None:
         if self.bar is not None:

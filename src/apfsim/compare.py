@@ -174,14 +174,24 @@ def _execute(
     specs: list[_Spec], jobs: int, progress: CompareProgressFn | None
 ) -> list[dict[str, Any]]:
     """Run every spec; results in spec order. One worker (or one run): in this process."""
+    if min(jobs, len(specs)) <= 1:
+        return _execute_serial(specs, progress)
+    return _execute_pool(specs, min(jobs, len(specs)), progress)
+
+
+def _execute_serial(specs: list[_Spec], progress: CompareProgressFn | None) -> list[dict[str, Any]]:
     total = len(specs)
-    workers = min(jobs, total)
-    if workers <= 1:
-        out = []
-        for i, spec in enumerate(specs):
-            cb = None if progress is None else (lambda f, i=i: progress(i + f, total))
-            out.append(_run(*spec, progress=cb))
-        return out
+    out: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        cb = None if progress is None else (lambda f, i=i: progress(i + f, total))
+        out.append(_run(*spec, progress=cb))
+    return out
+
+
+def _execute_pool(
+    specs: list[_Spec], workers: int, progress: CompareProgressFn | None
+) -> list[dict[str, Any]]:
+    total = len(specs)
     # An explicit start method, so nothing changes when Python 3.14 changes the default.
     context = multiprocessing.get_context("forkserver")
     results: list[dict[str, Any] | None] = [None] * total
@@ -195,13 +205,15 @@ def _execute(
                 # The timeout keeps the progress display alive while long runs are in flight.
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
+                    # Stored by submission index, never in completion order.
                     results[index[future]] = future.result()
                 if progress is not None:
                     progress(float(total - len(pending)), total)
         except BaseException:
+            # A failed run or ^C: drop the queued runs, let the running ones end.
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    out = []
+    out: list[dict[str, Any]] = []
     for r in results:
         assert r is not None  # every future was waited for
         out.append(r)

@@ -76,7 +76,8 @@ class Vcpu:
         self._host_event = None
         delivered = sim.host_protocol.run_loop_iteration(self.index, self.guest.context().view())
         for work in delivered:
-            if not work.wakeup_all:
+            # Only a not-present the guest saw has a page-ready latency; a halt just ends.
+            if work.notpresent_injected and not work.wakeup_all:
                 sim.ready_latency.add(sim.engine.now - work.start_ns)
         injections: list[Injection] = []
         while (injection := sim.host_protocol.take_injection(self.index)) is not None:
@@ -221,7 +222,8 @@ class Vcpu:
             self.guest.timer_pending = True
             self.exit_async()
         elif mode == VcpuMode.BLOCKED:
-            if self.block_halt:  # NO_HZ idle: no tick while the guest idles
+            # A halted vCPU still has its guest tick armed; an idle one (NO_HZ idle) does not.
+            if self.block_halt:
                 self.guest.timer_pending = True
                 self._wake()
         else:
