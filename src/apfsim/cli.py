@@ -46,21 +46,18 @@ _PROGRESS_AFTER_S = 2.0
 
 
 class _Progress:
-    """A rich progress bar on a terminal, shown only once a run has taken ~2 s.
+    """A rich progress bar on a terminal, shown only once the work has taken ~2 s; one bar
+    per key. Off a terminal (CI logs) it prints a line to stderr every 10 s instead."""
 
-    Off a terminal (CI logs) it prints a line to stderr every 10 s instead.
-    """
-
-    def __init__(self, quiet: bool, protocols: list[str]) -> None:
+    def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.console = Console(stderr=True)
         self.start = time.monotonic()
         self.bar: Progress | None = None
         self.task_ids: dict[str, Any] = {}
-        self.protocols = protocols
         self.last_line = self.start
 
-    def __call__(self, protocol: str, fraction: float) -> None:
+    def show(self, key: str, completed: float, total: float, line: str) -> None:
         if self.quiet:
             return
         now = time.monotonic()
@@ -69,11 +66,11 @@ class _Progress:
         if not self.console.is_terminal:
             if now - self.last_line >= 10.0:
                 self.last_line = now
-                print(f"apfsim: {protocol}: {fraction:.0%}", file=sys.stderr)
+                print(f"apfsim: {line}", file=sys.stderr)
             return
         if self.bar is None:
             self.bar = Progress(
-                TextColumn("{task.description:>14}"),
+                TextColumn("{task.description:>16}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>5.1f}%"),
                 TimeRemainingColumn(),
@@ -81,50 +78,17 @@ class _Progress:
                 transient=True,
             )
             self.bar.start()
-            for name in self.protocols:
-                self.task_ids[name] = self.bar.add_task(name, total=1.0)
-        self.bar.update(self.task_ids[protocol], completed=fraction)
+        if key not in self.task_ids:
+            self.task_ids[key] = self.bar.add_task(key, total=total)
+        self.bar.update(self.task_ids[key], completed=completed)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    def protocol_fraction(self, protocol: str, fraction: float) -> None:
+        """For ``run``: one bar per protocol, in simulated time."""
+        self.show(protocol, fraction, 1.0, f"{protocol}: {fraction:.0%}")
 
-
-class _RunsProgress:
-    """As :class:`_Progress`, for ``compare``: one bar of completed runs out of the total."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.console = Console(stderr=True)
-        self.start = time.monotonic()
-        self.bar: Progress | None = None
-        self.task_id: Any = None
-        self.last_line = self.start
-
-    def __call__(self, completed: float, total: int) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if now - self.start < _PROGRESS_AFTER_S:
-            return
-        if not self.console.is_terminal:
-            if now - self.last_line >= 10.0:
-                self.last_line = now
-                print(f"apfsim: compare: {int(completed)}/{total} runs", file=sys.stderr)
-            return
-        if self.bar is None:
-            self.bar = Progress(
-                TextColumn("{task.description:>14}"),
-                BarColumn(),
-                TextColumn("{task.fields[runs]:>4}/{task.total:.0f} runs"),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self.bar.start()
-            self.task_id = self.bar.add_task("compare", total=total, runs=0)
-        # The bar moves within a serial run; the count is of finished runs only.
-        self.bar.update(self.task_id, completed=completed, runs=int(completed))
+    def runs_done(self, completed: float, total: int) -> None:
+        """For ``compare``: one bar of finished runs out of the total."""
+        self.show("compare", completed, total, f"compare: {int(completed)}/{total} runs")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -191,9 +155,11 @@ def run_command(
         sc = load_scenario(scenario)
     except ScenarioError as err:
         raise _fail(str(err)) from None
-    progress = _Progress(quiet, protocols)
+    progress = _Progress(quiet)
     try:
-        result = run(sc, protocols, seed=seed, duration_s=duration, progress=progress)
+        result = run(
+            sc, protocols, seed=seed, duration_s=duration, progress=progress.protocol_fraction
+        )
     finally:
         progress.close()
     if not quiet:
@@ -247,9 +213,11 @@ def compare_command(
         )
     if json_path is not None and not json_path.parent.is_dir():
         raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
-    progress = _RunsProgress(quiet)
+    progress = _Progress(quiet)
     try:
-        result = compare(scenario, protocols, seeds, baseline, duration, jobs, progress=progress)
+        result = compare(
+            scenario, protocols, seeds, baseline, duration, jobs, progress=progress.runs_done
+        )
     except ScenarioError as err:
         raise _fail(str(err)) from None
     finally:
