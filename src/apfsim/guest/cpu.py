@@ -211,7 +211,8 @@ class GuestCpu:
 
     def take_events(self, injections: list[Injection]) -> None:
         """At entry: an injected exception first, then interrupts (APF, timer tick, IPI)."""
-        regs = self.context().regs()
+        # The interrupted context, read before any frame is pushed (only if it will be used).
+        regs = self.context().regs() if injections else None
         costs = self.sim.scenario.guest.costs
         if self.ipi_pending:
             self.ipi_pending = False
@@ -219,8 +220,10 @@ class GuestCpu:
         if self.timer_pending:
             self.timer_pending = False
             self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
-        # Interrupts run after exceptions: push them first (frames run top-down).
-        for injection in sorted(injections, key=lambda inj: inj.kind.synchronous):
+        if len(injections) > 1:
+            # Interrupts run after exceptions: push them first (frames run top-down).
+            injections = sorted(injections, key=lambda inj: inj.kind.synchronous)
+        for injection in injections:
             ctx = Contexts.HANDLER if injection.kind.synchronous else Contexts.IRQ
             handler = Frame(ctx, costs.apf_handler_ns, self._injection_handled, (injection, regs))
             self._push_exception(handler)

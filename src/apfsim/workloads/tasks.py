@@ -64,6 +64,7 @@ class RandomWriterTask(Workload):
         self._modes = np.empty(0, dtype=np.int8)
         self._pos = 0
         self._planned = 0
+        self._evict_mark = -1
 
     def _refill(self) -> None:
         self._pages = self.rng.integers(
@@ -86,6 +87,7 @@ class RandomWriterTask(Workload):
     def plan(self, memory: GuestMemory) -> Plan:
         if self._pos >= len(self._pages):
             self._refill()
+        self._evict_mark = memory.pages_evicted
         pages = self._pages[self._pos :]
         modes = self._modes[self._pos :]
         mode = int(modes[0])
@@ -104,7 +106,7 @@ class RandomWriterTask(Workload):
         if n <= 0:
             return self._planned == 0
         pages = self._pages[self._pos : self._pos + n]
-        done = truncate_at_unmapped(memory, pages, len(pages))
+        done = truncate_at_unmapped(memory, pages, len(pages), self._evict_mark)
         if done:
             memory.touch(pages[:done], write=True)
         self._pos += done
@@ -144,6 +146,7 @@ class MemoryHogTask(Workload):
         self.pass_no = 0
         self.offset = 0  # next page within the pass
         self._planned = 0
+        self._evict_mark = -1
 
     @property
     def finished(self) -> bool:
@@ -160,6 +163,7 @@ class MemoryHogTask(Workload):
     def plan(self, memory: GuestMemory) -> Plan:
         if self.finished:
             return Plan(0, StopKind.DONE)
+        self._evict_mark = memory.pages_evicted
         start = self.first_gfn + self.offset
         mode = self.current_mode()
         if memory.state[start] != _MAPPED:
@@ -181,7 +185,7 @@ class MemoryHogTask(Workload):
             return self._planned == 0
         start = self.first_gfn + self.offset
         pages = np.arange(start, start + n, dtype=np.int64)
-        done = truncate_at_unmapped(memory, pages, n)
+        done = truncate_at_unmapped(memory, pages, n, self._evict_mark)
         if done:
             memory.touch(pages[:done], write=True)
         self.offset += done
