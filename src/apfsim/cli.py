@@ -114,6 +114,21 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _check_json_path(json_path: Path | None) -> None:
+    """Fail before running, not after: results must not be lost to a bad --json path."""
+    if json_path is not None and not json_path.parent.is_dir():
+        raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
+
+
+def _write_json(json_path: Path, data: dict[str, Any]) -> None:
+    """Sorted keys, two-space indent: the same run gives the same bytes."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    try:
+        json_path.write_text(text)
+    except OSError as err:
+        raise _fail(f"--json: cannot write {str(json_path)!r} ({err.strerror})") from None
+
+
 @app.command("run")
 def run_command(
     scenario: Annotated[
@@ -149,8 +164,7 @@ def run_command(
         raise _fail(
             f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
         )
-    if json_path is not None and not json_path.parent.is_dir():
-        raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
+    _check_json_path(json_path)
     try:
         sc = load_scenario(scenario)
     except ScenarioError as err:
@@ -165,11 +179,7 @@ def run_command(
     if not quiet:
         print(compare_table(result))
     if json_path is not None:
-        text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
-        try:
-            json_path.write_text(text)
-        except OSError as err:
-            raise _fail(f"--json: cannot write {str(json_path)!r} ({err.strerror})") from None
+        _write_json(json_path, result.to_dict())
 
 
 @app.command("compare")
@@ -211,8 +221,7 @@ def compare_command(
         raise _fail(
             f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
         )
-    if json_path is not None and not json_path.parent.is_dir():
-        raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
+    _check_json_path(json_path)
     progress = _Progress(quiet)
     try:
         result = compare(
@@ -225,11 +234,7 @@ def compare_command(
     if not quiet:
         print(compare_summary_table(result))
     if json_path is not None:
-        text = json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n"
-        try:
-            json_path.write_text(text)
-        except OSError as err:
-            raise _fail(f"--json: cannot write {str(json_path)!r} ({err.strerror})") from None
+        _write_json(json_path, result.to_dict())
 
 
 @app.command("scenarios")

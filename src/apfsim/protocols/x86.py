@@ -175,13 +175,17 @@ class X86Host(HostBase):
         self.stats.not_present_halted += 1
         return False
 
+    def ready_token(self, vcpu_id: int, work: AsyncPf) -> int:
+        """The token page-ready carries: ~0 for wake-all, else the item's (its gfn leaves
+        the hash: ``kvm_del_async_pf_gfn``)."""
+        if work.wakeup_all:
+            return WAKE_ALL_TOKEN
+        self.arch[vcpu_id].gfns.delete(work.gfn)
+        return work.token
+
     def kvm_arch_async_page_present(self, vcpu_id: int, work: AsyncPf) -> None:
         arch = self.arch[vcpu_id]
-        if work.wakeup_all:
-            token = WAKE_ALL_TOKEN
-        else:
-            token = work.token
-            arch.gfns.delete(work.gfn)
+        token = self.ready_token(vcpu_id, work)
         if (work.wakeup_all or work.notpresent_injected) and self.apf_enabled(vcpu_id):
             arch.block.token = token
             arch.pageready_pending = True

@@ -3,8 +3,9 @@
 The hooks that differ from upstream (``arch/x86/kvm/x86.c`` before Vitaly Kuznetsov's 2020
 series, B5):
 
-* enabled = the EN bit alone; the guest sets SEND_ALWAYS, so not-present is injected in
-  kernel mode too (an artificial halt only with APF off or, without SEND_ALWAYS, at CPL 0);
+* enabled = the EN bit alone (``apf_enabled``); the guest sets SEND_ALWAYS, so the shared
+  not-present hook injects in kernel mode too (an artificial halt only with APF off or,
+  without SEND_ALWAYS, at CPL 0);
 * page-ready writes ``reason = PAGE_READY`` and injects another #PF with CR2 = token; if the
   not-present #PF is still pending (not yet delivered), both are cancelled instead;
 * ``kvm_arch_can_inject_async_page_present``: interrupts allowed and no exception pending
@@ -19,16 +20,12 @@ from __future__ import annotations
 
 from apfsim.guest.kvm_apf_x86 import (
     KVM_ASYNC_PF_ENABLED,
-    KVM_ASYNC_PF_SEND_ALWAYS,
     MSR_KVM_ASYNC_PF_EN,
-    WAKE_ALL_TOKEN,
 )
 from apfsim.guest.kvm_apf_x86_legacy import KVM_PV_REASON_PAGE_NOT_PRESENT, KVM_PV_REASON_PAGE_READY
 from apfsim.host.async_pf import (
     AsyncPf,
-    kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
-    kvm_clear_async_pf_completion_queue,
 )
 from apfsim.protocols.base import GuestView, Injection, InjectionKind
 from apfsim.protocols.x86 import X86Host, make_x86_token
@@ -50,25 +47,9 @@ class X86LegacyHost(X86Host):
         arch.id = (arch.id + 1) & 0xF_FFFF
         return token
 
-    def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
-        arch = self.arch[vcpu_id]
-        arch.gfns.add(work.gfn)
-        if not self.kvm_can_deliver_async_pf(vcpu_id, arch.view):
-            arch.halted = True  # KVM_REQ_APF_HALT
-            self.stats.not_present_halted += 1
-            return False
-        arch.block.flags = KVM_PV_REASON_PAGE_NOT_PRESENT
-        arch.pending_pf = work.token
-        self.stats.not_present_injected += 1
-        return True
-
     def kvm_arch_async_page_present(self, vcpu_id: int, work: AsyncPf) -> None:
         arch = self.arch[vcpu_id]
-        if work.wakeup_all:
-            token = WAKE_ALL_TOKEN
-        else:
-            token = work.token
-            arch.gfns.delete(work.gfn)
+        token = self.ready_token(vcpu_id, work)
         if self.apf_enabled(vcpu_id):
             if arch.block.flags == KVM_PV_REASON_PAGE_NOT_PRESENT and arch.pending_pf is not None:
                 # The not-present #PF is still pending: drop both, the guest never knows.
@@ -106,15 +87,7 @@ class X86LegacyHost(X86Host):
         return Injection(InjectionKind.PAGE_FAULT, token)
 
     def guest_call(self, vcpu: int, call: int, val: int) -> int:
+        """Only MSR_KVM_ASYNC_PF_EN exists before 5.8 (no INT vector, no ACK)."""
         if call != MSR_KVM_ASYNC_PF_EN:
             return 1
-        arch = self.arch[vcpu]
-        arch.msr_en_val = val
-        if not self.apf_enabled(vcpu):
-            self.stats.cancelled += len(kvm_clear_async_pf_completion_queue(self.apf[vcpu]))
-            arch.gfns.reset()
-            return 0
-        arch.send_user_only = not val & KVM_ASYNC_PF_SEND_ALWAYS
-        if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
-            self.stats.wakeup_all_queued += 1
-        return 0
+        return self.kvm_pv_enable_async_pf(vcpu, val)
