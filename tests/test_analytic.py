@@ -81,7 +81,7 @@ def repairman_scenario(p: Point, duration_s: float) -> apfsim.Scenario:
                 "exit_ns": 1,
                 "entry_ns": 1,
                 "stage2_fault_ns": 0,
-                "inject_ns": 0,
+                "costs": {"exception_inject_ns": 0},
                 "worker_start_ns": 0,
                 "page_cluster": 0,  # no readahead: one fault, one read
                 "swap": {

@@ -97,6 +97,19 @@ class SwapConfig(_Model):
         return self
 
 
+class HostCosts(_Model):
+    """Host CPU time per protocol operation in ns, on top of the exit and entry themselves
+    (assumptions, see docs/model.md)."""
+
+    exception_inject_ns: int = Field(500, ge=0)  # kvm_inject_dabt / kvm_inject_page_fault
+    interrupt_inject_ns: int = Field(300, ge=0)  # a vGIC list register / APIC IRR bit
+    sdei_deliver_ns: int = Field(1_500, ge=0)  # save the interrupted context, enter the handler
+    sdei_complete_ns: int = Field(1_000, ge=0)  # SDEI_EVENT_COMPLETE: restore that context
+    hypercall_ns: int = Field(500, ge=0)  # an HVC / VMCALL / PV-MSR write's dispatch
+    ack_exit_ns: int = Field(300, ge=0)  # the page-ready ACK and its completion re-check
+    ipi_send_ns: int = Field(1_000, ge=0)  # the sender's trapped ICR / ICC_SGI1R_EL1 write
+
+
 class HostConfig(_Model):
     memory_limit_mib: int = Field(2048, ge=1)
     tick_hz: int = Field(250, ge=0, le=10_000)  # host scheduler tick: an exit while in guest
@@ -107,9 +120,9 @@ class HostConfig(_Model):
     stage2_fault_ns: int = Field(2_000, ge=0)
     zero_fill_ns: int = Field(1_500, ge=0)
     minor_fault_ns: int = Field(1_000, ge=0)
-    inject_ns: int = Field(500, ge=0)
     worker_start_ns: int = Field(10_000, ge=0)
     no_fault_inst_range: int = Field(0x800, ge=0)
+    costs: HostCosts = HostCosts()
     swap: SwapConfig = SwapConfig()
 
 

@@ -33,7 +33,7 @@ from apfsim.host.vcpu import Vcpu
 from apfsim.metrics.accumulators import TIME_CATEGORIES, LatencySamples
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
 from apfsim.protocols import HostPorts, ProtocolOptions, build_protocol
-from apfsim.protocols.base import SyncCause
+from apfsim.protocols.base import GuestCallKind, SyncCause
 from apfsim.scenario import (
     MIB_PAGES,
     ComputeSpec,
@@ -106,6 +106,12 @@ class Simulation:
         self._alloc_rng = self.streams.stream("guest-kzalloc")
         self._running_cpu = -1
         self._started = False
+        self._ipi_send_ns = h.costs.ipi_send_ns
+        self._call_ns = {
+            GuestCallKind.HYPERCALL: h.costs.hypercall_ns,
+            GuestCallKind.ACK: h.costs.ack_exit_ns,
+            GuestCallKind.SDEI_COMPLETE: h.costs.hypercall_ns + h.costs.sdei_complete_ns,
+        }
         options = ProtocolOptions(
             no_kvmapf=g.no_kvmapf,
             send_always=g.send_always,
@@ -252,8 +258,11 @@ class Simulation:
             return self.memory.map_after_read(gfn)
         return state == _MAPPED
 
-    def send_ipi(self, cpu: int) -> None:
+    def send_ipi(self, cpu: int, sender: int) -> None:
+        """A reschedule IPI: the sender traps on its ICR / ICC_SGI1R_EL1 write, then the
+        target takes the interrupt (a running target is kicked out to take it)."""
         self.stats["ipis"] += 1
+        self._trap(sender, self._ipi_send_ns)
         self.vcpus[cpu].on_ipi()
 
     def task_finished(self, task: Task) -> None:
@@ -284,16 +293,29 @@ class Simulation:
     def smp_send_reschedule(self, cpu: int) -> None:
         self.cpus[cpu].need_resched = True
         if cpu != self._running_cpu:
-            self.send_ipi(cpu)
+            self.send_ipi(cpu, self._running_cpu)
+        elif self._started:
+            # A self-IPI still goes through the interrupt controller: the write traps, and
+            # the IPI is pending at the next entry.
+            self.stats["ipis"] += 1
+            self.cpus[cpu].ipi_pending = True
+            self._trap(cpu, self._ipi_send_ns)
 
     def kzalloc_atomic(self, cpu: int) -> bool:
         p = self.scenario.guest.dummy_alloc_fail_probability
         return p == 0.0 or bool(self._alloc_rng.random() >= p)
 
+    def _trap(self, cpu: int, handling_ns: int) -> None:
+        """A guest instruction on a running CPU that exits; the exit happens when the
+        handler frame executing it ends. Nothing is charged at boot or from host context."""
+        if cpu >= 0 and self._running_cpu >= 0 and self._started:
+            guest = self.cpus[cpu]
+            guest.pending_exits += 1
+            guest.pending_exit_ns += handling_ns
+
     def _guest_call(self, cpu: int, call: int, val: int) -> int:
         """A guest exit (SMCCC, WRMSR): applied now; a running CPU pays the round trip."""
-        if self._running_cpu >= 0 and self._started:
-            self.cpus[cpu].exit_requested = True
+        self._trap(cpu, self._call_ns[self.host_protocol.call_kind(call)])
         return self.host_protocol.guest_call(cpu, call, val)
 
     def smccc_apf(self, cpu: int, val: int) -> int:

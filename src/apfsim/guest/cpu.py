@@ -64,7 +64,8 @@ class GuestCpu:
         self.halt_waiter: Task | None = None
         self.timer_pending = False
         self.ipi_pending = False
-        self.exit_requested = False
+        self.pending_exits = 0  # traps made by the frame now ending (calls, IPI writes)
+        self.pending_exit_ns = 0  # their host handling cost
         self.in_kernel = True
         self.stolen_ns = 0
         self._stolen_mark = 0
@@ -184,10 +185,11 @@ class GuestCpu:
         self._event = None
         self._seg = _NONE
         frame.on_end(frame.arg)
-        if self.exit_requested:
-            # The handler wrote an MSR / made a hypercall: an exit before it continues.
-            self.exit_requested = False
-            self.vcpu.exit_for_guest_call()
+        if self.pending_exits:
+            # The handler wrote an MSR / made a hypercall / sent an IPI: exits before it goes on.
+            exits, handling_ns = self.pending_exits, self.pending_exit_ns
+            self.pending_exits = self.pending_exit_ns = 0
+            self.vcpu.exit_for_guest_call(exits, handling_ns)
             return
         self.resume()
 
@@ -316,7 +318,7 @@ class GuestCpu:
         if self.rq.check_preempt_wakeup(task) or self.current is None:
             self.need_resched = True
             if waker_cpu != self.cpu:
-                self.sim.send_ipi(self.cpu)
+                self.sim.send_ipi(self.cpu, waker_cpu)
         return True
 
 

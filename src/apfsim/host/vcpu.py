@@ -17,7 +17,7 @@ from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
-from apfsim.protocols.base import FaultDecision, Injection
+from apfsim.protocols.base import FaultDecision, Injection, InjectionKind
 
 if TYPE_CHECKING:
     from apfsim.guest.cpu import GuestCpu
@@ -55,7 +55,13 @@ class Vcpu:
         host = sim.scenario.host
         self._exit_ns = host.exit_ns
         self._entry_ns = host.entry_ns
-        self._inject_ns = host.inject_ns
+        costs = host.costs
+        self._inject_ns = {
+            InjectionKind.DATA_ABORT: costs.exception_inject_ns,
+            InjectionKind.PAGE_FAULT: costs.exception_inject_ns,
+            InjectionKind.INTERRUPT: costs.interrupt_inject_ns,
+            InjectionKind.SDEI: costs.sdei_deliver_ns,
+        }
         self._stage2_ns = host.stage2_fault_ns
         self._round_trip = max(1, host.exit_ns + host.entry_ns + host.stage2_fault_ns)
 
@@ -82,7 +88,9 @@ class Vcpu:
         injections: list[Injection] = []
         while (injection := sim.host_protocol.take_injection(self.index)) is not None:
             injections.append(injection)
-        cost = self._entry_ns + self._inject_ns * len(injections)
+        cost = self._entry_ns
+        for injection in injections:
+            cost += self._inject_ns[injection.kind]
         self._host_event = sim.engine.after(cost, self._entered, injections)
 
     def _entered(self, injections: list[Injection]) -> None:
@@ -91,10 +99,12 @@ class Vcpu:
         self.guest.take_events(injections)
         self.guest.resume()
 
-    def exit_for_guest_call(self) -> None:
-        """The guest executed WRMSR/HVC: the host already applied it; pay the round trip."""
+    def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
+        """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
+        handler: the host already applied each; pay every round trip and its handling."""
         self._to_host()
-        self._host_event = self.sim.engine.after(self._exit_ns, self.enter)
+        cost = self._exit_ns + handling_ns + (exits - 1) * (self._exit_ns + self._entry_ns)
+        self._host_event = self.sim.engine.after(cost, self.enter)
 
     # -- stage-2 faults ----------------------------------------------------------------------
     def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:

@@ -32,6 +32,7 @@ from apfsim.protocols.base import (
     AbortOutcome,
     FaultDecision,
     FaultResult,
+    GuestCallKind,
     GuestRegs,
     GuestView,
     GupNowaitFn,
@@ -174,6 +175,13 @@ class Arm64SdeiPpiHost(HostBase):
     def take_injection(self, vcpu: int) -> Injection | None:
         pending = self.arch[vcpu].pending
         return pending.pop(0) if pending else None
+
+    def call_kind(self, call: int) -> GuestCallKind:
+        if call == SDEI_EVENT_COMPLETE:
+            return GuestCallKind.SDEI_COMPLETE
+        if call == ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK:
+            return GuestCallKind.ACK
+        return GuestCallKind.HYPERCALL
 
     def guest_call(self, vcpu: int, call: int, val: int) -> int:
         arch = self.arch[vcpu]

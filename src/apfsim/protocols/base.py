@@ -19,6 +19,7 @@ __all__ = [
     "AbortOutcome",
     "FaultDecision",
     "FaultResult",
+    "GuestCallKind",
     "GuestProtocol",
     "GuestRegs",
     "GuestView",
@@ -90,6 +91,14 @@ class Injection:
     payload: int
 
 
+class GuestCallKind(Enum):
+    """What a guest exit for a paravirt call costs the host (``host.costs`` in a scenario)."""
+
+    HYPERCALL = "hypercall"  # an HVC / VMCALL / PV-MSR write: enable, set range, populate
+    ACK = "ack"  # the page-ready ACK (MSR_KVM_ASYNC_PF_ACK, ASYNC_PF_IRQ_ACK)
+    SDEI_COMPLETE = "sdei_complete"  # SDEI_EVENT_COMPLETE: restore the interrupted context
+
+
 class FaultDecision(Enum):
     """The outcome of the host's try_async_pf for a fault that needs I/O."""
 
@@ -135,6 +144,10 @@ class HostProtocol(Protocol):
 
     def guest_call(self, vcpu: int, call: int, val: int) -> int:
         """A guest-initiated exit: WRMSR (x86) or an SMCCC/hypercall (arm64)."""
+        ...
+
+    def call_kind(self, call: int) -> GuestCallKind:
+        """Which named cost the guest exit for ``call`` pays."""
         ...
 
     def counters(self) -> dict[str, int]: ...

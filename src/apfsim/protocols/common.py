@@ -12,7 +12,7 @@ from typing import Any
 
 from apfsim.host.async_pf import AsyncPf, VcpuAsyncPf, async_pf_execute
 from apfsim.metrics.accumulators import counter_dict
-from apfsim.protocols.base import GupNowaitFn, PrefaultFn
+from apfsim.protocols.base import GuestCallKind, GupNowaitFn, PrefaultFn
 
 __all__ = ["HostBase"]
 
@@ -40,6 +40,10 @@ class HostBase:
 
     def worker_done(self, work: AsyncPf) -> bool:
         return async_pf_execute(self.apf[work.vcpu_id], self, work)  # type: ignore[arg-type]
+
+    def call_kind(self, call: int) -> GuestCallKind:
+        """Every paravirt call is a plain hypercall unless the variant says otherwise."""
+        return GuestCallKind.HYPERCALL
 
     def counters(self) -> dict[str, int]:
         return counter_dict(self.stats)

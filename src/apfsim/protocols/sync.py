@@ -13,6 +13,7 @@ from apfsim.protocols.base import (
     AbortOutcome,
     FaultDecision,
     FaultResult,
+    GuestCallKind,
     GuestRegs,
     GuestView,
     Injection,
@@ -46,6 +47,9 @@ class SyncHost:
 
     def guest_call(self, vcpu: int, call: int, val: int) -> int:
         return SMCCC_RET_NOT_SUPPORTED
+
+    def call_kind(self, call: int) -> GuestCallKind:
+        return GuestCallKind.HYPERCALL
 
     def counters(self) -> dict[str, int]:
         return {}

@@ -44,6 +44,7 @@ from apfsim.protocols.arm64_rfcv2 import GfnHash
 from apfsim.protocols.base import (
     FaultDecision,
     FaultResult,
+    GuestCallKind,
     GuestView,
     GupNowaitFn,
     Injection,
@@ -231,6 +232,9 @@ class X86Host(HostBase):
             arch.pending_irq = False
             return Injection(InjectionKind.INTERRUPT, arch.vec)
         return None
+
+    def call_kind(self, call: int) -> GuestCallKind:
+        return GuestCallKind.ACK if call == MSR_KVM_ASYNC_PF_ACK else GuestCallKind.HYPERCALL
 
     def guest_call(self, vcpu: int, call: int, val: int) -> int:
         """A WRMSR exit from the guest."""
