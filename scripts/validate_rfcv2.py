@@ -17,20 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from apfsim.api import run_protocol
-from apfsim.scenario import Scenario, load_scenario
-
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def _with(scenario: Scenario, overrides: dict[str, Any]) -> Scenario:
-    data = scenario.model_dump(mode="python")
-    for dotted, value in overrides.items():
-        node = data
-        *path, last = dotted.split(".")
-        for key in path:
-            node = node[int(key)] if key.isdigit() else node[key]
-        node[last] = value
-    return Scenario.model_validate(data)
+from apfsim.compare import t_quantile_975
+from apfsim.scenario import Scenario, load_scenario, with_overrides
 
 
 def _metric(scenario: Scenario, protocol: str, seed: int, metric: str) -> float:
@@ -54,7 +42,11 @@ def paired(
     sync, apf = values[0::2], values[1::2]
     ratios = [a / b for a, b in zip(apf, sync, strict=True)]
     mean = statistics.fmean(ratios)
-    half = T95[seeds - 1] * statistics.stdev(ratios) / seeds**0.5 if seeds > 1 else float("nan")
+    half = (
+        t_quantile_975(seeds - 1) * statistics.stdev(ratios) / seeds**0.5
+        if seeds > 1
+        else float("nan")
+    )
     return {
         "sync": statistics.fmean(sync),
         "apf": statistics.fmean(apf),
@@ -117,11 +109,11 @@ def main() -> None:
             ("page_cluster = 0 (no readahead)", {"host.page_cluster": 0}),
         ]
         for label, overrides in studies:
-            c = paired(pool, _with(both, overrides), "compute_rate", args.seeds)
+            c = paired(pool, with_overrides(both, overrides), "compute_rate", args.seeds)
             # duration_s only bounds a memory-only run: it stops when the hog is done.
             mem_over = {k: v for k, v in overrides.items() if k != "duration_s"}
             mem_over["duration_s"] = 7200.0
-            m = paired(pool, _with(mem, mem_over), "memhog_completion", args.seeds)
+            m = paired(pool, with_overrides(mem, mem_over), "memhog_completion", args.seeds)
             print(
                 f"| {label} | {c['ratio']:.3f} ± {c['half']:.3f} | "
                 f"{m['ratio']:.4f} ± {m['half']:.4f} |"

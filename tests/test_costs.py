@@ -4,10 +4,10 @@ operation happens, and only there."""
 from __future__ import annotations
 
 import pytest
-from test_more_variants import small_scenario
 
 import apfsim
 from apfsim.api import run_protocol
+from test_more_variants import small_scenario
 
 BIG_NS = 1_000_000  # 1 ms: dwarfs every other host cost in these runs
 

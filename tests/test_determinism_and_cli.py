@@ -16,7 +16,13 @@ import pytest
 
 from apfsim.api import run
 from apfsim.cli import main
-from apfsim.scenario import Scenario, builtin_scenarios, load_scenario
+from apfsim.scenario import (
+    Scenario,
+    ScenarioError,
+    builtin_scenarios,
+    load_scenario,
+    with_overrides,
+)
 
 # A small valid scenario: runs in well under a second per protocol.
 TINY = """\
@@ -372,3 +378,26 @@ def test_memory_only_scenario_completes_within_five_percent() -> None:
     t_apf = result.protocol("arm64-rfcv2").task("memhog").completion_s
     assert t_sync is not None and t_apf is not None, "both runs must complete"
     assert abs(t_apf / t_sync - 1.0) < 0.05, (t_sync, t_apf)
+
+
+def test_overrides_replace_dotted_keys_and_revalidate() -> None:
+    base = load_scenario("natapov-2010")
+    changed = with_overrides(base, {"host.swap.mean_us": 100.0, "tasks.0.count": 2})
+    assert changed.host.swap.mean_us == 100.0 and changed.tasks[0].count == 2
+    assert base.host.swap.mean_us == 1680.0  # the original is untouched
+    assert with_overrides(base, {}) == base
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"host.swap.nope": 1}, "host.swap.nope: no such scenario key"),
+        ({"tasks.9.count": 1}, "tasks.9.count: no such scenario key"),
+        ({"guest.hz.x": 1}, "guest.hz.x: no such scenario key"),
+        ({"guest.hz": 1}, "guest.hz: Input should be greater than or equal to 10"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ScenarioError, match=needle) as err:
+        with_overrides(load_scenario("natapov-2010"), overrides)
+    assert "\n" not in str(err.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +24,7 @@ __all__ = [
     "builtin_scenarios",
     "load_scenario",
     "scenario_to_toml",
+    "with_overrides",
 ]
 
 DEFAULT_SCENARIO = "rfcv2-2020"
@@ -256,6 +258,26 @@ def scenario_from_dict(data: dict[str, Any], source: str = "scenario") -> Scenar
         return Scenario.model_validate(data)
     except ValidationError as err:
         raise ScenarioError(_format_error(err, source)) from None
+
+
+def with_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
+    """``scenario`` with dotted keys replaced (``host.swap.mean_us``, ``tasks.0.count``),
+    validated again; a bad key or value raises :class:`ScenarioError` naming it."""
+    data = scenario.model_dump(mode="python")
+    for dotted, value in overrides.items():
+        node: Any = data
+        *parents, leaf = dotted.split(".")
+        try:
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            if isinstance(node, list) or leaf not in node:
+                raise KeyError(leaf)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ScenarioError(
+                f"{dotted}: no such scenario key; `apfsim show` prints every valid key"
+            ) from None
+        node[leaf] = value
+    return scenario_from_dict(data, "override")
 
 
 def builtin_scenarios() -> dict[str, str]:
