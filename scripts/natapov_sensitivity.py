@@ -1,0 +1,109 @@
+"""How the natapov-2010 ratios move when one assumption changes (issue 3's sensitivity study).
+
+    python scripts/natapov_sensitivity.py latency [--seeds N] [--duration SECONDS]
+    python scripts/natapov_sensitivity.py params  [--seeds N] [--duration SECONDS]
+
+``latency`` scales the fitted swap-in distribution (min 36.2 us, mean 1.68 ms, max 55.7 ms)
+as a whole to each mean. ``params`` changes one unstated parameter at a time (scheduler,
+ticks, preemption, stall accounting, per-operation costs, the swap device). Each prints a
+markdown table of the paired work-rate ratios of the counting threads to sync (mean ± 95 %
+CI over the seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from apfsim.api import compare
+from apfsim.scenario import Scenario, load_scenario, with_overrides
+
+Overrides = Callable[[Scenario], dict[str, Any]]
+MEANS_MS = (0.1, 0.3, 1.0, 3.0, 10.0)
+PROTOCOLS = ("halt-only", "x86")
+
+
+def swap_mean(mean_ms: float) -> Overrides:
+    """The whole fitted distribution scaled so that its mean is ``mean_ms``."""
+
+    def overrides(base: Scenario) -> dict[str, Any]:
+        swap = base.host.swap
+        factor = mean_ms * 1000.0 / swap.mean_us
+        return {
+            f"host.swap.{key}": getattr(swap, key) * factor
+            for key in ("min_us", "mean_us", "max_us")
+        }
+
+    return overrides
+
+
+def setting(key: str, value: Any) -> Overrides:
+    return lambda base: {key: value}
+
+
+def scale_costs(factor: float) -> Overrides:
+    """Every per-operation cost (exits, injections, calls, handlers, context switches)."""
+
+    def overrides(base: Scenario) -> dict[str, Any]:
+        host = base.host.model_dump()
+        out = {
+            f"host.{key}": int(host[key] * factor)
+            for key in ("exit_ns", "entry_ns", "stage2_fault_ns", "minor_fault_ns")
+        }
+        for prefix, table in (
+            ("host.costs", host["costs"]),
+            ("guest.costs", base.guest.costs.model_dump()),
+        ):
+            out.update({f"{prefix}.{key}": int(ns * factor) for key, ns in table.items()})
+        return out
+
+    return overrides
+
+
+def unchanged(base: Scenario) -> dict[str, Any]:
+    return {}
+
+
+STUDIES: dict[str, list[tuple[str, Overrides]]] = {
+    "latency": [(f"mean swap-in {m:g} ms", swap_mean(m)) for m in MEANS_MS],
+    "params": [
+        ("none (as shipped)", unchanged),
+        ("guest.hz = 250", setting("guest.hz", 250)),
+        ("guest.hz = 100", setting("guest.hz", 100)),
+        ("host.tick_hz = 0 (tickless host)", setting("host.tick_hz", 0)),
+        ("guest.preempt = full", setting("guest.preempt", "full")),
+        ("guest.sched.latency_ns = 24 ms", setting("guest.sched.latency_ns", 24_000_000)),
+        ("guest.sched.wakeup_preemption = false", setting("guest.sched.wakeup_preemption", False)),
+        ("guest.steal_time_accounting = true", setting("guest.steal_time_accounting", True)),
+        ("every per-operation cost x 0.1", scale_costs(0.1)),
+        ("every per-operation cost x 10", scale_costs(10.0)),
+        ("host.swap.queue_depth = 1", setting("host.swap.queue_depth", 1)),
+        ("host.page_cluster = 0 (no readahead)", setting("host.page_cluster", 0)),
+    ],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=None, help="simulated s per run")
+    args = parser.parse_args()
+    base = load_scenario("natapov-2010")
+    print("| change | " + " | ".join(f"{p} / sync" for p in PROTOCOLS) + " |")
+    print("|---|" + "---|" * len(PROTOCOLS))
+    for label, overrides in STUDIES[args.study]:
+        scenario = with_overrides(base, overrides(base))
+        result = compare(scenario, ["sync", *PROTOCOLS], args.seeds, duration_s=args.duration)
+        summary = result.to_dict()["summary"]
+        cells = []
+        for proto in PROTOCOLS:
+            r = summary[proto]["ratio_to_baseline"]["kind.compute.work_rate"]
+            ci = "" if r["ci95"] is None else f" ± {r['ci95']:.3f}"
+            cells.append(f"{r['mean']:.3f}{ci}")
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
