@@ -293,6 +293,16 @@ class Arm64ApfGuest:
             for cpu in range(self.n_cpus):
                 self.kvm_async_pf_enable(cpu, False)
 
+    # -- the model checker's lifecycle entry points --------------------------------------------
+    def cpu_offline(self, cpu: int) -> None:
+        self.kvm_async_pf_cpu_offline(cpu)
+
+    def cpu_online(self, cpu: int) -> None:
+        self.kvm_async_pf_cpu_online(cpu)
+
+    def reboot(self) -> None:
+        self.kvm_async_pf_cpu_reboot_notify(SYS_RESTART)
+
     def sleepers(self, cpu: int) -> list[SleepNode]:
         """Real (non-dummy) nodes still hashed on ``cpu``."""
         return [node for node in self.apf_head[cpu] if not node.dummy]

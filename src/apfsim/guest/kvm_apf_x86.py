@@ -104,6 +104,7 @@ class X86ApfGuest:
     port: X86GuestPort
     n_cpus: int
     kvmapf: bool = True  # cleared by the `no-kvmapf` early param
+    mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
     apf_reason: list[X86ApfData] = field(init=False)
     async_pf_sleepers: list[list[X86SleepNode]] = field(init=False)
     stats: X86DriverCounters = field(default_factory=X86DriverCounters)
@@ -189,6 +190,8 @@ class X86ApfGuest:
             return
         # Not found: the wait has not run yet. Allocate a dummy outside the raw lock,
         # retrying until the allocation succeeds (the node cannot appear meanwhile here).
+        if self.mutant == "dummy-drop":
+            return  # the wake is lost: the later wait finds no dummy and sleeps
         while not self.port.kzalloc_atomic(cpu):
             self.stats.dummy_alloc_retries += 1
         bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu), dummy=True))
@@ -228,6 +231,24 @@ class X86ApfGuest:
         self.kvm_pv_disable_apf(cpu)
         if not shutdown:
             self.apf_task_wake_all(cpu)
+
+    def kvm_pv_reboot_notify(self) -> None:
+        """Reboot, kexec or crash: every CPU writes EN=0 before the next kernel owns the
+        memory the host writes to (B14's fix; the old code left APF on)."""
+        if self.mutant == "B14":
+            return
+        for cpu in range(self.n_cpus):
+            self.kvm_guest_cpu_offline(cpu, shutdown=True)
+
+    # -- the model checker's lifecycle entry points --------------------------------------------
+    def cpu_offline(self, cpu: int) -> None:
+        self.kvm_guest_cpu_offline(cpu, shutdown=False)
+
+    def cpu_online(self, cpu: int) -> None:
+        self.kvm_guest_cpu_init(cpu)
+
+    def reboot(self) -> None:
+        self.kvm_pv_reboot_notify()
 
     # -- GuestProtocol --------------------------------------------------------------------------
     def boot(self) -> None:

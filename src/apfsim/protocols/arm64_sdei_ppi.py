@@ -231,6 +231,7 @@ class Arm64SdeiPpiGuest:
     port: SdeiGuestPort
     n_cpus: int
     kvmapf: bool = True
+    mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
     buffers: list[SdeiApfBuffer] = field(init=False)
     waiting: list[dict[int, int]] = field(init=False)  # per CPU: token -> task (TIF_ASYNC_PF)
     stats: SdeiGuestCounters = field(default_factory=SdeiGuestCounters)
@@ -276,6 +277,9 @@ class Arm64SdeiPpiGuest:
     def _wake(self, cpu: int, token: int) -> None:
         task = self.waiting[cpu].pop(token)
         self.stats.wakes += 1
+        if task == self.port.current_task(cpu) and self.mutant == "dummy-drop":
+            self.waiting[cpu][token] = task  # the early wake is dropped: it will sleep
+            return
         if task == self.port.current_task(cpu):
             self.stats.woken_before_sleep += 1  # flag cleared: it will not sleep
         else:

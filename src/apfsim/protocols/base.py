@@ -46,6 +46,7 @@ class GuestView:
     pc_offset: int | None = None  # PC - VBAR_EL1 while in vector/entry code, else None
     elr_saved: bool = True  # False in entry code before kernel_entry saved ELR/SPSR
     irqs_off: bool = False  # x86: IF=0 (no artificial halt possible either)
+    exception_pending: bool = False  # an event awaits (re)injection at this exit
 
 
 @dataclass(slots=True, frozen=True)
@@ -118,6 +119,7 @@ class SyncCause(Enum):
     REASON_BUSY = "reason_busy"  # previous signal not consumed (reason != 0)
     IRQS_OFF = "irqs_off"  # x86 kvm_can_do_async_pf: interrupts not allowed
     GUEST_DECLINED = "guest_declined"  # guest-initiated: told, but it could not sleep
+    EXCEPTION_PENDING = "exception_pending"  # x86: an event awaits (re)injection (B1 fix)
 
 
 @dataclass(slots=True, frozen=True)

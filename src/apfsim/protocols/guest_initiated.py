@@ -72,6 +72,10 @@ class GuestInitiatedHost(X86Host):
         arch = self.arch[vcpu]
         arch.view = view
         told = self.told[vcpu]
+        cause = self.kvm_can_do_async_pf(vcpu, view)
+        if cause is not None:
+            self.gup_nowait_first(gfn)
+            return FaultResult(FaultDecision.SYNC, cause=cause)
         if not self.apf_enabled(vcpu) or gfn in told.values():
             # APF off, or the guest was told and retried without asking: synchronous.
             self.gup_nowait_first(gfn)

@@ -80,6 +80,9 @@ class VcpuApfX86:
     pending_pf: int | None = None  # CR2 of a #PF to inject at the next entry
     pending_irq: bool = False  # the page-ready vector is pending in the LAPIC
     acked: list[AsyncPf] = field(default_factory=list)  # delivered inline by an ACK
+    lapic_enabled: bool = True  # the guest's LAPIC software-enable (SPIV) bit
+    ack_window: bool = False  # an ACK ran since the last run-loop iteration (B12 model)
+    request_after_ack: bool = False  # APF_READY was set inside that window (B12 model)
     view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
 
     @property
@@ -108,6 +111,8 @@ class X86Host(HostBase):
     """The x86 arch hooks over the generic core, one instance per VM."""
 
     name = "x86"
+    mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
+    token_id_mask = 0xF_FFFF  # apf.id bits that fit above the 12-bit vcpu_id in a u32 token
 
     def __init__(
         self,
@@ -122,9 +127,15 @@ class X86Host(HostBase):
         self.stats = X86Counters()
 
     # -- fault path ----------------------------------------------------------------------------
-    def kvm_can_do_async_pf(self, vcpu: int, view: GuestView, irqs_off: bool) -> bool:
-        """ "If interrupts are off we cannot even use an artificial halt state"."""
-        return not irqs_off
+    def kvm_can_do_async_pf(self, vcpu: int, view: GuestView) -> SyncCause | None:
+        """No async PF while an event awaits (re)injection (B1: "check pending exception
+        before injecting APF"), and "if interrupts are off we cannot even use an artificial
+        halt state"; None means it may."""
+        if view.exception_pending and self.mutant != "B1":
+            return SyncCause.EXCEPTION_PENDING
+        if view.irqs_off:
+            return SyncCause.IRQS_OFF
+        return None
 
     def apf_enabled(self, vcpu: int) -> bool:
         """``kvm_pv_async_pf_enabled``."""
@@ -134,14 +145,17 @@ class X86Host(HostBase):
         arch = self.arch[vcpu]
         if not self.apf_enabled(vcpu):
             return False
+        if self.mutant == "B4":
+            return True  # before "Restrict ASYNC_PF to user space": kernel mode too
         return not (arch.send_user_only and view.privileged)
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
         self.gup_nowait_first(gfn)  # __kvm_faultin_pfn: FOLL_NOWAIT first
         arch = self.arch[vcpu]
         arch.view = view
-        if not self.kvm_can_do_async_pf(vcpu, view, view.irqs_off):
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.IRQS_OFF)
+        cause = self.kvm_can_do_async_pf(vcpu, view)
+        if cause is not None:
+            return FaultResult(FaultDecision.SYNC, cause=cause)
         if arch.gfns.find(gfn):
             # kvm_async_pf_repeated_fault: halt until the outstanding fault-in completes.
             self.stats.repeated_faults += 1
@@ -158,8 +172,8 @@ class X86Host(HostBase):
     def alloc_apf_token(self, vcpu: int) -> int:
         """``(apf.id++ << 12) | vcpu_id``, never 0 ("make apf token non-zero to fix bug")."""
         arch = self.arch[vcpu]
-        arch.id = (arch.id + 1) & 0xF_FFFF
-        if (arch.id << 12) & 0xFFFF_FFFF == 0:
+        arch.id = (arch.id + 1) & self.token_id_mask
+        if (arch.id << 12) & 0xFFFF_FFFF == 0 and self.mutant != "B9":
             arch.id = 1
         return make_x86_token(arch.id, vcpu)
 
@@ -197,16 +211,35 @@ class X86Host(HostBase):
         arch.halted = False  # always: this is what ends an artificial halt
 
     def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
+        """Disabled: drain. Else the LAPIC must be enabled (B8) and the token slot free (one
+        page-ready in flight, B5)."""
         if not self.apf_enabled(vcpu_id):
             return True
-        return self.arch[vcpu_id].block.token == 0  # slot free (the LAPIC is always enabled)
+        arch = self.arch[vcpu_id]
+        lapic_ok = arch.lapic_enabled or self.mutant == "B8"
+        slot_free = arch.block.token == 0 or self.mutant == "B5"
+        return lapic_ok and slot_free
 
     def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
+        """Request APF_READY; kick unless a page-ready is pending (its ACK will re-check)."""
         arch = self.arch[vcpu_id]
         arch.apf_ready_request = True
-        if not arch.pageready_pending:
+        pending = arch.pageready_pending
+        if self.mutant == "B12" and arch.ack_window:
+            # No barrier: this read may still see the value from before the ACK's clear.
+            pending = True
+            arch.request_after_ack = True
+        if not pending:
             self.stats.kicks += 1
             self.kick(vcpu_id)
+
+    def kvm_lapic_set_enabled(self, vcpu_id: int, enabled: bool) -> None:
+        """The guest writes the LAPIC software-enable bit; enabling it re-requests APF_READY
+        so that completions held back while it was off are delivered (B8's fix)."""
+        arch = self.arch[vcpu_id]
+        arch.lapic_enabled = enabled
+        if enabled and self.apf[vcpu_id].done:
+            arch.apf_ready_request = True
 
     # -- run loop and MSRs -----------------------------------------------------------------------
     def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]:
@@ -214,7 +247,10 @@ class X86Host(HostBase):
         arch = self.arch[vcpu]
         arch.view = view
         delivered, arch.acked = arch.acked, []
-        if arch.apf_ready_request:
+        # Without the barrier (B12) the request set after the ACK may not be seen here.
+        missed = self.mutant == "B12" and arch.request_after_ack
+        arch.ack_window = arch.request_after_ack = False
+        if arch.apf_ready_request and not missed:
             arch.apf_ready_request = False
             delivered.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
         return delivered
@@ -246,6 +282,7 @@ class X86Host(HostBase):
             if val & 1:
                 self.stats.acks += 1
                 arch.pageready_pending = False
+                arch.ack_window = True
                 # Delivered inline; reported with the next run-loop iteration's deliveries.
                 arch.acked.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
             return 0
