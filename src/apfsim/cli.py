@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +26,10 @@ from apfsim.api import (
     compare_table,
     run,
 )
+from apfsim.check import WorldConfig, check
+from apfsim.check.mutants import MUTANTS
+from apfsim.check.report import mutants_text, result_dict, result_text
+from apfsim.check.world import MODES
 from apfsim.protocols import PROTOCOLS
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
@@ -235,6 +240,109 @@ def compare_command(
         print(compare_summary_table(result))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
+
+
+@app.command("check")
+def check_command(
+    protocol: Annotated[
+        str | None,
+        typer.Argument(help="Protocol to check (default with --mutant: the mutant's protocol)."),
+    ] = None,
+    vcpus: Annotated[int | None, typer.Option(help="vCPUs in the world (1-4; default 2).")] = None,
+    tasks: Annotated[int | None, typer.Option(help="Guest tasks (1-4; default 2).")] = None,
+    pages: Annotated[int | None, typer.Option(help="Guest pages (1-4; default 2).")] = None,
+    depth: Annotated[int | None, typer.Option(help="Stop at this many steps.")] = None,
+    mutant: Annotated[
+        str | None, typer.Option(help="Put a fixed bug back (see --list-mutants).")
+    ] = None,
+    list_mutants: Annotated[
+        bool, typer.Option("--list-mutants", help="Describe every mutant and exit.")
+    ] = False,
+    modes: Annotated[
+        str | None, typer.Option(help="Access modes, comma-separated (default user,kernel).")
+    ] = None,
+    hotplug: Annotated[int, typer.Option(help="CPU offline/online cycles per vCPU.")] = 0,
+    stay_offline: Annotated[
+        bool, typer.Option("--stay-offline", help="An offlined CPU never comes back.")
+    ] = False,
+    reboot: Annotated[bool, typer.Option("--reboot", help="Allow one reboot/kexec.")] = False,
+    send_always: Annotated[
+        bool, typer.Option("--send-always", help="Guest sets SEND_ALWAYS (the seed's FIXME).")
+    ] = False,
+    max_states: Annotated[int, typer.Option(help="Stop after this many states.")] = 2_000_000,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON to this file.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+) -> int:
+    """Explore every interleaving of a small world; exit 1 if a property is violated."""
+    if list_mutants:
+        print(mutants_text())
+        return 0
+    config = _check_config(protocol, vcpus, tasks, pages, mutant, modes, hotplug)
+    config = replace(config, reboot=config.reboot or reboot)
+    config = replace(config, send_always=config.send_always or send_always)
+    config = replace(config, stay_offline=stay_offline)
+    if depth is not None and depth < 1:
+        raise _fail(f"--depth: must be at least 1 (got {depth})")
+    if max_states < 1:
+        raise _fail(f"--max-states: must be at least 1 (got {max_states})")
+    _check_json_path(json_path)
+    last = [time.monotonic()]
+
+    def progress(states: int, level: int) -> None:
+        now = time.monotonic()
+        if not quiet and now - last[0] >= 10.0:
+            last[0] = now
+            print(f"apfsim check: {states} states, depth {level}", file=sys.stderr)
+
+    result = check(config, max_depth=depth, max_states=max_states, progress=progress)
+    print(result_text(result))
+    if json_path is not None:
+        _write_json(json_path, result_dict(result))
+    return 1 if result.violation is not None else 0
+
+
+def _check_config(
+    protocol: str | None,
+    vcpus: int | None,
+    tasks: int | None,
+    pages: int | None,
+    mutant: str | None,
+    modes: str | None,
+    hotplug: int,
+) -> WorldConfig:
+    """The world to check: the mutant's own world unless sizes are given."""
+    world: dict[str, Any] = {}
+    if mutant is not None:
+        if mutant not in MUTANTS:
+            raise _fail(f"--mutant: unknown {mutant!r}; known: {', '.join(MUTANTS)}")
+        m = MUTANTS[mutant]
+        if protocol is not None and protocol != m.protocol:
+            raise _fail(f"--mutant: {mutant} is a bug of {m.protocol}, not of {protocol}")
+        protocol = m.protocol
+        world = dict(m.world)
+        world["mutant"] = mutant
+    if protocol is None:
+        raise _fail("missing PROTOCOL; give one of " + ", ".join(PROTOCOLS))
+    if protocol not in PROTOCOLS:
+        raise _fail(f"PROTOCOL: unknown {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    for name, value in (("vcpus", vcpus), ("tasks", tasks), ("pages", pages)):
+        if value is not None:
+            if not 1 <= value <= 4:
+                raise _fail(f"--{name}: must be 1 to 4 in a checked world (got {value})")
+            world[name] = value
+    if modes is not None:
+        names = tuple(m.strip() for m in modes.split(","))
+        bad = [m for m in names if m not in MODES]
+        if bad or not names:
+            raise _fail(f"--modes: unknown {bad[0]!r}; known: {', '.join(MODES)}")
+        world["modes"] = names
+    if not 0 <= hotplug <= 2:
+        raise _fail(f"--hotplug: must be 0 to 2 (got {hotplug})")
+    if hotplug:
+        world["hotplug"] = hotplug
+    return WorldConfig(protocol=protocol, **world)
 
 
 @app.command("scenarios")

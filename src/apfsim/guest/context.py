@@ -9,6 +9,7 @@ ELR_EL1/SPSR_EL1 yet, and whether this CPU holds its runqueue lock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from apfsim.protocols.base import GuestRegs, GuestView
 from apfsim.workloads.base import AccessMode
@@ -29,12 +30,32 @@ class GuestContext:
     elr_saved: bool = True
     rq_locked: bool = False
     idle: bool = False
+    syndrome_unread: bool = False  # ESR_EL1/FAR_EL1 (x86: CR2) of this exception not yet read
 
     @property
     def preemptible(self) -> bool:
         """Whether a pending reschedule may be taken on return to this context."""
         return not self.privileged or (
             self.preempt_count == 0 and self.rcu_depth == 0 and not self.irqs_off
+        )
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Contexts are a small fixed set: a copy (the model checker's state snapshots)
+        comes back as the same object, so ``ctx is Contexts.USER`` still holds."""
+        return _intern, (self.key(),)
+
+    def key(self) -> tuple[Any, ...]:
+        return (
+            self.name,
+            self.privileged,
+            self.preempt_count,
+            self.rcu_depth,
+            self.irqs_off,
+            self.pc_offset,
+            self.elr_saved,
+            self.rq_locked,
+            self.idle,
+            self.syndrome_unread,
         )
 
     def view(self) -> GuestView:
@@ -44,6 +65,16 @@ class GuestContext:
         return GuestRegs(
             not self.privileged, self.preempt_count, self.rcu_depth, self.idle, self.irqs_off
         )
+
+
+_INTERNED: dict[tuple[Any, ...], GuestContext] = {}
+
+
+def _intern(values: tuple[Any, ...]) -> GuestContext:
+    ctx = _INTERNED.get(values)
+    if ctx is None:
+        ctx = _INTERNED[values] = GuestContext(*values)
+    return ctx
 
 
 class Contexts:
@@ -57,6 +88,13 @@ class Contexts:
     IDLE = GuestContext("idle", privileged=True, idle=True)
     # do_mem_abort / do_async_pf after kernel_entry: registers saved, IRQs masked.
     HANDLER = GuestContext("abort_handler", privileged=True, irqs_off=True)
+    # el0_sync / el1_sync in entry-common.c before read_sysreg(esr_el1 / far_el1): outside the
+    # vector table and entry.S, so outside RFCv2's no-inject window, and not re-entrant.
+    ENTRY_COMMON = GuestContext(
+        "entry_common", privileged=True, irqs_off=True, syndrome_unread=True
+    )
+    # A system call's handler (the guest's own synchronous exception, with IRQs unmasked).
+    SYSCALL = GuestContext("syscall", privileged=True)
     IRQ = GuestContext("irq", privileged=True, preempt_count=HARDIRQ_OFFSET, irqs_off=True)
     # __schedule: preemption disabled and rq->lock held with IRQs off.
     RQ_LOCKED = GuestContext(
@@ -76,7 +114,13 @@ class Contexts:
             pc_offset=entry_pc_offset,
             elr_saved=False,
         )
+        self.vector = _intern(self.vector.key())
+        self.entry = _intern(self.entry.key())
 
+
+for _ctx in vars(Contexts).values():
+    if isinstance(_ctx, GuestContext):
+        _INTERNED.setdefault(_ctx.key(), _ctx)
 
 CONTEXT_OF_MODE: dict[AccessMode, GuestContext] = {
     AccessMode.USER: Contexts.USER,

@@ -53,7 +53,7 @@ SMCCC_RET_NOT_REQUIRED = -2
 SYS_RESTART = 0x0001  # reboot notifier code for a restart
 
 
-@dataclass(slots=True)
+@dataclass
 class ApfData:
     """Per-CPU ``struct kvm_vcpu_pv_apf_data``: ``reason`` is shared with the host."""
 
@@ -61,7 +61,7 @@ class ApfData:
     enabled: int = 0
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class SleepNode:
     """``struct kvm_task_sleep_node``; ``task`` is a task id (``-1`` stands for idle)."""
 

@@ -11,6 +11,7 @@ a not-present taken in kernel mode or with IF=0 is a guest panic, and the only w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,7 +49,7 @@ def hash_32(value: int, bits: int) -> int:
     return ((value * 0x61C88647) & 0xFFFF_FFFF) >> (32 - bits)
 
 
-@dataclass(slots=True)
+@dataclass
 class X86ApfData:
     """Per-CPU ``struct kvm_vcpu_pv_apf_data``: ``flags`` @0, ``token`` @4, guest ``enabled``."""
 
@@ -57,7 +58,7 @@ class X86ApfData:
     enabled: int = 0
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class X86SleepNode:
     """``struct kvm_task_sleep_node`` (on the sleeper's stack; a dummy is kzalloc'ed)."""
 
@@ -67,6 +68,37 @@ class X86SleepNode:
     dummy: bool = False
     hashed: bool = True
     halted: bool = False  # pre-5.8 only: the waiter spins in native_safe_halt()
+
+
+class SleepTable:
+    """``async_pf_sleepers[KVM_TASK_SLEEP_HASHSIZE]``: 256 hash buckets, each made on first
+    use. Iterating visits the buckets made so far (the others are empty); a copy keeps only
+    non-empty buckets, so equal tables pickle to equal bytes (the model checker's states)."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, list[X86SleepNode]] = {}
+
+    def __len__(self) -> int:
+        return 1 << KVM_TASK_SLEEP_HASHBITS
+
+    def __getitem__(self, index: int) -> list[X86SleepNode]:
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            if not 0 <= index < len(self):
+                raise IndexError(index)
+            bucket = self._buckets[index] = []
+        return bucket
+
+    def __iter__(self) -> Iterator[list[X86SleepNode]]:
+        return iter(list(self._buckets.values()))
+
+    def __getstate__(self) -> dict[int, list[X86SleepNode]]:
+        return {i: self._buckets[i] for i in sorted(self._buckets) if self._buckets[i]}
+
+    def __setstate__(self, buckets: dict[int, list[X86SleepNode]]) -> None:
+        self._buckets = buckets
 
 
 class X86GuestPort(Protocol):
@@ -106,12 +138,12 @@ class X86ApfGuest:
     kvmapf: bool = True  # cleared by the `no-kvmapf` early param
     mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
     apf_reason: list[X86ApfData] = field(init=False)
-    async_pf_sleepers: list[list[X86SleepNode]] = field(init=False)
+    async_pf_sleepers: SleepTable = field(init=False)
     stats: X86DriverCounters = field(default_factory=X86DriverCounters)
 
     def __post_init__(self) -> None:
         self.apf_reason = [X86ApfData() for _ in range(self.n_cpus)]
-        self.async_pf_sleepers = [[] for _ in range(1 << KVM_TASK_SLEEP_HASHBITS)]
+        self.async_pf_sleepers = SleepTable()
 
     def _bucket(self, token: int) -> list[X86SleepNode]:
         return self.async_pf_sleepers[hash_32(token, KVM_TASK_SLEEP_HASHBITS)]

@@ -44,7 +44,7 @@ class WorkState(Enum):
     CANCELLED = "cancelled"  # dropped by kvm_clear_async_pf_completion_queue
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class AsyncPf:
     """One outstanding async fault: ``struct kvm_async_pf``.
 
@@ -66,7 +66,7 @@ class AsyncPf:
         return self.gfn << 12
 
 
-@dataclass(slots=True)
+@dataclass
 class VcpuAsyncPf:
     """``vcpu->async_pf``: the per-vCPU lists and counter."""
 

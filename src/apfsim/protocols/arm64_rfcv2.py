@@ -64,7 +64,7 @@ def hash_32(value: int, bits: int) -> int:
     return ((value * 0x61C88647) & 0xFFFF_FFFF) >> (32 - bits)
 
 
-@dataclass(slots=True)
+@dataclass
 class GfnHash:
     """The per-vCPU 64-slot open-addressing gfn table (``kvm_add/find/del_async_pf_gfn``)."""
 
@@ -114,11 +114,20 @@ class GfnHash:
     def reset(self) -> None:
         self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
 
+    def __getstate__(self) -> dict[int, int]:
+        """Only the used slots (the model checker snapshots this table per state)."""
+        return {i: gfn for i, gfn in enumerate(self.slots) if gfn != _EMPTY}
+
+    def __setstate__(self, used: dict[int, int]) -> None:
+        self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
+        for i, gfn in used.items():
+            self.slots[i] = gfn
+
     def __len__(self) -> int:
         return sum(1 for s in self.slots if s != _EMPTY)
 
 
-@dataclass(slots=True)
+@dataclass
 class VcpuApfArch:
     """``vcpu->arch.apf`` in RFCv2 plus the vCPU's pending injected abort."""
 

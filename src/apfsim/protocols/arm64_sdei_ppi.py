@@ -55,7 +55,7 @@ KVM_PV_REASON_PAGE_READY = 2
 WAKE_ALL_TOKEN = 0xFFFF_FFFF
 
 
-@dataclass(slots=True)
+@dataclass
 class SdeiApfBuffer:
     """The shared buffer (reason, token) written by the host, read and cleared by the guest."""
 
@@ -64,7 +64,7 @@ class SdeiApfBuffer:
     enabled: int = 0
 
 
-@dataclass(slots=True)
+@dataclass
 class VcpuSdeiArch:
     buffer: SdeiApfBuffer
     enabled: bool = False

@@ -38,7 +38,7 @@ GupNowaitFn = Callable[[int], None]
 """GUP with FOLL_NOWAIT on a swapped gfn: submits the swap read (with readahead), no wait."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(frozen=True)
 class GuestView:
     """The guest registers the host reads at an exit: exception level and PC."""
 
@@ -49,7 +49,7 @@ class GuestView:
     exception_pending: bool = False  # an event awaits (re)injection at this exit
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(frozen=True)
 class GuestRegs:
     """What the guest's abort handler can see of the interrupted context."""
 
@@ -86,7 +86,7 @@ class InjectionKind(Enum):
         return self is not InjectionKind.INTERRUPT
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(frozen=True)
 class Injection:
     kind: InjectionKind
     payload: int

@@ -64,7 +64,7 @@ def make_x86_token(apf_id: int, vcpu_id: int) -> int:
     return ((apf_id << 12) | vcpu_id) & 0xFFFF_FFFF
 
 
-@dataclass(slots=True)
+@dataclass
 class VcpuApfX86:
     """``vcpu->arch.apf`` (x86) plus the vCPU's pending events."""
 

@@ -1,0 +1,150 @@
+"""State invariants of the async PF protocols (spec §8.3), over the explicit protocol state.
+
+Each check reads the same objects the simulator drives: the generic core's per-vCPU lists
+(:class:`~apfsim.host.async_pf.VcpuAsyncPf`), the arch state of the variant, and the guest
+driver's sleep table. :func:`check_state` returns the first broken property as
+``(name, detail)``, or None; the model checker calls it on every state it reaches.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from apfsim.check.world import Mode, TaskState
+from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest
+from apfsim.guest.kvm_apf_x86 import WAKE_ALL_TOKEN, X86ApfGuest
+from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, WorkState
+from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost
+from apfsim.protocols.common import HostBase
+from apfsim.protocols.x86 import X86Host
+from apfsim.protocols.x86_legacy import X86LegacyHost
+
+if TYPE_CHECKING:
+    from apfsim.check.world import World
+
+__all__ = ["INVARIANTS", "Broken", "check_state"]
+
+Broken = tuple[str, str] | None
+
+INVARIANTS: dict[str, str] = {
+    "I1": "tokens of live items are unique per vCPU; x86: never 0 or ~0 (B9)",
+    "I2": "queued == items on queue (+ wake-all items on done) <= 64; every queued item is "
+    "running or done; a gfn is in the hash iff a non-wake-all item for it is queued",
+    "I3": "x86: a page-ready is pending only while its token is in the slot (one in flight)",
+    "I4": "a not-present reaches the guest only where it can take it (user mode, IRQs on, no "
+    "pending event; arm64: not where ELR/ESR/FAR are unsaved) (B1, B4)",
+    "I6": "a sleeping task has a node its page-ready can find; no token has two nodes; no "
+    "dummy node is left when every task is done",
+    "I8": "the host writes no APF data of a CPU whose kernel has not enabled async PF (B14)",
+    "I9": "x86 / SDEI: a ready request on a running vCPU has a kick or a pending ACK (B12)",
+    "live": "every task can still finish: no task asleep forever, no lost page-ready (B5, "
+    "B8, dummy-drop)",
+}
+
+
+def check_state(world: World) -> Broken:
+    """The first invariant ``world`` breaks, or None."""
+    return _core(world) or _arch(world) or _guest(world)
+
+
+def _core(world: World) -> Broken:
+    host = world.host
+    if not isinstance(host, HostBase):
+        return None
+    # Token 0 means "slot free" only since page-ready is an interrupt with a token slot.
+    x86_tokens = isinstance(host, X86Host) and not isinstance(host, X86LegacyHost)
+    for v, apf in enumerate(host.apf):
+        wake_alls = sum(1 for w in apf.done if w.wakeup_all)
+        if apf.queued != len(apf.queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
+            return "I2", f"vCPU{v}: queued={apf.queued} but {len(apf.queue)} items queued"
+        tokens = []
+        for work in apf.queue:
+            if work.state not in (WorkState.RUNNING, WorkState.DONE):
+                return "I2", f"vCPU{v}: a {work.state.value} item is still on the queue"
+            tokens.append(work.token)
+        if len(set(tokens)) != len(tokens):
+            return "I1", f"vCPU{v}: two live items share a token ({sorted(tokens)})"
+        for token in tokens:
+            if token == WAKE_ALL_TOKEN or (x86_tokens and token == 0):
+                return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
+        gfns = getattr(host, "arch", None)
+        # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
+        # gate is checked before the lookup, so they are never used).
+        if gfns is not None and _apf_on(host, v):
+            hashed = gfns[v].gfns
+            queued_gfns = {w.gfn for w in apf.queue if not w.wakeup_all}
+            for gfn in range(len(world.pages)):
+                if hashed.find(gfn) != (gfn in queued_gfns):
+                    return "I2", f"vCPU{v}: gfn{gfn} hash and queue disagree"
+    return None
+
+
+def _apf_on(host: HostBase, v: int) -> bool:
+    if isinstance(host, X86Host):
+        return host.apf_enabled(v)
+    return bool(getattr(host.arch[v], "enabled", True))  # type: ignore[attr-defined]
+
+
+def _arch(world: World) -> Broken:
+    host = world.host
+    if isinstance(host, X86Host):
+        for v, arch in enumerate(host.arch):
+            if arch.pageready_pending and arch.block.token == 0 and host.apf_enabled(v):
+                return "I3", f"vCPU{v}: pageready_pending with an empty token slot"
+            if (
+                arch.apf_ready_request
+                and world.vcpus[v].mode == Mode.GUEST
+                and not arch.pageready_pending
+                and host.apf[v].done
+                and host.kvm_arch_can_dequeue_async_page_present(v)
+            ):
+                return "I9", (
+                    f"vCPU{v}: KVM_REQ_APF_READY is set while the vCPU runs in the guest, "
+                    "nobody kicked it and no ACK is pending: the page-ready waits for an "
+                    "unrelated exit (missed kick)"
+                )
+    elif isinstance(host, Arm64SdeiPpiHost):
+        for v, sarch in enumerate(host.arch):
+            if (
+                sarch.async_pf_request
+                and world.vcpus[v].mode == Mode.GUEST
+                and not sarch.pageready_pending
+                and host.apf[v].done
+                and host.kvm_arch_can_dequeue_async_page_present(v)
+            ):
+                return "I9", f"vCPU{v}: KVM_REQ_ASYNC_PF set on a running vCPU, no kick"
+    return None
+
+
+def _guest(world: World) -> Broken:
+    guest = world.guest
+    for t, task in enumerate(world.tasks):
+        if task.state in (TaskState.SLEEPING, TaskState.HALTED) and guest.waiter_woken(
+            task.wait_cpu, t
+        ):
+            return "I6", (
+                f"task{t} waits for its page but has no node left to be found: a lost "
+                "wake-up (it sleeps forever)"
+            )
+    tokens: list[int] = []
+    dummies = 0
+    if isinstance(guest, X86ApfGuest):
+        for bucket in guest.async_pf_sleepers:
+            for node in bucket:
+                tokens.append(node.token)
+                dummies += node.dummy
+    elif isinstance(guest, Arm64ApfGuest):
+        for cpu, head in enumerate(guest.apf_head):
+            cpu_tokens = [n.token for n in head]
+            if len(set(cpu_tokens)) != len(cpu_tokens):
+                return "I6", f"CPU{cpu}: two sleep nodes for one token"
+            dummies += sum(n.dummy for n in head)
+    elif isinstance(guest, Arm64SdeiPpiGuest):
+        for cpu, waiting in enumerate(guest.waiting):
+            tokens.extend(waiting)
+            del cpu
+    if len(set(tokens)) != len(tokens):
+        return "I6", "two sleep nodes for one token"
+    if dummies and all(task.state == TaskState.DONE for task in world.tasks):
+        return "I6", f"{dummies} dummy node(s) left in the sleep table: never consumed (leak)"
+    return None

@@ -1,0 +1,283 @@
+"""Breadth-first search over every interleaving of a small world.
+
+States are identified by their bytes (:meth:`World.key`), so each is expanded once and the
+first violation found lies at the smallest depth: its trace is a shortest one. Safety
+properties are checked on every step and every state; liveness ("every task can still
+finish") is checked once the search is over, by walking back from the states where every
+task is done: a state that cannot reach one is a task asleep forever or a lost page-ready.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from apfsim.check.invariants import check_state
+from apfsim.check.world import Action, Step, TaskState, Violation, World, WorldConfig
+
+__all__ = ["CheckResult", "Counterexample", "TraceStep", "check"]
+
+ProgressFn = Callable[[int, int], None]  # (states, depth)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    action: str
+    effects: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Counterexample:
+    prop: str
+    detail: str
+    trace: tuple[TraceStep, ...]
+    doomed_after: int | None = None  # liveness: steps after this one only go round in circles
+
+
+@dataclass(slots=True)
+class CheckResult:
+    config: WorldConfig
+    states: int = 0
+    transitions: int = 0
+    depth: int = 0
+    complete: bool = True  # False: --depth or --max-states cut the search short
+    seconds: float = 0.0
+    violation: Counterexample | None = None
+    goal_states: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def states_per_second(self) -> float:
+        return self.states / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Template:
+    """What a stored state lacks: the config and the counters (the search never reads them)."""
+
+    def __init__(self, world: World) -> None:
+        self.saved = world._strip()
+        world._restore(self.saved)
+
+    def load(self, data: bytes) -> World:
+        world: World = pickle.loads(data)
+        world._restore(self.saved)
+        return world
+
+
+def check(
+    config: WorldConfig,
+    max_depth: int | None = None,
+    max_states: int = 5_000_000,
+    progress: ProgressFn | None = None,
+) -> CheckResult:
+    """Explore ``config``'s world; the result holds the first (shortest) violation, if any."""
+    t0 = time.perf_counter()
+    result = CheckResult(config)
+    root = World(config)
+    template = _Template(root)
+    root_key = root.key()
+    keys: dict[bytes, int] = {root_key: 0}
+    datas = [root_key]
+    parent = [-1]
+    via: list[Action | None] = [None]
+    depth = [0]
+    succ: list[list[int]] = [[]]
+    succ_act: list[list[Action]] = [[]]
+    goal = [_is_goal(root)]
+    asleep = [_is_waiting(root)]
+    truncated: list[int] = []
+    broken = check_state(root)
+    if broken is not None:
+        result.violation = _counterexample(config, [], broken[0], broken[1])
+        return _finish(result, t0, len(datas))
+    queue: deque[int] = deque([0])
+    while queue:
+        i = queue.popleft()
+        if max_depth is not None and depth[i] >= max_depth:
+            truncated.append(i)
+            result.complete = False
+            continue
+        data = datas[i]
+        first = template.load(data)
+        actions = first.actions()
+        out = succ[i]
+        for n, action in enumerate(actions):
+            world = first if n == len(actions) - 1 else template.load(data)
+            result.transitions += 1
+            try:
+                world.step(action)
+            except Violation as violation:
+                path = [*_path(parent, via, i), action]
+                result.violation = _counterexample(config, path, violation.prop, violation.detail)
+                return _finish(result, t0, len(datas), max(depth))
+            key = world.key()
+            j = keys.get(key)
+            if j is None:
+                j = len(datas)
+                keys[key] = j
+                datas.append(key)
+                parent.append(i)
+                via.append(action)
+                depth.append(depth[i] + 1)
+                succ.append([])
+                succ_act.append([])
+                goal.append(_is_goal(world))
+                asleep.append(_is_waiting(world))
+                broken = check_state(world)
+                if broken is not None:
+                    path = _path(parent, via, j)
+                    result.violation = _counterexample(config, path, broken[0], broken[1])
+                    return _finish(result, t0, len(datas), max(depth))
+                if len(datas) >= max_states:
+                    result.complete = False
+                    truncated.extend(queue)
+                    truncated.append(j)
+                    queue.clear()
+                    break
+                queue.append(j)
+                if progress is not None and j % 10_000 == 0:
+                    progress(j, depth[j])
+            out.append(j)
+            succ_act[i].append(action)
+    result.goal_states = sum(goal)
+    stuck = _cannot_finish(succ, goal, asleep, truncated)
+    if stuck is not None:
+        path = _path(parent, via, stuck)
+        world = _replay(config, path)
+        prop, detail = _why_stuck(world)
+        tail = _continuation(stuck, succ, succ_act)
+        found = _counterexample(config, [*path, *tail], prop, detail)
+        result.violation = Counterexample(found.prop, found.detail, found.trace, len(path))
+    return _finish(result, t0, len(datas), max(depth))
+
+
+def _finish(result: CheckResult, t0: float, states: int, depth: int = 0) -> CheckResult:
+    result.states = states
+    result.depth = depth
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _is_goal(world: World) -> bool:
+    return all(task.state == TaskState.DONE for task in world.tasks)
+
+
+def _is_waiting(world: World) -> bool:
+    return any(task.state in (TaskState.SLEEPING, TaskState.HALTED) for task in world.tasks)
+
+
+def _path(parent: list[int], via: list[Action | None], i: int) -> list[Action]:
+    path: list[Action] = []
+    while i > 0:
+        action = via[i]
+        assert action is not None
+        path.append(action)
+        i = parent[i]
+    path.reverse()
+    return path
+
+
+def _cannot_finish(
+    succ: list[list[int]], goal: list[bool], asleep: list[bool], truncated: list[int]
+) -> int | None:
+    """The shallowest state from which no state with every task done is reachable,
+    preferring one where a task already waits for its page (the readable counterexample).
+
+    States the search did not expand (depth or size limit) count as able to finish.
+    """
+    preds: list[list[int]] = [[] for _ in succ]
+    for i, out in enumerate(succ):
+        for j in out:
+            preds[j].append(i)
+    can = bytearray(len(succ))
+    stack = [i for i, g in enumerate(goal) if g]
+    stack.extend(truncated)
+    for i in stack:
+        can[i] = 1
+    while stack:
+        j = stack.pop()
+        for i in preds[j]:
+            if not can[i]:
+                can[i] = 1
+                stack.append(i)
+    first = None
+    for i in range(len(succ)):  # BFS order: the first is a shallowest one
+        if not can[i]:
+            if asleep[i]:
+                return i  # the shallowest doomed state where a task already waits
+            if first is None:
+                first = i
+    return first
+
+
+_PREFERENCE = (Step.WORKER, Step.SYNC_DONE, Step.ENTER, Step.HANDLE)
+
+
+def _continuation(
+    start: int, succ: list[list[int]], succ_act: list[list[Action]], limit: int = 20
+) -> list[Action]:
+    """One way the doomed run goes on (completions first), until it only revisits states:
+    it shows the page-ready arriving and still waking nobody."""
+    seen = {start}
+    path: list[Action] = []
+    i = start
+    for _ in range(limit):
+        options = [(a, j) for a, j in zip(succ_act[i], succ[i], strict=True) if j not in seen]
+        if not options:
+            break
+        options.sort(key=lambda aj: _rank(aj[0]))
+        action, i = options[0]
+        seen.add(i)
+        path.append(action)
+    return path
+
+
+def _rank(action: Action) -> int:
+    kind = action[0]
+    return _PREFERENCE.index(kind) if kind in _PREFERENCE else len(_PREFERENCE)
+
+
+def _why_stuck(world: World) -> tuple[str, str]:
+    asleep = [t for t, task in enumerate(world.tasks) if task.state == TaskState.SLEEPING]
+    halted = [t for t, task in enumerate(world.tasks) if task.state == TaskState.HALTED]
+    if asleep:
+        return "live: task asleep forever", (
+            f"task{asleep[0]} sleeps on an APF token and no interleaving from here wakes it "
+            "(its page-ready was lost or never sent)"
+        )
+    if halted:
+        return "live: halted waiter never woken", (
+            f"task{halted[0]} spins in the halted wait (wfi until its node is unhashed) and "
+            "no interleaving from here unhashes its node"
+        )
+    return "live: no way to finish", (
+        "from here no interleaving lets every task finish (a deadlock or a livelock)"
+    )
+
+
+def _replay(config: WorldConfig, path: list[Action]) -> World:
+    world = World(config)
+    for action in path:
+        world.step(action)
+    return world
+
+
+def _counterexample(
+    config: WorldConfig, path: list[Action], prop: str, detail: str
+) -> Counterexample:
+    """Replay ``path`` from the start, recording what each step did in kernel terms."""
+    world = World(config)
+    steps: list[TraceStep] = []
+    for action in path:
+        text = world.describe(action)
+        world.log = []
+        try:
+            world.step(action)
+        except Violation:
+            steps.append(TraceStep(text, tuple(world.log)))
+            break
+        steps.append(TraceStep(text, tuple(world.log)))
+    return Counterexample(prop, detail, tuple(steps))

@@ -1,0 +1,184 @@
+"""The model checker: mutants caught with shortest traces, fixed code passing, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from apfsim.check import WorldConfig, check
+from apfsim.check.invariants import check_state
+from apfsim.check.mutants import MUTANTS
+from apfsim.check.world import Step, TaskState, World
+from apfsim.cli import main
+
+
+def mutant_world(name: str) -> WorldConfig:
+    m = MUTANTS[name]
+    return WorldConfig(protocol=m.protocol, **m.world)
+
+
+EXPECTED = {
+    "B1": "I4 not-present injected with an event pending (B1)",
+    "B4": "I4 guest cannot take an injected async PF",
+    "B5": "live: task asleep forever",
+    "B8": "live: task asleep forever",
+    "B9": "I1",
+    "B12": "I9",
+    "B14": "I8 host wrote guest memory after async PF was disabled (B14)",
+    "dummy-drop": "live: task asleep forever",
+}
+
+
+def test_every_listed_bug_has_a_mutant() -> None:
+    assert set(MUTANTS) == set(EXPECTED)
+    assert {"B1", "B4", "B5", "B8", "B9", "B12", "B14", "dummy-drop"} <= set(MUTANTS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_mutant_is_caught_and_its_fixed_world_passes(name: str) -> None:
+    config = mutant_world(name)
+    fixed = check(config)
+    assert fixed.complete and fixed.violation is None, fixed.violation
+    found = check(replace(config, mutant=name))
+    assert found.violation is not None
+    assert found.violation.prop == EXPECTED[name]
+    assert found.violation.trace  # a readable trace, step by step
+
+
+@pytest.mark.parametrize("name", ["B1", "B4", "B9", "B12", "B14"])
+def test_safety_counterexample_is_a_shortest_one(name: str) -> None:
+    """BFS: no violation exists at any smaller depth."""
+    config = replace(mutant_world(name), mutant=name)
+    found = check(config)
+    assert found.violation is not None
+    steps = len(found.violation.trace)
+    shorter = check(config, max_depth=steps - 1)
+    assert shorter.violation is None or shorter.violation.prop.startswith("live")
+    assert not shorter.complete
+
+
+def test_liveness_trace_marks_where_the_run_is_doomed() -> None:
+    found = check(replace(mutant_world("B5"), mutant="B5"))
+    assert found.violation is not None and found.violation.doomed_after is not None
+    world = World(found.violation and mutant_world("B5"))
+    del world
+    assert 0 < found.violation.doomed_after <= len(found.violation.trace)
+
+
+def test_the_seeds_halted_waiter_is_never_woken() -> None:
+    """docs/findings.md F1: with SEND_ALWAYS, an atomic kernel-mode fault takes the halted
+    wait; its page-ready arrives in the waiter's own context, the wake is delayed, and the
+    delayed wake only runs on return to user or idle entry, which the WFI loop never reaches."""
+    config = WorldConfig(
+        protocol="arm64-rfcv2",
+        vcpus=1,
+        tasks=1,
+        pages=1,
+        send_always=True,
+        modes=("user", "kernel_atomic"),
+    )
+    found = check(config)
+    assert found.violation is not None
+    assert found.violation.prop == "live: halted waiter never woken"
+    effects = [e for step in found.violation.trace for e in step.effects]
+    assert "guest handler: wait_halt" in effects
+
+
+def test_the_seeds_window_lets_an_abort_clobber_an_unread_syndrome() -> None:
+    """docs/findings.md F2 (Mark Rutland's NAK): entry-common is outside [VBAR, VBAR+range),
+    so a page-ready abort can land before el0_sync has read ESR_EL1/FAR_EL1."""
+    config = WorldConfig(protocol="arm64-rfcv2", vcpus=1, tasks=2, pages=1, placement="one")
+    found = check(config)
+    assert found.violation is not None
+    assert found.violation.prop == "abort injected where the guest cannot take it"
+    assert "ESR_EL1/FAR_EL1" in found.violation.detail
+
+
+def test_sdei_delivers_anywhere_safely_in_the_same_world() -> None:
+    config = WorldConfig(protocol="arm64-sdei-ppi", vcpus=1, tasks=2, pages=1, placement="one")
+    assert check(config).violation is None
+
+
+def test_the_seeds_cpu_offline_strands_its_sleepers() -> None:
+    """docs/findings.md F3: kvm_async_pf_cpu_offline disables APF and wakes nobody; the host
+    drops the queued page-ready, so a task asleep on that CPU never wakes unless the CPU comes
+    back online (the enable's wake-all). x86 wakes them locally as the CPU goes down."""
+    config = WorldConfig(
+        protocol="arm64-rfcv2",
+        vcpus=2,
+        tasks=2,
+        pages=1,
+        modes=("user",),
+        hotplug=1,
+        stay_offline=True,
+        syscalls=False,
+    )
+    found = check(config)
+    assert found.violation is not None
+    assert found.violation.prop == "live: task asleep forever"
+    assert check(replace(config, protocol="x86")).violation is None
+
+
+def test_invariants_hold_in_the_initial_world_of_every_protocol() -> None:
+    from apfsim.protocols import PROTOCOLS
+
+    for name in PROTOCOLS:
+        world = World(WorldConfig(protocol=name))
+        assert check_state(world) is None
+        assert world.actions()
+
+
+def test_states_are_identified_by_content_not_history() -> None:
+    a = World(WorldConfig(protocol="x86", vcpus=1, tasks=1, pages=1, modes=("user",))).copy()
+    b = a.copy()
+    assert a.key() == b.key()
+    a.step((Step.ENTER, 0, 0))
+    assert a.key() != b.key()
+    b.step((Step.ENTER, 0, 0))
+    assert a.key() == b.key()
+    assert all(t.state == TaskState.RUNNABLE for t in a.tasks)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b9.json"
+    assert main(["check", "--mutant", "B9", "--quiet", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "VIOLATION I1" in text and "shortest trace" in text
+    data = json.loads(out.read_text())
+    assert data["violation"]["property"] == "I1" and data["world"]["mutant"] == "B9"
+    assert main(["check", "x86", "--vcpus", "1", "--tasks", "1", "--pages", "1"]) == 0
+    assert "no violation" in capsys.readouterr().out
+
+
+def test_cli_lists_mutants_with_their_fixes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--list-mutants"]) == 0
+    text = capsys.readouterr().out
+    for name in MUTANTS:
+        assert f"{name} (" in text
+    assert "make apf token non-zero" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["check"], "missing PROTOCOL"),
+        (["check", "nope"], "PROTOCOL: unknown 'nope'"),
+        (["check", "x86", "--vcpus", "0"], "--vcpus: must be 1 to 4"),
+        (["check", "x86", "--mutant", "B99"], "--mutant: unknown 'B99'"),
+        (["check", "arm64-rfcv2", "--mutant", "B9"], "B9 is a bug of x86"),
+        (["check", "x86", "--modes", "user,sideways"], "--modes: unknown 'sideways'"),
+        (["check", "x86", "--depth", "0"], "--depth: must be at least 1"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
