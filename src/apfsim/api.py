@@ -27,7 +27,7 @@ from apfsim.compare import (
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.protocols import PROTOCOLS
 from apfsim.scenario import Scenario, ScenarioError, load_scenario
-from apfsim.simulation import Simulation
+from apfsim.simulation import InvariantViolation, Simulation
 
 __all__ = [
     "DEFAULT_PROTOCOLS",
@@ -68,15 +68,17 @@ def run_protocol(
     seed: int = 0,
     duration_s: float | None = None,
     progress: Callable[[float], None] | None = None,
+    check: bool = True,
 ) -> ProtocolResult:
-    """Run one protocol; ``duration_s`` overrides the scenario's duration."""
+    """Run one protocol; ``duration_s`` overrides the scenario's duration. With ``check``
+    the protocol invariants are checked as it runs (a violation raises InvariantViolation)."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
     if protocol not in PROTOCOLS:
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
         )
-    return Simulation(sc, protocol, seed).run(duration_s, progress)
+    return Simulation(sc, protocol, seed, check).run(duration_s, progress)
 
 
 def run(
@@ -85,8 +87,10 @@ def run(
     seed: int = 0,
     duration_s: float | None = None,
     progress: ProgressFn | None = None,
+    check: bool = True,
 ) -> RunResult:
-    """Run ``scenario`` under each protocol on the same seed."""
+    """Run ``scenario`` under each protocol on the same seed. If an invariant breaks, the
+    InvariantViolation carries the protocols finished before it (``partial``)."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
     for name in protocols:
@@ -100,7 +104,11 @@ def run(
     out = RunResult(scenario=scenario_dict, seed=seed)
     for name in protocols:
         cb = None if progress is None else (lambda f, n=name: progress(n, f))
-        out.results.append(run_protocol(sc, name, seed, duration_s, cb))
+        try:
+            out.results.append(run_protocol(sc, name, seed, duration_s, cb, check))
+        except InvariantViolation as err:
+            err.partial = out
+            raise
     return out
 
 
@@ -218,6 +226,7 @@ def compare(
     duration_s: float | None = None,
     jobs: int | None = None,
     progress: CompareProgressFn | None = None,
+    check: bool = True,
 ) -> CompareResult:
     """Run each protocol on each seed and compare them with ``baseline``, paired by seed.
 
@@ -243,7 +252,7 @@ def compare(
     _check_duration(duration_s)
     sc = _resolve(scenario)
     n_jobs = default_jobs() if jobs is None else jobs
-    return run_compare(sc, names, seed_list, baseline, duration_s, n_jobs, progress)
+    return run_compare(sc, names, seed_list, baseline, duration_s, n_jobs, progress, check)
 
 
 def compare_summary_table(result: CompareResult) -> str:

@@ -38,6 +38,7 @@ from apfsim.scenario import (
     load_scenario,
     scenario_to_toml,
 )
+from apfsim.simulation import InvariantViolation
 
 __all__ = ["app", "cli", "main"]
 
@@ -153,6 +154,9 @@ def run_command(
         Path | None, typer.Option("--json", help="Write the results as JSON to this file.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
+    ] = False,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
     protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
@@ -177,8 +181,20 @@ def run_command(
     progress = _Progress(quiet)
     try:
         result = run(
-            sc, protocols, seed=seed, duration_s=duration, progress=progress.protocol_fraction
+            sc,
+            protocols,
+            seed=seed,
+            duration_s=duration,
+            progress=progress.protocol_fraction,
+            check=not no_check,
         )
+    except InvariantViolation as err:
+        progress.close()
+        partial = err.partial
+        if partial is not None and partial.results and not quiet:
+            print(compare_table(partial))  # what finished before the violation is kept
+        print(f"apfsim: invariant violated: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
     finally:
         progress.close()
     if not quiet:
@@ -217,6 +233,9 @@ def compare_command(
         Path | None, typer.Option("--json", help="Write runs and summary as JSON to this file.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
+    ] = False,
 ) -> None:
     """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
     protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
@@ -230,10 +249,20 @@ def compare_command(
     progress = _Progress(quiet)
     try:
         result = compare(
-            scenario, protocols, seeds, baseline, duration, jobs, progress=progress.runs_done
+            scenario,
+            protocols,
+            seeds,
+            baseline,
+            duration,
+            jobs,
+            progress=progress.runs_done,
+            check=not no_check,
         )
     except ScenarioError as err:
         raise _fail(str(err)) from None
+    except InvariantViolation as err:
+        print(f"apfsim: invariant violated: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
     finally:
         progress.close()
     if not quiet:

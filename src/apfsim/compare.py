@@ -139,13 +139,17 @@ def paired_ratios(
 
 
 def run_one(
-    scenario_dict: dict[str, Any], protocol: str, seed: int, duration_s: float | None
+    scenario_dict: dict[str, Any],
+    protocol: str,
+    seed: int,
+    duration_s: float | None,
+    check: bool = True,
 ) -> dict[str, Any]:
     """Run one (protocol, seed): the process pool's picklable unit of work.
 
     Returns the ProtocolResult's dict with ``wall_time_s`` (dropped again from the JSON).
     """
-    return _run(scenario_dict, protocol, seed, duration_s)
+    return _run(scenario_dict, protocol, seed, duration_s, check)
 
 
 def _run(
@@ -153,10 +157,11 @@ def _run(
     protocol: str,
     seed: int,
     duration_s: float | None,
+    check: bool = True,
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     scenario = scenario_from_dict(scenario_dict)
-    result = Simulation(scenario, protocol, seed).run(duration_s, progress)
+    result = Simulation(scenario, protocol, seed, check).run(duration_s, progress)
     return result.to_dict(include_wall=True)
 
 
@@ -167,7 +172,7 @@ def default_jobs() -> int:
     return os.cpu_count() or 1  # pragma: no cover - platforms without affinity
 
 
-_Spec = tuple[dict[str, Any], str, int, float | None]
+_Spec = tuple[dict[str, Any], str, int, float | None, bool]
 
 
 def _execute(
@@ -368,11 +373,14 @@ def run_compare(
     duration_s: float | None,
     jobs: int,
     progress: CompareProgressFn | None = None,
+    check: bool = True,
 ) -> CompareResult:
     """Run every protocol on every seed (arguments already checked) and summarise."""
     start = time.monotonic()
     scenario_dict = scenario.model_dump(mode="json")
-    specs: list[_Spec] = [(scenario_dict, p, s, duration_s) for p in protocols for s in seeds]
+    specs: list[_Spec] = [
+        (scenario_dict, p, s, duration_s, check) for p in protocols for s in seeds
+    ]
     results = [_protocol_result(d) for d in _execute(specs, jobs, progress)]
     runs = [CompareRun(spec[2], r) for spec, r in zip(specs, results, strict=True)]
     by_protocol = {p: [r.result for r in runs if r.result.protocol == p] for p in protocols}

@@ -8,16 +8,17 @@ port the protocol's guest driver calls (``current``, wake-ups, IPIs, allocation,
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
 
+from apfsim.check.invariants import INVARIANTS, Broken, check_guest, check_vcpu
 from apfsim.engine import Engine, RandomStreams
 from apfsim.guest.context import Contexts
 from apfsim.guest.cpu import GuestCpu
-from apfsim.guest.sched import CfsParams, Task
+from apfsim.guest.sched import CfsParams, Task, TaskState
 from apfsim.host.async_pf import AsyncPf
 from apfsim.host.backing import (
     ConstantServiceTime,
@@ -70,13 +71,26 @@ def _service_time(cfg: Any, rng: np.random.Generator, scale: float) -> ServiceTi
     return LognormalServiceTime(median * scale, sigma, rng)
 
 
+RECENT_EVENTS = 16
+
+
+class InvariantViolation(RuntimeError):
+    """A protocol invariant broke during a run; the message is the full report.
+
+    ``partial`` holds the results of the protocols that finished before it (api.run)."""
+
+    partial: Any = None
+
+
 class Simulation:
     """Run ``scenario`` under ``protocol`` with ``seed``; see :meth:`run`."""
 
-    def __init__(self, scenario: Scenario, protocol: str, seed: int) -> None:
+    def __init__(self, scenario: Scenario, protocol: str, seed: int, check: bool = True) -> None:
         self.scenario = scenario
         self.protocol = protocol
         self.seed = seed
+        self.check = check  # protocol invariants at every transition (apfsim.check)
+        self.recent: deque[tuple[int, int, str, int]] = deque(maxlen=RECENT_EVENTS)
         self.engine = Engine()
         self.streams = RandomStreams(seed)
         g, h = scenario.guest, scenario.host
@@ -249,7 +263,42 @@ class Simulation:
         """End of ``async_pf_execute``: the page is in; queue the completion, wake the vCPU."""
         self.fault_latency.add(self.engine.now - work.start_ns)
         self.host_protocol.worker_done(work)
-        self.vcpus[work.vcpu_id].worker_completed()
+        vcpu = self.vcpus[work.vcpu_id]
+        vcpu.worker_completed()
+        if self.check:
+            self.note(work.vcpu_id, "async_pf_execute done, gfn", work.gfn)
+            self.check_vcpu(work.vcpu_id, vcpu.in_guest)
+
+    # -- invariants (spec §8.3), checked where the protocol state changes ----------------------
+    def note(self, vcpu: int, what: str, value: int) -> None:
+        """Remember a protocol event for the report of a later violation."""
+        self.recent.append((self.engine.now, vcpu, what, value))
+
+    def check_vcpu(self, vcpu: int, in_guest: bool) -> None:
+        self._raise_if(check_vcpu(self.host_protocol, vcpu, in_guest))
+
+    def check_guest(self) -> None:
+        waiting = [
+            (t.tid, t.cpu)
+            for t in self.tasks
+            if t.state is TaskState.SLEEPING_APF or t.state is TaskState.HALTED_APF
+        ]
+        all_done = all(t.state is TaskState.DONE for t in self.tasks)
+        self._raise_if(check_guest(self.guest_protocol, waiting, all_done))
+
+    def _raise_if(self, broken: Broken) -> None:
+        if broken is None:
+            return
+        name, detail = broken
+        lines = [
+            f"{self.protocol}: invariant {name} broken at {self.engine.now / 1e6:.6f} ms "
+            f"(seed {self.seed}): {detail}",
+            f"  {name}: {INVARIANTS.get(name.split()[0], '')}",
+            "  last events:",
+        ]
+        for t, vcpu, what, value in self.recent:
+            lines.append(f"    {t / 1e6:12.6f} ms  vCPU{vcpu}  {what} {value:#x}")
+        raise InvariantViolation("\n".join(lines))
 
     def _prefault(self, gfn: int) -> bool:
         """``kvm_arch_async_page_ready``: map the page in stage 2 if it is still resident."""

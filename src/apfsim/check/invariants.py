@@ -22,7 +22,7 @@ from apfsim.protocols.x86_legacy import X86LegacyHost
 if TYPE_CHECKING:
     from apfsim.check.world import World
 
-__all__ = ["INVARIANTS", "Broken", "check_state"]
+__all__ = ["INVARIANTS", "Broken", "check_guest", "check_state", "check_vcpu"]
 
 Broken = tuple[str, str] | None
 
@@ -44,38 +44,52 @@ INVARIANTS: dict[str, str] = {
 
 def check_state(world: World) -> Broken:
     """The first invariant ``world`` breaks, or None."""
-    return _core(world) or _arch(world) or _guest(world)
+    host, guest = world.host, world.guest
+    for v, vc in enumerate(world.vcpus):
+        broken = check_vcpu(host, v, vc.mode == Mode.GUEST)
+        if broken is not None:
+            return broken
+    waiting = [
+        (t, task.wait_cpu)
+        for t, task in enumerate(world.tasks)
+        if task.state in (TaskState.SLEEPING, TaskState.HALTED)
+    ]
+    all_done = all(task.state == TaskState.DONE for task in world.tasks)
+    return check_guest(guest, waiting, all_done)
 
 
-def _core(world: World) -> Broken:
-    host = world.host
+def check_vcpu(host: object, v: int, in_guest: bool) -> Broken:
+    """The host side of vCPU ``v`` (I1, I2, I3, I9); ``in_guest``: it runs guest code."""
     if not isinstance(host, HostBase):
         return None
+    return _core(host, v) or _arch(host, v, in_guest)
+
+
+def _core(host: HostBase, v: int) -> Broken:
     # Token 0 means "slot free" only since page-ready is an interrupt with a token slot.
     x86_tokens = isinstance(host, X86Host) and not isinstance(host, X86LegacyHost)
-    for v, apf in enumerate(host.apf):
-        wake_alls = sum(1 for w in apf.done if w.wakeup_all)
-        if apf.queued != len(apf.queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
-            return "I2", f"vCPU{v}: queued={apf.queued} but {len(apf.queue)} items queued"
-        tokens = []
-        for work in apf.queue:
-            if work.state not in (WorkState.RUNNING, WorkState.DONE):
-                return "I2", f"vCPU{v}: a {work.state.value} item is still on the queue"
-            tokens.append(work.token)
-        if len(set(tokens)) != len(tokens):
-            return "I1", f"vCPU{v}: two live items share a token ({sorted(tokens)})"
-        for token in tokens:
-            if token == WAKE_ALL_TOKEN or (x86_tokens and token == 0):
-                return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
-        gfns = getattr(host, "arch", None)
-        # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
-        # gate is checked before the lookup, so they are never used).
-        if gfns is not None and _apf_on(host, v):
-            hashed = gfns[v].gfns
-            queued_gfns = {w.gfn for w in apf.queue if not w.wakeup_all}
-            for gfn in range(len(world.pages)):
-                if hashed.find(gfn) != (gfn in queued_gfns):
-                    return "I2", f"vCPU{v}: gfn{gfn} hash and queue disagree"
+    apf = host.apf[v]
+    wake_alls = sum(1 for w in apf.done if w.wakeup_all)
+    if apf.queued != len(apf.queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
+        return "I2", f"vCPU{v}: queued={apf.queued} but {len(apf.queue)} items queued"
+    tokens = []
+    for work in apf.queue:
+        if work.state not in (WorkState.RUNNING, WorkState.DONE):
+            return "I2", f"vCPU{v}: a {work.state.value} item is still on the queue"
+        tokens.append(work.token)
+    if len(set(tokens)) != len(tokens):
+        return "I1", f"vCPU{v}: two live items share a token ({sorted(tokens)})"
+    for token in tokens:
+        if token == WAKE_ALL_TOKEN or (x86_tokens and token == 0):
+            return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
+    arch = getattr(host, "arch", None)
+    # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
+    # gate is checked before the lookup, so they are never used).
+    if arch is not None and _apf_on(host, v):
+        hashed = arch[v].gfns
+        queued_gfns = {w.gfn for w in apf.queue if not w.wakeup_all}
+        if len(hashed) != len(queued_gfns) or not all(hashed.find(g) for g in queued_gfns):
+            return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
     return None
 
 
@@ -85,47 +99,47 @@ def _apf_on(host: HostBase, v: int) -> bool:
     return bool(getattr(host.arch[v], "enabled", True))  # type: ignore[attr-defined]
 
 
-def _arch(world: World) -> Broken:
-    host = world.host
+def _arch(host: HostBase, v: int, in_guest: bool) -> Broken:
     if isinstance(host, X86Host):
-        for v, arch in enumerate(host.arch):
-            if arch.pageready_pending and arch.block.token == 0 and host.apf_enabled(v):
-                return "I3", f"vCPU{v}: pageready_pending with an empty token slot"
-            if (
-                arch.apf_ready_request
-                and world.vcpus[v].mode == Mode.GUEST
-                and not arch.pageready_pending
-                and host.apf[v].done
-                and host.kvm_arch_can_dequeue_async_page_present(v)
-            ):
-                return "I9", (
-                    f"vCPU{v}: KVM_REQ_APF_READY is set while the vCPU runs in the guest, "
-                    "nobody kicked it and no ACK is pending: the page-ready waits for an "
-                    "unrelated exit (missed kick)"
-                )
+        arch = host.arch[v]
+        if arch.pageready_pending and arch.block.token == 0 and host.apf_enabled(v):
+            return "I3", f"vCPU{v}: pageready_pending with an empty token slot"
+        if (
+            arch.apf_ready_request
+            and in_guest
+            and not arch.pageready_pending
+            and host.apf[v].done
+            and host.kvm_arch_can_dequeue_async_page_present(v)
+        ):
+            return "I9", (
+                f"vCPU{v}: KVM_REQ_APF_READY is set while the vCPU runs in the guest, "
+                "nobody kicked it and no ACK is pending: the page-ready waits for an "
+                "unrelated exit (missed kick)"
+            )
     elif isinstance(host, Arm64SdeiPpiHost):
-        for v, sarch in enumerate(host.arch):
-            if (
-                sarch.async_pf_request
-                and world.vcpus[v].mode == Mode.GUEST
-                and not sarch.pageready_pending
-                and host.apf[v].done
-                and host.kvm_arch_can_dequeue_async_page_present(v)
-            ):
-                return "I9", f"vCPU{v}: KVM_REQ_ASYNC_PF set on a running vCPU, no kick"
+        sarch = host.arch[v]
+        if (
+            sarch.async_pf_request
+            and in_guest
+            and not sarch.pageready_pending
+            and host.apf[v].done
+            and host.kvm_arch_can_dequeue_async_page_present(v)
+        ):
+            return "I9", f"vCPU{v}: KVM_REQ_ASYNC_PF set on a running vCPU, no kick"
     return None
 
 
-def _guest(world: World) -> Broken:
-    guest = world.guest
-    for t, task in enumerate(world.tasks):
-        if task.state in (TaskState.SLEEPING, TaskState.HALTED) and guest.waiter_woken(
-            task.wait_cpu, t
-        ):
-            return "I6", (
-                f"task{t} waits for its page but has no node left to be found: a lost "
-                "wake-up (it sleeps forever)"
-            )
+def check_guest(guest: object, waiting: list[tuple[int, int]], all_done: bool) -> Broken:
+    """The guest driver (I6): ``waiting`` lists (task, CPU it waits on) of every task asleep
+    or in the halted wait; ``all_done``: every task has finished."""
+    woken = getattr(guest, "waiter_woken", None)
+    if woken is not None:
+        for task, cpu in waiting:
+            if woken(cpu, task):
+                return "I6", (
+                    f"task{task} waits for its page but has no node left to be found: a "
+                    "lost wake-up (it sleeps forever)"
+                )
     tokens: list[int] = []
     dummies = 0
     if isinstance(guest, X86ApfGuest):
@@ -140,11 +154,10 @@ def _guest(world: World) -> Broken:
                 return "I6", f"CPU{cpu}: two sleep nodes for one token"
             dummies += sum(n.dummy for n in head)
     elif isinstance(guest, Arm64SdeiPpiGuest):
-        for cpu, waiting in enumerate(guest.waiting):
-            tokens.extend(waiting)
-            del cpu
+        for waiting_tokens in guest.waiting:
+            tokens.extend(waiting_tokens)
     if len(set(tokens)) != len(tokens):
         return "I6", "two sleep nodes for one token"
-    if dummies and all(task.state == TaskState.DONE for task in world.tasks):
+    if dummies and all_done:
         return "I6", f"{dummies} dummy node(s) left in the sleep table: never consumed (leak)"
     return None

@@ -132,9 +132,10 @@ def check(
                     result.violation = _counterexample(config, path, broken[0], broken[1])
                     return _finish(result, t0, len(datas), max(depth))
                 if len(datas) >= max_states:
+                    # Stop: the states not (fully) expanded count as able to finish.
                     result.complete = False
                     truncated.extend(queue)
-                    truncated.append(j)
+                    truncated.extend((i, j))
                     queue.clear()
                     break
                 queue.append(j)

@@ -97,7 +97,7 @@ class WorldConfig:
     pages: int = 2
     modes: tuple[str, ...] = ("user", "kernel")
     placement: str = "spread"  # "spread": task t on vCPU t % vcpus; "one": all on vCPU 0
-    syscalls: bool | None = None  # a task's own system call; None: on for arm64 protocols
+    syscalls: bool | None = None  # a task's own system call; None: arm64 with a shared CPU
     hotplug: int = 0  # CPU offline/online cycles allowed (each vCPU)
     stay_offline: bool = False  # an offlined CPU never comes back (no online step)
     reboot: bool = False  # a reboot/kexec may happen once
@@ -361,9 +361,12 @@ class World:
 
     @property
     def _syscalls(self) -> bool:
+        """A task's own exception matters where a page-ready for another task of the same
+        CPU can land in it: arm64 (the no-inject window), with two tasks sharing a CPU."""
         if self.config.syscalls is not None:
             return self.config.syscalls
-        return self._arm64
+        cpus = [task.cpu for task in self.tasks]
+        return self._arm64 and len(set(cpus)) < len(cpus)
 
     def _tick_matters(self, v: int) -> bool:
         """A tick on a running vCPU is an exit plus an interrupt. It is offered where it can

@@ -64,6 +64,7 @@ class GuestCpu:
         self.halt_waiter: Task | None = None
         self.timer_pending = False
         self.ipi_pending = False
+        self.pending_irqs: list[Injection] = []  # injected interrupts not yet taken (IRR)
         self.pending_exits = 0  # traps made by the frame now ending (calls, IPI writes)
         self.pending_exit_ns = 0  # their host handling cost
         self.in_kernel = True
@@ -191,6 +192,7 @@ class GuestCpu:
             self.pending_exits = self.pending_exit_ns = 0
             self.vcpu.exit_for_guest_call(exits, handling_ns)
             return
+        self._take_interrupts()
         self.resume()
 
     def interrupt(self, now: int) -> None:
@@ -212,9 +214,32 @@ class GuestCpu:
         self.frames.append(Frame(contexts.vector, self._vector_ns, _noop))
 
     def take_events(self, injections: list[Injection]) -> None:
-        """At entry: an injected exception first, then interrupts (APF, timer tick, IPI)."""
-        # The interrupted context, read before any frame is pushed (only if it will be used).
-        regs = self.context().regs() if injections else None
+        """At entry: injected exceptions are taken at once; interrupts (APF, timer tick,
+        IPI) wait until the interrupted context has them unmasked."""
+        costs = self.sim.scenario.guest.costs
+        if injections:
+            regs = self.context().regs()  # the interrupted context, before any frame
+            for injection in injections:
+                if not injection.kind.synchronous:
+                    self.pending_irqs.append(injection)
+                    continue
+                handler = Frame(
+                    Contexts.HANDLER,
+                    costs.apf_handler_ns,
+                    self._injection_handled,
+                    (injection, regs),
+                )
+                self._push_exception(handler)
+        self._take_interrupts()
+
+    def _take_interrupts(self) -> None:
+        """Pending interrupts, taken only where IRQs are unmasked (an IRQ or abort handler,
+        an SDEI handler and ``__schedule`` under the runqueue lock all run with them off)."""
+        if not (self.ipi_pending or self.timer_pending or self.pending_irqs):
+            return
+        ctx = self.context()
+        if ctx.irqs_off:
+            return
         costs = self.sim.scenario.guest.costs
         if self.ipi_pending:
             self.ipi_pending = False
@@ -222,13 +247,14 @@ class GuestCpu:
         if self.timer_pending:
             self.timer_pending = False
             self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
-        if len(injections) > 1:
-            # Interrupts run after exceptions: push them first (frames run top-down).
-            injections = sorted(injections, key=lambda inj: inj.kind.synchronous)
-        for injection in injections:
-            ctx = Contexts.HANDLER if injection.kind.synchronous else Contexts.IRQ
-            handler = Frame(ctx, costs.apf_handler_ns, self._injection_handled, (injection, regs))
-            self._push_exception(handler)
+        if self.pending_irqs:
+            regs = ctx.regs()
+            for injection in self.pending_irqs:
+                handler = Frame(
+                    Contexts.IRQ, costs.apf_handler_ns, self._injection_handled, (injection, regs)
+                )
+                self._push_exception(handler)
+            self.pending_irqs.clear()
 
     def _injection_handled(self, arg: tuple[Injection, GuestRegs]) -> None:
         """The APF handler (``do_mem_abort`` -> ``do_async_pf``, or its kin) returned."""
@@ -237,6 +263,9 @@ class GuestCpu:
         outcome = sim.run_driver(
             self.cpu, sim.guest_protocol.on_injection, self.cpu, injection, regs
         )
+        if sim.check:
+            sim.note(self.cpu, f"guest {injection.kind.value} handler: {outcome.value}", 0)
+            sim.check_guest()
         if outcome is AbortOutcome.WAIT_SCHEDULE:
             task = self.current
             assert task is not None

@@ -91,13 +91,25 @@ class Vcpu:
         cost = self._entry_ns
         for injection in injections:
             cost += self._inject_ns[injection.kind]
+            if sim.check:
+                sim.note(self.index, f"inject {injection.kind.value}", injection.payload)
         self._host_event = sim.engine.after(cost, self._entered, injections)
+
+    @property
+    def in_guest(self) -> bool:
+        return self.mode == VcpuMode.GUEST
 
     def _entered(self, injections: list[Injection]) -> None:
         self._host_event = None
         self.mode = VcpuMode.GUEST
         self.guest.take_events(injections)
         self.guest.resume()
+        if self.mode == VcpuMode.GUEST and self.sim.host_protocol.request_pending(self.index):
+            # A worker made its request while this entry was under way (its kick found the
+            # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
+            self.exit_async()
+        if self.sim.check:
+            self.sim.check_vcpu(self.index, self.mode == VcpuMode.GUEST)
 
     def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
         """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
@@ -136,6 +148,8 @@ class Vcpu:
         now = sim.engine.now
         sim.faults["needs_io"] += 1
         result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
+        if sim.check:
+            sim.note(self.index, f"try_async_pf {result.decision.value}, gfn", gfn)
         if result.decision is FaultDecision.ASYNC:
             sim.faults["async"] += 1
             if result.work is not None:  # guest-initiated queues its work at the hypercall

@@ -176,6 +176,9 @@ class Arm64SdeiPpiHost(HostBase):
         pending = self.arch[vcpu].pending
         return pending.pop(0) if pending else None
 
+    def request_pending(self, vcpu: int) -> bool:
+        return self.arch[vcpu].async_pf_request
+
     def call_kind(self, call: int) -> GuestCallKind:
         if call == SDEI_EVENT_COMPLETE:
             return GuestCallKind.SDEI_COMPLETE

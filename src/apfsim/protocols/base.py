@@ -152,6 +152,12 @@ class HostProtocol(Protocol):
         """Which named cost the guest exit for ``call`` pays."""
         ...
 
+    def request_pending(self, vcpu: int) -> bool:
+        """``kvm_request_pending``: a request (APF_READY) was made after this entry's
+        run-loop iteration; KVM re-checks it with the vCPU in IN_GUEST_MODE and does not
+        stay in the guest."""
+        ...
+
     def counters(self) -> dict[str, int]: ...
 
 

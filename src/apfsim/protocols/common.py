@@ -41,6 +41,9 @@ class HostBase:
     def worker_done(self, work: AsyncPf) -> bool:
         return async_pf_execute(self.apf[work.vcpu_id], self, work)  # type: ignore[arg-type]
 
+    def request_pending(self, vcpu: int) -> bool:
+        return False
+
     def call_kind(self, call: int) -> GuestCallKind:
         """Every paravirt call is a plain hypercall unless the variant says otherwise."""
         return GuestCallKind.HYPERCALL

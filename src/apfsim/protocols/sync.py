@@ -48,6 +48,9 @@ class SyncHost:
     def guest_call(self, vcpu: int, call: int, val: int) -> int:
         return SMCCC_RET_NOT_SUPPORTED
 
+    def request_pending(self, vcpu: int) -> bool:
+        return False
+
     def call_kind(self, call: int) -> GuestCallKind:
         return GuestCallKind.HYPERCALL
 

@@ -269,6 +269,9 @@ class X86Host(HostBase):
             return Injection(InjectionKind.INTERRUPT, arch.vec)
         return None
 
+    def request_pending(self, vcpu: int) -> bool:
+        return self.arch[vcpu].apf_ready_request
+
     def call_kind(self, call: int) -> GuestCallKind:
         return GuestCallKind.ACK if call == MSR_KVM_ASYNC_PF_ACK else GuestCallKind.HYPERCALL
 

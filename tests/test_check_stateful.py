@@ -1,0 +1,75 @@
+"""Second line of defence: hypothesis drives random interleavings through the checker's own
+steps (the simulator's protocol code) and shrinks any failure to a short one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from apfsim.check.invariants import check_state
+from apfsim.check.mutants import MUTANTS
+from apfsim.check.world import Violation, World, WorldConfig
+from apfsim.protocols import PROTOCOLS
+
+WORLDS = [
+    WorldConfig(protocol=name, vcpus=2, tasks=3, pages=2, hotplug=1, reboot=True)
+    for name in PROTOCOLS
+]
+
+
+class Interleavings(RuleBasedStateMachine):
+    """Any enabled step, in any order; every state must satisfy the invariants."""
+
+    config: WorldConfig = WORLDS[0]
+
+    @initialize(config=st.sampled_from(WORLDS))
+    def boot(self, config: WorldConfig) -> None:
+        self.world = World(config)
+        self.steps: list[str] = []
+
+    @rule(choice=st.integers(min_value=0, max_value=1_000))
+    def step(self, choice: int) -> None:
+        actions = self.world.actions()
+        if not actions:
+            return
+        action = actions[choice % len(actions)]
+        self.steps.append(self.world.describe(action))
+        self.world.step(action)  # a Violation fails the test with the steps so far
+
+    @invariant()
+    def invariants_hold(self) -> None:
+        if hasattr(self, "world"):
+            assert check_state(self.world) is None, self.steps
+
+
+TestInterleavings = Interleavings.TestCase
+TestInterleavings.settings = settings(
+    max_examples=60,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@pytest.mark.parametrize("name", ["B1", "B4", "B9", "B14"])
+def test_random_interleavings_also_find_safety_mutants(name: str) -> None:
+    """Hypothesis alone finds the mutants a single step exposes."""
+    m = MUTANTS[name]
+    config = replace(WorldConfig(protocol=m.protocol, **m.world), mutant=name)
+
+    class Mutated(Interleavings):
+        @initialize()
+        def boot_mutant(self) -> None:
+            self.world = World(config)
+            self.steps = []
+
+    Mutated.boot = None  # type: ignore[assignment]  # only the mutant's world
+    Mutated.TestCase.settings = settings(
+        max_examples=200, stateful_step_count=40, deadline=None, database=None
+    )
+    with pytest.raises((AssertionError, Violation)):
+        Mutated.TestCase().runTest()
