@@ -294,6 +294,13 @@ def check_command(
     stay_offline: Annotated[
         bool, typer.Option("--stay-offline", help="An offlined CPU never comes back.")
     ] = False,
+    syscalls: Annotated[
+        bool | None,
+        typer.Option(
+            "--syscalls/--no-syscalls",
+            help="Tasks' own system calls (default: arm64 with two tasks on a CPU).",
+        ),
+    ] = None,
     reboot: Annotated[bool, typer.Option("--reboot", help="Allow one reboot/kexec.")] = False,
     send_always: Annotated[
         bool, typer.Option("--send-always", help="Guest sets SEND_ALWAYS (the seed's FIXME).")
@@ -312,6 +319,8 @@ def check_command(
     config = replace(config, reboot=config.reboot or reboot)
     config = replace(config, send_always=config.send_always or send_always)
     config = replace(config, stay_offline=stay_offline)
+    if syscalls is not None:
+        config = replace(config, syscalls=syscalls)
     if depth is not None and depth < 1:
         raise _fail(f"--depth: must be at least 1 (got {depth})")
     if max_states < 1:
