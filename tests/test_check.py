@@ -182,3 +182,50 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_a_search_cut_short_reports_no_false_liveness_violation() -> None:
+    for limit in (50, 700, 3000):
+        r = check(WorldConfig(protocol="x86"), max_states=limit)
+        assert not r.complete and r.violation is None
+
+
+# -- invariants in every simulation run -------------------------------------------------------
+
+
+def test_simulation_stops_on_a_broken_invariant_with_the_last_events() -> None:
+    from test_more_variants import small_scenario
+
+    from apfsim.simulation import InvariantViolation, Simulation
+
+    sim = Simulation(small_scenario(), "x86", seed=2)
+    sim.run(0.05)
+    assert len(sim.recent) == sim.recent.maxlen  # events were recorded as it ran
+    sim.host_protocol.apf[0].queued += 1  # type: ignore[attr-defined]
+    with pytest.raises(InvariantViolation) as err:
+        sim.check_vcpu(0, False)
+    report = str(err.value)
+    assert "invariant I2 broken" in report and "last events:" in report
+    assert "try_async_pf" in report or "inject" in report
+
+
+def test_cli_keeps_finished_results_when_a_later_protocol_breaks_an_invariant(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import apfsim.simulation as simulation
+
+    real = simulation.check_vcpu
+
+    def broken_for_rfcv2(host: object, v: int, in_guest: bool) -> tuple[str, str] | None:
+        if getattr(host, "name", "") == "arm64-rfcv2":
+            return "I2", "forced by the test"
+        return real(host, v, in_guest)
+
+    monkeypatch.setattr(simulation, "check_vcpu", broken_for_rfcv2)
+    args = ["run", "--duration", "0.5", "-p", "sync", "-p", "arm64-rfcv2"]
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    assert "sync" in out and "[tasks" in out  # the finished protocol's table is printed
+    assert "invariant violated" in err and "forced by the test" in err
+    assert "Traceback" not in err
+    assert main([*args, "--no-check"]) == 0

@@ -91,6 +91,7 @@ class Simulation:
         self.seed = seed
         self.check = check  # protocol invariants at every transition (apfsim.check)
         self.recent: deque[tuple[int, int, str, int]] = deque(maxlen=RECENT_EVENTS)
+        self._apf_changed = [True] * scenario.guest.vcpus
         self.engine = Engine()
         self.streams = RandomStreams(seed)
         g, h = scenario.guest, scenario.host
@@ -273,8 +274,15 @@ class Simulation:
     def note(self, vcpu: int, what: str, value: int) -> None:
         """Remember a protocol event for the report of a later violation."""
         self.recent.append((self.engine.now, vcpu, what, value))
+        self._apf_changed[vcpu] = True
 
-    def check_vcpu(self, vcpu: int, in_guest: bool) -> None:
+    def check_vcpu(self, vcpu: int, in_guest: bool, at_entry: bool = False) -> None:
+        """The host invariants of ``vcpu``; at an entry only if an APF event happened since
+        the last entry check (ticks and minor faults change no APF state)."""
+        if at_entry:
+            if not self._apf_changed[vcpu]:
+                return
+            self._apf_changed[vcpu] = False
         self._raise_if(check_vcpu(self.host_protocol, vcpu, in_guest))
 
     def check_guest(self) -> None:

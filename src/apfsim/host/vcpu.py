@@ -109,7 +109,7 @@ class Vcpu:
             # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
             self.exit_async()
         if self.sim.check:
-            self.sim.check_vcpu(self.index, self.mode == VcpuMode.GUEST)
+            self.sim.check_vcpu(self.index, self.mode == VcpuMode.GUEST, at_entry=True)
 
     def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
         """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
