@@ -33,7 +33,7 @@ from apfsim.host.memory import GuestMemory, PageState, Reclaimed
 from apfsim.host.vcpu import Vcpu
 from apfsim.metrics.accumulators import TIME_CATEGORIES, LatencySamples
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
-from apfsim.protocols import HostPorts, ProtocolOptions, build_protocol
+from apfsim.protocols import GuestCalls, HostPorts, ProtocolOptions, build_protocol
 from apfsim.protocols.base import GuestCallKind, SyncCause
 from apfsim.scenario import (
     MIB_PAGES,
@@ -48,7 +48,6 @@ from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, Ra
 
 __all__ = ["Simulation"]
 
-ARM_SMCCC_KVM_FUNC_APF = 1  # the vendor-hyp function number the seed's SMCCC call uses
 
 _MAPPED = int(PageState.MAPPED)
 _SWAPPED = int(PageState.SWAPPED)
@@ -82,7 +81,7 @@ class InvariantViolation(RuntimeError):
     partial: Any = None
 
 
-class Simulation:
+class Simulation(GuestCalls):
     """Run ``scenario`` under ``protocol`` with ``seed``; see :meth:`run`."""
 
     def __init__(self, scenario: Scenario, protocol: str, seed: int, check: bool = True) -> None:
@@ -374,18 +373,6 @@ class Simulation:
         """A guest exit (SMCCC, WRMSR): applied now; a running CPU pays the round trip."""
         self._trap(cpu, self._call_ns[self.host_protocol.call_kind(call)])
         return self.host_protocol.guest_call(cpu, call, val)
-
-    def smccc_apf(self, cpu: int, val: int) -> int:
-        return self._guest_call(cpu, ARM_SMCCC_KVM_FUNC_APF, val)
-
-    def wrmsr(self, cpu: int, msr: int, val: int) -> None:
-        self._guest_call(cpu, msr, val)
-
-    def smccc(self, cpu: int, function: int, val: int) -> int:
-        return self._guest_call(cpu, function, val)
-
-    def hypercall(self, cpu: int, nr: int, arg: int) -> int:
-        return self._guest_call(cpu, nr, arg)
 
     def _now(self) -> int:
         return self.engine.now

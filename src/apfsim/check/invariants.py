@@ -104,28 +104,21 @@ def _arch(host: HostBase, v: int, in_guest: bool) -> Broken:
         arch = host.arch[v]
         if arch.pageready_pending and arch.block.token == 0 and host.apf_enabled(v):
             return "I3", f"vCPU{v}: pageready_pending with an empty token slot"
-        if (
-            arch.apf_ready_request
-            and in_guest
-            and not arch.pageready_pending
-            and host.apf[v].done
-            and host.kvm_arch_can_dequeue_async_page_present(v)
-        ):
-            return "I9", (
-                f"vCPU{v}: KVM_REQ_APF_READY is set while the vCPU runs in the guest, "
-                "nobody kicked it and no ACK is pending: the page-ready waits for an "
-                "unrelated exit (missed kick)"
-            )
-    elif isinstance(host, Arm64SdeiPpiHost):
-        sarch = host.arch[v]
-        if (
-            sarch.async_pf_request
-            and in_guest
-            and not sarch.pageready_pending
-            and host.apf[v].done
-            and host.kvm_arch_can_dequeue_async_page_present(v)
-        ):
-            return "I9", f"vCPU{v}: KVM_REQ_ASYNC_PF set on a running vCPU, no kick"
+    # x86 and SDEI kick on the first completion unless a page-ready is pending (whose ACK
+    # re-checks): a request left on a running vCPU otherwise waits for an unrelated exit.
+    if (
+        isinstance(host, X86Host | Arm64SdeiPpiHost)
+        and in_guest
+        and host.request_pending(v)
+        and not host.arch[v].pageready_pending
+        and host.apf[v].done
+        and host.kvm_arch_can_dequeue_async_page_present(v)
+    ):
+        return "I9", (
+            f"vCPU{v}: a page-ready request is set while the vCPU runs in the guest, "
+            "nobody kicked it and no ACK is pending: the page-ready waits for an "
+            "unrelated exit (missed kick)"
+        )
     return None
 
 

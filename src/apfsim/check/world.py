@@ -32,7 +32,7 @@ from apfsim.guest.context import Contexts, GuestContext
 from apfsim.guest.kvm_apf_arm64 import ApfData, Arm64ApfGuest
 from apfsim.guest.kvm_apf_x86 import X86ApfData, X86ApfGuest
 from apfsim.host.async_pf import AsyncPf
-from apfsim.protocols import PROTOCOLS, HostPorts, ProtocolOptions, build_protocol
+from apfsim.protocols import PROTOCOLS, GuestCalls, HostPorts, ProtocolOptions, build_protocol
 from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, SdeiApfBuffer
 from apfsim.protocols.base import AbortOutcome, FaultDecision, GuestView, Injection, InjectionKind
 from apfsim.protocols.x86 import X86Host
@@ -153,7 +153,7 @@ class Violation(Exception):
         self.detail = detail
 
 
-class World:
+class World(GuestCalls):
     """One state of the small world; :meth:`step` mutates it, :meth:`key` identifies it."""
 
     def __init__(self, config: WorldConfig) -> None:
@@ -284,18 +284,6 @@ class World:
         if self.running_cpu >= 0:
             self.vcpus[cpu].exits += 1
         return self.host.guest_call(cpu, call, val)
-
-    def smccc_apf(self, cpu: int, val: int) -> int:
-        return self._guest_call(cpu, 0, val)
-
-    def wrmsr(self, cpu: int, msr: int, val: int) -> None:
-        self._guest_call(cpu, msr, val)
-
-    def smccc(self, cpu: int, function: int, val: int) -> int:
-        return self._guest_call(cpu, function, val)
-
-    def hypercall(self, cpu: int, nr: int, arg: int) -> int:
-        return self._guest_call(cpu, nr, arg)
 
     def _send_ipi(self, cpu: int) -> None:
         vc = self.vcpus[cpu]

@@ -26,7 +26,9 @@ from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import KickFn, X86Host
 from apfsim.protocols.x86_legacy import X86LegacyHost
 
-__all__ = ["PROTOCOLS", "HostPorts", "ProtocolOptions", "build_protocol"]
+__all__ = ["PROTOCOLS", "GuestCalls", "HostPorts", "ProtocolOptions", "build_protocol"]
+
+ARM_SMCCC_KVM_FUNC_APF = 1  # the vendor-hyp function number the seed's SMCCC call uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,26 @@ class ProtocolOptions:
 
 class KernelPort(GuestKernelPort, X86LegacyGuestPort, SdeiGuestPort, GuestInitiatedPort, Protocol):
     """Everything any guest driver may call (the simulator implements all of it)."""
+
+
+class GuestCalls:
+    """The guest drivers' exits to the host (SMCCC, WRMSR, hypercall), all through one
+    ``_guest_call``; the simulator and the model checker each say what an exit costs."""
+
+    def _guest_call(self, cpu: int, call: int, val: int) -> int:
+        raise NotImplementedError
+
+    def smccc_apf(self, cpu: int, val: int) -> int:
+        return self._guest_call(cpu, ARM_SMCCC_KVM_FUNC_APF, val)
+
+    def wrmsr(self, cpu: int, msr: int, val: int) -> None:
+        self._guest_call(cpu, msr, val)
+
+    def smccc(self, cpu: int, function: int, val: int) -> int:
+        return self._guest_call(cpu, function, val)
+
+    def hypercall(self, cpu: int, nr: int, arg: int) -> int:
+        return self._guest_call(cpu, nr, arg)
 
 
 Built = tuple[HostProtocol, GuestProtocol]
