@@ -194,9 +194,8 @@ def test_a_search_cut_short_reports_no_false_liveness_violation() -> None:
 
 
 def test_simulation_stops_on_a_broken_invariant_with_the_last_events() -> None:
-    from test_more_variants import small_scenario
-
     from apfsim.simulation import InvariantViolation, Simulation
+    from test_more_variants import small_scenario
 
     sim = Simulation(small_scenario(), "x86", seed=2)
     sim.run(0.05)

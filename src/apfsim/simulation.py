@@ -267,7 +267,8 @@ class Simulation(GuestCalls):
         vcpu.worker_completed()
         if self.check:
             self.note(work.vcpu_id, "async_pf_execute done, gfn", work.gfn)
-            self.check_vcpu(work.vcpu_id, vcpu.in_guest)
+            # The kick (I9) now; the lists at the vCPU's next entry.
+            self._raise_if(check_vcpu(self.host_protocol, work.vcpu_id, vcpu.in_guest, False))
 
     # -- invariants (spec §8.3), checked where the protocol state changes ----------------------
     def note(self, vcpu: int, what: str, value: int) -> None:

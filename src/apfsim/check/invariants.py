@@ -58,17 +58,23 @@ def check_state(world: World) -> Broken:
     return check_guest(guest, waiting, all_done)
 
 
-def check_vcpu(host: object, v: int, in_guest: bool) -> Broken:
-    """The host side of vCPU ``v`` (I1, I2, I3, I9); ``in_guest``: it runs guest code."""
+def check_vcpu(host: object, v: int, in_guest: bool, lists: bool = True) -> Broken:
+    """The host side of vCPU ``v``: I3 and I9, and with ``lists`` also I1 and I2 (the
+    generic core's lists); ``in_guest``: the vCPU runs guest code."""
     if not isinstance(host, HostBase):
         return None
-    return _core(host, v) or _arch(host, v, in_guest)
+    return (_core(host, v) if lists else None) or _arch(host, v, in_guest)
 
 
 def _core(host: HostBase, v: int) -> Broken:
     # Token 0 means "slot free" only since page-ready is an interrupt with a token slot.
     x86_tokens = isinstance(host, X86Host) and not isinstance(host, X86LegacyHost)
     apf = host.apf[v]
+    arch = getattr(host, "arch", None)
+    if not apf.queued and not apf.queue and not apf.done:  # the common case, made cheap
+        if arch is not None and len(arch[v].gfns) and _apf_on(host, v):
+            return "I2", f"vCPU{v}: gfns left in the hash with nothing queued"
+        return None
     wake_alls = sum(1 for w in apf.done if w.wakeup_all)
     if apf.queued != len(apf.queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
         return "I2", f"vCPU{v}: queued={apf.queued} but {len(apf.queue)} items queued"
@@ -82,7 +88,6 @@ def _core(host: HostBase, v: int) -> Broken:
     for token in tokens:
         if token == WAKE_ALL_TOKEN or (x86_tokens and token == 0):
             return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
-    arch = getattr(host, "arch", None)
     # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
     # gate is checked before the lookup, so they are never used).
     if arch is not None and _apf_on(host, v):
@@ -125,30 +130,42 @@ def _arch(host: HostBase, v: int, in_guest: bool) -> Broken:
 def check_guest(guest: object, waiting: list[tuple[int, int]], all_done: bool) -> Broken:
     """The guest driver (I6): ``waiting`` lists (task, CPU it waits on) of every task asleep
     or in the halted wait; ``all_done``: every task has finished."""
-    woken = getattr(guest, "waiter_woken", None)
-    if woken is not None:
-        for task, cpu in waiting:
-            if woken(cpu, task):
-                return "I6", (
-                    f"task{task} waits for its page but has no node left to be found: a "
-                    "lost wake-up (it sleeps forever)"
-                )
     tokens: list[int] = []
     dummies = 0
+    has_node: set[tuple[int, int]] | None = None  # (cpu or -1, task) with a live node
     if isinstance(guest, X86ApfGuest):
+        has_node = set()
         for bucket in guest.async_pf_sleepers:
             for node in bucket:
                 tokens.append(node.token)
-                dummies += node.dummy
+                if node.dummy:
+                    dummies += 1
+                else:
+                    has_node.add((-1, node.task))  # one global table
     elif isinstance(guest, Arm64ApfGuest):
+        has_node = set()
         for cpu, head in enumerate(guest.apf_head):
             cpu_tokens = [n.token for n in head]
             if len(set(cpu_tokens)) != len(cpu_tokens):
                 return "I6", f"CPU{cpu}: two sleep nodes for one token"
-            dummies += sum(n.dummy for n in head)
+            for arm_node in head:
+                if arm_node.dummy:
+                    dummies += 1
+                else:
+                    has_node.add((cpu, arm_node.task))
     elif isinstance(guest, Arm64SdeiPpiGuest):
-        for waiting_tokens in guest.waiting:
+        has_node = set()
+        for cpu, waiting_tokens in enumerate(guest.waiting):
             tokens.extend(waiting_tokens)
+            has_node.update((cpu, task) for task in waiting_tokens.values())
+    if has_node is not None:
+        x86 = isinstance(guest, X86ApfGuest)
+        for task, cpu in waiting:
+            if ((-1 if x86 else cpu), task) not in has_node:
+                return "I6", (
+                    f"task{task} waits for its page but has no node left to be found: a "
+                    "lost wake-up (it sleeps forever)"
+                )
     if len(set(tokens)) != len(tokens):
         return "I6", "two sleep nodes for one token"
     if dummies and all_done:

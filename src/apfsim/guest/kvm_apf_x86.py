@@ -72,7 +72,7 @@ class X86SleepNode:
 
 class SleepTable:
     """``async_pf_sleepers[KVM_TASK_SLEEP_HASHSIZE]``: 256 hash buckets, each made on first
-    use. Iterating visits the buckets made so far (the others are empty); a copy keeps only
+    use. Iterating visits the non-empty buckets; a copy keeps only
     non-empty buckets, so equal tables pickle to equal bytes (the model checker's states)."""
 
     __slots__ = ("_buckets",)
@@ -92,7 +92,8 @@ class SleepTable:
         return bucket
 
     def __iter__(self) -> Iterator[list[X86SleepNode]]:
-        return iter(list(self._buckets.values()))
+        """The non-empty buckets (the others hold nothing to visit)."""
+        return iter([bucket for bucket in self._buckets.values() if bucket])
 
     def __getstate__(self) -> dict[int, list[X86SleepNode]]:
         return {i: self._buckets[i] for i in sorted(self._buckets) if self._buckets[i]}

@@ -69,6 +69,7 @@ class GfnHash:
     """The per-vCPU 64-slot open-addressing gfn table (``kvm_add/find/del_async_pf_gfn``)."""
 
     slots: list[int] = field(default_factory=lambda: [_EMPTY] * ASYNC_PF_PER_VCPU)
+    used: int = 0
 
     @staticmethod
     def _hash(gfn: int) -> int:
@@ -79,6 +80,7 @@ class GfnHash:
         while self.slots[key] != _EMPTY:
             key = (key + 1) & (ASYNC_PF_PER_VCPU - 1)
         self.slots[key] = gfn
+        self.used += 1
 
     def _slot(self, gfn: int) -> int:
         key = self._hash(gfn)
@@ -96,6 +98,7 @@ class GfnHash:
         i = self._slot(gfn)
         if self.slots[i] != gfn:
             return
+        self.used -= 1
         mask = ASYNC_PF_PER_VCPU - 1
         while True:
             self.slots[i] = _EMPTY
@@ -113,6 +116,7 @@ class GfnHash:
 
     def reset(self) -> None:
         self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
+        self.used = 0
 
     def __getstate__(self) -> dict[int, int]:
         """Only the used slots (the model checker snapshots this table per state)."""
@@ -122,9 +126,10 @@ class GfnHash:
         self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
         for i, gfn in used.items():
             self.slots[i] = gfn
+        self.used = len(used)
 
     def __len__(self) -> int:
-        return sum(1 for s in self.slots if s != _EMPTY)
+        return self.used
 
 
 @dataclass
