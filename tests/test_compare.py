@@ -281,3 +281,20 @@ def test_natapov_2010_places_one_writer_and_one_counter_per_vcpu() -> None:
     for cpu in range(4):
         on_cpu = [sim.workload_of(t) for t in sim.tasks if t.cpu == cpu]
         assert sorted(type(w).__name__ for w in on_cpu) == ["ComputeTask", "RandomWriterTask"]
+
+
+def test_every_protocol_compared_on_the_default_scenario_from_the_cli(tmp_path: Path) -> None:
+    """Issue 3 acceptance: all designs side by side; the JSON lists every protocol."""
+    from apfsim.protocols import PROTOCOLS
+    from apfsim.scenario import DEFAULT_SCENARIO
+
+    out = tmp_path / "all.json"
+    args = ["compare", DEFAULT_SCENARIO, "--seeds", "2", "--duration", "1", "--quiet"]
+    assert main([*args, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocols"] == list(PROTOCOLS)
+    assert sorted(data["summary"]) == sorted(PROTOCOLS)
+    assert len(data["runs"]) == 2 * len(PROTOCOLS)
+    for name in PROTOCOLS:
+        ratio = data["summary"][name]["ratio_to_baseline"]["kind.compute.work_rate"]
+        assert ratio["n"] == 2 and ratio["mean"] > 0
