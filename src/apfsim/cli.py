@@ -50,6 +50,14 @@ app = typer.Typer(
 
 _PROGRESS_AFTER_S = 2.0
 
+DurationOption = Annotated[
+    float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")]
+NoCheckOption = Annotated[
+    bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
+]
+
 
 class _Progress:
     """A rich progress bar on a terminal, shown only once the work has taken ~2 s; one bar
@@ -120,6 +128,13 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _check_duration_flag(duration: float | None) -> None:
+    if duration is not None and not 0 < duration <= MAX_DURATION_S:
+        raise _fail(
+            f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
+        )
+
+
 def _check_json_path(json_path: Path | None) -> None:
     """Fail before running, not after: results must not be lost to a bad --json path."""
     if json_path is not None and not json_path.parent.is_dir():
@@ -147,16 +162,12 @@ def run_command(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same results).")] = 0,
-    duration: Annotated[
-        float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
-    ] = None,
+    duration: DurationOption = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the results as JSON to this file.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
-    no_check: Annotated[
-        bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
-    ] = False,
+    quiet: QuietOption = False,
+    no_check: NoCheckOption = False,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
     protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
@@ -169,10 +180,7 @@ def run_command(
         raise _fail("--protocol: each protocol may be given once")
     if seed < 0:
         raise _fail(f"--seed: must be a non-negative integer (got {seed})")
-    if duration is not None and not 0 < duration <= MAX_DURATION_S:
-        raise _fail(
-            f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
-        )
+    _check_duration_flag(duration)
     _check_json_path(json_path)
     try:
         sc = load_scenario(scenario)
@@ -226,25 +234,18 @@ def compare_command(
             "--jobs", "-j", help="Worker processes (default: usable CPUs; 1 runs in-process)."
         ),
     ] = None,
-    duration: Annotated[
-        float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
-    ] = None,
+    duration: DurationOption = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write runs and summary as JSON to this file.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")] = False,
-    no_check: Annotated[
-        bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
-    ] = False,
+    quiet: QuietOption = False,
+    no_check: NoCheckOption = False,
 ) -> None:
     """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
     protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
     if seeds < 1:
         raise _fail(f"--seeds: must be at least 1 (got {seeds})")
-    if duration is not None and not 0 < duration <= MAX_DURATION_S:
-        raise _fail(
-            f"--duration: must be a number of seconds in (0, {MAX_DURATION_S:g}] (got {duration})"
-        )
+    _check_duration_flag(duration)
     _check_json_path(json_path)
     progress = _Progress(quiet)
     try:
