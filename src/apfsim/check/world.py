@@ -403,6 +403,7 @@ class World(GuestCalls):
         self._check_host_writes(blocks, kind == Step.HANDLE)
 
     def describe(self, action: Action) -> str:
+        """The step in kernel terms, for a trace (call before :meth:`step`)."""
         kind, index, arg = action
         if kind == Step.ACCESS:
             vc = self.vcpus[index]
@@ -412,24 +413,15 @@ class World(GuestCalls):
         if kind == Step.WORKER:
             work = self.io[index]
             return f"worker: async_pf_execute for gfn{work.gfn} (vCPU{work.vcpu_id})"
-        names = {
-            Step.ENTER: "run-loop iteration and guest entry",
-            Step.HANDLE: "guest finishes its top frame",
-            Step.SYNC_DONE: "synchronous fault-in completes",
-            Step.TICK: "timer tick",
-            Step.SYSCALL: "task makes a system call (svc / syscall)",
-            Step.OFFLINE: "guest takes the CPU offline",
-            Step.ONLINE: "guest brings the CPU online",
-            Step.REBOOT: "guest reboots into a new kernel (kexec)",
-        }
-        if kind == Step.LAPIC:
-            what = "re-enables" if arg else "software-disables"
-            return f"vCPU{index}: guest {what} its LAPIC"
-        if kind == Step.HANDLE:
-            return f"vCPU{index}: {_frame_name(self.vcpus[index].frames[-1])} runs to its end"
         if kind == Step.REBOOT:
-            return names[Step.REBOOT]
-        return f"vCPU{index}: {names[Step(kind)]}"
+            return "guest reboots into a new kernel (kexec)"
+        if kind == Step.HANDLE:
+            what = f"{_frame_name(self.vcpus[index].frames[-1])} runs to its end"
+        elif kind == Step.LAPIC:
+            what = f"guest {'re-enables' if arg else 'software-disables'} its LAPIC"
+        else:
+            what = _STEP_NAMES[Step(kind)]
+        return f"vCPU{index}: {what}"
 
     def _note(self, text: str) -> None:
         if self.log is not None:
@@ -801,6 +793,14 @@ class World(GuestCalls):
                 )
 
 
+_STEP_NAMES = {
+    Step.ENTER: "run-loop iteration and guest entry",
+    Step.SYNC_DONE: "synchronous fault-in completes",
+    Step.TICK: "timer tick",
+    Step.SYSCALL: "task makes a system call (svc / syscall)",
+    Step.OFFLINE: "guest takes the CPU offline",
+    Step.ONLINE: "guest brings the CPU online",
+}
 _HANDLERS = {
     InjectionKind.PAGE_FAULT: "#PF handler (exc_page_fault -> kvm_handle_async_pf)",
     InjectionKind.DATA_ABORT: "abort handler (do_mem_abort -> do_async_pf)",
