@@ -97,7 +97,8 @@ def test_the_seeds_window_lets_an_abort_clobber_an_unread_syndrome() -> None:
     assert "ESR_EL1/FAR_EL1" in found.violation.detail
 
 
-def test_sdei_delivers_anywhere_safely_in_the_same_world() -> None:
+def test_sdei_design_passes_the_window_world() -> None:
+    """Not-present only at EL0, page-ready a maskable PPI: nothing lands in entry-common."""
     config = WorldConfig(protocol="arm64-sdei-ppi", vcpus=1, tasks=2, pages=1, placement="one")
     assert check(config).violation is None
 
@@ -174,6 +175,7 @@ def test_cli_lists_mutants_with_their_fixes(capsys: pytest.CaptureFixture[str]) 
         (["check", "arm64-rfcv2", "--mutant", "B9"], "B9 is a bug of x86"),
         (["check", "x86", "--modes", "user,sideways"], "--modes: unknown 'sideways'"),
         (["check", "x86", "--depth", "0"], "--depth: must be at least 1"),
+        (["check", "arm64-sdei-ppi", "--reboot"], "models no CPU hotplug or reboot"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(
@@ -228,3 +230,41 @@ def test_cli_keeps_finished_results_when_a_later_protocol_breaks_an_invariant(
     assert "invariant violated" in err and "forced by the test" in err
     assert "Traceback" not in err
     assert main([*args, "--no-check"]) == 0
+
+
+def test_x86_never_needs_the_dummy_node_in_a_small_world() -> None:
+    """docs/findings.md: x86 delivers page-ready only to the faulting vCPU with IF=1, after
+    the #PF handler queued the node with IF=0, so dropping the dummy loses nothing."""
+    config = WorldConfig(protocol="x86", vcpus=1, tasks=2, pages=2, mutant="dummy-drop")
+    r = check(config)
+    assert r.complete and r.violation is None
+
+
+def test_a_reboot_does_not_hide_a_task_asleep_forever() -> None:
+    config = WorldConfig(
+        protocol="arm64-rfcv2",
+        vcpus=1,
+        tasks=1,
+        pages=1,
+        send_always=True,
+        modes=("user", "kernel_atomic"),
+        reboot=True,
+    )
+    found = check(config)
+    assert found.violation is not None
+    assert found.violation.prop == "live: halted waiter never woken"
+
+
+def test_token_ids_do_not_wrap_in_a_world_that_could_hold_more_live_faults() -> None:
+    """The narrow apf.id of a small world must not make fixed x86 reuse a live token."""
+    world = World(WorldConfig(protocol="x86", vcpus=1, tasks=4, pages=4, modes=("user",)))
+    assert world.host.token_id_mask >= 4 * 4 + 2  # type: ignore[attr-defined]
+    r = check(
+        WorldConfig(protocol="x86", vcpus=1, tasks=4, pages=4, modes=("user",)), max_states=15_000
+    )
+    assert r.violation is None
+
+
+def test_hotplug_needs_the_guests_callbacks() -> None:
+    with pytest.raises(ValueError, match="no CPU hotplug or reboot"):
+        World(WorldConfig(protocol="arm64-sdei-ppi", hotplug=1))

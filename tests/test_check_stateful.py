@@ -12,11 +12,18 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from apfsim.check.invariants import check_state
 from apfsim.check.mutants import MUTANTS
-from apfsim.check.world import Violation, World, WorldConfig
+from apfsim.check.world import Violation, World, WorldConfig, has_lifecycle
 from apfsim.protocols import PROTOCOLS
 
 WORLDS = [
-    WorldConfig(protocol=name, vcpus=2, tasks=3, pages=2, hotplug=1, reboot=True)
+    WorldConfig(
+        protocol=name,
+        vcpus=2,
+        tasks=3,
+        pages=2,
+        hotplug=int(has_lifecycle(name)),
+        reboot=has_lifecycle(name),
+    )
     for name in PROTOCOLS
 ]
 

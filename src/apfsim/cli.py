@@ -29,7 +29,7 @@ from apfsim.api import (
 from apfsim.check import WorldConfig, check
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.report import mutants_text, result_dict, result_text
-from apfsim.check.world import MODES
+from apfsim.check.world import MODES, has_lifecycle
 from apfsim.protocols import PROTOCOLS
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
@@ -322,6 +322,12 @@ def check_command(
     config = replace(config, stay_offline=stay_offline)
     if syscalls is not None:
         config = replace(config, syscalls=syscalls)
+    if (config.hotplug or config.reboot) and not has_lifecycle(config.protocol):
+        with_hooks = ", ".join(p for p in PROTOCOLS if has_lifecycle(p))
+        raise _fail(
+            f"--hotplug/--reboot: {config.protocol}'s guest driver models no CPU hotplug or "
+            f"reboot callbacks; use one of {with_hooks}"
+        )
     if depth is not None and depth < 1:
         raise _fail(f"--depth: must be at least 1 (got {depth})")
     if max_states < 1:
@@ -357,9 +363,9 @@ def _check_config(
         if mutant not in MUTANTS:
             raise _fail(f"--mutant: unknown {mutant!r}; known: {', '.join(MUTANTS)}")
         m = MUTANTS[mutant]
-        if protocol is not None and protocol != m.protocol:
+        if protocol is not None and protocol not in (m.protocol, *m.also):
             raise _fail(f"--mutant: {mutant} is a bug of {m.protocol}, not of {protocol}")
-        protocol = m.protocol
+        protocol = protocol or m.protocol
         world = dict(m.world)
         world["mutant"] = mutant
     if protocol is None:

@@ -1,4 +1,5 @@
-"""Fixed kernel bugs put back (spec §5), each at the line its fix changed.
+"""Fixed kernel bugs put back (spec §5), each at the line its fix changed, plus one
+design-level mutant (``dummy-drop``: the wake-before-wait record dropped).
 
 A mutant is a name the protocol code tests at that line (``self.mutant == "B9"``), so the
 checker runs the shipped code with exactly one fix reverted. Each entry says which protocol
@@ -21,6 +22,7 @@ class Mutant:
     fix: str  # the fix's title (spec §5)
     reverted: str  # what the mutant does instead, in kernel terms
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig fields that expose it
+    also: tuple[str, ...] = ()  # other protocols whose code has the same switch
 
 
 MUTANTS: dict[str, Mutant] = {
@@ -38,8 +40,9 @@ MUTANTS: dict[str, Mutant] = {
             "B4",
             "x86",
             '"x86/kvm: Restrict ASYNC_PF to user space" (3a7c8fafd1b4, v5.8)',
-            "kvm_can_deliver_async_pf also injects not-present in kernel mode, which the "
-            "5.8+ guest treats as a fatal 'async #PF in kernel mode'",
+            "kvm_guest_cpu_init asks for SEND_ALWAYS again, so the host injects not-present "
+            "in kernel mode too, which the 5.8+ guest (no halted wait) treats as a fatal "
+            "'async #PF in kernel mode'",
             {"vcpus": 1, "tasks": 1, "pages": 1},
         ),
         Mutant(
@@ -91,6 +94,7 @@ MUTANTS: dict[str, Mutant] = {
             "a page-ready that arrives before its task went to sleep is dropped, so the task "
             "then sleeps with nobody left to wake it",
             {"vcpus": 1, "tasks": 1, "pages": 1, "modes": ("user",), "syscalls": False},
+            also=("x86", "guest-initiated"),
         ),
     )
 }

@@ -85,7 +85,7 @@ def result_dict(result: CheckResult) -> dict[str, Any]:
 def mutants_text() -> str:
     lines = []
     for m in MUTANTS.values():
-        lines.append(f"{m.name} ({m.protocol})")
+        lines.append(f"{m.name} ({', '.join((m.protocol, *m.also))})")
         lines.append(f"  fix:      {m.fix}")
         lines.append(f"  reverted: {m.reverted}")
     return "\n".join(lines)

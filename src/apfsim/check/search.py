@@ -88,6 +88,7 @@ def check(
     succ_act: list[list[Action]] = [[]]
     goal = [_is_goal(root)]
     asleep = [_is_waiting(root)]
+    rebooted = [root.rebooted]
     truncated: list[int] = []
     broken = check_state(root)
     if broken is not None:
@@ -126,6 +127,7 @@ def check(
                 succ_act.append([])
                 goal.append(_is_goal(world))
                 asleep.append(_is_waiting(world))
+                rebooted.append(world.rebooted)
                 broken = check_state(world)
                 if broken is not None:
                     path = _path(parent, via, j)
@@ -144,7 +146,7 @@ def check(
             out.append(j)
             succ_act[i].append(action)
     result.goal_states = sum(goal)
-    stuck = _cannot_finish(succ, goal, asleep, truncated)
+    stuck = _cannot_finish(succ, goal, asleep, rebooted, truncated)
     if stuck is not None:
         path = _path(parent, via, stuck)
         world = _replay(config, path)
@@ -182,16 +184,24 @@ def _path(parent: list[int], via: list[Action | None], i: int) -> list[Action]:
 
 
 def _cannot_finish(
-    succ: list[list[int]], goal: list[bool], asleep: list[bool], truncated: list[int]
+    succ: list[list[int]],
+    goal: list[bool],
+    asleep: list[bool],
+    rebooted: list[bool],
+    truncated: list[int],
 ) -> int | None:
     """The shallowest state from which no state with every task done is reachable,
     preferring one where a task already waits for its page (the readable counterexample).
 
-    States the search did not expand (depth or size limit) count as able to finish.
+    States the search did not expand (depth or size limit) count as able to finish. A
+    reboot ends the old tasks without finishing them: it is no way out, and the states
+    after it (a new kernel with no tasks) are not judged.
     """
     preds: list[list[int]] = [[] for _ in succ]
     for i, out in enumerate(succ):
         for j in out:
+            if rebooted[j] and not rebooted[i]:
+                continue
             preds[j].append(i)
     can = bytearray(len(succ))
     stack = [i for i, g in enumerate(goal) if g]

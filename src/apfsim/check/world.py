@@ -37,7 +37,7 @@ from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, SdeiApfBuffer
 from apfsim.protocols.base import AbortOutcome, FaultDecision, GuestView, Injection, InjectionKind
 from apfsim.protocols.x86 import X86Host
 
-__all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig"]
+__all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig", "has_lifecycle"]
 
 
 class Mode:
@@ -104,7 +104,7 @@ class WorldConfig:
     lapic: bool = False  # the x86 guest may software-disable its LAPIC once
     event_pending: bool = False  # x86: a fault may come with an event awaiting reinjection
     send_always: bool = False  # the seed's FIXME, for its halted wait
-    token_id_bits: int = 2  # x86 apf.id width: wraps within a small world (B9)
+    token_id_bits: int | None = None  # x86 apf.id width; None: too wide to wrap in this world
     mutant: str | None = None
 
 
@@ -184,10 +184,16 @@ class World(GuestCalls):
         ports = HostPorts(self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero)
         self.host, self.guest = build_protocol(config.protocol, config.vcpus, self, ports, opts)
         if isinstance(self.host, X86Host):
-            self.host.token_id_mask = (1 << config.token_id_bits) - 1
+            # A narrow id keeps the state space small; only B9's world lets it wrap.
+            bits = config.token_id_bits
+            if bits is None:
+                bits = (config.tasks * config.pages * (1 + config.hotplug) + 4).bit_length()
+            self.host.token_id_mask = (1 << bits) - 1
         for half in (self.host, self.guest):
             if hasattr(half, "mutant"):
                 half.mutant = config.mutant
+        if (config.hotplug or config.reboot) and not has_lifecycle(config.protocol):
+            raise ValueError(f"{config.protocol}'s guest models no CPU hotplug or reboot callbacks")
         self.guest.boot()
         for cpu in range(config.vcpus):
             self.vcpus[cpu].mode = Mode.ENTRY
@@ -694,13 +700,11 @@ class World(GuestCalls):
         """CPU hotplug: the driver's offline callback, then the CPU's tasks move away."""
         vc = self.vcpus[v]
         vc.hotplug_left -= 1
-        lifecycle = getattr(self.guest, "cpu_offline", None)
-        if lifecycle is not None:
-            self.running_cpu = v
-            try:
-                lifecycle(v)
-            finally:
-                self.running_cpu = -1
+        self.running_cpu = v
+        try:
+            self.guest.cpu_offline(v)  # type: ignore[attr-defined]
+        finally:
+            self.running_cpu = -1
         vc.mode = Mode.OFFLINE
         vc.frames.clear()
         vc.irqs.clear()
@@ -723,18 +727,14 @@ class World(GuestCalls):
 
     def _online(self, v: int) -> None:
         vc = self.vcpus[v]
-        lifecycle = getattr(self.guest, "cpu_online", None)
-        if lifecycle is not None:
-            lifecycle(v)
+        self.guest.cpu_online(v)  # type: ignore[attr-defined]
         vc.mode = Mode.ENTRY
 
     def _reboot(self) -> None:
         """Reboot or kexec: the driver's teardown, then a new kernel that never enables
         async PF; the old tasks are gone."""
         self.reboot_left -= 1
-        lifecycle = getattr(self.guest, "reboot", None)
-        if lifecycle is not None:
-            lifecycle()
+        self.guest.reboot()  # type: ignore[attr-defined]
         self.rebooted = True
         for blocks in self._block_enabled_words():
             blocks.enabled = 0
@@ -823,6 +823,11 @@ def _frame_name(frame: Frame) -> str:
     return {"vector": "vector stub", "kernel_entry": "kernel_entry"}.get(
         frame.ctx.name, f"{frame.ctx.name} code"
     )
+
+
+def has_lifecycle(protocol: str) -> bool:
+    """Whether the protocol's guest driver models CPU hotplug and reboot callbacks."""
+    return protocol in ("x86", "x86-legacy", "guest-initiated", "arm64-rfcv2")
 
 
 def _block_words(block: X86ApfData | ApfData | SdeiApfBuffer) -> tuple[int, int]:

@@ -248,9 +248,12 @@ class X86ApfGuest:
         if not self.kvmapf:
             return
         self.port.wrmsr(cpu, MSR_KVM_ASYNC_PF_INT, HYPERVISOR_CALLBACK_VECTOR)
-        self.port.wrmsr(
-            cpu, MSR_KVM_ASYNC_PF_EN, KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
-        )
+        flags = KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        if self.mutant == "B4":
+            # Before "x86/kvm: Restrict ASYNC_PF to user space" the guest (with PREEMPT)
+            # asked for SEND_ALWAYS: not-present also in kernel mode.
+            flags |= KVM_ASYNC_PF_SEND_ALWAYS
+        self.port.wrmsr(cpu, MSR_KVM_ASYNC_PF_EN, flags)
         self.apf_reason[cpu].enabled = 1
 
     def kvm_pv_disable_apf(self, cpu: int) -> None:

@@ -145,8 +145,6 @@ class X86Host(HostBase):
         arch = self.arch[vcpu]
         if not self.apf_enabled(vcpu):
             return False
-        if self.mutant == "B4":
-            return True  # before "Restrict ASYNC_PF to user space": kernel mode too
         return not (arch.send_user_only and view.privileged)
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
