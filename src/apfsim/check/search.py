@@ -58,8 +58,10 @@ class _Template:
     """What a stored state lacks: the config and the counters (the search never reads them)."""
 
     def __init__(self, world: World) -> None:
-        self.saved = world._strip()
-        world._restore(self.saved)
+        saved = world._strip()
+        world._restore(saved)
+        # Only the config and the counters: the normalised host fields stay as loaded.
+        self.saved = [entry for entry in saved if entry[0] in ("", "host", "guest")]
 
     def load(self, data: bytes) -> World:
         world: World = pickle.loads(data)

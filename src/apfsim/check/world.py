@@ -215,7 +215,9 @@ class World(GuestCalls):
         finally:
             self._restore(saved)
         clone: World = pickle.loads(data)
-        clone._restore(saved)  # the counters are shared: the search never reads them
+        # The config and the counters (shared: the search never reads them); the host fields
+        # normalised by _strip stay blank in the clone.
+        clone._restore([entry for entry in saved if entry[0] in ("", "host", "guest")])
         return clone
 
     _COUNTERS = ("stats", "declined", "populates")
@@ -223,6 +225,7 @@ class World(GuestCalls):
     def _strip(self) -> list[tuple[str, str, object]]:
         """Detach what is not state (log, config, counters); returns it for _restore."""
         saved: list[tuple[str, str, object]] = [("", "log", self.log), ("", "config", self.config)]
+        keep_ack_window = self.config.mutant == "B12"
         self.log = None
         self.config = None  # type: ignore[assignment]  # the same for every state
         for owner in ("host", "guest"):
@@ -231,11 +234,29 @@ class World(GuestCalls):
                 if hasattr(half, attr):
                     saved.append((owner, attr, getattr(half, attr)))
                     setattr(half, attr, None)
+        # Host fields written before they are read (the registers at the last exit, what
+        # the last ACK delivered, the halt flag that only feeds a counter): history, not state.
+        for v, arch in enumerate(getattr(self.host, "arch", ())):
+            for attr, blank in (
+                ("view", _BLANK_VIEW),
+                ("acked", []),
+                ("halted", False),
+                ("ack_window", False),
+            ):
+                if attr == "ack_window" and keep_ack_window:
+                    continue
+                if hasattr(arch, attr):
+                    saved.append((f"host.arch.{v}", attr, getattr(arch, attr)))
+                    setattr(arch, attr, blank)
         return saved
 
     def _restore(self, saved: list[tuple[str, str, object]]) -> None:
         for owner, attr, value in saved:
-            setattr(getattr(self, owner) if owner else self, attr, value)
+            if owner.startswith("host.arch."):
+                target: object = self.host.arch[int(owner.rsplit(".", 1)[1])]  # type: ignore[attr-defined]
+            else:
+                target = getattr(self, owner) if owner else self
+            setattr(target, attr, value)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
@@ -271,6 +292,7 @@ class World(GuestCalls):
         if t.state != TaskState.SLEEPING:
             return
         t.state = TaskState.RUNNABLE
+        t.wait_cpu = -1
         self._note(f"task{task} woken")
         self._migrate_if_offline(t)
         vc = self.vcpus[t.cpu]
@@ -593,7 +615,9 @@ class World(GuestCalls):
                 self.tasks[vc.current].wait_cpu = v
                 self.tasks[vc.current].state = TaskState.HALTED
         elif frame.kind == F_TAIL:
-            if not self.guest.waiter_woken(v, frame.task):
+            if self.guest.waiter_woken(v, frame.task):
+                self.tasks[frame.task].wait_cpu = -1  # woken before it slept
+            else:
                 self.tasks[frame.task].state = TaskState.SLEEPING
                 self._note(f"task{frame.task} sleeps on its token")
                 self._schedule(v)
@@ -616,6 +640,7 @@ class World(GuestCalls):
         if t >= 0 and self.tasks[t].state == TaskState.HALTED:
             if self.guest.waiter_woken(v, t):
                 self.tasks[t].state = TaskState.RUNNABLE
+                self.tasks[t].wait_cpu = -1
                 self._note(f"task{t} leaves its halted wait")
             else:
                 vc.mode = Mode.HALTED  # wfi in the halted wait: the tick stays armed
@@ -823,6 +848,9 @@ def _frame_name(frame: Frame) -> str:
     return {"vector": "vector stub", "kernel_entry": "kernel_entry"}.get(
         frame.ctx.name, f"{frame.ctx.name} code"
     )
+
+
+_BLANK_VIEW = GuestView(privileged=False)
 
 
 def has_lifecycle(protocol: str) -> bool:
