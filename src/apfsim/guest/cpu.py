@@ -23,7 +23,7 @@ from apfsim.guest.context import CONTEXT_OF_MODE, Contexts, GuestContext
 from apfsim.guest.sched import CfsParams, CfsRq, Task, TaskState
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory
-from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection
+from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
 from apfsim.workloads.base import Plan, StopKind
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ class GuestCpu:
             self.cpu, sim.guest_protocol.on_injection, self.cpu, injection, regs
         )
         if sim.check:
-            sim.note(self.cpu, f"guest {injection.kind.value} handler: {outcome.value}", 0)
+            sim.note(self.cpu, _HANDLER_LABEL[injection.kind, outcome], injection.payload)
             sim.check_guest()
         if outcome is AbortOutcome.WAIT_SCHEDULE:
             task = self.current
@@ -349,6 +349,13 @@ class GuestCpu:
             if waker_cpu != self.cpu:
                 self.sim.send_ipi(self.cpu, waker_cpu)
         return True
+
+
+_HANDLER_LABEL = {
+    (kind, outcome): f"guest {kind.value} handler: {outcome.value}, payload"
+    for kind in InjectionKind
+    for outcome in AbortOutcome
+}
 
 
 def _noop(_: object) -> None:

@@ -31,6 +31,11 @@ _UNTOUCHED = int(PageState.UNTOUCHED)
 _SWAPCACHE = int(PageState.SWAPCACHE)
 
 
+# Labels of the events kept for an invariant report (made once, not per event).
+_TRY_LABEL = {d: f"try_async_pf {d.value}, gfn" for d in FaultDecision}
+_INJECT_LABEL = {k: f"inject {k.value}" for k in InjectionKind}
+
+
 class VcpuMode(IntEnum):
     GUEST = 0
     HOST = 1
@@ -92,7 +97,7 @@ class Vcpu:
         for injection in injections:
             cost += self._inject_ns[injection.kind]
             if sim.check:
-                sim.note(self.index, f"inject {injection.kind.value}", injection.payload)
+                sim.note(self.index, _INJECT_LABEL[injection.kind], injection.payload)
         self._host_event = sim.engine.after(cost, self._entered, injections)
 
     @property
@@ -149,7 +154,7 @@ class Vcpu:
         sim.faults["needs_io"] += 1
         result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
         if sim.check:
-            sim.note(self.index, f"try_async_pf {result.decision.value}, gfn", gfn)
+            sim.note(self.index, _TRY_LABEL[result.decision], gfn)
         if result.decision is FaultDecision.ASYNC:
             sim.faults["async"] += 1
             if result.work is not None:  # guest-initiated queues its work at the hypercall
