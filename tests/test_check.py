@@ -14,6 +14,16 @@ from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import Step, TaskState, World
 from apfsim.cli import main
 
+# The seed with its SEND_ALWAYS FIXME set, where an atomic kernel fault takes the halted wait.
+SEED_HALTED_WAIT_WORLD = WorldConfig(
+    protocol="arm64-rfcv2",
+    vcpus=1,
+    tasks=1,
+    pages=1,
+    send_always=True,
+    modes=("user", "kernel_atomic"),
+)
+
 
 def mutant_world(name: str) -> WorldConfig:
     m = MUTANTS[name]
@@ -72,15 +82,7 @@ def test_the_seeds_halted_waiter_is_never_woken() -> None:
     """docs/findings.md F1: with SEND_ALWAYS, an atomic kernel-mode fault takes the halted
     wait; its page-ready arrives in the waiter's own context, the wake is delayed, and the
     delayed wake only runs on return to user or idle entry, which the WFI loop never reaches."""
-    config = WorldConfig(
-        protocol="arm64-rfcv2",
-        vcpus=1,
-        tasks=1,
-        pages=1,
-        send_always=True,
-        modes=("user", "kernel_atomic"),
-    )
-    found = check(config)
+    found = check(SEED_HALTED_WAIT_WORLD)
     assert found.violation is not None
     assert found.violation.prop == "live: halted waiter never woken"
     effects = [e for step in found.violation.trace for e in step.effects]
@@ -241,16 +243,7 @@ def test_x86_never_needs_the_dummy_node_in_a_small_world() -> None:
 
 
 def test_a_reboot_does_not_hide_a_task_asleep_forever() -> None:
-    config = WorldConfig(
-        protocol="arm64-rfcv2",
-        vcpus=1,
-        tasks=1,
-        pages=1,
-        send_always=True,
-        modes=("user", "kernel_atomic"),
-        reboot=True,
-    )
-    found = check(config)
+    found = check(replace(SEED_HALTED_WAIT_WORLD, reboot=True))
     assert found.violation is not None
     assert found.violation.prop == "live: halted waiter never woken"
 

@@ -24,6 +24,7 @@ never enabled async PF); :mod:`apfsim.check.invariants` checks the states.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -406,28 +407,7 @@ class World(GuestCalls):
         """Apply one step; raises :class:`Violation` if the step itself breaks a property."""
         kind, index, arg = action
         blocks = self._blocks()
-        if kind == Step.ACCESS:
-            self._access(index, self._modes[arg])
-        elif kind == Step.ENTER:
-            self._enter(index)
-        elif kind == Step.HANDLE:
-            self._handle(index)
-        elif kind == Step.WORKER:
-            self._worker_done(index)
-        elif kind == Step.SYNC_DONE:
-            self._sync_done(index)
-        elif kind == Step.TICK:
-            self._tick(index)
-        elif kind == Step.SYSCALL:
-            self._syscall(index)
-        elif kind == Step.OFFLINE:
-            self._offline(index)
-        elif kind == Step.ONLINE:
-            self._online(index)
-        elif kind == Step.REBOOT:
-            self._reboot()
-        elif kind == Step.LAPIC:
-            self._lapic(index, bool(arg))
+        _STEP_CODE[kind](self, index, arg)
         self._check_host_writes(blocks, kind == Step.HANDLE)
 
     def describe(self, action: Action) -> str:
@@ -818,6 +798,19 @@ class World(GuestCalls):
                 )
 
 
+_STEP_CODE: dict[int, Callable[[World, int, int], None]] = {
+    Step.ACCESS: lambda w, v, arg: w._access(v, w._modes[arg]),
+    Step.ENTER: lambda w, v, _: w._enter(v),
+    Step.HANDLE: lambda w, v, _: w._handle(v),
+    Step.WORKER: lambda w, i, _: w._worker_done(i),
+    Step.SYNC_DONE: lambda w, v, _: w._sync_done(v),
+    Step.TICK: lambda w, v, _: w._tick(v),
+    Step.SYSCALL: lambda w, v, _: w._syscall(v),
+    Step.OFFLINE: lambda w, v, _: w._offline(v),
+    Step.ONLINE: lambda w, v, _: w._online(v),
+    Step.REBOOT: lambda w, _v, _a: w._reboot(),
+    Step.LAPIC: lambda w, v, arg: w._lapic(v, bool(arg)),
+}
 _STEP_NAMES = {
     Step.ENTER: "run-loop iteration and guest entry",
     Step.SYNC_DONE: "synchronous fault-in completes",
@@ -853,9 +846,13 @@ def _frame_name(frame: Frame) -> str:
 _BLANK_VIEW = GuestView(privileged=False)
 
 
+_LIFECYCLE = ("cpu_offline", "cpu_online", "reboot")
+
+
 def has_lifecycle(protocol: str) -> bool:
     """Whether the protocol's guest driver models CPU hotplug and reboot callbacks."""
-    return protocol in ("x86", "x86-legacy", "guest-initiated", "arm64-rfcv2")
+    guest = World(WorldConfig(protocol=protocol, vcpus=1, tasks=1, pages=1)).guest
+    return all(hasattr(guest, name) for name in _LIFECYCLE)
 
 
 def _block_words(block: X86ApfData | ApfData | SdeiApfBuffer) -> tuple[int, int]:
