@@ -76,7 +76,7 @@ def test_random_interleavings_also_find_safety_mutants(name: str) -> None:
 
     Mutated.boot = None  # type: ignore[assignment]  # only the mutant's world
     Mutated.TestCase.settings = settings(
-        max_examples=200, stateful_step_count=40, deadline=None, database=None
+        max_examples=500, stateful_step_count=40, deadline=None, database=None, derandomize=True
     )
     with pytest.raises((AssertionError, Violation)):
         Mutated.TestCase().runTest()
