@@ -71,6 +71,14 @@ class LatencySamples:
     def values(self) -> np.ndarray:
         return self._buf[: self._n]
 
+    def summary_us(self) -> dict[str, object]:
+        """Count, p50, p99 and the CDF as 21 quantiles (0, 5, ..., 100 %), in µs."""
+        if self._n == 0:
+            return {"count": 0, "p50": None, "p99": None, "cdf_us": []}
+        qs = np.percentile(self.values, np.arange(0, 101, 5)) / 1000.0
+        cdf = [round(float(v), 3) for v in qs]
+        return {"count": self._n, "p50": cdf[10], "p99": self.percentile_us(99), "cdf_us": cdf}
+
     def percentile_us(self, q: float) -> float | None:
         if self._n == 0:
             return None

@@ -36,6 +36,7 @@ class ProtocolResult:
     apf: dict[str, int]
     faults: dict[str, Any]
     memory: dict[str, Any]
+    tracepoints: dict[str, int] = field(default_factory=dict)
 
     def task(self, name: str) -> TaskResult:
         for t in self.tasks:
