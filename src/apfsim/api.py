@@ -28,6 +28,7 @@ from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.protocols import PROTOCOLS
 from apfsim.scenario import Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation, Simulation
+from apfsim.trace.recorder import TraceOptions
 
 __all__ = [
     "DEFAULT_PROTOCOLS",
@@ -69,16 +70,18 @@ def run_protocol(
     duration_s: float | None = None,
     progress: Callable[[float], None] | None = None,
     check: bool = True,
+    trace: TraceOptions | None = None,
 ) -> ProtocolResult:
     """Run one protocol; ``duration_s`` overrides the scenario's duration. With ``check``
-    the protocol invariants are checked as it runs (a violation raises InvariantViolation)."""
+    the protocol invariants are checked as it runs (a violation raises InvariantViolation);
+    ``trace`` writes a Perfetto timeline and/or a kernel-format text trace of the run."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
     if protocol not in PROTOCOLS:
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
         )
-    return Simulation(sc, protocol, seed, check).run(duration_s, progress)
+    return Simulation(sc, protocol, seed, check, trace).run(duration_s, progress)
 
 
 def run(
@@ -88,9 +91,11 @@ def run(
     duration_s: float | None = None,
     progress: ProgressFn | None = None,
     check: bool = True,
+    trace: TraceOptions | None = None,
 ) -> RunResult:
     """Run ``scenario`` under each protocol on the same seed. If an invariant breaks, the
-    InvariantViolation carries the protocols finished before it (``partial``)."""
+    InvariantViolation carries the protocols finished before it (``partial``). With
+    ``trace`` and several protocols, each protocol's files are tagged with its name."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
     for name in protocols:
@@ -105,7 +110,8 @@ def run(
     for name in protocols:
         cb = None if progress is None else (lambda f, n=name: progress(n, f))
         try:
-            out.results.append(run_protocol(sc, name, seed, duration_s, cb, check))
+            tr = trace if trace is None or len(protocols) == 1 else trace.for_run(name)
+            out.results.append(run_protocol(sc, name, seed, duration_s, cb, check, tr))
         except InvariantViolation as err:
             err.partial = out
             raise
@@ -227,6 +233,7 @@ def compare(
     jobs: int | None = None,
     progress: CompareProgressFn | None = None,
     check: bool = True,
+    trace: TraceOptions | None = None,
 ) -> CompareResult:
     """Run each protocol on each seed and compare them with ``baseline``, paired by seed.
 
@@ -252,7 +259,7 @@ def compare(
     _check_duration(duration_s)
     sc = _resolve(scenario)
     n_jobs = default_jobs() if jobs is None else jobs
-    return run_compare(sc, names, seed_list, baseline, duration_s, n_jobs, progress, check)
+    return run_compare(sc, names, seed_list, baseline, duration_s, n_jobs, progress, check, trace)
 
 
 def compare_summary_table(result: CompareResult) -> str:

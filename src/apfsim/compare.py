@@ -29,6 +29,7 @@ from typing import Any
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
 from apfsim.scenario import Scenario, scenario_from_dict
 from apfsim.simulation import Simulation
+from apfsim.trace.recorder import TraceOptions
 
 __all__ = [
     "APF_COUNTERS",
@@ -144,12 +145,13 @@ def run_one(
     seed: int,
     duration_s: float | None,
     check: bool = True,
+    trace: TraceOptions | None = None,
 ) -> dict[str, Any]:
     """Run one (protocol, seed): the process pool's picklable unit of work.
 
     Returns the ProtocolResult's dict with ``wall_time_s`` (dropped again from the JSON).
     """
-    return _run(scenario_dict, protocol, seed, duration_s, check)
+    return _run(scenario_dict, protocol, seed, duration_s, check, trace)
 
 
 def _run(
@@ -158,10 +160,11 @@ def _run(
     seed: int,
     duration_s: float | None,
     check: bool = True,
+    trace: TraceOptions | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     scenario = scenario_from_dict(scenario_dict)
-    result = Simulation(scenario, protocol, seed, check).run(duration_s, progress)
+    result = Simulation(scenario, protocol, seed, check, trace).run(duration_s, progress)
     return result.to_dict(include_wall=True)
 
 
@@ -172,7 +175,7 @@ def default_jobs() -> int:
     return os.cpu_count() or 1  # pragma: no cover - platforms without affinity
 
 
-_Spec = tuple[dict[str, Any], str, int, float | None, bool]
+_Spec = tuple[dict[str, Any], str, int, float | None, bool, TraceOptions | None]
 
 
 def _execute(
@@ -374,12 +377,16 @@ def run_compare(
     jobs: int,
     progress: CompareProgressFn | None = None,
     check: bool = True,
+    trace: TraceOptions | None = None,
 ) -> CompareResult:
-    """Run every protocol on every seed (arguments already checked) and summarise."""
+    """Run every protocol on every seed (arguments already checked) and summarise; with
+    ``trace``, every run writes its own files, tagged with protocol and seed."""
     start = time.monotonic()
     scenario_dict = scenario.model_dump(mode="json")
     specs: list[_Spec] = [
-        (scenario_dict, p, s, duration_s, check) for p in protocols for s in seeds
+        (scenario_dict, p, s, duration_s, check, None if trace is None else trace.for_run(p, s))
+        for p in protocols
+        for s in seeds
     ]
     results = [_protocol_result(d) for d in _execute(specs, jobs, progress)]
     runs = [CompareRun(spec[2], r) for spec, r in zip(specs, results, strict=True)]

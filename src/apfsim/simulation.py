@@ -43,6 +43,8 @@ from apfsim.scenario import (
     RandomWriterSpec,
     Scenario,
 )
+from apfsim.trace.formats import APF_EVENTS
+from apfsim.trace.recorder import TraceOptions, TraceRecorder
 from apfsim.workloads.base import AccessMode, Workload
 from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, RandomWriterTask
 
@@ -71,6 +73,7 @@ def _service_time(cfg: Any, rng: np.random.Generator, scale: float) -> ServiceTi
 
 
 RECENT_EVENTS = 16
+TRACEPOINT_COUNTS = (*APF_EVENTS, "wake_all")
 
 
 class InvariantViolation(RuntimeError):
@@ -84,7 +87,14 @@ class InvariantViolation(RuntimeError):
 class Simulation(GuestCalls):
     """Run ``scenario`` under ``protocol`` with ``seed``; see :meth:`run`."""
 
-    def __init__(self, scenario: Scenario, protocol: str, seed: int, check: bool = True) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        protocol: str,
+        seed: int,
+        check: bool = True,
+        trace: TraceOptions | None = None,
+    ) -> None:
         self.scenario = scenario
         self.protocol = protocol
         self.seed = seed
@@ -114,6 +124,7 @@ class Simulation(GuestCalls):
         self.stats: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.sync_causes: Counter[str] = Counter()
+        self.tracepoints: Counter[str] = Counter()  # what the kernel's APF tracepoints count
         self.fault_latency = LatencySamples()  # fault-in I/O: sync stall or worker GUP
         self.ready_latency = LatencySamples()  # not-present injected -> page-ready delivered
         self._io_waiters: dict[int, list[tuple[Callable[[Any], object], Any]]] = {}
@@ -157,6 +168,12 @@ class Simulation(GuestCalls):
         self._unfinished = sum(1 for w in self.workloads if _is_finite(w))
         self._tick_ns = 1_000_000_000 // g.hz
         self._host_tick_ns = 1_000_000_000 // h.tick_hz if h.tick_hz else 0
+        self.tracer: TraceRecorder | None = None
+        if trace is not None and trace.enabled:
+            self.tracer = TraceRecorder(self, trace)
+            self.tracer.install()
+            for vcpu, cpu in zip(self.vcpus, self.cpus, strict=True):
+                vcpu.tracer = cpu.tracer = self.tracer
 
     # -- construction -------------------------------------------------------------------------
     def _build_tasks(self) -> None:
@@ -254,6 +271,9 @@ class Simulation(GuestCalls):
 
     def start_worker(self, work: AsyncPf) -> None:
         """``schedule_work``: a kworker picks the item up after the workqueue delay."""
+        self.tracepoints["kvm_async_pf_not_present"] += 1
+        if self.tracer is not None:
+            self.tracer.apf_setup(work)
         self.engine.after(self.scenario.host.worker_start_ns, self._worker_run, work)
 
     def _worker_run(self, work: AsyncPf) -> None:
@@ -262,6 +282,9 @@ class Simulation(GuestCalls):
     def _worker_done(self, work: AsyncPf) -> None:
         """End of ``async_pf_execute``: the page is in; queue the completion, wake the vCPU."""
         self.fault_latency.add(self.engine.now - work.start_ns)
+        self.tracepoints["kvm_async_pf_completed"] += 1
+        if self.tracer is not None:
+            self.tracer.apf_completed(work)
         self.host_protocol.worker_done(work)
         vcpu = self.vcpus[work.vcpu_id]
         vcpu.worker_completed()
@@ -419,7 +442,10 @@ class Simulation(GuestCalls):
                 progress(t / end)
             if stop_early and self._unfinished == 0:
                 break
-        return self._result(engine.now, time.perf_counter() - wall0)
+        result = self._result(engine.now, time.perf_counter() - wall0)
+        if self.tracer is not None:
+            self.tracer.close(engine.now)
+        return result
 
     # -- results ----------------------------------------------------------------------------------
     def _result(self, now: int, wall_s: float) -> ProtocolResult:
@@ -465,16 +491,8 @@ class Simulation(GuestCalls):
             "async": self.faults["async"],
             "sync": sum(self.sync_causes.values()),
             "repeated": self.faults["repeated_spins"],
-            "fault_in_latency_us": {
-                "count": len(self.fault_latency),
-                "p50": self.fault_latency.percentile_us(50),
-                "p99": self.fault_latency.percentile_us(99),
-            },
-            "not_present_to_ready_us": {
-                "count": len(self.ready_latency),
-                "p50": self.ready_latency.percentile_us(50),
-                "p99": self.ready_latency.percentile_us(99),
-            },
+            "fault_in_latency_us": self.fault_latency.summary_us(),
+            "not_present_to_ready_us": self.ready_latency.summary_us(),
         }
         dev = self.device
         memory: dict[str, Any] = {
@@ -488,6 +506,7 @@ class Simulation(GuestCalls):
             "context_switches": self.stats["context_switches"],
             "ipis": self.stats["ipis"],
         }
+        tracepoints = {name: self.tracepoints[name] for name in TRACEPOINT_COUNTS}
         return ProtocolResult(
             protocol=self.protocol,
             sim_time_s=round(now / 1e9, 9),
@@ -498,6 +517,7 @@ class Simulation(GuestCalls):
             apf=apf,
             faults=faults,
             memory=memory,
+            tracepoints=tracepoints,
         )
 
 

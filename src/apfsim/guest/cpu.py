@@ -29,6 +29,7 @@ from apfsim.workloads.base import Plan, StopKind
 if TYPE_CHECKING:
     from apfsim.host.vcpu import Vcpu
     from apfsim.simulation import Simulation
+    from apfsim.trace.recorder import TraceRecorder
 
 __all__ = ["Frame", "GuestCpu"]
 
@@ -70,6 +71,7 @@ class GuestCpu:
         self.in_kernel = True
         self.stolen_ns = 0
         self._stolen_mark = 0
+        self.tracer: TraceRecorder | None = None
         self._exec_start = 0
         self._seg = _NONE
         self._seg_start = 0
@@ -111,6 +113,9 @@ class GuestCpu:
                 return
             self.halt_waiter = None
             task.state = TaskState.RUNNING
+            if self.tracer is not None:
+                self.tracer.task_woken(task)
+                self.tracer.task_state(task)
         curr = self.current
         if curr is None:
             self._idle()
@@ -270,12 +275,16 @@ class GuestCpu:
             task = self.current
             assert task is not None
             tail = sim.scenario.guest.costs.apf_wait_tail_ns
+            if self.tracer is not None:
+                self.tracer.apf_wait(task, self.cpu, injection.payload, halted=False)
             self.frames.append(Frame(Contexts.KERNEL, tail, self._apf_sleep, task))
         elif outcome is AbortOutcome.WAIT_HALT:
             task = self.current
             assert task is not None
             task.state = TaskState.HALTED_APF
             self.halt_waiter = task
+            if self.tracer is not None:
+                self.tracer.apf_wait(task, self.cpu, injection.payload, halted=True)
         elif outcome in (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON):
             # An injected abort the driver did not claim goes down the ordinary fault path
             # with FAR = token: on real hardware a bogus fault (SIGSEGV or oops).
@@ -287,6 +296,8 @@ class GuestCpu:
             return
         task.state = TaskState.SLEEPING_APF
         self.sim.stats["apf_sleeps"] += 1
+        if self.tracer is not None:
+            self.tracer.task_state(task)
         self.schedule()
 
     def _tick_handled(self, _: object) -> None:
@@ -335,6 +346,8 @@ class GuestCpu:
     def _task_exit(self, task: Task) -> None:
         task.state = TaskState.DONE
         task.completion_ns = self.sim.engine.now
+        if self.tracer is not None:
+            self.tracer.task_state(task)
         self.sim.task_finished(task)
         self.schedule()
 
@@ -343,6 +356,8 @@ class GuestCpu:
         if task.state is not TaskState.SLEEPING_APF:
             return False
         self.update_curr(self.sim.engine.now)
+        if self.tracer is not None:
+            self.tracer.task_woken(task)
         self.rq.enqueue(task, wakeup=True)
         if self.rq.check_preempt_wakeup(task) or self.current is None:
             self.need_resched = True

@@ -16,6 +16,7 @@ The tunables scale with ``1 + ilog2(min(ncpus, 8))`` (SCHED_TUNABLESCALING_LOG).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -73,6 +74,7 @@ class CfsRq:
     queue: list[Task] = field(default_factory=list)
     min_vruntime: int = 0
     curr: Task | None = None
+    on_state: Callable[[Task], None] | None = None  # a tracer's view of state changes
 
     @property
     def nr_running(self) -> int:
@@ -118,6 +120,8 @@ class CfsRq:
             self.place_entity(task)
         task.state = TaskState.RUNNABLE
         self.queue.append(task)
+        if self.on_state is not None:
+            self.on_state(task)
 
     def leftmost(self) -> Task | None:
         if not self.queue:
@@ -131,6 +135,8 @@ class CfsRq:
             self.queue.remove(task)
             task.state = TaskState.RUNNING
             task.prev_sum_exec_runtime = task.sum_exec_runtime
+            if self.on_state is not None:
+                self.on_state(task)
         self.curr = task
         self._update_min_vruntime()
         return task
@@ -141,6 +147,8 @@ class CfsRq:
         self.queue.append(task)
         if self.curr is task:
             self.curr = None
+        if self.on_state is not None:
+            self.on_state(task)
 
     def check_preempt_tick(self) -> bool:
         """From ``entity_tick``, which calls it only when ``nr_running > 1``."""

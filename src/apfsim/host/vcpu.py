@@ -17,11 +17,13 @@ from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
-from apfsim.protocols.base import FaultDecision, Injection, InjectionKind
+from apfsim.protocols.base import FaultDecision, Injection, InjectionKind, SyncCause
+from apfsim.trace.formats import ExitReason
 
 if TYPE_CHECKING:
     from apfsim.guest.cpu import GuestCpu
     from apfsim.simulation import Simulation
+    from apfsim.trace.recorder import TraceRecorder
 
 __all__ = ["Vcpu", "VcpuMode"]
 
@@ -57,6 +59,7 @@ class Vcpu:
         self.block_halt = False
         self._since = 0
         self._host_event: EventHandle | None = None
+        self.tracer: TraceRecorder | None = None
         host = sim.scenario.host
         self._exit_ns = host.exit_ns
         self._entry_ns = host.entry_ns
@@ -78,6 +81,8 @@ class Vcpu:
     def exit_async(self) -> None:
         """An interrupt (timer, IPI) forces an exit while the guest runs."""
         self.guest.interrupt(self.sim.engine.now)
+        if self.tracer is not None:
+            self.tracer.kvm_exit(self.index, ExitReason.IRQ, self.guest.context())
         self._to_host()
         self._host_event = self.sim.engine.after(self._exit_ns, self.enter)
 
@@ -88,8 +93,13 @@ class Vcpu:
         delivered = sim.host_protocol.run_loop_iteration(self.index, self.guest.context().view())
         for work in delivered:
             # Only a not-present the guest saw has a page-ready latency; a halt just ends.
-            if work.notpresent_injected and not work.wakeup_all:
+            if work.wakeup_all:
+                sim.tracepoints["wake_all"] += 1
+            elif work.notpresent_injected:
                 sim.ready_latency.add(sim.engine.now - work.start_ns)
+            sim.tracepoints["kvm_async_pf_ready"] += 1
+            if self.tracer is not None:
+                self.tracer.apf_ready(self.index, work)
         injections: list[Injection] = []
         while (injection := sim.host_protocol.take_injection(self.index)) is not None:
             injections.append(injection)
@@ -108,6 +118,8 @@ class Vcpu:
         self._host_event = None
         self.mode = VcpuMode.GUEST
         self.guest.take_events(injections)
+        if self.tracer is not None:
+            self.tracer.kvm_entry(self.index, self.guest.context())
         self.guest.resume()
         if self.mode == VcpuMode.GUEST and self.sim.host_protocol.request_pending(self.index):
             # A worker made its request while this entry was under way (its kick found the
@@ -119,6 +131,8 @@ class Vcpu:
     def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
         """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
         handler: the host already applied each; pay every round trip and its handling."""
+        if self.tracer is not None:
+            self.tracer.kvm_exit(self.index, ExitReason.HVC, self.guest.context())
         self._to_host()
         cost = self._exit_ns + handling_ns + (exits - 1) * (self._exit_ns + self._entry_ns)
         self._host_event = self.sim.engine.after(cost, self.enter)
@@ -128,6 +142,8 @@ class Vcpu:
         """``kvm_handle_guest_abort`` -> ``user_mem_abort`` -> ``try_async_pf``."""
         sim = self.sim
         memory = sim.memory
+        if self.tracer is not None:
+            self.tracer.kvm_exit(self.index, ExitReason.DABT, ctx)
         self._to_host()
         cost = self._exit_ns + self._stage2_ns
         state = int(memory.state[gfn])
@@ -153,6 +169,15 @@ class Vcpu:
         now = sim.engine.now
         sim.faults["needs_io"] += 1
         result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
+        decision = result.decision
+        if decision is not FaultDecision.SYNC or result.cause is SyncCause.QUEUE_FULL:
+            sim.tracepoints["kvm_try_async_get_page"] += 1
+            if decision is FaultDecision.REPEATED or (
+                decision is FaultDecision.HALT and result.work is None
+            ):
+                sim.tracepoints["kvm_async_pf_repeated_fault"] += 1
+            if self.tracer is not None:
+                self.tracer.try_async(self.index, gfn, result)
         if sim.check:
             sim.note(self.index, _TRY_LABEL[result.decision], gfn)
         if result.decision is FaultDecision.ASYNC:
@@ -218,6 +243,8 @@ class Vcpu:
 
     def wfi(self, halt: bool) -> None:
         """The guest executed WFI: trap, then block unless already runnable."""
+        if self.tracer is not None:
+            self.tracer.kvm_exit(self.index, ExitReason.WFX, self.guest.context())
         self._to_host()
         self._host_event = self.sim.engine.after(self._exit_ns, self._block, halt)
 

@@ -1,0 +1,138 @@
+"""A streaming writer of Chrome trace-event JSON (the format ui.perfetto.dev and
+chrome://tracing open).
+
+Events are formatted to text as they happen and written in batches, so memory does not grow
+with the length of the run. Timestamps are integer nanoseconds written as microseconds
+with three decimals (exact). Every event is clipped to the trace window; a flow is written
+only when all its points lie inside it, so every ``s`` has its ``f``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["ChromeTraceWriter", "json_str"]
+
+FLUSH_EVERY = 2048
+CATEGORY = "apf"
+
+
+def json_str(text: str) -> str:
+    """A JSON string literal (names are escaped once, when a track or label is made)."""
+    return json.dumps(text)
+
+
+def _us(ns: int) -> str:
+    return f"{ns // 1000}.{ns % 1000:03d}"
+
+
+class ChromeTraceWriter:
+    """Writes ``{"traceEvents": [...]}`` incrementally; :meth:`close` ends the document."""
+
+    def __init__(self, path: Path, window: tuple[int, int], metadata: dict[str, object]) -> None:
+        self._file: TextIO = path.open("w", encoding="utf-8")
+        self._start, self._end = window
+        self._buf: list[str] = []
+        self._file.write(
+            '{"displayTimeUnit":"ns","otherData":'
+            + json.dumps(metadata, sort_keys=True)
+            + ',"traceEvents":[\n'
+        )
+        self._first = True
+        self.events_written = 0
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _emit(self, event: str) -> None:
+        self._buf.append(event)
+        if len(self._buf) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        text = ",\n".join(self._buf)
+        self._file.write(text if self._first else ",\n" + text)
+        self._first = False
+        self.events_written += len(self._buf)
+        self._buf.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._file.write("\n]}\n")
+        self._file.close()
+
+    def inside(self, ts: int) -> bool:
+        return self._start <= ts < self._end
+
+    # -- events ------------------------------------------------------------------------------
+    def name_process(self, pid: int, name: str, sort_index: int) -> None:
+        self._emit(
+            f'{{"ph":"M","name":"process_name","pid":{pid},"tid":0,'
+            f'"args":{{"name":{json_str(name)}}}}}'
+        )
+        self._emit(
+            f'{{"ph":"M","name":"process_sort_index","pid":{pid},"tid":0,'
+            f'"args":{{"sort_index":{sort_index}}}}}'
+        )
+
+    def name_thread(self, pid: int, tid: int, name: str) -> None:
+        self._emit(
+            f'{{"ph":"M","name":"thread_name","pid":{pid},"tid":{tid},'
+            f'"args":{{"name":{json_str(name)}}}}}'
+        )
+        self._emit(
+            f'{{"ph":"M","name":"thread_sort_index","pid":{pid},"tid":{tid},'
+            f'"args":{{"sort_index":{tid}}}}}'
+        )
+
+    def slice(self, pid: int, tid: int, name: str, start: int, end: int) -> None:
+        """A complete event ``X`` over [start, end), clipped; ``name`` is a JSON literal."""
+        s = start if start > self._start else self._start
+        e = end if end < self._end else self._end
+        if e <= s:
+            return
+        self._emit(
+            f'{{"ph":"X","cat":"{CATEGORY}","name":{name},"pid":{pid},"tid":{tid},'
+            f'"ts":{_us(s)},"dur":{_us(e - s)}}}'
+        )
+
+    def marker(self, pid: int, tid: int, name: str, ts: int, args: str = "") -> None:
+        """A 1 ns slice at ``ts`` that a flow point can bind to."""
+        if not self._start <= ts < self._end:
+            return
+        extra = f',"args":{args}' if args else ""
+        self._emit(
+            f'{{"ph":"X","cat":"{CATEGORY}","name":{name},"pid":{pid},"tid":{tid},'
+            f'"ts":{_us(ts)},"dur":0.001{extra}}}'
+        )
+
+    def async_span(
+        self, pid: int, tid: int, ident: int, name: str, start: int, end: int, args: str
+    ) -> None:
+        """A nestable async slice: a ``b`` and its ``e``, keyed by ``ident``, clipped."""
+        s = start if start > self._start else self._start
+        e = end if end < self._end else self._end
+        if e < s or (e == s and not self._start <= start < self._end):
+            return
+        head = f'"cat":"{CATEGORY}","name":{name},"id":{ident},"pid":{pid},"tid":{tid}'
+        self._emit(f'{{"ph":"b",{head},"ts":{_us(s)},"args":{args}}}')
+        self._emit(f'{{"ph":"e",{head},"ts":{_us(e)}}}')
+
+    def flow(self, ident: int, points: list[tuple[int, int, int]]) -> None:
+        """Flow ``ident`` through ``points`` (pid, tid, ts), written only if all lie in the
+        window: ``s`` then ``t``... then ``f``, each bound to the marker at its ts."""
+        if len(points) < 2 or not all(self._start <= ts < self._end for _, _, ts in points):
+            return
+        last = len(points) - 1
+        for i, (pid, tid, ts) in enumerate(points):
+            ph = "s" if i == 0 else ("f" if i == last else "t")
+            self._emit(
+                f'{{"ph":"{ph}","cat":"{CATEGORY}","name":"apf","id":{ident},"pid":{pid},'
+                f'"tid":{tid},"ts":{_us(ts)},"bp":"e"}}'
+            )
+
+    def counter(self, pid: int, name: str, ts: int, args: str) -> None:
+        if self._start <= ts < self._end:
+            self._emit(f'{{"ph":"C","name":{name},"pid":{pid},"ts":{_us(ts)},"args":{args}}}')

@@ -1,0 +1,181 @@
+"""``apfsim trace-stats``: read a kernel-format text trace (ours, or one recorded with
+``trace-cmd record -e kvm`` / ``perf script`` on a real host) and summarise async PF.
+
+Accepted layouts: ``trace-cmd report`` (``comm-pid [cpu] ts: event: fields``), the raw
+ftrace buffer (with the irq-flags column) and ``perf script`` (``comm pid [cpu] ts:
+kvm:event: fields``). Lines that are not async-PF events are skipped and counted; an
+async-PF event whose fields do not parse is reported with its line number.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from apfsim.trace.formats import APF_EVENTS, WAKE_ALL_TOKEN
+
+__all__ = ["Malformed", "TraceStats", "read_trace", "trace_stats_text"]
+
+_LINE = re.compile(
+    r"^\s*(?P<comm>.*?\S)(?:-|\s+)(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
+    r"(?:[^\s:]+\s+)?(?P<ts>\d+\.\d+):\s+(?:(?P<sys>\w+):)?(?P<event>\w+):\s*(?P<fields>.*?)\s*$"
+)
+_HEX = r"(0x[0-9a-fA-F]+|0)"
+_FIELDS = {
+    "kvm_try_async_get_page": re.compile(rf"gva = {_HEX}, gfn = {_HEX}$"),
+    "kvm_async_pf_repeated_fault": re.compile(rf"gva = {_HEX}, gfn = {_HEX}$"),
+    "kvm_async_pf_not_present": re.compile(rf"token {_HEX} gva {_HEX}$"),
+    "kvm_async_pf_ready": re.compile(rf"token {_HEX} gva {_HEX}$"),
+    "kvm_async_pf_completed": re.compile(rf"gva {_HEX} address {_HEX}(?: pfn {_HEX})?$"),
+}
+_ALIASES = {"kvm_async_pf_doublefault": "kvm_async_pf_repeated_fault"}  # <= 3.x name
+_OTHER_KVM = ("kvm_entry", "kvm_exit")
+MAX_MALFORMED_KEPT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    line_no: int
+    reason: str
+    text: str
+
+
+@dataclass
+class TraceStats:
+    """What one pass over a trace found."""
+
+    lines: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    unknown_lines: int = 0
+    malformed: list[Malformed] = field(default_factory=list)
+    malformed_count: int = 0
+    wake_all: int = 0
+    ready_without_not_present: int = 0
+    latencies_ns: dict[str, list[int]] = field(default_factory=dict)  # per vCPU thread
+    in_flight: dict[str, int] = field(default_factory=dict)  # not-present never ready
+    first_ts_ns: int | None = None
+    last_ts_ns: int | None = None
+
+    @property
+    def repeated_faults(self) -> int:
+        return self.events["kvm_async_pf_repeated_fault"]
+
+    def latency_summary(self) -> dict[str, dict[str, Any]]:
+        """Per vCPU thread: count and not-present -> ready percentiles in µs."""
+        out: dict[str, dict[str, Any]] = {}
+        for thread in sorted(self.latencies_ns):
+            values = np.asarray(self.latencies_ns[thread], dtype=np.int64)
+            row: dict[str, Any] = {"count": len(values)}
+            if len(values):
+                qs = np.percentile(values, [0, 50, 90, 99, 100]) / 1000.0
+                for name, v in zip(("min", "p50", "p90", "p99", "max"), qs, strict=True):
+                    row[name] = round(float(v), 3)
+                row["mean"] = round(float(values.mean()) / 1000.0, 3)
+            row["in_flight_at_end"] = self.in_flight.get(thread, 0)
+            out[thread] = row
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines,
+            "events": {name: self.events[name] for name in (*APF_EVENTS, *_OTHER_KVM)},
+            "wake_all": self.wake_all,
+            "repeated_faults": self.repeated_faults,
+            "ready_without_not_present": self.ready_without_not_present,
+            "unknown_lines": self.unknown_lines,
+            "malformed_lines": self.malformed_count,
+            "not_present_to_ready_us": self.latency_summary(),
+            "span_s": None
+            if self.first_ts_ns is None or self.last_ts_ns is None
+            else round((self.last_ts_ns - self.first_ts_ns) / 1e9, 9),
+        }
+
+
+def _ts_ns(text: str) -> int:
+    sec, _, frac = text.partition(".")
+    return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+
+
+def read_trace(lines: Iterable[str]) -> TraceStats:
+    """One streaming pass: counts, pairing of not-present with ready per vCPU thread."""
+    stats = TraceStats()
+    pending: dict[tuple[str, int], int] = {}  # (thread, token) -> not-present ts
+    for line_no, raw in enumerate(lines, start=1):
+        stats.lines += 1
+        line = raw.rstrip("\n")
+        m = _LINE.match(line)
+        if m is None:
+            if any(name in line for name in APF_EVENTS):
+                _malformed(stats, line_no, "not in trace-cmd/ftrace/perf-script layout", line)
+            else:
+                stats.unknown_lines += 1
+            continue
+        event = _ALIASES.get(m["event"], m["event"])
+        if event in _OTHER_KVM:
+            stats.events[event] += 1
+            continue
+        pattern = _FIELDS.get(event)
+        if pattern is None:
+            stats.unknown_lines += 1
+            continue
+        fm = pattern.match(m["fields"])
+        if fm is None:
+            _malformed(stats, line_no, f"{event}: fields do not match its TP_printk", line)
+            continue
+        ts = _ts_ns(m["ts"])
+        if stats.first_ts_ns is None:
+            stats.first_ts_ns = ts
+        stats.last_ts_ns = ts
+        stats.events[event] += 1
+        thread = f"{m['comm']}-{m['pid']}"
+        if event == "kvm_async_pf_not_present":
+            pending[(thread, int(fm[1], 16))] = ts
+        elif event == "kvm_async_pf_ready":
+            token = int(fm[1], 16)
+            if token == WAKE_ALL_TOKEN:
+                stats.wake_all += 1
+                continue
+            start = pending.pop((thread, token), None)
+            samples = stats.latencies_ns.setdefault(thread, [])
+            if start is None:
+                stats.ready_without_not_present += 1
+            else:
+                samples.append(ts - start)
+    for thread, _token in pending:
+        stats.in_flight[thread] = stats.in_flight.get(thread, 0) + 1
+        stats.latencies_ns.setdefault(thread, [])
+    return stats
+
+
+def _malformed(stats: TraceStats, line_no: int, reason: str, line: str) -> None:
+    stats.malformed_count += 1
+    if len(stats.malformed) < MAX_MALFORMED_KEPT:
+        stats.malformed.append(Malformed(line_no, reason, line[:200]))
+
+
+def trace_stats_text(stats: TraceStats) -> str:
+    """The human-readable summary ``apfsim trace-stats`` prints."""
+    d = stats.to_dict()
+    lines = [f"{stats.lines} lines, span {d['span_s'] if d['span_s'] is not None else '-'} s"]
+    lines.append("[events]")
+    for name, count in d["events"].items():
+        lines.append(f"  {name:<32}{count:>12}")
+    lines.append(f"  {'wake-all (ready, token ~0)':<32}{stats.wake_all:>12}")
+    lines.append(f"  {'repeated faults':<32}{stats.repeated_faults:>12}")
+    lines.append(f"  {'ready without its not-present':<32}{stats.ready_without_not_present:>12}")
+    lines.append(f"  {'unknown lines (skipped)':<32}{stats.unknown_lines:>12}")
+    lines.append(f"  {'malformed lines':<32}{stats.malformed_count:>12}")
+    lines.append("[not-present -> ready latency per vCPU thread (us)]")
+    header = ("thread", "count", "min", "p50", "p90", "p99", "max", "in flight")
+    lines.append(f"  {header[0]:<24}" + "".join(f"{h:>11}" for h in header[1:]))
+    for thread, row in d["not_present_to_ready_us"].items():
+        cells = [str(row["count"])]
+        cells += [f"{row[k]:.3f}" if k in row else "-" for k in ("min", "p50", "p90", "p99", "max")]
+        cells.append(str(row["in_flight_at_end"]))
+        lines.append(f"  {thread:<24}" + "".join(f"{c:>11}" for c in cells))
+    return "\n".join(lines)
