@@ -44,6 +44,7 @@ from apfsim.scenario import (
     Scenario,
 )
 from apfsim.trace.formats import APF_EVENTS
+from apfsim.trace.hooks import TracedVcpu
 from apfsim.trace.recorder import TraceOptions, TraceRecorder
 from apfsim.workloads.base import AccessMode, Workload
 from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, RandomWriterTask
@@ -157,7 +158,8 @@ class Simulation(GuestCalls):
             g.sched.gentle_fair_sleepers,
             g.sched.wakeup_preemption,
         ).scaled(g.vcpus)
-        self.vcpus = [Vcpu(i, self) for i in range(g.vcpus)]
+        vcpu_class = TracedVcpu if trace is not None and trace.enabled else Vcpu
+        self.vcpus = [vcpu_class(i, self) for i in range(g.vcpus)]
         self.cpus = [GuestCpu(i, self, v, cfs) for i, v in enumerate(self.vcpus)]
         for v, c in zip(self.vcpus, self.cpus, strict=True):
             v.guest = c

@@ -18,7 +18,6 @@ from apfsim.guest.context import GuestContext
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
 from apfsim.protocols.base import FaultDecision, Injection, InjectionKind, SyncCause
-from apfsim.trace.formats import ExitReason
 
 if TYPE_CHECKING:
     from apfsim.guest.cpu import GuestCpu
@@ -81,8 +80,6 @@ class Vcpu:
     def exit_async(self) -> None:
         """An interrupt (timer, IPI) forces an exit while the guest runs."""
         self.guest.interrupt(self.sim.engine.now)
-        if self.tracer is not None:
-            self.tracer.kvm_exit(self.index, ExitReason.IRQ, self.guest.context())
         self._to_host()
         self._host_event = self.sim.engine.after(self._exit_ns, self.enter)
 
@@ -118,8 +115,6 @@ class Vcpu:
         self._host_event = None
         self.mode = VcpuMode.GUEST
         self.guest.take_events(injections)
-        if self.tracer is not None:
-            self.tracer.kvm_entry(self.index, self.guest.context())
         self.guest.resume()
         if self.mode == VcpuMode.GUEST and self.sim.host_protocol.request_pending(self.index):
             # A worker made its request while this entry was under way (its kick found the
@@ -131,8 +126,6 @@ class Vcpu:
     def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
         """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
         handler: the host already applied each; pay every round trip and its handling."""
-        if self.tracer is not None:
-            self.tracer.kvm_exit(self.index, ExitReason.HVC, self.guest.context())
         self._to_host()
         cost = self._exit_ns + handling_ns + (exits - 1) * (self._exit_ns + self._entry_ns)
         self._host_event = self.sim.engine.after(cost, self.enter)
@@ -142,8 +135,6 @@ class Vcpu:
         """``kvm_handle_guest_abort`` -> ``user_mem_abort`` -> ``try_async_pf``."""
         sim = self.sim
         memory = sim.memory
-        if self.tracer is not None:
-            self.tracer.kvm_exit(self.index, ExitReason.DABT, ctx)
         self._to_host()
         cost = self._exit_ns + self._stage2_ns
         state = int(memory.state[gfn])
@@ -243,8 +234,6 @@ class Vcpu:
 
     def wfi(self, halt: bool) -> None:
         """The guest executed WFI: trap, then block unless already runnable."""
-        if self.tracer is not None:
-            self.tracer.kvm_exit(self.index, ExitReason.WFX, self.guest.context())
         self._to_host()
         self._host_event = self.sim.engine.after(self._exit_ns, self._block, halt)
 

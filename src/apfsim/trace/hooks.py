@@ -1,0 +1,45 @@
+"""The vCPU run loop with its tracepoints: used instead of :class:`Vcpu` only when a run is
+traced, so an untraced run's exits and entries carry no tracing test at all."""
+
+from __future__ import annotations
+
+from apfsim.guest.context import GuestContext
+from apfsim.host.vcpu import Vcpu
+from apfsim.protocols.base import Injection
+from apfsim.trace.formats import ExitReason
+
+__all__ = ["TracedVcpu"]
+
+
+class TracedVcpu(Vcpu):
+    """``trace_kvm_exit`` before each exit, ``trace_kvm_entry`` at each entry."""
+
+    def exit_async(self) -> None:
+        assert self.tracer is not None
+        self.tracer.kvm_exit(self.index, ExitReason.IRQ, self.guest.context())
+        super().exit_async()
+
+    def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
+        assert self.tracer is not None
+        self.tracer.kvm_exit(self.index, ExitReason.HVC, self.guest.context())
+        super().exit_for_guest_call(exits, handling_ns)
+
+    def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
+        assert self.tracer is not None
+        self.tracer.kvm_exit(self.index, ExitReason.DABT, ctx)
+        super().stage2_fault(gfn, ctx)
+
+    def wfi(self, halt: bool) -> None:
+        assert self.tracer is not None
+        self.tracer.kvm_exit(self.index, ExitReason.WFX, self.guest.context())
+        super().wfi(halt)
+
+    def _entered(self, injections: list[Injection]) -> None:
+        assert self.tracer is not None
+        # An injected exception enters at its vector; otherwise where the guest left off.
+        if any(injection.kind.synchronous for injection in injections):
+            ctx = self.sim.contexts.vector
+        else:
+            ctx = self.guest.context()
+        self.tracer.kvm_entry(self.index, ctx)
+        super()._entered(injections)
