@@ -39,6 +39,8 @@ from apfsim.scenario import (
     scenario_to_toml,
 )
 from apfsim.simulation import InvariantViolation
+from apfsim.trace import TraceOptions, read_trace
+from apfsim.trace.stats import trace_stats_text
 
 __all__ = ["app", "cli", "main"]
 
@@ -56,6 +58,28 @@ DurationOption = Annotated[
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")]
 NoCheckOption = Annotated[
     bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
+]
+TraceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--trace",
+        help="Write a Chrome trace-event JSON timeline (ui.perfetto.dev) to this file; "
+        "with several runs, one file each, tagged with protocol (and seed).",
+    ),
+]
+FtraceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ftrace",
+        help="Write the run as kernel tracepoints in trace-cmd report layout to this file.",
+    ),
+]
+TraceWindowOption = Annotated[
+    str | None,
+    typer.Option(
+        "--trace-window",
+        help="Trace only simulated seconds START:END (either side may be empty).",
+    ),
 ]
 
 
@@ -141,6 +165,36 @@ def _check_json_path(json_path: Path | None) -> None:
         raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
 
 
+def _trace_options(
+    trace: Path | None, ftrace: Path | None, window: str | None
+) -> TraceOptions | None:
+    """Check the tracing flags before running: a bad path or window fails at once."""
+    for flag, path in (("--trace", trace), ("--ftrace", ftrace)):
+        if path is not None and not path.parent.is_dir():
+            raise _fail(f"{flag}: directory {str(path.parent)!r} does not exist; create it first")
+    if trace is None and ftrace is None:
+        if window is not None:
+            raise _fail("--trace-window: give --trace or --ftrace too")
+        return None
+    span = (0, 1 << 62)
+    if window is not None:
+        start_text, sep, end_text = window.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            start = float(start_text) if start_text.strip() else 0.0
+            end = float(end_text) if end_text.strip() else None
+        except ValueError:
+            raise _fail(
+                f"--trace-window: expected START:END in simulated seconds, like 30:31 or 30: "
+                f"(got {window!r})"
+            ) from None
+        if start < 0 or (end is not None and end <= start):
+            raise _fail(f"--trace-window: need 0 <= START < END (got {window!r})")
+        span = (round(start * 1e9), (1 << 62) if end is None else round(end * 1e9))
+    return TraceOptions(trace, ftrace, span)
+
+
 def _write_json(json_path: Path, data: dict[str, Any]) -> None:
     """Sorted keys, two-space indent: the same run gives the same bytes."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -168,6 +222,9 @@ def run_command(
     ] = None,
     quiet: QuietOption = False,
     no_check: NoCheckOption = False,
+    trace: TraceOption = None,
+    ftrace: FtraceOption = None,
+    trace_window: TraceWindowOption = None,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
     protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
@@ -182,6 +239,7 @@ def run_command(
         raise _fail(f"--seed: must be a non-negative integer (got {seed})")
     _check_duration_flag(duration)
     _check_json_path(json_path)
+    tracing = _trace_options(trace, ftrace, trace_window)
     try:
         sc = load_scenario(scenario)
     except ScenarioError as err:
@@ -195,6 +253,7 @@ def run_command(
             duration_s=duration,
             progress=progress.protocol_fraction,
             check=not no_check,
+            trace=tracing,
         )
     except InvariantViolation as err:
         progress.close()
@@ -240,6 +299,9 @@ def compare_command(
     ] = None,
     quiet: QuietOption = False,
     no_check: NoCheckOption = False,
+    trace: TraceOption = None,
+    ftrace: FtraceOption = None,
+    trace_window: TraceWindowOption = None,
 ) -> None:
     """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
     protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
@@ -247,6 +309,7 @@ def compare_command(
         raise _fail(f"--seeds: must be at least 1 (got {seeds})")
     _check_duration_flag(duration)
     _check_json_path(json_path)
+    tracing = _trace_options(trace, ftrace, trace_window)
     progress = _Progress(quiet)
     try:
         result = compare(
@@ -258,6 +321,7 @@ def compare_command(
             jobs,
             progress=progress.runs_done,
             check=not no_check,
+            trace=tracing,
         )
     except ScenarioError as err:
         raise _fail(str(err)) from None
@@ -388,6 +452,88 @@ def _check_config(
     if hotplug:
         world["hotplug"] = hotplug
     return WorldConfig(protocol=protocol, **world)
+
+
+ResultsArgument = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Results JSON files: 'run --json' (one per seed) or 'compare --json'.",
+        metavar="RESULTS.json",
+        show_default=False,
+    ),
+]
+
+
+@app.command("report")
+def report_command(
+    results: ResultsArgument,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The HTML file to write (one page, offline).")
+    ] = Path("report.html"),
+) -> None:
+    """Write one self-contained HTML report (figures, tables, scenario) of results files."""
+    from apfsim.report import ReportError, write_report
+
+    try:
+        written = write_report(results, output)
+    except ReportError as err:
+        raise _fail(str(err)) from None
+    print(written)
+
+
+@app.command("plot")
+def plot_command(
+    results: ResultsArgument,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Directory for the PNG and SVG files.")
+    ] = Path("plots"),
+) -> None:
+    """Write the report's figures as PNG and SVG files into a directory."""
+    from apfsim.report import ReportError, write_plots
+
+    try:
+        written = write_plots(results, output)
+    except ReportError as err:
+        raise _fail(str(err)) from None
+    for path in written:
+        print(path)
+
+
+@app.command("trace-stats")
+def trace_stats_command(
+    trace_file: Annotated[
+        Path, typer.Argument(help="A text trace: apfsim --ftrace, trace-cmd report, perf script.")
+    ],
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the statistics as JSON here.")
+    ] = None,
+) -> None:
+    """Async PF statistics of a kernel-format text trace (ours or a real host's)."""
+    _check_json_path(json_path)
+    try:
+        with trace_file.open(encoding="utf-8", errors="replace") as lines:
+            stats = read_trace(lines)
+    except FileNotFoundError:
+        raise _fail(f"trace-stats: no file {str(trace_file)!r}; give a text trace") from None
+    except IsADirectoryError:
+        raise _fail(f"trace-stats: {str(trace_file)!r} is a directory; give a file") from None
+    except OSError as err:
+        raise _fail(f"trace-stats: cannot read {str(trace_file)!r} ({err.strerror})") from None
+    if sum(stats.events.values()) == 0:
+        raise _fail(
+            f"trace-stats: {str(trace_file)!r} has no kvm events in trace-cmd, ftrace or "
+            "perf-script layout; record with: trace-cmd record -e kvm"
+        )
+    print(trace_stats_text(stats))
+    for bad in stats.malformed:
+        print(f"apfsim: {trace_file}:{bad.line_no}: malformed: {bad.reason}", file=sys.stderr)
+    if stats.malformed_count > len(stats.malformed):
+        print(
+            f"apfsim: ... and {stats.malformed_count - len(stats.malformed)} more malformed lines",
+            file=sys.stderr,
+        )
+    if json_path is not None:
+        _write_json(json_path, stats.to_dict())
 
 
 @app.command("scenarios")

@@ -1,0 +1,280 @@
+"""Tracing: Chrome/Perfetto JSON and kernel-format text, and trace-stats reading both ours
+and real-host layouts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import apfsim
+from apfsim.cli import main
+from apfsim.protocols import PROTOCOLS
+from apfsim.simulation import Simulation
+from apfsim.trace import TraceOptions, read_trace
+from apfsim.trace import formats as tp
+from apfsim.trace.formats import ExitReason
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trace_rules import check_trace
+
+
+def small_scenario() -> apfsim.Scenario:
+    """Two vCPUs, two faulting writers (some kernel-mode accesses) and two compute tasks."""
+    return apfsim.Scenario.model_validate(
+        {
+            "name": "trace-small",
+            "duration_s": 3.0,
+            "guest": {"vcpus": 2, "memory_mib": 96, "reserved_mib": 8},
+            "host": {"memory_limit_mib": 48},
+            "initial_memory": {"resident_fraction": 0.5, "swapped_fraction": 0.5},
+            "tasks": [
+                {"kind": "random_writer", "buffer_mib": 40, "count": 2, "kernel_fraction": 0.2},
+                {"kind": "compute", "count": 2},
+            ],
+        }
+    )
+
+
+def traced(
+    tmp_path: Path, protocol: str, window: tuple[int, int] = (0, 1 << 62)
+) -> tuple[apfsim.ProtocolResult, dict[str, Any], Path]:
+    options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt", window)
+    result = Simulation(small_scenario(), protocol, 0, trace=options).run()
+    doc = json.loads((tmp_path / "t.json").read_text())
+    return result, doc, tmp_path / "t.txt"
+
+
+# -- the formats ------------------------------------------------------------------------------
+
+
+def test_tp_printk_formats_match_the_kernel_including_c_hex_of_zero() -> None:
+    assert tp.c_hex(0) == "0" and tp.c_hex(0x10) == "0x10"
+    assert tp.kvm_try_async_get_page(0x1000, 1) == "gva = 0x1000, gfn = 0x1"
+    assert tp.kvm_async_pf_repeated_fault(0, 0) == "gva = 0, gfn = 0"
+    assert tp.kvm_async_pf_not_present(0, 0x2000) == "token 0 gva 0x2000"
+    assert tp.kvm_async_pf_ready(0xFFFFFFFF, 0) == "token 0xffffffff gva 0"
+    assert tp.kvm_async_pf_completed(0x7F0000001000, 0x1000) == "gva 0x1000 address 0x7f0000001000"
+    assert tp.kvm_entry_arm64(0x10) == "PC: 0x0000000000000010"
+    assert (
+        tp.kvm_exit_arm64(ExitReason.DABT, 0xFFFF800010200000)
+        == "TRAP: HSR_EC: 0x0024 (DABT_LOW), PC: 0xffff800010200000"
+    )
+    assert tp.kvm_exit_arm64(ExitReason.IRQ, 0).startswith("IRQ: HSR_EC: 0x0000 (UNKNOWN)")
+    assert tp.kvm_entry_x86(1, 0x401000) == "vcpu 1, rip 0x401000"
+    assert tp.kvm_exit_x86(0, ExitReason.WFX, 0x10) == (
+        "vcpu 0 reason HLT rip 0x10 info1 0x0000000000000000 info2 0x0000000000000000 "
+        "intr_info 0x00000000 error_code 0x00000000"
+    )
+
+
+def test_line_layout_is_trace_cmd_report() -> None:
+    line = tp.format_line("CPU 0/KVM", 4000, 0, 30_224_372_551, "kvm_async_pf_ready", "x")
+    assert line.startswith("       CPU 0/KVM-4000   [000]    30.224372551: kvm_async_pf_ready:")
+    assert line.endswith(" x\n")
+
+
+# -- our traces ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_tracing_changes_no_result_and_both_outputs_are_consistent(
+    tmp_path: Path, protocol: str
+) -> None:
+    untraced = Simulation(small_scenario(), protocol, 0).run()
+    result, doc, text = traced(tmp_path, protocol)
+    assert result.to_dict() == untraced.to_dict()
+    summary = check_trace(doc)
+    # ftrace round trip: the text parses back to the counts in the run's JSON results.
+    stats = read_trace(text.read_text().splitlines())
+    assert stats.malformed_count == 0
+    for name in tp.APF_EVENTS:
+        assert stats.events[name] == result.tracepoints[name], name
+    assert stats.wake_all == result.tracepoints["wake_all"]
+    assert stats.events["kvm_entry"] > 0 and stats.events["kvm_exit"] > 0
+    if protocol == "sync":
+        assert summary["async_pairs"] == summary["flows"] == 0
+        return
+    assert result.tracepoints["kvm_async_pf_not_present"] > 0
+    # One async slice per APF set up; a flow for every APF a task waited on and was woken.
+    assert summary["async_pairs"] == result.tracepoints["kvm_async_pf_not_present"]
+    if protocol != "halt-only":
+        assert summary["flows"] > 0
+        assert summary["flows"] <= result.apf.get("not_present_injected", summary["flows"])
+    assert "resident pages" in summary["counters"] and "swap queue depth" in summary["counters"]
+
+
+def test_round_trip_agrees_with_the_protocol_counters(tmp_path: Path) -> None:
+    """Independent counts: the host's own counters and the guest-visible latency."""
+    result, _, text = traced(tmp_path, "arm64-rfcv2")
+    stats = read_trace(text.read_text().splitlines())
+    assert stats.events["kvm_async_pf_not_present"] == result.apf["not_present_injected"]
+    assert stats.events["kvm_async_pf_repeated_fault"] == result.apf["repeated_faults"]
+    assert stats.events["kvm_async_pf_ready"] == result.apf["page_ready_injected"]
+    assert stats.wake_all == result.apf["wakeup_all_queued"] == result.apf["wake_all"]
+    ready = stats.events["kvm_async_pf_ready"] - stats.wake_all
+    assert ready == result.apf["wakes"]  # the guest woke one waiter per page-ready
+    assert stats.events["kvm_async_pf_completed"] + sum(stats.in_flight.values()) >= ready
+    latency = stats.latency_summary()
+    samples = sum(row["count"] for row in latency.values())
+    assert samples == result.faults["not_present_to_ready_us"]["count"]
+    all_ns = sorted(v for values in stats.latencies_ns.values() for v in values)
+    cdf = result.faults["not_present_to_ready_us"]["cdf_us"]
+    assert all_ns[0] / 1000 == pytest.approx(cdf[0]) and all_ns[-1] / 1000 == pytest.approx(cdf[-1])
+
+
+def test_x86_trace_uses_x86_entry_exit_and_repeated_faults(tmp_path: Path) -> None:
+    result, _, text = traced(tmp_path, "x86")
+    body = text.read_text()
+    assert "reason EPT_VIOLATION rip 0x" in body and "kvm_entry:" in body
+    assert "HSR_EC" not in body
+    stats = read_trace(body.splitlines())
+    assert stats.repeated_faults == result.apf["repeated_faults"] > 0
+
+
+def test_window_keeps_only_its_slice_of_time(tmp_path: Path) -> None:
+    window = (1_000_000_000, 1_500_000_000)
+    _, doc, text = traced(tmp_path, "arm64-rfcv2", window)
+    summary = check_trace(doc)
+    assert summary["slices"] > 0
+    for ev in doc["traceEvents"]:
+        if "ts" in ev:
+            assert 1_000_000 <= ev["ts"] <= 1_500_000, ev
+            assert ev["ts"] + ev.get("dur", 0) <= 1_500_000 + 1e-6, ev
+    stats = read_trace(text.read_text().splitlines())
+    assert stats.first_ts_ns is not None and stats.last_ts_ns is not None
+    assert window[0] <= stats.first_ts_ns and stats.last_ts_ns < window[1]
+
+
+def test_trace_is_written_while_the_run_goes_on(tmp_path: Path) -> None:
+    """Streaming: the file grows during the run, so memory does not hold the trace."""
+    options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt")
+    sim = Simulation(small_scenario(), "arm64-rfcv2", 0, trace=options)
+    sizes: list[int] = []
+    sim.run(progress=lambda _: sizes.append((tmp_path / "t.json").stat().st_size))
+    growing = [b > a for a, b in itertools.pairwise(sizes)]
+    assert sum(growing) >= len(growing) // 2 and sizes[-1] > sizes[0]
+
+
+def test_default_scenario_trace_has_every_track_async_pairs_flows_and_counters(
+    tmp_path: Path,
+) -> None:
+    """The acceptance trace: the default scenario around its first async faults."""
+    out = tmp_path / "default.json"
+    code = main(
+        [
+            *("run", "-p", "arm64-rfcv2", "--duration", "31", "--quiet"),
+            *("--trace", str(out), "--trace-window", "30:31"),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    summary = check_trace(doc)
+    names = {
+        ev["args"]["name"]
+        for ev in doc["traceEvents"]
+        if ev["ph"] == "M" and ev["name"] == "thread_name"
+    }
+    assert {"vCPU 0", "vCPU 0: APF signals", "memhog (cpu 0)", "compute (cpu 0)"} <= names
+    assert summary["async_pairs"] > 10 and summary["flows"] > 10
+    slice_names = {ev["name"] for ev in doc["traceEvents"] if ev["ph"] == "X"}
+    assert {"halted: waiting for a page", "exit: DABT_LOW", "running", "runnable"} & slice_names
+    assert any(name.startswith("asleep on token") for name in slice_names)
+    assert len(summary["counters"]) == 3
+
+
+# -- trace-stats on other layouts ---------------------------------------------------------------
+
+REAL_HOST = """\
+# tracer: nop
+cpus=4
+ CPU 1/KVM-41236 [002] 1711.100000: kvm_exit:             vcpu 1 reason EPT_VIOLATION rip 0x1
+ CPU 1/KVM-41236 [002] 1711.100010: kvm_try_async_get_page: gva = 0x7f00, gfn = 0x7
+ CPU 1/KVM-41236 [002] 1711.100011: kvm_async_pf_not_present: token 0x1001 gva 0x7f00
+ CPU 1/KVM-41236 [002] d..2. 1711.100012: kvm_async_pf_doublefault: gva = 0x7f00, gfn = 0x7
+ kworker/u8:2-120  [000]  1711.103000: kvm_async_pf_completed: gva 0x7f00 address 0x7f1 pfn 0x9
+ CPU 1/KVM-41236 [002] 1711.104011: kvm_async_pf_ready: token 0x1001 gva 0x7f00
+ qemu-kvm 41236 [002] 1711.200000: kvm:kvm_async_pf_not_present: token 0x2001 gva 0x8000
+ qemu-kvm 41236 [002] 1711.201000: kvm:kvm_async_pf_ready: token 0x2001 gva 0x8000
+ CPU 1/KVM-41236 [002] 1711.300000: kvm_async_pf_ready: token 0xffffffff gva 0
+ CPU 1/KVM-41236 [002] 1711.300001: sched_switch: prev_comm=CPU 1/KVM prev_pid=41236
+ CPU 1/KVM-41236 [002] 1711.300002: kvm_async_pf_ready: token zz gva 0
+kvm_async_pf_ready: garbage
+"""
+
+
+def test_trace_stats_reads_trace_cmd_ftrace_and_perf_script_layouts(tmp_path: Path) -> None:
+    stats = read_trace(REAL_HOST.splitlines())
+    assert stats.events["kvm_async_pf_not_present"] == 2
+    assert stats.events["kvm_async_pf_ready"] == 3  # two pairs and a wake-all
+    assert stats.events["kvm_async_pf_repeated_fault"] == 1  # the 3.x name counts too
+    assert stats.events["kvm_async_pf_completed"] == 1
+    assert stats.wake_all == 1
+    assert stats.latencies_ns["CPU 1/KVM-41236"] == [4_000_000]
+    assert stats.latencies_ns["qemu-kvm-41236"] == [1_000_000]
+    assert stats.unknown_lines == 3  # two header lines and sched_switch
+    assert [m.line_no for m in stats.malformed] == [13, 14]
+
+
+def test_trace_stats_cli_prints_and_reports_malformed_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "host.txt"
+    trace.write_text(REAL_HOST)
+    out = tmp_path / "stats.json"
+    assert main(["trace-stats", str(trace), "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "kvm_async_pf_not_present" in captured.out and "CPU 1/KVM-41236" in captured.out
+    assert f"{trace}:13: malformed" in captured.err
+    data = json.loads(out.read_text())
+    assert data["events"]["kvm_async_pf_ready"] == 3 and data["malformed_lines"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["trace-stats", "/nonexistent/trace.txt"], "no file"),
+        (["run", "--trace", "/nonexistent/dir/t.json"], "--trace: directory"),
+        (["run", "--ftrace", "/nonexistent/dir/t.txt"], "--ftrace: directory"),
+        (["run", "--trace", "t.json", "--trace-window", "2:1"], "--trace-window"),
+        (["run", "--trace", "t.json", "--trace-window", "abc"], "--trace-window"),
+        (["run", "--trace-window", "1:2"], "give --trace or --ftrace"),
+    ],
+)
+def test_bad_trace_flags_exit_2_with_one_line(
+    args: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_trace_stats_of_a_file_without_kvm_events_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("hello\nworld\n")
+    assert main(["trace-stats", str(other)]) == 2
+    assert "no kvm events" in capsys.readouterr().err
+
+
+def test_compare_writes_one_trace_per_protocol_and_seed(tmp_path: Path) -> None:
+    out = tmp_path / "c.txt"
+    code = main(
+        [
+            *("compare", "rfcv2-2020", "-p", "sync,arm64-rfcv2", "--seeds", "2", "--jobs", "1"),
+            *("--duration", "0.2", "--quiet", "--ftrace", str(out)),
+        ]
+    )
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "c.arm64-rfcv2.s0.txt",
+        "c.arm64-rfcv2.s1.txt",
+        "c.sync.s0.txt",
+        "c.sync.s1.txt",
+    ]

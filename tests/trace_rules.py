@@ -1,0 +1,84 @@
+"""The trace-event rules a viewer applies, checked in Python (the browser test checks the
+same rules in JavaScript): phases and fields, proper nesting of complete events per
+thread, every async ``b`` with its ``e``, every flow ``s`` ... ``f`` bound to slices."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+TOLERANCE_US = 0.0004  # float sums of µs with ns decimals: under half a nanosecond
+NEEDS = {
+    "X": ("name", "cat", "pid", "tid", "ts", "dur"),
+    "b": ("name", "cat", "id", "pid", "tid", "ts"),
+    "e": ("name", "cat", "id", "pid", "tid", "ts"),
+    "s": ("cat", "id", "pid", "tid", "ts"),
+    "t": ("cat", "id", "pid", "tid", "ts"),
+    "f": ("cat", "id", "pid", "tid", "ts"),
+    "C": ("name", "pid", "ts", "args"),
+    "M": ("name", "pid", "args"),
+}
+
+
+def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
+    """Return a summary; raise AssertionError naming the first broken rule."""
+    events = doc["traceEvents"]
+    named: set[tuple[int, int]] = set()
+    slices: dict[tuple[int, int], list[tuple[float, float, str]]] = defaultdict(list)
+    starts: dict[tuple[int, int, str], set[float]] = defaultdict(set)
+    asyncs: dict[tuple[str, Any, str], list[tuple[str, float]]] = defaultdict(list)
+    flows: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+    counters: set[str] = set()
+    for ev in events:
+        ph = ev.get("ph")
+        assert ph in NEEDS, f"unknown phase {ph!r}: {ev}"
+        for key in NEEDS[ph]:
+            assert key in ev, f"{ph} event without {key}: {ev}"
+        if ph == "M":
+            if ev["name"] == "thread_name":
+                named.add((ev["pid"], ev["tid"]))
+        elif ph == "X":
+            assert ev["dur"] >= 0, ev
+            slices[(ev["pid"], ev["tid"])].append((ev["ts"], ev["ts"] + ev["dur"], ev["name"]))
+            starts[(ev["pid"], ev["tid"], ev["cat"])].add(ev["ts"])
+        elif ph in "be":
+            asyncs[(ev["cat"], ev["id"], ev["name"])].append((ph, ev["ts"]))
+        elif ph in "stf":
+            flows[(ev["cat"], ev["id"])].append(ev)
+        elif ph == "C":
+            for v in ev["args"].values():
+                assert isinstance(v, int | float), ev
+            counters.add(ev["name"])
+    for track, items in slices.items():
+        assert track in named, f"slices on unnamed track {track}"
+        items.sort(key=lambda s: (s[0], -s[1]))
+        stack: list[tuple[float, float, str]] = []
+        for begin, end, name in items:
+            while stack and stack[-1][1] <= begin + TOLERANCE_US:
+                stack.pop()
+            if stack:
+                assert end <= stack[-1][1] + TOLERANCE_US, (
+                    f"slice {name} [{begin}, {end}] overlaps {stack[-1]} on track {track}"
+                )
+            stack.append((begin, end, name))
+    for key, items in asyncs.items():
+        phases = [p for p, _ in items]
+        assert phases == ["b", "e"], f"async {key}: phases {phases}"
+        assert items[1][1] >= items[0][1], f"async {key} ends before it begins"
+    for key, items in flows.items():
+        phases = "".join(ev["ph"] for ev in items)
+        assert phases[0] == "s" and phases[-1] == "f" and set(phases[1:-1]) <= {"t"}, (
+            f"flow {key}: phases {phases}"
+        )
+        ts = [ev["ts"] for ev in items]
+        assert ts == sorted(ts), f"flow {key} goes back in time"
+        for ev in items:
+            bound = starts.get((ev["pid"], ev["tid"], ev["cat"]), set())
+            assert ev["ts"] in bound, f"flow {key} point {ev} binds to no slice"
+    return {
+        "tracks": sorted(named),
+        "slices": sum(len(v) for v in slices.values()),
+        "async_pairs": len(asyncs),
+        "flows": len(flows),
+        "counters": sorted(counters),
+    }
