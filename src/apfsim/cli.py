@@ -7,6 +7,7 @@ traceback is shown. Results already computed are printed before any late error.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +40,11 @@ from apfsim.scenario import (
     scenario_to_toml,
 )
 from apfsim.simulation import InvariantViolation
+from apfsim.sweep.run import EXECUTORS, run_sweep
+from apfsim.sweep.run import SweepError as SweepRunError
+from apfsim.sweep.spec import SweepError as SpecError
+from apfsim.sweep.spec import builtin_sweeps, load_sweep
+from apfsim.sweep.store import SweepStore
 from apfsim.trace import TraceOptions, read_trace
 from apfsim.trace.stats import trace_stats_text
 
@@ -94,8 +100,11 @@ class _Progress:
         self.bar: Progress | None = None
         self.task_ids: dict[str, Any] = {}
         self.last_line = self.start
+        self.sweep_first: tuple[float, int] | None = None
 
-    def show(self, key: str, completed: float, total: float, line: str) -> None:
+    def show(
+        self, key: str, completed: float, total: float, line: str, detail: str = ""
+    ) -> None:
         if self.quiet:
             return
         now = time.monotonic()
@@ -109,6 +118,7 @@ class _Progress:
         if self.bar is None:
             self.bar = Progress(
                 TextColumn("{task.description:>16}"),
+                TextColumn("{task.fields[detail]}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>5.1f}%"),
                 TimeRemainingColumn(),
@@ -117,8 +127,8 @@ class _Progress:
             )
             self.bar.start()
         if key not in self.task_ids:
-            self.task_ids[key] = self.bar.add_task(key, total=total)
-        self.bar.update(self.task_ids[key], completed=completed)
+            self.task_ids[key] = self.bar.add_task(key, total=total, detail="")
+        self.bar.update(self.task_ids[key], completed=completed, detail=detail)
 
     def protocol_fraction(self, protocol: str, fraction: float) -> None:
         """For ``run``: one bar per protocol, in simulated time."""
@@ -127,6 +137,18 @@ class _Progress:
     def runs_done(self, completed: float, total: int) -> None:
         """For ``compare``: one bar of finished runs out of the total."""
         self.show("compare", completed, total, f"compare: {int(completed)}/{total} runs")
+
+    def sweep_done(self, completed: int, total: int) -> None:
+        """For ``sweep``: runs done (stored earlier ones included) of the total, the rate of
+        this invocation and its ETA."""
+        if self.sweep_first is None:
+            self.sweep_first = (time.monotonic(), completed)
+        t0, c0 = self.sweep_first
+        elapsed = time.monotonic() - t0
+        rate = (completed - c0) / elapsed if elapsed > 0 else 0.0
+        eta = f"{(total - completed) / rate:.0f} s" if rate > 0 else "-"
+        detail = f"{completed}/{total} runs, {rate:.2f} runs/s, ETA {eta}"
+        self.show("sweep", completed, total, f"sweep: {detail}", detail)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -497,6 +519,88 @@ def plot_command(
         raise _fail(str(err)) from None
     for path in written:
         print(path)
+
+
+@app.command("sweep")
+def sweep_command(
+    sweep_file: Annotated[
+        str, typer.Argument(help="A sweep TOML file, or a built-in sweep (apfsim sweeps).")
+    ],
+    executor: Annotated[
+        str, typer.Option(help="serial, process (a local pool: default) or dask.")
+    ] = "process",
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="dask scheduler ADDRESS (tcp://host:8786); none: a LocalCluster."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default: the usable CPUs).")
+    ] = None,
+    db: Annotated[
+        Path | None,
+        typer.Option(help="SQLite results file (default: NAME.sqlite here); re-runs resume."),
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run a parameter sweep into SQLite, skipping runs already stored."""
+    if executor not in EXECUTORS:
+        raise _fail(f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if scheduler is not None and executor != "dask":
+        raise _fail("--scheduler: only with --executor dask")
+    if workers is not None and workers < 1:
+        raise _fail(f"--workers: must be at least 1 (got {workers})")
+    try:
+        spec = load_sweep(sweep_file)
+    except SpecError as err:
+        raise _fail(str(err)) from None
+    path = db if db is not None else Path(f"{spec.name}.sqlite")
+    if not path.parent.is_dir():
+        raise _fail(f"--db: directory {str(path.parent)!r} does not exist; create it first")
+    try:
+        store = SweepStore(path)
+    except sqlite3.DatabaseError as err:
+        raise _fail(f"--db: {str(path)!r} is not a usable SQLite file ({err})") from None
+    progress = _Progress(quiet)
+    try:
+        summary = run_sweep(spec, store, executor, workers, scheduler, progress.sweep_done)
+    except SweepRunError as err:
+        progress.close()
+        counts = store.count(spec.name)
+        raise _fail(f"{err}; {counts.get('ok', 0)} runs stored in {str(path)!r}") from None
+    except KeyboardInterrupt:
+        progress.close()
+        counts = store.count(spec.name)
+        print(
+            f"apfsim: interrupted: {counts.get('ok', 0)} of {len(spec.runs)} runs stored in "
+            f"{str(path)!r}; run the same command again to finish",
+            file=sys.stderr,
+        )
+        raise typer.Exit(130) from None
+    finally:
+        progress.close()
+        store.close()
+    if not quiet:
+        print(
+            f"sweep {spec.name}: {summary.total} runs ({spec.points} points x "
+            f"{len(spec.protocols)} protocols x {len(spec.seeds)} seeds); "
+            f"{summary.skipped} already stored, {summary.done} run now "
+            f"({summary.failed} failed) with {summary.executor} in {summary.wall_s:.1f} s; "
+            f"results in {path}"
+        )
+    if summary.failed:
+        print(
+            f"apfsim: {summary.failed} runs failed; their errors are in {path} "
+            "(runs.error); run again to retry them",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
+
+
+@app.command("sweeps")
+def sweeps_command() -> None:
+    """List the built-in sweeps."""
+    for name, description in builtin_sweeps().items():
+        print(f"{name:<20} {description}")
 
 
 @app.command("trace-stats")
