@@ -39,7 +39,7 @@ function checkTrace(doc) {
       if (!starts.has(key)) starts.set(key, new Set());
       starts.get(key).add(ev.ts);
     } else if (ev.ph === "b" || ev.ph === "e") {
-      const key = ev.cat + "|" + ev.id + "|" + ev.name;
+      const key = ev.cat + "|" + ev.id;  // viewers key async events on category and id
       if (!asyncs.has(key)) asyncs.set(key, []);
       asyncs.get(key).push([ev.ph, ev.ts]);
     } else if (ev.ph === "s" || ev.ph === "t" || ev.ph === "f") {

@@ -26,7 +26,7 @@ def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
     named: set[tuple[int, int]] = set()
     slices: dict[tuple[int, int], list[tuple[float, float, str]]] = defaultdict(list)
     starts: dict[tuple[int, int, str], set[float]] = defaultdict(set)
-    asyncs: dict[tuple[str, Any, str], list[tuple[str, float]]] = defaultdict(list)
+    asyncs: dict[tuple[str, Any], list[tuple[str, float]]] = defaultdict(list)
     flows: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     counters: set[str] = set()
     for ev in events:
@@ -42,7 +42,7 @@ def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
             slices[(ev["pid"], ev["tid"])].append((ev["ts"], ev["ts"] + ev["dur"], ev["name"]))
             starts[(ev["pid"], ev["tid"], ev["cat"])].add(ev["ts"])
         elif ph in "be":
-            asyncs[(ev["cat"], ev["id"], ev["name"])].append((ph, ev["ts"]))
+            asyncs[(ev["cat"], ev["id"])].append((ph, ev["ts"]))  # viewers key on cat + id
         elif ph in "stf":
             flows[(ev["cat"], ev["id"])].append(ev)
         elif ph == "C":

@@ -437,13 +437,21 @@ class Simulation(GuestCalls):
         step = max(1, min(end, 100_000_000))
         t = 0
         stop_early = self.scenario.stop_when_done and self._unfinished > 0
-        while t < end:
-            t = min(end, t + step)
-            engine.run(until=t)
-            if progress is not None:
-                progress(t / end)
-            if stop_early and self._unfinished == 0:
-                break
+        try:
+            while t < end:
+                t = min(end, t + step)
+                engine.run(until=t)
+                if progress is not None:
+                    progress(t / end)
+                if stop_early and self._unfinished == 0:
+                    break
+        except BaseException:
+            # An invariant violation or ^C: the trace up to here is what one wants to see.
+            if self.tracer is not None:
+                for vcpu in self.vcpus:
+                    vcpu.clock.close(engine.now)
+                self.tracer.close(engine.now)
+            raise
         result = self._result(engine.now, time.perf_counter() - wall0)
         if self.tracer is not None:
             self.tracer.close(engine.now)

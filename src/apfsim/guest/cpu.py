@@ -195,7 +195,7 @@ class GuestCpu:
             # The handler wrote an MSR / made a hypercall / sent an IPI: exits before it goes on.
             exits, handling_ns = self.pending_exits, self.pending_exit_ns
             self.pending_exits = self.pending_exit_ns = 0
-            self.vcpu.exit_for_guest_call(exits, handling_ns)
+            self.vcpu.exit_for_guest_call(exits, handling_ns, frame.ctx)
             return
         self._take_interrupts()
         self.resume()

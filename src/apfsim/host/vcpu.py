@@ -57,6 +57,7 @@ class Vcpu:
         self.clock = VcpuClock()
         self.block_halt = False
         self._since = 0
+        self._spin_gfn = 0
         self._host_event: EventHandle | None = None
         self.tracer: TraceRecorder | None = None
         host = sim.scenario.host
@@ -123,7 +124,9 @@ class Vcpu:
         if self.sim.check:
             self.sim.check_vcpu(self.index, self.mode == VcpuMode.GUEST, at_entry=True)
 
-    def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
+    def exit_for_guest_call(
+        self, exits: int, handling_ns: int, ctx: GuestContext | None = None
+    ) -> None:
         """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
         handler: the host already applied each; pay every round trip and its handling."""
         self._to_host()
@@ -177,6 +180,7 @@ class Vcpu:
                 sim.start_worker(result.work)
             self._host_event = sim.engine.after(cost, self.enter)
         elif result.decision is FaultDecision.REPEATED:
+            self._spin_gfn = gfn
             self._spin(now + cost)
         elif result.decision is FaultDecision.HALT:
             # KVM_REQ_APF_HALT: vcpu_enter_guest returns without entering; kvm_vcpu_block.
@@ -217,8 +221,16 @@ class Vcpu:
     def _spin_end(self, _: object = None) -> None:
         sim = self.sim
         now = sim.engine.now
-        # Each round trip of the loop is one more repeated fault.
-        sim.faults["repeated_spins"] += 1 + max(0, now - self._since) // self._round_trip
+        # Each round trip of the loop is one more repeated fault (and, in the kernel, one
+        # more kvm_try_async_get_page + kvm_async_pf_repeated_fault).
+        refaults = 1 + max(0, now - self._since) // self._round_trip
+        sim.faults["repeated_spins"] += refaults
+        sim.tracepoints["kvm_try_async_get_page"] += refaults
+        sim.tracepoints["kvm_async_pf_repeated_fault"] += refaults
+        if self.tracer is not None:
+            self.tracer.spin_refaults(
+                self.index, self._spin_gfn, self._since, refaults, self._round_trip
+            )
         self._to_host()
         self.enter()
 

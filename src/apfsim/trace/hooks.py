@@ -19,10 +19,14 @@ class TracedVcpu(Vcpu):
         self.tracer.kvm_exit(self.index, ExitReason.IRQ, self.guest.context())
         super().exit_async()
 
-    def exit_for_guest_call(self, exits: int, handling_ns: int) -> None:
+    def exit_for_guest_call(
+        self, exits: int, handling_ns: int, ctx: GuestContext | None = None
+    ) -> None:
+        """The exit is taken in the handler that made the call (its frame just ended)."""
         assert self.tracer is not None
-        self.tracer.kvm_exit(self.index, ExitReason.HVC, self.guest.context())
-        super().exit_for_guest_call(exits, handling_ns)
+        where = ctx if ctx is not None else self.guest.context()
+        self.tracer.kvm_exit(self.index, ExitReason.HVC, where)
+        super().exit_for_guest_call(exits, handling_ns, ctx)
 
     def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
         assert self.tracer is not None
@@ -36,8 +40,9 @@ class TracedVcpu(Vcpu):
 
     def _entered(self, injections: list[Injection]) -> None:
         assert self.tracer is not None
-        # An injected exception enters at its vector; otherwise where the guest left off.
-        if any(injection.kind.synchronous for injection in injections):
+        # arm64 KVM writes the exception vector into the PC before entry; VMX/SVM inject
+        # the event in hardware, so x86's kvm_entry still shows the interrupted RIP.
+        if self.tracer.arch == "arm64" and any(i.kind.synchronous for i in injections):
             ctx = self.sim.contexts.vector
         else:
             ctx = self.guest.context()

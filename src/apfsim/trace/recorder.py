@@ -144,6 +144,8 @@ class TraceRecorder:
             "exit: IRQ" if self.arch == "arm64" else "exit: EXTERNAL_INTERRUPT"
         )
         self._task_label = [json_str(t.name) for t in sim.tasks]
+        # One async track per vCPU: viewers group b/e events by name within a process.
+        self._apf_name = [json_str(f"APF in flight (vCPU {v})") for v in range(n)]
         self.chrome: ChromeTraceWriter | None = None
         self.ftrace: TextIO | None = None
         self._ftrace_buf: list[str] = []
@@ -162,9 +164,11 @@ class TraceRecorder:
         self._open: dict[AsyncPf, tuple[int, int]] = {}  # work -> (serial, start)
         self._by_token: dict[tuple[int, int], int] = {}  # (vcpu, token) -> serial
         self._flows: dict[int, list[int]] = {}  # serial -> [vcpu, not-present ts, ready ts]
-        self._waits: dict[int, tuple[int, int, str]] = {}  # tid -> (vcpu, token, label)
+        self._waits: dict[int, tuple[int, str]] = {}  # tid -> (serial or -1, label)
         self._task_slice: list[tuple[str, int] | None] = [None] * len(sim.tasks)
-        self._counters: dict[str, int] = {}
+        self._counters: dict[str, int] = {}  # last written inside the window
+        self._values: dict[str, tuple[str, int]] = {}  # last sampled: name -> (key, value)
+        self._window_open = False
 
     # -- setup ------------------------------------------------------------------------------
     def _chrome_tracks(self) -> None:
@@ -268,6 +272,20 @@ class TraceRecorder:
                     PID_VCPUS, 2 * vcpu + 2, json_str(f"repeated fault gfn {gfn:#x}"), now
                 )
 
+    def spin_refaults(self, vcpu: int, gfn: int, since: int, count: int, every: int) -> None:
+        """The re-faults of a repeated-fault loop (arm64 has no artificial halt), one pair of
+        lines each, at the times they happened (written when the loop ends)."""
+        if self.ftrace is None:
+            return
+        gva = gfn << 12
+        try_fields = formats.kvm_try_async_get_page(gva, gfn)
+        repeated_fields = formats.kvm_async_pf_repeated_fault(gva, gfn)
+        for i in range(count):
+            ts = since + i * every
+            if self.window[0] <= ts < self.window[1]:
+                self._vcpu_line(vcpu, ts, "kvm_try_async_get_page", try_fields)
+                self._vcpu_line(vcpu, ts, "kvm_async_pf_repeated_fault", repeated_fields)
+
     def apf_setup(self, work: AsyncPf) -> None:
         """``kvm_arch_async_page_not_present`` for a new item."""
         now = self.now()
@@ -335,14 +353,17 @@ class TraceRecorder:
         if opened is None or self.chrome is None:
             return None
         serial, start = opened
+        key = (work.vcpu_id, work.token)
+        if self._by_token.get(key) == serial:
+            del self._by_token[key]  # bounded by the APFs in flight, not by the run
         self.chrome.async_span(
             PID_VCPUS,
             2 * work.vcpu_id + 1,
             serial,
-            json_str(f"APF token {c_hex(work.token)}"),
+            self._apf_name[work.vcpu_id],
             start,
             now,
-            f'{{"gfn":"{work.gfn:#x}","end":"{how}"}}',
+            f'{{"token":"{c_hex(work.token)}","gfn":"{work.gfn:#x}","end":"{how}"}}',
         )
         return serial
 
@@ -352,7 +373,8 @@ class TraceRecorder:
         if self.chrome is None:
             return
         what = "halted on" if halted else "asleep on"
-        self._waits[task.tid] = (cpu, token, json_str(f"{what} token {c_hex(token)}"))
+        serial = self._by_token.get((cpu, token), -1)
+        self._waits[task.tid] = (serial, json_str(f"{what} token {c_hex(token)}"))
         if halted:
             self.task_state(task)
 
@@ -370,7 +392,7 @@ class TraceRecorder:
             label = ""
         else:
             wait = self._waits.get(task.tid)
-            label = wait[2] if wait is not None else json_str(state.value)
+            label = wait[1] if wait is not None else json_str(state.value)
         current = self._task_slice[task.tid]
         if current is not None and current[0] is label:
             return
@@ -388,16 +410,15 @@ class TraceRecorder:
         wait = self._waits.pop(task.tid, None)
         if wait is None:
             return
-        vcpu, token, _ = wait
-        serial = self._by_token.get((vcpu, token))
-        flow = self._flows.pop(serial, None) if serial is not None else None
+        flow = self._flows.pop(wait[0], None)
         if flow is None:
             return
+        serial, vcpu = wait[0], flow[0]
         points = [(PID_VCPUS, 2 * vcpu + 2, flow[1])]
         if flow[2] >= 0:
             points.append((PID_VCPUS, 2 * vcpu + 2, flow[2]))
         points.append((PID_TASKS, task.tid + 1, now))
-        chrome.flow(serial, points)  # type: ignore[arg-type]
+        chrome.flow(serial, points)
 
     # -- counters -------------------------------------------------------------------------------
     def _queue_changed(self, now: int, depth: int) -> None:
@@ -415,10 +436,24 @@ class TraceRecorder:
                 self._counter(f"outstanding APFs vCPU {v}", "items", state.queued, now)
 
     def _counter(self, name: str, key: str, value: int, now: int) -> None:
-        if self._counters.get(name) == value or self.chrome is None:
+        chrome = self.chrome
+        if chrome is None:
+            return
+        self._values[name] = (key, value)
+        if not chrome.inside(now):
+            return
+        if not self._window_open:
+            # The first sample in the window: every counter's value as the window opens.
+            self._window_open = True
+            start = max(self.window[0], 0)
+            for other, (other_key, other_value) in self._values.items():
+                self._counters[other] = other_value
+                chrome.counter(PID_HOST, json_str(other), start, f'{{"{other_key}":{other_value}}}')
+            return
+        if self._counters.get(name) == value:
             return
         self._counters[name] = value
-        self.chrome.counter(PID_HOST, json_str(name), now, f'{{"{key}":{value}}}')
+        chrome.counter(PID_HOST, json_str(name), now, f'{{"{key}":{value}}}')
 
     # -- text lines -----------------------------------------------------------------------------
     def _vcpu_line(self, vcpu: int, now: int, event: str, fields: str) -> None:

@@ -21,16 +21,20 @@ from apfsim.trace.formats import APF_EVENTS, WAKE_ALL_TOKEN
 
 __all__ = ["Malformed", "TraceStats", "read_trace", "trace_stats_text"]
 
+# comm, then -pid (trace-cmd, ftrace) or " pid" / " pid/tid" (perf script), an optional
+# tgid column, [cpu], optional irq flags, the timestamp, [system:]event:, the fields.
 _LINE = re.compile(
-    r"^\s*(?P<comm>.*?\S)(?:-|\s+)(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
-    r"(?:[^\s:]+\s+)?(?P<ts>\d+\.\d+):\s+(?:(?P<sys>\w+):)?(?P<event>\w+):\s*(?P<fields>.*?)\s*$"
+    r"^\s*(?P<comm>.*?\S)(?:-|\s+)(?P<pid>\d+)(?:/(?P<tid>\d+))?\s+(?:\(\s*[\d-]+\)\s+)?"
+    r"\[(?P<cpu>\d+)\]\s+(?:[^\s:]+\s+)?(?P<ts>\d+\.\d+):\s+(?:(?P<sys>\w+):)?(?P<event>\w+):"
+    r"(?P<fields>.*)$"
 )
 _HEX = r"(0x[0-9a-fA-F]+|0)"
+_TYPE = r"(?:,? type = (?:kernel|user))?"  # the Kalyazin RFC (2024) adds the fault's mode
 _FIELDS = {
-    "kvm_try_async_get_page": re.compile(rf"gva = {_HEX}, gfn = {_HEX}$"),
-    "kvm_async_pf_repeated_fault": re.compile(rf"gva = {_HEX}, gfn = {_HEX}$"),
-    "kvm_async_pf_not_present": re.compile(rf"token {_HEX} gva {_HEX}$"),
-    "kvm_async_pf_ready": re.compile(rf"token {_HEX} gva {_HEX}$"),
+    "kvm_try_async_get_page": re.compile(rf"gva = {_HEX}, gfn = {_HEX}{_TYPE}$"),
+    "kvm_async_pf_repeated_fault": re.compile(rf"gva = {_HEX}, gfn = {_HEX}{_TYPE}$"),
+    "kvm_async_pf_not_present": re.compile(rf"token {_HEX} gva {_HEX}{_TYPE}$"),
+    "kvm_async_pf_ready": re.compile(rf"token {_HEX} gva {_HEX}{_TYPE}$"),
     "kvm_async_pf_completed": re.compile(rf"gva {_HEX} address {_HEX}(?: pfn {_HEX})?$"),
 }
 _ALIASES = {"kvm_async_pf_doublefault": "kvm_async_pf_repeated_fault"}  # <= 3.x name
@@ -56,8 +60,9 @@ class TraceStats:
     malformed_count: int = 0
     wake_all: int = 0
     ready_without_not_present: int = 0
-    latencies_ns: dict[str, list[int]] = field(default_factory=dict)  # per vCPU thread
-    in_flight: dict[str, int] = field(default_factory=dict)  # not-present never ready
+    latencies_ns: dict[int, list[int]] = field(default_factory=dict)  # per vCPU thread id
+    in_flight: dict[int, int] = field(default_factory=dict)  # not-present never ready
+    thread_names: dict[int, str] = field(default_factory=dict)  # pid -> "comm-pid"
     first_ts_ns: int | None = None
     last_ts_ns: int | None = None
 
@@ -68,16 +73,16 @@ class TraceStats:
     def latency_summary(self) -> dict[str, dict[str, Any]]:
         """Per vCPU thread: count and not-present -> ready percentiles in µs."""
         out: dict[str, dict[str, Any]] = {}
-        for thread in sorted(self.latencies_ns):
-            values = np.asarray(self.latencies_ns[thread], dtype=np.int64)
+        for tid in sorted(self.latencies_ns):
+            values = np.asarray(self.latencies_ns[tid], dtype=np.int64)
             row: dict[str, Any] = {"count": len(values)}
             if len(values):
                 qs = np.percentile(values, [0, 50, 90, 99, 100]) / 1000.0
                 for name, v in zip(("min", "p50", "p90", "p99", "max"), qs, strict=True):
                     row[name] = round(float(v), 3)
                 row["mean"] = round(float(values.mean()) / 1000.0, 3)
-            row["in_flight_at_end"] = self.in_flight.get(thread, 0)
-            out[thread] = row
+            row["in_flight_at_end"] = self.in_flight.get(tid, 0)
+            out[self.thread_names.get(tid, str(tid))] = row
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +109,7 @@ def _ts_ns(text: str) -> int:
 def read_trace(lines: Iterable[str]) -> TraceStats:
     """One streaming pass: counts, pairing of not-present with ready per vCPU thread."""
     stats = TraceStats()
-    pending: dict[tuple[str, int], int] = {}  # (thread, token) -> not-present ts
+    pending: dict[tuple[int, int], int] = {}  # (thread id, token) -> not-present ts
     for line_no, raw in enumerate(lines, start=1):
         stats.lines += 1
         line = raw.rstrip("\n")
@@ -123,7 +128,7 @@ def read_trace(lines: Iterable[str]) -> TraceStats:
         if pattern is None:
             stats.unknown_lines += 1
             continue
-        fm = pattern.match(m["fields"])
+        fm = pattern.match(m["fields"].strip())
         if fm is None:
             _malformed(stats, line_no, f"{event}: fields do not match its TP_printk", line)
             continue
@@ -132,23 +137,26 @@ def read_trace(lines: Iterable[str]) -> TraceStats:
             stats.first_ts_ns = ts
         stats.last_ts_ns = ts
         stats.events[event] += 1
-        thread = f"{m['comm']}-{m['pid']}"
+        # Pair by thread id: ftrace prints "<...>" for a comm it no longer remembers.
+        tid = int(m["tid"] or m["pid"])
+        if tid not in stats.thread_names or stats.thread_names[tid].startswith("<...>"):
+            stats.thread_names[tid] = f"{m['comm']}-{tid}"
         if event == "kvm_async_pf_not_present":
-            pending[(thread, int(fm[1], 16))] = ts
+            pending[(tid, int(fm[1], 16))] = ts
         elif event == "kvm_async_pf_ready":
             token = int(fm[1], 16)
             if token == WAKE_ALL_TOKEN:
                 stats.wake_all += 1
                 continue
-            start = pending.pop((thread, token), None)
-            samples = stats.latencies_ns.setdefault(thread, [])
+            start = pending.pop((tid, token), None)
+            samples = stats.latencies_ns.setdefault(tid, [])
             if start is None:
                 stats.ready_without_not_present += 1
             else:
                 samples.append(ts - start)
-    for thread, _token in pending:
-        stats.in_flight[thread] = stats.in_flight.get(thread, 0) + 1
-        stats.latencies_ns.setdefault(thread, [])
+    for tid, _token in pending:
+        stats.in_flight[tid] = stats.in_flight.get(tid, 0) + 1
+        stats.latencies_ns.setdefault(tid, [])
     return stats
 
 
