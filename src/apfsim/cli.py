@@ -7,6 +7,7 @@ traceback is shown. Results already computed are printed before any late error.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import sys
 import time
@@ -102,9 +103,7 @@ class _Progress:
         self.last_line = self.start
         self.sweep_first: tuple[float, int] | None = None
 
-    def show(
-        self, key: str, completed: float, total: float, line: str, detail: str = ""
-    ) -> None:
+    def show(self, key: str, completed: float, total: float, line: str, detail: str = "") -> None:
         if self.quiet:
             return
         now = time.monotonic()
@@ -211,7 +210,8 @@ def _trace_options(
                 f"--trace-window: expected START:END in simulated seconds, like 30:31 or 30: "
                 f"(got {window!r})"
             ) from None
-        if start < 0 or (end is not None and end <= start):
+        finite = math.isfinite(start) and (end is None or math.isfinite(end))
+        if not finite or start > MAX_DURATION_S or start < 0 or (end is not None and end <= start):
             raise _fail(f"--trace-window: need 0 <= START < END (got {window!r})")
         span = (round(start * 1e9), (1 << 62) if end is None else round(end * 1e9))
     return TraceOptions(trace, ftrace, span)
@@ -624,6 +624,13 @@ def trace_stats_command(
     except OSError as err:
         raise _fail(f"trace-stats: cannot read {str(trace_file)!r} ({err.strerror})") from None
     if sum(stats.events.values()) == 0:
+        for bad in stats.malformed[:5]:
+            print(f"apfsim: {trace_file}:{bad.line_no}: malformed: {bad.reason}", file=sys.stderr)
+        if stats.malformed_count:
+            raise _fail(
+                f"trace-stats: all {stats.malformed_count} kvm async-PF lines of "
+                f"{str(trace_file)!r} are malformed (see above); is it a trace-cmd report?"
+            )
         raise _fail(
             f"trace-stats: {str(trace_file)!r} has no kvm events in trace-cmd, ftrace or "
             "perf-script layout; record with: trace-cmd record -e kvm"
@@ -638,6 +645,63 @@ def trace_stats_command(
         )
     if json_path is not None:
         _write_json(json_path, stats.to_dict())
+
+
+@app.command("sweep-report")
+def sweep_report_command(
+    db: Annotated[Path, typer.Argument(help="The SQLite file of 'apfsim sweep'.")],
+    sweep: Annotated[
+        str | None, typer.Option(help="Sweep to report (needed if the file holds several).")
+    ] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--by",
+            help="Group by these axes (repeatable or comma-separated; the first is the plots' "
+            "x axis). Default: every axis; axes left out are pooled.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Protocol of the ratios (default: the sweep's baseline).")
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(help="Metric of the table and plots (default: kind.compute.work_rate)."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Write .html, .csv or .parquet (DuckDB) instead of a table."
+        ),
+    ] = None,
+) -> None:
+    """Aggregate a sweep: mean ± 95 % CI per point and protocol, paired ratios to a baseline."""
+    from apfsim.sweep.report import (
+        SweepReportError,
+        aggregate,
+        check_output,
+        choose_metric,
+        text_table,
+        write_output,
+    )
+
+    axes = None
+    if by:
+        axes = [a.strip() for value in by for a in value.split(",")]
+        if not all(axes):
+            raise _fail(f"--by: empty axis name in {', '.join(map(repr, by))}")
+    try:
+        if output is not None:
+            check_output(output)
+        agg = aggregate(db, sweep, axes, baseline)
+        chosen = choose_metric(agg, metric)
+        if output is None:
+            print(text_table(agg, chosen))
+            return
+        written = write_output(agg, output, chosen)
+    except SweepReportError as err:
+        raise _fail(str(err)) from None
+    print(written)
 
 
 @app.command("scenarios")
