@@ -140,7 +140,7 @@ class ReportData:
 # ----------------------------------------------------------------------------- validation
 
 
-class _Invalid(Exception):
+class InvalidResults(Exception):
     """A structural problem at a JSON location; turned into a ReportError naming the file."""
 
     def __init__(self, where: str, problem: str) -> None:
@@ -153,37 +153,37 @@ def _type_name(value: Any) -> str:
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _Invalid(where, f"expected an object, got {_type_name(value)}")
+        raise InvalidResults(where, f"expected an object, got {_type_name(value)}")
     return value
 
 
 def _get(obj: dict[str, Any], key: str, where: str) -> Any:
     if key not in obj:
-        raise _Invalid(where, f"missing {key!r}")
+        raise InvalidResults(where, f"missing {key!r}")
     return obj[key]
 
 
 def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
-        raise _Invalid(where, f"expected a list, got {_type_name(value)}")
+        raise InvalidResults(where, f"expected a list, got {_type_name(value)}")
     return value
 
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise _Invalid(where, f"expected a string, got {_type_name(value)}")
+        raise InvalidResults(where, f"expected a string, got {_type_name(value)}")
     return value
 
 
 def _int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(where, f"expected an integer, got {_type_name(value)}")
+        raise InvalidResults(where, f"expected an integer, got {_type_name(value)}")
     return value
 
 
 def _num(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _Invalid(where, f"expected a finite number, got {_type_name(value)}")
+        raise InvalidResults(where, f"expected a finite number, got {_type_name(value)}")
     return float(value)
 
 
@@ -226,23 +226,25 @@ def _latency(data: Any, where: str) -> tuple[dict[str, Any], list[float] | None]
         raw = _list(lat["cdf_us"], f"{where}.cdf_us")
         cdf = [_num(x, f"{where}.cdf_us[{i}]") for i, x in enumerate(raw)]
         if count > 0 and len(cdf) < 2:
-            raise _Invalid(f"{where}.cdf_us", f"{count} samples but {len(cdf)} quantiles")
+            raise InvalidResults(f"{where}.cdf_us", f"{count} samples but {len(cdf)} quantiles")
         if any(b < a for a, b in itertools.pairwise(cdf)):
-            raise _Invalid(f"{where}.cdf_us", "quantiles not in increasing order")
+            raise InvalidResults(f"{where}.cdf_us", "quantiles not in increasing order")
     return {"count": count, "p50": p50, "p99": p99}, cdf
 
 
-def _protocol_result(data: Any, where: str) -> tuple[ProtocolResult, dict[str, list[float] | None]]:
+def parse_protocol_result(
+    data: Any, where: str
+) -> tuple[ProtocolResult, dict[str, list[float] | None]]:
     r = _obj(data, where)
     tasks = _list(_get(r, "tasks", where), f"{where}.tasks")
     vcpus = _list(_get(r, "vcpus", where), f"{where}.vcpus")
     if not tasks:
-        raise _Invalid(f"{where}.tasks", "no task")
+        raise InvalidResults(f"{where}.tasks", "no task")
     if not vcpus:
-        raise _Invalid(f"{where}.vcpus", "no vCPU")
+        raise InvalidResults(f"{where}.vcpus", "no vCPU")
     checked_vcpus = [_vcpu(v, f"{where}.vcpus[{i}]") for i, v in enumerate(vcpus)]
     if any(v.time_s.keys() != checked_vcpus[0].time_s.keys() for v in checked_vcpus):
-        raise _Invalid(f"{where}.vcpus", "the vCPUs have different time categories")
+        raise InvalidResults(f"{where}.vcpus", "the vCPUs have different time categories")
     apf = _obj(_get(r, "apf", where), f"{where}.apf")
     faults = _obj(_get(r, "faults", where), f"{where}.faults")
     memory = _obj(_get(r, "memory", where), f"{where}.memory")
@@ -258,7 +260,7 @@ def _protocol_result(data: Any, where: str) -> tuple[ProtocolResult, dict[str, l
         checked_memory[key] = _num(_get(memory, key, f"{where}.memory"), f"{where}.memory.{key}")
     sim_time_s = _num(_get(r, "sim_time_s", where), f"{where}.sim_time_s")
     if sim_time_s <= 0:
-        raise _Invalid(f"{where}.sim_time_s", f"must be positive (got {sim_time_s})")
+        raise InvalidResults(f"{where}.sim_time_s", f"must be positive (got {sim_time_s})")
     result = ProtocolResult(
         protocol=_str(_get(r, "protocol", where), f"{where}.protocol"),
         sim_time_s=sim_time_s,
@@ -313,10 +315,10 @@ class _File:
 def _parse(name: str, data: Any) -> _File:
     doc = _obj(data, "top level")
     if "schema_version" not in doc:
-        raise _Invalid("top level", "no 'schema_version'")
+        raise InvalidResults("top level", "no 'schema_version'")
     version = doc["schema_version"]
     if version != 1:
-        raise _Invalid("schema_version", f"{version!r}, but this apfsim reads version 1")
+        raise InvalidResults("schema_version", f"{version!r}, but this apfsim reads version 1")
     scenario = _obj(_get(doc, "scenario", "top level"), "scenario")
     _str(_get(scenario, "name", "scenario"), "scenario.name")
     kind = doc.get("kind", "run")
@@ -325,7 +327,7 @@ def _parse(name: str, data: Any) -> _File:
         for i, item in enumerate(_list(_get(doc, "runs", "top level"), "runs")):
             where = f"runs[{i}]"
             seed = _int(_get(_obj(item, where), "seed", where), f"{where}.seed")
-            result, cdfs = _protocol_result(item, where)
+            result, cdfs = parse_protocol_result(item, where)
             runs.append(RunRecord(seed, result, cdfs, name))
         protocols = [
             _str(p, f"protocols[{i}]")
@@ -338,14 +340,14 @@ def _parse(name: str, data: Any) -> _File:
     elif kind == "run":
         seed = _int(_get(doc, "seed", "top level"), "seed")
         for i, item in enumerate(_list(_get(doc, "results", "top level"), "results")):
-            result, cdfs = _protocol_result(item, f"results[{i}]")
+            result, cdfs = parse_protocol_result(item, f"results[{i}]")
             runs.append(RunRecord(seed, result, cdfs, name))
         protocols = [r.result.protocol for r in runs]
         baseline, summary = None, None
     else:
-        raise _Invalid("kind", f"unknown {kind!r} (expected 'compare' or none)")
+        raise InvalidResults("kind", f"unknown {kind!r} (expected 'compare' or none)")
     if not runs:
-        raise _Invalid("top level", "no results")
+        raise InvalidResults("top level", "no results")
     return _File("", name, kind, scenario, runs, protocols, baseline, summary)
 
 
@@ -369,7 +371,7 @@ def _read(path: Path) -> _File:
         ) from None
     try:
         parsed = _parse(path.name, data)
-    except _Invalid as err:
+    except InvalidResults as err:
         raise ReportError(f"{shown} is not an apfsim results file ({err}); {_FIX}") from None
     return replace(parsed, path=str(path))
 
@@ -401,7 +403,7 @@ def _run_values(result: ProtocolResult) -> dict[str, float | None]:
     return values
 
 
-def _estimates(runs: list[RunRecord]) -> dict[str, Estimate]:
+def run_estimates(runs: list[RunRecord]) -> dict[str, Estimate]:
     per_seed = [_run_values(r.result) for r in runs]
     keys: dict[str, None] = {}
     for values in per_seed:
@@ -409,7 +411,7 @@ def _estimates(runs: list[RunRecord]) -> dict[str, Estimate]:
     return {k: estimate([values.get(k) for values in per_seed]) for k in keys}
 
 
-def _ratios(runs: list[RunRecord], base: list[RunRecord]) -> dict[str, Estimate]:
+def run_ratios(runs: list[RunRecord], base: list[RunRecord]) -> dict[str, Estimate]:
     """Per-seed work rate / the baseline's on the same seed, for the seeds both have."""
     base_by_seed = {r.seed: _run_values(r.result) for r in base}
     paired = [(_run_values(r.result), base_by_seed[r.seed]) for r in runs if r.seed in base_by_seed]
@@ -469,8 +471,8 @@ def load_results(paths: list[Path]) -> ReportData:
     if len(files) == 1 and first.baseline is not None and first.baseline in protocols:
         baseline = first.baseline
     by_protocol = {p: [r for r in runs if r.result.protocol == p] for p in protocols}
-    metrics = {p: _estimates(by_protocol[p]) for p in protocols}
-    ratios = {p: _ratios(by_protocol[p], by_protocol[baseline]) for p in protocols}
+    metrics = {p: run_estimates(by_protocol[p]) for p in protocols}
+    ratios = {p: run_ratios(by_protocol[p], by_protocol[baseline]) for p in protocols}
     if len(files) == 1 and first.summary is not None:
         # A lone compare file: its own figures, for every metric it has.
         for p, table in first.summary.items():

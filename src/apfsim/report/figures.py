@@ -34,7 +34,7 @@ __all__ = [
 FORMATS = ("svg", "png")
 
 # matplotlib's tab10, by protocol position: a protocol keeps its colour in every figure.
-_PROTOCOL_COLOURS = (
+PROTOCOL_COLOURS = (
     "#1f77b4",
     "#ff7f0e",
     "#2ca02c",
@@ -84,7 +84,7 @@ class RenderedFigure:
 
 
 def colour(data: ReportData, protocol: str) -> str:
-    return _PROTOCOL_COLOURS[data.protocols.index(protocol) % len(_PROTOCOL_COLOURS)]
+    return PROTOCOL_COLOURS[data.protocols.index(protocol) % len(PROTOCOL_COLOURS)]
 
 
 def seed_note(data: ReportData) -> str:

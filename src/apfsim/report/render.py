@@ -102,7 +102,7 @@ def _metric_table(
     )
 
 
-def _figure_tables(data: ReportData, name: str) -> list[Table]:
+def figure_tables(data: ReportData, name: str) -> list[Table]:
     groups = [(f"{g.key}.work_rate", g.label) for g in data.groups()]
     if name == "throughput":
         return [_metric_table(data, "Work per simulated second", "task", groups)]
@@ -189,7 +189,7 @@ def _render(data: ReportData) -> str:
         for f in render_figures(data, ("svg",))
     ]
     for view in figures:
-        view.tables.extend(_figure_tables(data, view.name))
+        view.tables.extend(figure_tables(data, view.name))
     scenario = data.scenario
     return env.get_template("report.html.j2").render(
         version=__version__,

@@ -43,17 +43,17 @@ from typing import TYPE_CHECKING, Any
 
 from apfsim.compare import Estimate, estimate, paired_ratios
 from apfsim.report.data import (
+    InvalidResults,
     ReportData,
     ReportError,
     RunRecord,
     Source,
-    _estimates,
-    _Invalid,
-    _protocol_result,
-    _ratios,
+    parse_protocol_result,
+    run_estimates,
+    run_ratios,
 )
-from apfsim.report.figures import _PROTOCOL_COLOURS, inline_svg, render_figures, require
-from apfsim.report.render import Table, _figure_tables, format_estimate
+from apfsim.report.figures import PROTOCOL_COLOURS, inline_svg, render_figures, require
+from apfsim.report.render import Table, figure_tables, format_estimate
 from apfsim.sweep.store import SCHEMA_VERSION, StoredRun
 
 if TYPE_CHECKING:
@@ -600,7 +600,7 @@ def _draw(
 def _colour(agg: SweepAggregate, protocol: str) -> str:
     order = list(agg.info.protocols)
     index = order.index(protocol) if protocol in order else len(order)
-    return _PROTOCOL_COLOURS[index % len(_PROTOCOL_COLOURS)]
+    return PROTOCOL_COLOURS[index % len(PROTOCOL_COLOURS)]
 
 
 def _is_number(value: Any) -> bool:
@@ -912,8 +912,8 @@ def _report_data(agg: SweepAggregate, point: int) -> ReportData | None:
     records = []
     for r in runs:
         try:
-            result, cdfs = _protocol_result(results[r.key], f"run {r.key}")
-        except _Invalid as err:
+            result, cdfs = parse_protocol_result(results[r.key], f"run {r.key}")
+        except InvalidResults as err:
             raise SweepReportError(
                 f"sweep {agg.info.name!r}: stored result is damaged ({err}); "
                 "delete the run's row and run the sweep again"
@@ -932,8 +932,8 @@ def _report_data(agg: SweepAggregate, point: int) -> ReportData | None:
         protocols=protocols,
         baseline=baseline,
         runs=records,
-        metrics={p: _estimates(by_protocol[p]) for p in protocols},
-        ratios={p: _ratios(by_protocol[p], by_protocol[baseline]) for p in protocols},
+        metrics={p: run_estimates(by_protocol[p]) for p in protocols},
+        ratios={p: run_ratios(by_protocol[p], by_protocol[baseline]) for p in protocols},
     )
 
 
@@ -975,7 +975,7 @@ def _details(agg: SweepAggregate) -> list[_Detail]:
                     f.title,
                     f.caption,
                     inline_svg(f.outputs["svg"], f"{name}-"),
-                    _figure_tables(data, f.name),
+                    figure_tables(data, f.name),
                 )
             )
         end = "" if len(points) == 1 else ("lowest " if i == 0 else "highest ")
