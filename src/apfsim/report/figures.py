@@ -7,11 +7,12 @@ only, and only when a figure is drawn: ``import apfsim`` works without the ``rep
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -283,37 +284,50 @@ _FIGURES: tuple[tuple[str, str, _Builder, Callable[[ReportData], bool]], ...] = 
 def render_figures(data: ReportData, formats: tuple[str, ...] = FORMATS) -> list[RenderedFigure]:
     """Draw every figure that applies to ``data`` and save it in each format."""
     require("matplotlib")
-    from matplotlib import rc_context
-    from matplotlib.figure import Figure
-
     out = []
     for name, title, build, applies in _FIGURES:
         if not applies(data):
             continue
-        with rc_context(
-            {
-                "font.size": 9.0,
-                "font.family": "DejaVu Sans",
-                "axes.spines.top": False,
-                "axes.spines.right": False,
-                "axes.grid": True,
-                "axes.axisbelow": True,
-                "grid.alpha": 0.35,
-                "svg.fonttype": "none",  # text stays text: no glyph ids to clash between SVGs
-                "svg.hashsalt": f"apfsim-{name}",  # fixed hash ids, unique to the figure
-                "savefig.dpi": 150.0,
-            }
-        ):
-            fig = Figure(layout="constrained")
-            caption = build(fig, data)
-            outputs = {}
-            for fmt in formats:
-                buf = io.BytesIO()
-                metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-                fig.savefig(buf, format=fmt, metadata=metadata)
-                outputs[fmt] = buf.getvalue()
+        caption, outputs = draw_figure(name, functools.partial(_build_with, build, data), formats)
         out.append(RenderedFigure(name, title, caption, outputs))
     return out
+
+
+def _build_with(build: Callable[[Figure, ReportData], str], data: ReportData, fig: Figure) -> str:
+    return build(fig, data)
+
+
+def draw_figure(
+    name: str, build: Callable[[Figure], str], formats: Sequence[str]
+) -> tuple[str, dict[str, bytes]]:
+    """Draw one figure in the report's style and save it in each format, deterministically
+    (fixed SVG hash salt per figure, no dates); returns (caption, bytes per format)."""
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    with rc_context(
+        {
+            "font.size": 9.0,
+            "font.family": "DejaVu Sans",
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "axes.axisbelow": True,
+            "grid.alpha": 0.35,
+            "svg.fonttype": "none",  # text stays text: no glyph ids to clash between SVGs
+            "svg.hashsalt": f"apfsim-{name}",  # fixed hash ids, unique to the figure
+            "savefig.dpi": 150.0,
+        }
+    ):
+        fig = Figure(layout="constrained")
+        caption = build(fig)
+        outputs = {}
+        for fmt in formats:
+            buf = io.BytesIO()
+            metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+            fig.savefig(buf, format=fmt, metadata=metadata)
+            outputs[fmt] = buf.getvalue()
+    return caption, outputs
 
 
 _PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.DOTALL)

@@ -57,7 +57,9 @@ class _Section:
 
 
 @dataclass(frozen=True, slots=True)
-class _FigureView:
+class FigureView:
+    """A figure as the page shows it: inline SVG, caption and its tables of numbers."""
+
     name: str
     title: str
     caption: str
@@ -185,7 +187,7 @@ def _render(data: ReportData) -> str:
         keep_trailing_newline=True,
     )
     figures = [
-        _FigureView(f.name, f.title, f.caption, inline_svg(f.outputs["svg"], f"{f.name}-"))
+        FigureView(f.name, f.title, f.caption, inline_svg(f.outputs["svg"], f"{f.name}-"))
         for f in render_figures(data, ("svg",))
     ]
     for view in figures:

@@ -52,8 +52,14 @@ from apfsim.report.data import (
     run_estimates,
     run_ratios,
 )
-from apfsim.report.figures import PROTOCOL_COLOURS, inline_svg, render_figures, require
-from apfsim.report.render import Table, figure_tables, format_estimate
+from apfsim.report.figures import (
+    PROTOCOL_COLOURS,
+    draw_figure,
+    inline_svg,
+    render_figures,
+    require,
+)
+from apfsim.report.render import FigureView, Table, figure_tables, format_estimate
 from apfsim.sweep.store import SCHEMA_VERSION, StoredRun
 
 if TYPE_CHECKING:
@@ -568,33 +574,7 @@ def _draw(
         require("matplotlib")
     except ReportError as err:
         raise SweepReportError(str(err)) from None
-    from matplotlib import rc_context
-    from matplotlib.figure import Figure
-
-    # The report's figure style (apfsim.report.figures.render_figures), its own hash salt.
-    with rc_context(
-        {
-            "font.size": 9.0,
-            "font.family": "DejaVu Sans",
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "axes.grid": True,
-            "axes.axisbelow": True,
-            "grid.alpha": 0.35,
-            "svg.fonttype": "none",
-            "svg.hashsalt": f"apfsim-{name}",
-            "savefig.dpi": 150.0,
-        }
-    ):
-        fig = Figure(layout="constrained")
-        caption = build(fig)
-        outputs = {}
-        for fmt in formats:
-            buf = io.BytesIO()
-            metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-            fig.savefig(buf, format=fmt, metadata=metadata)
-            outputs[fmt] = buf.getvalue()
-    return caption, outputs
+    return draw_figure(name, build, formats)
 
 
 def _colour(agg: SweepAggregate, protocol: str) -> str:
@@ -816,20 +796,11 @@ _TEMPLATE = """<!DOCTYPE html>
 
 
 @dataclass(frozen=True, slots=True)
-class _FigureView:
-    name: str
-    title: str
-    caption: str
-    svg: str
-    tables: list[Table]
-
-
-@dataclass(frozen=True, slots=True)
 class _Detail:
     anchor: str
     heading: str
     lead: str
-    figures: list[_FigureView]
+    figures: list[FigureView]
 
 
 def _style() -> str:
@@ -863,7 +834,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def _sweep_figures(agg: SweepAggregate, metric: str) -> list[_FigureView]:
+def _sweep_figures(agg: SweepAggregate, metric: str) -> list[FigureView]:
     x_axis = agg.by[0]
     n_note = "n per cell: " + ", ".join(sorted({str(g.n) for g in agg.groups}, key=int)) + " runs."
     out = []
@@ -875,7 +846,7 @@ def _sweep_figures(agg: SweepAggregate, metric: str) -> list[_FigureView]:
         )
         table_title = f"{metric} / {agg.baseline}'s, paired by point and seed"
         out.append(
-            _FigureView(
+            FigureView(
                 "sweep-ratio",
                 f"Ratio to {agg.baseline} along {x_axis}",
                 caption,
@@ -887,7 +858,7 @@ def _sweep_figures(agg: SweepAggregate, metric: str) -> list[_FigureView]:
         "sweep-mean", lambda fig: _line_figure(fig, agg, metric, ratio=False), ("svg",)
     )
     out.append(
-        _FigureView(
+        FigureView(
             "sweep-mean",
             f"{metric} along {x_axis}",
             caption,
@@ -970,7 +941,7 @@ def _details(agg: SweepAggregate) -> list[_Detail]:
         for f in rendered:
             name = f"point{point}-{f.name}"
             figures.append(
-                _FigureView(
+                FigureView(
                     name,
                     f.title,
                     f.caption,
