@@ -41,6 +41,9 @@ def main() -> None:
             "host.swap.mean_us",
             metric,
             figure,
+            # The zip varies the resident and swapped fractions with the limit: one panel
+            # per overcommit ratio.
+            by=["host.swap.mean_us", "host.memory_limit_mib"],
             title=f"APF speedup against swap-in latency: {task}, work rate / sync",
         )
         print(f"wrote {figure}")
