@@ -28,6 +28,7 @@ __all__ = [
     "RESULT_ID",
     "BrowserError",
     "chromium_or_skip",
+    "figure_problems",
     "find_chromium",
     "instrument",
     "page_summary",
@@ -187,3 +188,20 @@ def page_summary(dom: str) -> dict[str, Any]:
         raise BrowserError(f"no <pre id={RESULT_ID!r}> in the DOM: the summary script never ran")
     data: dict[str, Any] = json.loads(html.unescape(match.group(1)))
     return data
+
+
+def figure_problems(summary: dict[str, Any], expected: list[str]) -> list[str]:
+    """What is wrong with a page's summary: errors, missing or empty figures."""
+    found = []
+    if summary["errors"]:
+        found.append(f"errors: {summary['errors']}")
+    if summary["names"] != expected:
+        found.append(f"figures {summary['names']}, expected {expected}")
+    if summary["figures"] != len(expected) or summary["svgs_with_paths"] < len(expected):
+        found.append(f"{summary['figures']} figures, {summary['svgs_with_paths']} drawn SVGs")
+    for d in summary["details"]:
+        if d["svgs"] != 1 or d["paths"] < 5 or d["texts"] < 3:
+            found.append(f"{d['name']}: {d['svgs']} svg, {d['paths']} paths, {d['texts']} texts")
+        if d["width"] < 100 or d["height"] < 100:
+            found.append(f"{d['name']}: shown {d['width']}x{d['height']} px")
+    return found

@@ -16,6 +16,7 @@ import pytest
 from apfsim.api import run
 from apfsim.report import render_report
 from browser import chromium_or_skip, instrument, page_summary, render_dom
+from browser import figure_problems as problems
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2")),
@@ -23,23 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 FIGURES = ["throughput", "speedup", "vcpu-time", "latency-cdf"]
-
-
-def problems(summary: dict[str, Any], expected: list[str]) -> list[str]:
-    """What is wrong with a page's summary: errors, missing or empty figures."""
-    found = []
-    if summary["errors"]:
-        found.append(f"errors: {summary['errors']}")
-    if summary["names"] != expected:
-        found.append(f"figures {summary['names']}, expected {expected}")
-    if summary["figures"] != len(expected) or summary["svgs_with_paths"] < len(expected):
-        found.append(f"{summary['figures']} figures, {summary['svgs_with_paths']} drawn SVGs")
-    for d in summary["details"]:
-        if d["svgs"] != 1 or d["paths"] < 5 or d["texts"] < 3:
-            found.append(f"{d['name']}: {d['svgs']} svg, {d['paths']} paths, {d['texts']} texts")
-        if d["width"] < 100 or d["height"] < 100:
-            found.append(f"{d['name']}: shown {d['width']}x{d['height']} px")
-    return found
 
 
 def load_in_browser(page: str, path: Path, chromium: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,6 +16,7 @@ from apfsim.sweep.run import run_sweep
 from apfsim.sweep.spec import parse_sweep
 from apfsim.sweep.store import SweepStore
 from browser import chromium_or_skip, instrument, page_summary, render_dom
+from browser import figure_problems as problems
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2")),
@@ -25,23 +25,6 @@ pytestmark = pytest.mark.skipif(
 
 DETAIL = ("throughput", "speedup", "vcpu-time", "latency-cdf")
 FIGURES = ["sweep-ratio", "sweep-mean"] + [f"point{p}-{f}" for p in (0, 1) for f in DETAIL]
-
-
-def problems(summary: dict[str, Any], expected: list[str]) -> list[str]:
-    """What is wrong with a page's summary: errors, missing or empty figures."""
-    found = []
-    if summary["errors"]:
-        found.append(f"errors: {summary['errors']}")
-    if summary["names"] != expected:
-        found.append(f"figures {summary['names']}, expected {expected}")
-    if summary["figures"] != len(expected) or summary["svgs_with_paths"] < len(expected):
-        found.append(f"{summary['figures']} figures, {summary['svgs_with_paths']} drawn SVGs")
-    for d in summary["details"]:
-        if d["svgs"] != 1 or d["paths"] < 5 or d["texts"] < 3:
-            found.append(f"{d['name']}: {d['svgs']} svg, {d['paths']} paths, {d['texts']} texts")
-        if d["width"] < 100 or d["height"] < 100:
-            found.append(f"{d['name']}: shown {d['width']}x{d['height']} px")
-    return found
 
 
 def test_sweep_report_renders_in_a_browser_without_errors(tmp_path: Path) -> None:

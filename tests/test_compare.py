@@ -17,6 +17,7 @@ from apfsim.cli import main
 from apfsim.compare import estimate, paired_ratios, t_quantile_975
 from apfsim.scenario import ScenarioError, load_scenario
 from apfsim.simulation import Simulation
+from cli_helpers import assert_one_line_error, cli
 
 # Two vCPUs, a shared random-writer buffer twice the host limit, a compute task per vCPU and
 # one finite compute task (so completion times appear): well under a second per run.
@@ -57,21 +58,6 @@ def tiny(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
     return path
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
-    assert err.startswith("apfsim: error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 # ---------------------------------------------------------------------- flags and errors

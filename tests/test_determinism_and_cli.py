@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from apfsim.api import run
-from apfsim.cli import main
 from apfsim.scenario import (
     Scenario,
     ScenarioError,
@@ -23,6 +22,7 @@ from apfsim.scenario import (
     load_scenario,
     with_overrides,
 )
+from cli_helpers import assert_one_line_error, cli
 
 # A small valid scenario: runs in well under a second per protocol.
 TINY = """\
@@ -49,12 +49,6 @@ kind = "compute"
 """
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def cli_subprocess(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "apfsim", *args],
@@ -64,15 +58,6 @@ def cli_subprocess(args: list[str], cwd: Path | None = None) -> subprocess.Compl
         env=dict(os.environ, COLUMNS="120"),
         timeout=120,
     )
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
-    assert err.startswith("apfsim: error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from apfsim.api import compare, run
-from apfsim.cli import main
 from apfsim.report import ReportError, load_results, render_report, write_plots, write_report
 from apfsim.scenario import load_scenario
+from cli_helpers import assert_one_line_error, cli
 
 PLOTTING = all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2"))
 needs_plotting = pytest.mark.skipif(
@@ -312,21 +312,6 @@ def test_one_protocol_has_no_speedup_figure(inputs: dict[str, Path], tmp_path: P
 
 
 # ---------------------------------------------------------------------------------- CLI
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
-    assert err.startswith("apfsim: error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 @needs_plotting

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from apfsim.cli import main
 from apfsim.compare import estimate, t_quantile_975
 from apfsim.sweep.report import (
     SweepInfo,
@@ -37,6 +36,7 @@ from apfsim.sweep.report import (
 from apfsim.sweep.run import run_sweep
 from apfsim.sweep.spec import parse_sweep
 from apfsim.sweep.store import StoredRun, SweepStore
+from cli_helpers import assert_one_line_error, cli
 
 PLOTTING = all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2"))
 needs_plotting = pytest.mark.skipif(
@@ -91,21 +91,6 @@ def html(db: Path) -> str:
     if not PLOTTING:
         pytest.skip("the report extra is not installed")
     return render_sweep_html(aggregate(db))
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.endswith("\n"), repr(err)
-    assert err.startswith("apfsim: error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 def value(run: StoredRun, metric: str) -> float:
