@@ -128,7 +128,8 @@ class Vcpu:
         self, exits: int, handling_ns: int, ctx: GuestContext | None = None
     ) -> None:
         """The guest trapped ``exits`` times (WRMSR, HVC, an IPI register write) in one
-        handler: the host already applied each; pay every round trip and its handling."""
+        handler: the host already applied each; pay every round trip and its handling.
+        ``ctx`` is the context of that handler (what a trace shows as the exit's PC)."""
         self._to_host()
         cost = self._exit_ns + handling_ns + (exits - 1) * (self._exit_ns + self._entry_ns)
         self._host_event = self.sim.engine.after(cost, self.enter)
@@ -165,13 +166,15 @@ class Vcpu:
         result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
         decision = result.decision
         if decision is not FaultDecision.SYNC or result.cause is SyncCause.QUEUE_FULL:
-            sim.tracepoints["kvm_try_async_get_page"] += 1
-            if decision is FaultDecision.REPEATED or (
+            # APF was admissible (kvm_can_do_async_pf): the kernel traces the attempt, and
+            # a gfn already outstanding as a repeated fault.
+            repeated = decision is FaultDecision.REPEATED or (
                 decision is FaultDecision.HALT and result.work is None
-            ):
-                sim.tracepoints["kvm_async_pf_repeated_fault"] += 1
+            )
+            sim.tracepoints["kvm_try_async_get_page"] += 1
+            sim.tracepoints["kvm_async_pf_repeated_fault"] += repeated
             if self.tracer is not None:
-                self.tracer.try_async(self.index, gfn, result)
+                self.tracer.try_async(self.index, gfn, repeated)
         if sim.check:
             sim.note(self.index, _TRY_LABEL[result.decision], gfn)
         if result.decision is FaultDecision.ASYNC:

@@ -23,14 +23,12 @@ from typing import TYPE_CHECKING, TextIO
 from apfsim.guest.sched import Task, TaskState
 from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
-from apfsim.protocols.base import FaultDecision, SyncCause
 from apfsim.trace import formats
 from apfsim.trace.chrome import ChromeTraceWriter, json_str
 from apfsim.trace.formats import ExitReason, c_hex
 
 if TYPE_CHECKING:
     from apfsim.guest.context import GuestContext
-    from apfsim.protocols.base import FaultResult
     from apfsim.simulation import Simulation
 
 __all__ = ["ARCH_OF_PROTOCOL", "TraceOptions", "TraceRecorder", "TracedClock"]
@@ -245,21 +243,16 @@ class TraceRecorder:
         return _ARM64_KERNEL_PC if arm else _X86_KERNEL_PC
 
     # -- the APF lifecycle ------------------------------------------------------------------
-    def try_async(self, vcpu: int, gfn: int, result: FaultResult) -> None:
-        """``kvm_try_async_get_page`` when APF was admissible; ``kvm_async_pf_repeated_fault``
-        when the gfn was already outstanding."""
-        decision = result.decision
-        if decision is FaultDecision.SYNC and result.cause is not SyncCause.QUEUE_FULL:
-            return
+    def try_async(self, vcpu: int, gfn: int, repeated: bool) -> None:
+        """``kvm_try_async_get_page`` (APF was admissible), and
+        ``kvm_async_pf_repeated_fault`` when the gfn was already outstanding."""
         gva = gfn << 12
         now = self.now()
         if self.ftrace is not None and self.window[0] <= now < self.window[1]:
             self._vcpu_line(
                 vcpu, now, "kvm_try_async_get_page", formats.kvm_try_async_get_page(gva, gfn)
             )
-        if decision is FaultDecision.REPEATED or (
-            decision is FaultDecision.HALT and result.work is None
-        ):
+        if repeated:
             if self.ftrace is not None and self.window[0] <= now < self.window[1]:
                 self._vcpu_line(
                     vcpu,
