@@ -146,23 +146,12 @@ def run_one(
     duration_s: float | None,
     check: bool = True,
     trace: TraceOptions | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Run one (protocol, seed): the process pool's picklable unit of work.
 
     Returns the ProtocolResult's dict with ``wall_time_s`` (dropped again from the JSON).
     """
-    return _run(scenario_dict, protocol, seed, duration_s, check, trace)
-
-
-def _run(
-    scenario_dict: dict[str, Any],
-    protocol: str,
-    seed: int,
-    duration_s: float | None,
-    check: bool = True,
-    trace: TraceOptions | None = None,
-    progress: Callable[[float], None] | None = None,
-) -> dict[str, Any]:
     scenario = scenario_from_dict(scenario_dict)
     result = Simulation(scenario, protocol, seed, check, trace).run(duration_s, progress)
     return result.to_dict(include_wall=True)
@@ -192,7 +181,7 @@ def _execute_serial(specs: list[_Spec], progress: CompareProgressFn | None) -> l
     out: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         cb = None if progress is None else (lambda f, i=i: progress(i + f, total))
-        out.append(_run(*spec, progress=cb))
+        out.append(run_one(*spec, progress=cb))
     return out
 
 
