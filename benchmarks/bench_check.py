@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from apfsim.check import WorldConfig, check
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 
 TARGET_SECONDS = 60.0
 TARGET_STATES_PER_S = 100_000

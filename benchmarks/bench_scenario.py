@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from apfsim.api import run_protocol
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 from apfsim.scenario import load_scenario
 
 TARGET_SIM_S_PER_WALL_S = 5.0

@@ -32,14 +32,16 @@ from apfsim.scenario import load_scenario
 from apfsim.simulation import Simulation
 mode, out, duration = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 SCENARIO, PROTOCOL = sys.argv[4], sys.argv[5]
-kwargs = {}
-if mode != "off":
+if mode == "off":
+    sim = Simulation(load_scenario(SCENARIO), PROTOCOL, 1)
+else:
     from apfsim.trace import TraceOptions
-    kwargs["trace"] = TraceOptions(
+    from apfsim.trace.hooks import traced_simulation
+    trace = TraceOptions(
         out / "t.json" if mode in ("chrome", "both") else None,
         out / "t.txt" if mode in ("ftrace", "both") else None,
     )
-sim = Simulation(load_scenario(SCENARIO), PROTOCOL, 1, **kwargs)
+    sim = traced_simulation(load_scenario(SCENARIO), PROTOCOL, 1, True, trace)
 t0 = time.perf_counter()
 sim.run(duration)
 wall = time.perf_counter() - t0
@@ -103,8 +105,8 @@ def main() -> None:
 
 def _run(mode: str) -> None:
     from apfsim.scenario import load_scenario
-    from apfsim.simulation import Simulation
     from apfsim.trace import TraceOptions
+    from apfsim.trace.hooks import traced_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -112,7 +114,7 @@ def _run(mode: str) -> None:
             out / "t.json" if mode in ("chrome", "both") else None,
             out / "t.txt" if mode in ("ftrace", "both") else None,
         )
-        Simulation(load_scenario(SCENARIO), PROTOCOL, 1, trace=trace).run(35.0)
+        traced_simulation(load_scenario(SCENARIO), PROTOCOL, 1, True, trace).run(35.0)
 
 
 def test_trace_off(benchmark: Any) -> None:

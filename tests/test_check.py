@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from apfsim.check import WorldConfig, check
-from apfsim.check.invariants import check_state
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import Step, TaskState, World
 from apfsim.cli import main
@@ -126,11 +125,11 @@ def test_the_seeds_cpu_offline_strands_its_sleepers() -> None:
 
 
 def test_invariants_hold_in_the_initial_world_of_every_protocol() -> None:
-    from apfsim.protocols import PROTOCOLS
+    from apfsim.registry import PROTOCOLS
 
     for name in PROTOCOLS:
         world = World(WorldConfig(protocol=name))
-        assert check_state(world) is None
+        assert world.broken() is None
         assert world.actions()
 
 
@@ -203,10 +202,12 @@ def test_simulation_stops_on_a_broken_invariant_with_the_last_events() -> None:
 
     sim = Simulation(small_scenario(), "x86", seed=2)
     sim.run(0.05)
-    assert len(sim.recent) == sim.recent.maxlen  # events were recorded as it ran
+    checker = sim.checker
+    assert checker is not None
+    assert len(checker.recent) == checker.recent.maxlen  # events were recorded as it ran
     sim.host_protocol.apf[0].queued += 1  # type: ignore[attr-defined]
     with pytest.raises(InvariantViolation) as err:
-        sim.check_vcpu(0, False)
+        checker.check_vcpu(0, False)
     report = str(err.value)
     assert "invariant I2 broken" in report and "last events:" in report
     assert "try_async_pf" in report or "inject" in report
@@ -215,16 +216,16 @@ def test_simulation_stops_on_a_broken_invariant_with_the_last_events() -> None:
 def test_cli_keeps_finished_results_when_a_later_protocol_breaks_an_invariant(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import apfsim.simulation as simulation
+    import apfsim.checking as checking
 
-    real = simulation.check_vcpu
+    real = checking.check_vcpu
 
     def broken_for_rfcv2(host: object, v: int, in_guest: bool) -> tuple[str, str] | None:
         if getattr(host, "name", "") == "arm64-rfcv2":
             return "I2", "forced by the test"
         return real(host, v, in_guest)
 
-    monkeypatch.setattr(simulation, "check_vcpu", broken_for_rfcv2)
+    monkeypatch.setattr(checking, "check_vcpu", broken_for_rfcv2)
     args = ["run", "--duration", "0.5", "-p", "sync", "-p", "arm64-rfcv2"]
     assert main(args) == 1
     out, err = capsys.readouterr()

@@ -10,10 +10,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from apfsim.check.invariants import check_state
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import Violation, World, WorldConfig, has_lifecycle
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 
 WORLDS = [
     WorldConfig(
@@ -50,7 +49,7 @@ class Interleavings(RuleBasedStateMachine):
     @invariant()
     def invariants_hold(self) -> None:
         if hasattr(self, "world"):
-            assert check_state(self.world) is None, self.steps
+            assert self.world.broken() is None, self.steps
 
 
 TestInterleavings = Interleavings.TestCase

@@ -271,7 +271,7 @@ def test_natapov_2010_places_one_writer_and_one_counter_per_vcpu() -> None:
 
 def test_every_protocol_compared_on_the_default_scenario_from_the_cli(tmp_path: Path) -> None:
     """Issue 3 acceptance: all designs side by side; the JSON lists every protocol."""
-    from apfsim.protocols import PROTOCOLS
+    from apfsim.registry import PROTOCOLS
     from apfsim.scenario import DEFAULT_SCENARIO
 
     out = tmp_path / "all.json"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from apfsim.guest.kvm_apf_arm64 import (
+from apfsim.abi.arm64 import (
     APF_FUNC_SET_RANGE,
     APF_FUNC_UPDATE_ENABLE,
     KVM_ASYNC_PF_ENABLED,
@@ -23,13 +23,10 @@ from apfsim.guest.kvm_apf_arm64 import (
     SMCCC_RET_SUCCESS,
     SYS_RESTART,
     WAKE_ALL_TOKEN,
-    Arm64ApfGuest,
-    DriverCounters,
-    SleepNode,
 )
+from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest, DriverCounters, SleepNode
 from apfsim.host.async_pf import AsyncPf, WorkState
-from apfsim.protocols.arm64_rfcv2 import Arm64Rfcv2Host, HostCounters
-from apfsim.protocols.base import (
+from apfsim.ports import (
     AbortOutcome,
     FaultDecision,
     GuestRegs,
@@ -37,6 +34,7 @@ from apfsim.protocols.base import (
     Injection,
     InjectionKind,
 )
+from apfsim.protocols.arm64_rfcv2 import Arm64Rfcv2Host, HostCounters
 
 
 def _far(injection: Injection | None) -> int | None:

@@ -9,28 +9,23 @@ from typing import Any
 import pytest
 
 import apfsim
-from apfsim.api import run_protocol
-from apfsim.cli import main
-from apfsim.guest.kvm_apf_x86 import (
-    KVM_ASYNC_PF_ENABLED,
-    KVM_ASYNC_PF_SEND_ALWAYS,
-    MSR_KVM_ASYNC_PF_EN,
-)
-from apfsim.guest.kvm_apf_x86_legacy import (
-    KVM_PV_REASON_PAGE_NOT_PRESENT,
-    KVM_PV_REASON_PAGE_READY,
-    X86LegacyApfGuest,
-)
-from apfsim.host.async_pf import AsyncPf
-from apfsim.protocols import PROTOCOLS
-from apfsim.protocols.arm64_sdei_ppi import (
+from apfsim.abi.arm64 import (
     ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE,
     ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK,
     SDEI_EVENT_COMPLETE,
-    Arm64SdeiPpiGuest,
-    Arm64SdeiPpiHost,
 )
-from apfsim.protocols.base import (
+from apfsim.abi.x86 import (
+    KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
+    MSR_KVM_ASYNC_PF_EN,
+)
+from apfsim.api import run_protocol
+from apfsim.cli import main
+from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest
+from apfsim.host.async_pf import AsyncPf
+from apfsim.ports import (
     AbortOutcome,
     FaultDecision,
     GuestRegs,
@@ -39,12 +34,14 @@ from apfsim.protocols.base import (
     InjectionKind,
     SyncCause,
 )
+from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost
 from apfsim.protocols.guest_initiated import (
     HC_APF_POPULATE,
     GuestInitiatedGuest,
     GuestInitiatedHost,
 )
 from apfsim.protocols.x86_legacy import X86LegacyHost
+from apfsim.registry import PROTOCOLS
 
 USER = GuestView(privileged=False)
 KERNEL = GuestView(privileged=True)

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apfsim.guest.kvm_apf_arm64 import (
+from apfsim.abi.arm64 import (
     APF_FUNC_SET_RANGE,
     APF_FUNC_UPDATE_ENABLE,
+    DEFAULT_NO_FAULT_INST_RANGE,
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
@@ -23,16 +24,9 @@ from apfsim.guest.kvm_apf_arm64 import (
     ApfData,
 )
 from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, AsyncPf, WorkState
-from apfsim.protocols.arm64_rfcv2 import (
-    DEFAULT_NO_FAULT_INST_RANGE,
-    Arm64Rfcv2Host,
-    GfnHash,
-    HostCounters,
-    VcpuApfArch,
-    hash_32,
-    make_token,
-)
-from apfsim.protocols.base import FaultDecision, GuestView, Injection, InjectionKind, SyncCause
+from apfsim.ports import FaultDecision, GuestView, Injection, InjectionKind, SyncCause
+from apfsim.protocols.arm64_rfcv2 import Arm64Rfcv2Host, HostCounters, VcpuApfArch
+from apfsim.protocols.common import GfnHash, hash_32, make_token
 
 
 def _far(injection: Injection | None) -> int | None:

@@ -14,11 +14,12 @@ import pytest
 
 import apfsim
 from apfsim.cli import main
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 from apfsim.simulation import Simulation
 from apfsim.trace import TraceOptions, read_trace
 from apfsim.trace import formats as tp
 from apfsim.trace.formats import ExitReason
+from apfsim.trace.hooks import traced_simulation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trace_rules import check_trace
@@ -45,7 +46,7 @@ def traced(
     tmp_path: Path, protocol: str, window: tuple[int, int] = (0, 1 << 62)
 ) -> tuple[apfsim.ProtocolResult, dict[str, Any], Path]:
     options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt", window)
-    result = Simulation(small_scenario(), protocol, 0, trace=options).run()
+    result = traced_simulation(small_scenario(), protocol, 0, True, options).run()
     doc = json.loads((tmp_path / "t.json").read_text())
     return result, doc, tmp_path / "t.txt"
 
@@ -164,7 +165,7 @@ def test_arm64_repeated_fault_loop_traces_every_refault(tmp_path: Path) -> None:
         }
     )
     options = TraceOptions(None, tmp_path / "t.txt")
-    result = Simulation(scenario, "arm64-rfcv2", 0, trace=options).run()
+    result = traced_simulation(scenario, "arm64-rfcv2", 0, True, options).run()
     stats = read_trace((tmp_path / "t.txt").read_text().splitlines())
     loops, refaults = result.apf["repeated_faults"], result.faults["repeated"]
     assert loops > 0 and refaults > loops
@@ -191,7 +192,7 @@ def test_fault_lines_come_in_the_kernel_order(tmp_path: Path) -> None:
 
 def test_an_aborted_run_still_leaves_valid_trace_files(tmp_path: Path) -> None:
     options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt")
-    sim = Simulation(small_scenario(), "arm64-rfcv2", 0, trace=options)
+    sim = traced_simulation(small_scenario(), "arm64-rfcv2", 0, True, options)
     calls = 0
 
     def interrupt(_: float) -> None:
@@ -240,7 +241,7 @@ def test_window_keeps_only_its_slice_of_time(tmp_path: Path) -> None:
 def test_trace_is_written_while_the_run_goes_on(tmp_path: Path) -> None:
     """Streaming: the file grows during the run, so memory does not hold the trace."""
     options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt")
-    sim = Simulation(small_scenario(), "arm64-rfcv2", 0, trace=options)
+    sim = traced_simulation(small_scenario(), "arm64-rfcv2", 0, True, options)
     sizes: list[int] = []
     sim.run(progress=lambda _: sizes.append((tmp_path / "t.json").stat().st_size))
     growing = [b > a for a, b in itertools.pairwise(sizes)]

@@ -16,37 +16,40 @@ from typing import Any
 import pytest
 
 import apfsim
-from apfsim.api import run_protocol
-from apfsim.guest.kvm_apf_x86 import (
+from apfsim.abi.x86 import (
     HYPERVISOR_CALLBACK_VECTOR,
     KVM_ASYNC_PF_DELIVERY_AS_INT,
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
-    KVM_TASK_SLEEP_HASHBITS,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
     WAKE_ALL_TOKEN,
+)
+from apfsim.api import run_protocol
+from apfsim.guest.kvm_apf_x86 import (
+    KVM_TASK_SLEEP_HASHBITS,
     X86ApfGuest,
     X86DriverCounters,
     X86SleepNode,
-    hash_32,
 )
 from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, AsyncPf, WorkState
 from apfsim.metrics.results import ProtocolResult
-from apfsim.protocols import PROTOCOLS, HostPorts, ProtocolOptions, build_protocol
-from apfsim.protocols.base import (
+from apfsim.ports import (
     AbortOutcome,
     FaultDecision,
     GuestRegs,
     GuestView,
+    HostPorts,
     Injection,
     InjectionKind,
     SyncCause,
 )
+from apfsim.protocols.common import hash_32
 from apfsim.protocols.sync import NoApfGuest
 from apfsim.protocols.x86 import X86Counters, X86Host, make_x86_token
+from apfsim.registry import PROTOCOLS, ProtocolOptions, build_protocol
 from apfsim.simulation import Simulation
 
 USER_VIEW = GuestView(privileged=False)

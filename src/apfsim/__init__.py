@@ -10,6 +10,7 @@ Example::
 
 from apfsim.api import compare_table, run, run_protocol
 from apfsim.scenario import Scenario, ScenarioError, load_scenario
+from apfsim.version import __version__
 
 __all__ = [
     "Scenario",
@@ -20,5 +21,3 @@ __all__ = [
     "run",
     "run_protocol",
 ]
-
-__version__ = "0.1.0"

@@ -25,9 +25,10 @@ from apfsim.compare import (
     summary_table,
 )
 from apfsim.metrics.results import ProtocolResult, RunResult
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 from apfsim.scenario import Scenario, ScenarioError, load_scenario
-from apfsim.simulation import InvariantViolation, Simulation
+from apfsim.simulation import InvariantViolation
+from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions
 
 __all__ = [
@@ -81,7 +82,7 @@ def run_protocol(
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
         )
-    return Simulation(sc, protocol, seed, check, trace).run(duration_s, progress)
+    return traced_simulation(sc, protocol, seed, check, trace).run(duration_s, progress)
 
 
 def run(

@@ -32,7 +32,7 @@ from apfsim.check import WorldConfig, check
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.report import mutants_text, result_dict, result_text
 from apfsim.check.world import MODES, has_lifecycle
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,

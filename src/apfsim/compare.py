@@ -28,7 +28,7 @@ from typing import Any
 
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
 from apfsim.scenario import Scenario, scenario_from_dict
-from apfsim.simulation import Simulation
+from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions
 
 __all__ = [
@@ -153,7 +153,7 @@ def run_one(
     Returns the ProtocolResult's dict with ``wall_time_s`` (dropped again from the JSON).
     """
     scenario = scenario_from_dict(scenario_dict)
-    result = Simulation(scenario, protocol, seed, check, trace).run(duration_s, progress)
+    result = traced_simulation(scenario, protocol, seed, check, trace).run(duration_s, progress)
     return result.to_dict(include_wall=True)
 
 

@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from apfsim.check.invariants import check_state
 from apfsim.check.world import Action, Step, TaskState, Violation, World, WorldConfig
 
 __all__ = ["CheckResult", "Counterexample", "TraceStep", "check"]
@@ -92,7 +91,7 @@ def check(
     asleep = [_is_waiting(root)]
     rebooted = [root.rebooted]
     truncated: list[int] = []
-    broken = check_state(root)
+    broken = root.broken()
     if broken is not None:
         result.violation = _counterexample(config, [], broken[0], broken[1])
         return _finish(result, t0, len(datas))
@@ -130,7 +129,7 @@ def check(
                 goal.append(_is_goal(world))
                 asleep.append(_is_waiting(world))
                 rebooted.append(world.rebooted)
-                broken = check_state(world)
+                broken = world.broken()
                 if broken is not None:
                     path = _path(parent, via, j)
                     result.violation = _counterexample(config, path, broken[0], broken[1])

@@ -30,13 +30,19 @@ from enum import IntEnum
 from typing import Any
 
 from apfsim.guest.context import Contexts, GuestContext
-from apfsim.guest.kvm_apf_arm64 import ApfData, Arm64ApfGuest
-from apfsim.guest.kvm_apf_x86 import X86ApfData, X86ApfGuest
+from apfsim.guest.kernel import GuestCalls
 from apfsim.host.async_pf import AsyncPf
-from apfsim.protocols import PROTOCOLS, GuestCalls, HostPorts, ProtocolOptions, build_protocol
-from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, SdeiApfBuffer
-from apfsim.protocols.base import AbortOutcome, FaultDecision, GuestView, Injection, InjectionKind
-from apfsim.protocols.x86 import X86Host
+from apfsim.invariants import check_guest, check_vcpu
+from apfsim.ports import (
+    AbortOutcome,
+    Broken,
+    FaultDecision,
+    GuestView,
+    HostPorts,
+    Injection,
+    InjectionKind,
+)
+from apfsim.registry import PROTOCOLS, ProtocolOptions, build_protocol, variant
 
 __all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig", "has_lifecycle"]
 
@@ -161,6 +167,7 @@ class World(GuestCalls):
         if config.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {config.protocol!r}")
         self.config = config
+        self.variant = variant(config.protocol)
         self.pages = [False] * config.pages  # True: present in the host (stage 2 mapped)
         self.io: list[AsyncPf] = []  # workers in flight
         self.vcpus = [
@@ -184,16 +191,13 @@ class World(GuestCalls):
         opts = ProtocolOptions(send_always=config.send_always)
         ports = HostPorts(self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero)
         self.host, self.guest = build_protocol(config.protocol, config.vcpus, self, ports, opts)
-        if isinstance(self.host, X86Host):
-            # A narrow id keeps the state space small; only B9's world lets it wrap.
-            bits = config.token_id_bits
-            if bits is None:
-                bits = (config.tasks * config.pages * (1 + config.hotplug) + 4).bit_length()
-            self.host.token_id_mask = (1 << bits) - 1
-        for half in (self.host, self.guest):
-            if hasattr(half, "mutant"):
-                half.mutant = config.mutant
-        if (config.hotplug or config.reboot) and not has_lifecycle(config.protocol):
+        # A narrow token id keeps the state space small; only B9's world lets it wrap.
+        bits = config.token_id_bits
+        if bits is None:
+            bits = (config.tasks * config.pages * (1 + config.hotplug) + 4).bit_length()
+        self.host.narrow_token_ids(bits)
+        self.host.mutant = self.guest.mutant = config.mutant
+        if (config.hotplug or config.reboot) and not self.variant.lifecycle:
             raise ValueError(f"{config.protocol}'s guest models no CPU hotplug or reboot callbacks")
         self.guest.boot()
         for cpu in range(config.vcpus):
@@ -220,6 +224,21 @@ class World(GuestCalls):
         # normalised by _strip stay blank in the clone.
         clone._restore([entry for entry in saved if entry[0] in ("", "host", "guest")])
         return clone
+
+    def broken(self) -> Broken:
+        """The first invariant this state breaks (apfsim.invariants), or None."""
+        host = self.host
+        for v, vc in enumerate(self.vcpus):
+            broken = check_vcpu(host, v, vc.mode == Mode.GUEST)
+            if broken is not None:
+                return broken
+        waiting = [
+            (t, task.wait_cpu)
+            for t, task in enumerate(self.tasks)
+            if task.state in (TaskState.SLEEPING, TaskState.HALTED)
+        ]
+        all_done = all(task.state == TaskState.DONE for task in self.tasks)
+        return check_guest(self.guest, waiting, all_done)
 
     _COUNTERS = ("stats", "declined", "populates")
 
@@ -374,7 +393,7 @@ class World(GuestCalls):
 
     @property
     def _arm64(self) -> bool:
-        return self.config.protocol.startswith("arm64")
+        return self.variant.arch == "arm64"
 
     @property
     def _syscalls(self) -> bool:
@@ -659,10 +678,13 @@ class World(GuestCalls):
             if task.cpu == v and task.state == TaskState.RUNNABLE:
                 if cand != vc.current:
                     self._note(f"vCPU{v} switches to task{cand}")
+                    self.guest.on_context_switch(v, cand)
                 vc.current = cand
                 return
         if vc.current >= 0 and self.tasks[vc.current].state == TaskState.HALTED:
             return  # the halted waiter keeps the CPU
+        if vc.current >= 0:
+            self.guest.on_context_switch(v, -1)
         vc.current = -1
 
     def _pick(self, v: int) -> None:
@@ -707,7 +729,7 @@ class World(GuestCalls):
         vc.hotplug_left -= 1
         self.running_cpu = v
         try:
-            self.guest.cpu_offline(v)  # type: ignore[attr-defined]
+            self.guest.cpu_offline(v)
         finally:
             self.running_cpu = -1
         vc.mode = Mode.OFFLINE
@@ -732,17 +754,17 @@ class World(GuestCalls):
 
     def _online(self, v: int) -> None:
         vc = self.vcpus[v]
-        self.guest.cpu_online(v)  # type: ignore[attr-defined]
+        self.guest.cpu_online(v)
         vc.mode = Mode.ENTRY
 
     def _reboot(self) -> None:
         """Reboot or kexec: the driver's teardown, then a new kernel that never enables
         async PF; the old tasks are gone."""
         self.reboot_left -= 1
-        self.guest.reboot()  # type: ignore[attr-defined]
+        self.guest.reboot()
         self.rebooted = True
-        for blocks in self._block_enabled_words():
-            blocks.enabled = 0
+        for block in self.guest.shared_blocks():
+            block.enabled = 0
         for task in self.tasks:
             task.state = TaskState.DONE
         for vc in self.vcpus:
@@ -755,40 +777,27 @@ class World(GuestCalls):
             if vc.mode in (Mode.GUEST, Mode.HALTED):
                 vc.mode = Mode.ENTRY
 
-    def _block_enabled_words(self) -> list[X86ApfData | ApfData | SdeiApfBuffer]:
-        guest = self.guest
-        if isinstance(guest, X86ApfGuest):
-            return list(guest.apf_reason)
-        if isinstance(guest, Arm64ApfGuest):
-            return list(guest.apf_data)
-        if isinstance(guest, Arm64SdeiPpiGuest):
-            return list(guest.buffers)
-        return []
-
     def _lapic(self, v: int, enable: bool) -> None:
         """The guest clears or sets its LAPIC software-enable bit (SPIV)."""
-        host = self.host
         if not enable:
             self.vcpus[v].lapic_left -= 1
-        if isinstance(host, X86Host):
-            host.kvm_lapic_set_enabled(v, enable)
+        self.host.kvm_lapic_set_enabled(v, enable)
         if self.vcpus[v].mode == Mode.GUEST:
             self.vcpus[v].mode = Mode.ENTRY  # the SPIV write traps to the host
 
     def _lapic_disabled(self, v: int) -> bool:
-        host = self.host
-        return isinstance(host, X86Host) and not host.arch[v].lapic_enabled
+        return not self.host.lapic_enabled(v)
 
     # -- step-level checks ---------------------------------------------------------------------
-    def _blocks(self) -> list[tuple[int, int]]:
-        return [_block_words(b) for b in self._block_enabled_words()]
+    def _blocks(self) -> list[tuple[int, ...]]:
+        return [b.words() for b in self.guest.shared_blocks()]
 
-    def _check_host_writes(self, before: list[tuple[int, int]], guest_step: bool) -> None:
+    def _check_host_writes(self, before: list[tuple[int, ...]], guest_step: bool) -> None:
         """I8/B14: the host never writes APF data of a CPU whose kernel has not enabled it."""
         if guest_step:
             return
-        for cpu, block in enumerate(self._block_enabled_words()):
-            words = _block_words(block)
+        for cpu, block in enumerate(self.guest.shared_blocks()):
+            words = block.words()
             if words != before[cpu] and any(words) and not block.enabled:
                 raise Violation(
                     "I8 host wrote guest memory after async PF was disabled (B14)",
@@ -846,21 +855,9 @@ def _frame_name(frame: Frame) -> str:
 _BLANK_VIEW = GuestView(privileged=False)
 
 
-_LIFECYCLE = ("cpu_offline", "cpu_online", "reboot")
-
-
 def has_lifecycle(protocol: str) -> bool:
     """Whether the protocol's guest driver models CPU hotplug and reboot callbacks."""
-    guest = World(WorldConfig(protocol=protocol, vcpus=1, tasks=1, pages=1)).guest
-    return all(hasattr(guest, name) for name in _LIFECYCLE)
-
-
-def _block_words(block: X86ApfData | ApfData | SdeiApfBuffer) -> tuple[int, int]:
-    if isinstance(block, X86ApfData):
-        return (block.flags, block.token)
-    if isinstance(block, ApfData):
-        return (block.reason, 0)
-    return (block.reason, block.token)
+    return variant(protocol).lifecycle
 
 
 def _zero() -> int:

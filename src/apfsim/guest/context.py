@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from apfsim.protocols.base import GuestRegs, GuestView
+from apfsim.ports import GuestRegs, GuestView
 from apfsim.workloads.base import AccessMode
 
 __all__ = ["CONTEXT_OF_MODE", "Contexts", "GuestContext"]

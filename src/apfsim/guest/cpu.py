@@ -16,22 +16,30 @@ returns to a user-mode task) and ``__cpu_do_idle`` (``on_idle_entry`` before WFI
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from apfsim.engine import EventHandle
 from apfsim.guest.context import CONTEXT_OF_MODE, Contexts, GuestContext
 from apfsim.guest.sched import CfsParams, CfsRq, Task, TaskState
 from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory
-from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
+from apfsim.ports import (
+    AbortOutcome,
+    Checker,
+    Clock,
+    GuestProtocol,
+    GuestRegs,
+    GuestServices,
+    Injection,
+    InjectionKind,
+    Probe,
+    RunCounters,
+    VcpuSide,
+)
 from apfsim.workloads.base import Plan, StopKind
 
-if TYPE_CHECKING:
-    from apfsim.host.vcpu import Vcpu
-    from apfsim.simulation import Simulation
-    from apfsim.trace.recorder import TraceRecorder
-
-__all__ = ["Frame", "GuestCpu"]
+__all__ = ["Frame", "GuestCpu", "GuestParams"]
 
 _NONE, _TASK, _FRAME = 0, 1, 2
 _MAPPED = int(PageState.MAPPED)
@@ -51,14 +59,63 @@ class Frame:
         self.arg = arg
 
 
+@dataclass(frozen=True, slots=True)
+class GuestParams:
+    """The guest's costs and configuration a CPU needs (``[guest]`` of a scenario)."""
+
+    vector_ns: int
+    kernel_entry_ns: int
+    apf_handler_ns: int
+    apf_wait_tail_ns: int
+    tick_handler_ns: int
+    ipi_handler_ns: int
+    context_switch_ns: int
+    full_preempt: bool
+    steal_time_accounting: bool
+    contexts: Contexts
+
+    @classmethod
+    def of(cls, guest: Any) -> GuestParams:
+        """From a scenario's ``guest`` section."""
+        c = guest.costs
+        return cls(
+            c.vector_ns,
+            c.kernel_entry_ns,
+            c.apf_handler_ns,
+            c.apf_wait_tail_ns,
+            c.tick_handler_ns,
+            c.ipi_handler_ns,
+            c.context_switch_ns,
+            guest.preempt == "full",
+            guest.steal_time_accounting,
+            Contexts(guest.vector_pc_offset, guest.kernel_entry_pc_offset),
+        )
+
+
 class GuestCpu:
     """Guest CPU ``cpu``: runqueue, current task, kernel frames and pending interrupts."""
 
-    def __init__(self, cpu: int, sim: Simulation, vcpu: Vcpu, params: CfsParams) -> None:
+    def __init__(
+        self,
+        cpu: int,
+        clock: Clock,
+        vcpu: VcpuSide,
+        driver: GuestProtocol,
+        kernel: GuestServices,
+        sched: CfsParams,
+        params: GuestParams,
+        counters: RunCounters,
+        checker: Checker | None = None,
+    ) -> None:
         self.cpu = cpu
-        self.sim = sim
+        self.engine = clock
         self.vcpu = vcpu
-        self.rq = CfsRq(params)
+        self.driver = driver
+        self.kernel = kernel
+        self.params = params
+        self.counters = counters
+        self.checker = checker
+        self.rq = CfsRq(sched)
         self.current: Task | None = None
         self.frames: list[Frame] = []
         self.need_resched = False
@@ -71,17 +128,16 @@ class GuestCpu:
         self.in_kernel = True
         self.stolen_ns = 0
         self._stolen_mark = 0
-        self.tracer: TraceRecorder | None = None
+        self.probe: Probe | None = None
         self._exec_start = 0
         self._seg = _NONE
         self._seg_start = 0
         self._plan: Plan | None = None
         self._event: EventHandle | None = None
-        costs = sim.scenario.guest.costs
-        self._vector_ns = costs.vector_ns
-        self._entry_ns = costs.kernel_entry_ns
-        self._full_preempt = sim.scenario.guest.preempt == "full"
-        self._steal = sim.scenario.guest.steal_time_accounting
+        self._vector_ns = params.vector_ns
+        self._entry_ns = params.kernel_entry_ns
+        self._full_preempt = params.full_preempt
+        self._steal = params.steal_time_accounting
 
     # -- what the host sees ------------------------------------------------------------------
     def context(self) -> GuestContext:
@@ -91,7 +147,7 @@ class GuestCpu:
             return Contexts.KERNEL_ATOMIC
         if self.current is None:
             return Contexts.IDLE
-        workload = self.sim.workload_of(self.current)
+        workload = self.kernel.workload_of(self.current)
         return CONTEXT_OF_MODE[workload.current_mode()]
 
     def _preemptible(self, ctx: GuestContext) -> bool:
@@ -105,25 +161,24 @@ class GuestCpu:
         if self.frames:
             self._start_frame()
             return
-        sim = self.sim
         if self.halt_waiter is not None:
             task = self.halt_waiter
-            if not sim.guest_protocol.waiter_woken(self.cpu, task.tid):
+            if not self.driver.waiter_woken(self.cpu, task.tid):
                 self.vcpu.wfi(halt=True)  # dsb(sy); wfi() in kvm_async_pf_wait
                 return
             self.halt_waiter = None
             task.state = TaskState.RUNNING
-            if self.tracer is not None:
-                self.tracer.task_woken(task)
-                self.tracer.task_state(task)
+            if self.probe is not None:
+                self.probe.task_woken(task)
+                self.probe.task_state(task)
         curr = self.current
         if curr is None:
             self._idle()
             return
-        ctx = CONTEXT_OF_MODE[sim.workload_of(curr).current_mode()]
+        ctx = CONTEXT_OF_MODE[self.kernel.workload_of(curr).current_mode()]
         if self.in_kernel and not ctx.privileged:
             self.in_kernel = False
-            sim.run_driver(self.cpu, sim.guest_protocol.on_ret_to_user, self.cpu)
+            self.kernel.run_driver(self.cpu, self.driver.on_ret_to_user, self.cpu)
         if self.need_resched and self._preemptible(ctx):
             self.schedule()
             self._start_frame_or_resume()
@@ -139,7 +194,7 @@ class GuestCpu:
     def _idle(self) -> None:
         """The idle loop: delayed wakes on idle entry, then WFI unless work appeared."""
         if not self.rq.queue:
-            self.sim.run_driver(self.cpu, self.sim.guest_protocol.on_idle_entry, self.cpu)
+            self.kernel.run_driver(self.cpu, self.driver.on_idle_entry, self.cpu)
         if self.rq.queue:
             self.schedule()
             self._start_frame_or_resume()
@@ -149,42 +204,41 @@ class GuestCpu:
     def _start_task(self) -> None:
         curr = self.current
         assert curr is not None
-        sim = self.sim
-        now = sim.engine.now
-        plan = sim.workload_of(curr).plan(sim.memory)
+        now = self.engine.now
+        plan = self.kernel.workload_of(curr).plan(self.kernel.memory)
         self._plan = plan
         self._seg = _TASK
         self._seg_start = now
         self.vcpu.clock.switch(TimeCategory.TASK, now)
-        self._event = sim.engine.after(plan.run_ns, self._on_task_stop)
+        self._event = self.engine.after(plan.run_ns, self._on_task_stop)
 
     def _on_task_stop(self, _: object = None) -> None:
-        sim = self.sim
-        now = sim.engine.now
+        kernel = self.kernel
+        now = self.engine.now
         curr = self.current
         plan = self._plan
         assert curr is not None and plan is not None
         self._event = None
         self._seg = _NONE
-        workload = sim.workload_of(curr)
-        complete = workload.commit(sim.memory, now - self._seg_start)
+        workload = kernel.workload_of(curr)
+        complete = workload.commit(kernel.memory, now - self._seg_start)
         if workload.finished or plan.kind is StopKind.DONE:
             self._task_exit(curr)
             self._start_frame_or_resume()
             return
-        if plan.kind is StopKind.MISS and complete and sim.memory.state[plan.gfn] != _MAPPED:
+        if plan.kind is StopKind.MISS and complete and kernel.memory.state[plan.gfn] != _MAPPED:
             self.vcpu.stage2_fault(plan.gfn, CONTEXT_OF_MODE[plan.mode])
             return
         self.resume()
 
     def _start_frame(self) -> None:
         frame = self.frames[-1]
-        now = self.sim.engine.now
+        now = self.engine.now
         self._seg = _FRAME
         self._seg_start = now
         self.in_kernel = True
         self.vcpu.clock.switch(TimeCategory.GUEST_KERNEL, now)
-        self._event = self.sim.engine.after(frame.remaining, self._on_frame_end)
+        self._event = self.engine.after(frame.remaining, self._on_frame_end)
 
     def _on_frame_end(self, _: object = None) -> None:
         frame = self.frames.pop()
@@ -202,10 +256,10 @@ class GuestCpu:
 
     def interrupt(self, now: int) -> None:
         """An exit at ``now``: stop the running segment, keeping exactly what it did."""
-        self.sim.engine.cancel(self._event)
+        self.engine.cancel(self._event)
         self._event = None
         if self._seg == _TASK and self.current is not None:
-            self.sim.workload_of(self.current).commit(self.sim.memory, now - self._seg_start)
+            self.kernel.workload_of(self.current).commit(self.kernel.memory, now - self._seg_start)
         elif self._seg == _FRAME:
             self.frames[-1].remaining -= now - self._seg_start
         self._seg = _NONE
@@ -213,7 +267,7 @@ class GuestCpu:
     # -- exceptions and interrupts taken at guest entry -------------------------------------------
     def _push_exception(self, handler: Frame) -> None:
         """Vector stub, then kernel_entry, then the handler (pushed so the vector runs first)."""
-        contexts = self.sim.contexts
+        contexts = self.params.contexts
         self.frames.append(handler)
         self.frames.append(Frame(contexts.entry, self._entry_ns, _noop))
         self.frames.append(Frame(contexts.vector, self._vector_ns, _noop))
@@ -221,7 +275,7 @@ class GuestCpu:
     def take_events(self, injections: list[Injection]) -> None:
         """At entry: injected exceptions are taken at once; interrupts (APF, timer tick,
         IPI) wait until the interrupted context has them unmasked."""
-        costs = self.sim.scenario.guest.costs
+        params = self.params
         if injections:
             regs = self.context().regs()  # the interrupted context, before any frame
             for injection in injections:
@@ -230,7 +284,7 @@ class GuestCpu:
                     continue
                 handler = Frame(
                     Contexts.HANDLER,
-                    costs.apf_handler_ns,
+                    params.apf_handler_ns,
                     self._injection_handled,
                     (injection, regs),
                 )
@@ -245,18 +299,18 @@ class GuestCpu:
         ctx = self.context()
         if ctx.irqs_off:
             return
-        costs = self.sim.scenario.guest.costs
+        params = self.params
         if self.ipi_pending:
             self.ipi_pending = False
-            self._push_exception(Frame(Contexts.IRQ, costs.ipi_handler_ns, self._ipi_handled))
+            self._push_exception(Frame(Contexts.IRQ, params.ipi_handler_ns, self._ipi_handled))
         if self.timer_pending:
             self.timer_pending = False
-            self._push_exception(Frame(Contexts.IRQ, costs.tick_handler_ns, self._tick_handled))
+            self._push_exception(Frame(Contexts.IRQ, params.tick_handler_ns, self._tick_handled))
         if self.pending_irqs:
             regs = ctx.regs()
             for injection in self.pending_irqs:
                 handler = Frame(
-                    Contexts.IRQ, costs.apf_handler_ns, self._injection_handled, (injection, regs)
+                    Contexts.IRQ, params.apf_handler_ns, self._injection_handled, (injection, regs)
                 )
                 self._push_exception(handler)
             self.pending_irqs.clear()
@@ -264,45 +318,44 @@ class GuestCpu:
     def _injection_handled(self, arg: tuple[Injection, GuestRegs]) -> None:
         """The APF handler (``do_mem_abort`` -> ``do_async_pf``, or its kin) returned."""
         injection, regs = arg
-        sim = self.sim
-        outcome = sim.run_driver(
-            self.cpu, sim.guest_protocol.on_injection, self.cpu, injection, regs
+        outcome: AbortOutcome = self.kernel.run_driver(
+            self.cpu, self.driver.on_injection, self.cpu, injection, regs
         )
-        if sim.check:
-            sim.note(self.cpu, _HANDLER_LABEL[injection.kind, outcome], injection.payload)
-            sim.check_guest()
+        if self.checker is not None:
+            self.checker.note(self.cpu, _HANDLER_LABEL[injection.kind, outcome], injection.payload)
+            self.checker.check_guest()
         if outcome is AbortOutcome.WAIT_SCHEDULE:
             task = self.current
             assert task is not None
-            tail = sim.scenario.guest.costs.apf_wait_tail_ns
-            if self.tracer is not None:
-                self.tracer.apf_wait(task, self.cpu, injection.payload, halted=False)
+            tail = self.params.apf_wait_tail_ns
+            if self.probe is not None:
+                self.probe.apf_wait(task, self.cpu, injection.payload, halted=False)
             self.frames.append(Frame(Contexts.KERNEL, tail, self._apf_sleep, task))
         elif outcome is AbortOutcome.WAIT_HALT:
             task = self.current
             assert task is not None
             task.state = TaskState.HALTED_APF
             self.halt_waiter = task
-            if self.tracer is not None:
-                self.tracer.apf_wait(task, self.cpu, injection.payload, halted=True)
+            if self.probe is not None:
+                self.probe.apf_wait(task, self.cpu, injection.payload, halted=True)
         elif outcome in (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON):
             # An injected abort the driver did not claim goes down the ordinary fault path
             # with FAR = token: on real hardware a bogus fault (SIGSEGV or oops).
-            sim.stats["guest_bogus_aborts"] += 1
+            self.counters.guest_bogus_aborts += 1
 
     def _apf_sleep(self, task: Task) -> None:
         """The wait loop: sleep unless the node was already unhashed, then schedule()."""
-        if self.sim.guest_protocol.waiter_woken(self.cpu, task.tid):
+        if self.driver.waiter_woken(self.cpu, task.tid):
             return
         task.state = TaskState.SLEEPING_APF
-        self.sim.stats["apf_sleeps"] += 1
-        if self.tracer is not None:
-            self.tracer.task_state(task)
+        self.counters.apf_sleeps += 1
+        if self.probe is not None:
+            self.probe.task_state(task)
         self.schedule()
 
     def _tick_handled(self, _: object) -> None:
         """scheduler_tick: charge runtime, then check_preempt_tick."""
-        self.update_curr(self.sim.engine.now)
+        self.update_curr(self.engine.now)
         if self.rq.check_preempt_tick():
             self.need_resched = True
 
@@ -321,7 +374,7 @@ class GuestCpu:
 
     def schedule(self) -> None:
         """__schedule: put prev back if still runnable, pick next, switch under rq->lock."""
-        now = self.sim.engine.now
+        now = self.engine.now
         self.update_curr(now)
         prev = self.current
         if prev is not None and prev.state is TaskState.RUNNING:
@@ -332,37 +385,38 @@ class GuestCpu:
         if nxt is prev:
             self._switch_done(nxt)
             return
-        cost = self.sim.scenario.guest.costs.context_switch_ns
+        cost = self.params.context_switch_ns
         self.frames.append(Frame(Contexts.RQ_LOCKED, cost, self._switch_done, nxt))
 
     def _switch_done(self, nxt: Task | None) -> None:
-        now = self.sim.engine.now
+        now = self.engine.now
         if nxt is not self.current:
-            self.sim.stats["context_switches"] += 1
+            self.counters.context_switches += 1
+            self.driver.on_context_switch(self.cpu, -1 if nxt is None else nxt.tid)
         self.current = nxt
         self._exec_start = now
         self._stolen_mark = self.stolen_ns
 
     def _task_exit(self, task: Task) -> None:
         task.state = TaskState.DONE
-        task.completion_ns = self.sim.engine.now
-        if self.tracer is not None:
-            self.tracer.task_state(task)
-        self.sim.task_finished(task)
+        task.completion_ns = self.engine.now
+        if self.probe is not None:
+            self.probe.task_state(task)
+        self.kernel.task_finished(task)
         self.schedule()
 
     def try_to_wake_up(self, task: Task, waker_cpu: int) -> bool:
         """Enqueue a sleeper on its CPU with sleeper credit; preempt per check_preempt_wakeup."""
         if task.state is not TaskState.SLEEPING_APF:
             return False
-        self.update_curr(self.sim.engine.now)
-        if self.tracer is not None:
-            self.tracer.task_woken(task)
+        self.update_curr(self.engine.now)
+        if self.probe is not None:
+            self.probe.task_woken(task)
         self.rq.enqueue(task, wakeup=True)
         if self.rq.check_preempt_wakeup(task) or self.current is None:
             self.need_resched = True
             if waker_cpu != self.cpu:
-                self.sim.send_ipi(self.cpu, waker_cpu)
+                self.kernel.send_ipi(self.cpu, waker_cpu)
         return True
 
 

@@ -21,44 +21,34 @@ model checker each implement.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from apfsim.abi.arm64 import (
+    APF_FUNC_SET_RANGE,
+    APF_FUNC_UPDATE_ENABLE,
+    KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
+    SMCCC_RET_SUCCESS,
+    SYS_RESTART,
+    WAKE_ALL_TOKEN,
+    ApfData,
+)
 from apfsim.metrics.accumulators import counter_dict
-from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
+from apfsim.ports import (
+    AbortOutcome,
+    GuestRegs,
+    Injection,
+    InjectionKind,
+    KernelPort,
+    SharedBlock,
+    WaitNode,
+)
+from apfsim.protocols.common import GuestBase, ProtocolOptions
 
-__all__ = [
-    "KVM_ASYNC_PF_ENABLED",
-    "KVM_PV_REASON_PAGE_NOT_PRESENT",
-    "KVM_PV_REASON_PAGE_READY",
-    "SMCCC_RET_NOT_REQUIRED",
-    "SMCCC_RET_SUCCESS",
-    "WAKE_ALL_TOKEN",
-    "ApfData",
-    "Arm64ApfGuest",
-    "GuestKernelPort",
-    "SleepNode",
-]
-
-KVM_PV_REASON_PAGE_NOT_PRESENT = 1
-KVM_PV_REASON_PAGE_READY = 2
-KVM_ASYNC_PF_ENABLED = 1 << 0
-KVM_ASYNC_PF_SEND_ALWAYS = 1 << 1
-WAKE_ALL_TOKEN = 0xFFFF_FFFF
-APF_FUNC_UPDATE_ENABLE = 1 << 63  # BIT(63): update the enable register
-APF_FUNC_SET_RANGE = 1 << 62  # BIT(62): set the no-fault instruction range
-SMCCC_RET_SUCCESS = 0
-SMCCC_RET_NOT_SUPPORTED = -1
-SMCCC_RET_NOT_REQUIRED = -2
-SYS_RESTART = 0x0001  # reboot notifier code for a restart
-
-
-@dataclass
-class ApfData:
-    """Per-CPU ``struct kvm_vcpu_pv_apf_data``: ``reason`` is shared with the host."""
-
-    reason: int = 0
-    enabled: int = 0
+__all__ = ["Arm64ApfGuest", "SleepNode"]
 
 
 @dataclass(eq=False)
@@ -72,22 +62,6 @@ class SleepNode:
     delayed: bool = False
     dummy: bool = False  # allocated by kvm_async_pf_wake (wake before wait)
     hashed: bool = True  # False once hlist_del_init ran: the waiter's "woken" test
-
-
-class GuestKernelPort(Protocol):
-    """Kernel services the driver calls (``current``, wake-ups, IPIs, allocation, SMCCC)."""
-
-    def current_task(self, cpu: int) -> int: ...
-
-    def rq_is_locked(self, cpu: int) -> bool: ...
-
-    def swake_up_one(self, task: int) -> None: ...
-
-    def smp_send_reschedule(self, cpu: int) -> None: ...
-
-    def kzalloc_atomic(self, cpu: int) -> bool: ...
-
-    def smccc_apf(self, cpu: int, val: int) -> int: ...
 
 
 @dataclass(slots=True)
@@ -109,10 +83,10 @@ class DriverCounters:
 
 
 @dataclass
-class Arm64ApfGuest:
+class Arm64ApfGuest(GuestBase):
     """The guest side of RFCv2: per-CPU ``apf_data`` and ``apf_head`` sleep lists."""
 
-    port: GuestKernelPort
+    port: KernelPort
     n_cpus: int
     async_pf_available: bool = True  # cleared by the `no-kvmapf` early param
     preempt_count_config: bool = True  # CONFIG_PREEMPT_COUNT
@@ -127,6 +101,26 @@ class Arm64ApfGuest:
     def __post_init__(self) -> None:
         self.apf_data = [ApfData() for _ in range(self.n_cpus)]
         self.apf_head = [[] for _ in range(self.n_cpus)]
+
+    @classmethod
+    def create(cls, port: KernelPort, n_cpus: int, opt: ProtocolOptions) -> Arm64ApfGuest:
+        return cls(
+            port=port,
+            n_cpus=n_cpus,
+            async_pf_available=not opt.no_kvmapf,
+            preempt_count_config=opt.preempt_count_config,
+            handler_offsets_max=opt.guest_handler_offsets_max,
+            send_always=opt.send_always,
+        )
+
+    def shared_blocks(self) -> Sequence[SharedBlock]:
+        return self.apf_data
+
+    def wait_nodes(self) -> Iterable[WaitNode]:
+        """Each CPU's ``apf_head`` list (the idle task is task -1)."""
+        for cpu, head in enumerate(self.apf_head):
+            for node in head:
+                yield WaitNode(cpu, node.task, node.token, node.dummy)
 
     # -- helpers named after the patch's inline functions -------------------------------
     def kvm_async_pf_find(self, cpu: int, token: int) -> SleepNode | None:
@@ -321,7 +315,7 @@ class Arm64ApfGuest:
         return self.do_async_pf(cpu, injection.payload, regs)
 
     def on_ret_to_user(self, cpu: int) -> None:
-        """``ret_to_user`` in entry.S calls ``kvm_async_pf_delayed_wake``."""
+        """``finish_ret_to_user`` in entry.S calls ``kvm_async_pf_delayed_wake``."""
         self.kvm_async_pf_delayed_wake(cpu)
 
     def on_idle_entry(self, cpu: int) -> None:

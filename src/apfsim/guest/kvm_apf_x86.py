@@ -11,51 +11,36 @@ a not-present taken in kernel mode or with IF=0 is a guest panic, and the only w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from apfsim.abi.x86 import (
+    HYPERVISOR_CALLBACK_VECTOR,
+    KVM_ASYNC_PF_DELIVERY_AS_INT,
+    KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    WAKE_ALL_TOKEN,
+    X86ApfData,
+)
 from apfsim.metrics.accumulators import counter_dict
-from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
+from apfsim.ports import (
+    AbortOutcome,
+    GuestRegs,
+    Injection,
+    InjectionKind,
+    KernelPort,
+    SharedBlock,
+    WaitNode,
+)
+from apfsim.protocols.common import GuestBase, ProtocolOptions, hash_32
 
-__all__ = [
-    "KVM_ASYNC_PF_DELIVERY_AS_INT",
-    "KVM_ASYNC_PF_ENABLED",
-    "KVM_TASK_SLEEP_HASHBITS",
-    "MSR_KVM_ASYNC_PF_ACK",
-    "MSR_KVM_ASYNC_PF_EN",
-    "MSR_KVM_ASYNC_PF_INT",
-    "X86ApfData",
-    "X86ApfGuest",
-    "X86GuestPort",
-    "X86SleepNode",
-    "hash_32",
-]
+__all__ = ["KVM_TASK_SLEEP_HASHBITS", "SleepTable", "X86ApfGuest", "X86SleepNode"]
 
-MSR_KVM_ASYNC_PF_EN = 0x4B564D02
-MSR_KVM_ASYNC_PF_INT = 0x4B564D06
-MSR_KVM_ASYNC_PF_ACK = 0x4B564D07
-KVM_ASYNC_PF_ENABLED = 1 << 0
-KVM_ASYNC_PF_SEND_ALWAYS = 1 << 1
-KVM_ASYNC_PF_DELIVERY_AS_INT = 1 << 3
-KVM_PV_REASON_PAGE_NOT_PRESENT = 1
-HYPERVISOR_CALLBACK_VECTOR = 0xF3
 KVM_TASK_SLEEP_HASHBITS = 8
-WAKE_ALL_TOKEN = 0xFFFF_FFFF
-
-
-def hash_32(value: int, bits: int) -> int:
-    """The kernel's ``hash_32`` (multiplicative hash by GOLDEN_RATIO_32)."""
-    return ((value * 0x61C88647) & 0xFFFF_FFFF) >> (32 - bits)
-
-
-@dataclass
-class X86ApfData:
-    """Per-CPU ``struct kvm_vcpu_pv_apf_data``: ``flags`` @0, ``token`` @4, guest ``enabled``."""
-
-    flags: int = 0
-    token: int = 0
-    enabled: int = 0
 
 
 @dataclass(eq=False)
@@ -102,18 +87,6 @@ class SleepTable:
         self._buckets = buckets
 
 
-class X86GuestPort(Protocol):
-    """Kernel services the x86 driver calls."""
-
-    def current_task(self, cpu: int) -> int: ...
-
-    def swake_up_one(self, task: int) -> None: ...
-
-    def kzalloc_atomic(self, cpu: int) -> bool: ...
-
-    def wrmsr(self, cpu: int, msr: int, val: int) -> None: ...
-
-
 @dataclass(slots=True)
 class X86DriverCounters:
     waits_schedule: int = 0
@@ -131,10 +104,10 @@ class X86DriverCounters:
 
 
 @dataclass
-class X86ApfGuest:
+class X86ApfGuest(GuestBase):
     """The upstream x86 guest side: per-CPU ``apf_reason`` and the global sleep table."""
 
-    port: X86GuestPort
+    port: KernelPort
     n_cpus: int
     kvmapf: bool = True  # cleared by the `no-kvmapf` early param
     mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
@@ -145,6 +118,19 @@ class X86ApfGuest:
     def __post_init__(self) -> None:
         self.apf_reason = [X86ApfData() for _ in range(self.n_cpus)]
         self.async_pf_sleepers = SleepTable()
+
+    @classmethod
+    def create(cls, port: KernelPort, n_cpus: int, opt: ProtocolOptions) -> X86ApfGuest:
+        return cls(port=port, n_cpus=n_cpus, kvmapf=not opt.no_kvmapf)
+
+    def shared_blocks(self) -> Sequence[SharedBlock]:
+        return self.apf_reason
+
+    def wait_nodes(self) -> Iterable[WaitNode]:
+        """One global table: every node's scope is -1."""
+        for bucket in self.async_pf_sleepers:
+            for node in bucket:
+                yield WaitNode(-1, node.task, node.token, node.dummy)
 
     def _bucket(self, token: int) -> list[X86SleepNode]:
         return self.async_pf_sleepers[hash_32(token, KVM_TASK_SLEEP_HASHBITS)]
@@ -297,12 +283,6 @@ class X86ApfGuest:
         if injection.kind is InjectionKind.INTERRUPT:
             return self.sysvec_kvm_asyncpf_interrupt(cpu)
         return AbortOutcome.NOT_APF
-
-    def on_ret_to_user(self, cpu: int) -> None:
-        pass
-
-    def on_idle_entry(self, cpu: int) -> None:
-        pass
 
     def waiter_woken(self, cpu: int, task: int) -> bool:
         """``hlist_unhashed(&n.link)`` for ``task``'s node."""

@@ -17,31 +17,19 @@ The sleep table, dummy nodes and wake-all are the upstream driver's, inherited; 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-from apfsim.guest.kvm_apf_x86 import (
+from apfsim.abi.x86 import (
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
     MSR_KVM_ASYNC_PF_EN,
-    X86ApfGuest,
-    X86GuestPort,
-    X86SleepNode,
 )
-from apfsim.protocols.base import AbortOutcome, GuestRegs, Injection, InjectionKind
+from apfsim.guest.kvm_apf_x86 import X86ApfGuest, X86SleepNode
+from apfsim.ports import AbortOutcome, GuestRegs, Injection, InjectionKind, KernelPort
+from apfsim.protocols.common import ProtocolOptions
 
-__all__ = [
-    "KVM_PV_REASON_PAGE_NOT_PRESENT",
-    "KVM_PV_REASON_PAGE_READY",
-    "X86LegacyApfGuest",
-    "X86LegacyGuestPort",
-]
-
-KVM_PV_REASON_PAGE_NOT_PRESENT = 1
-KVM_PV_REASON_PAGE_READY = 2
-
-
-class X86LegacyGuestPort(X86GuestPort, Protocol):
-    def smp_send_reschedule(self, cpu: int) -> None: ...
+__all__ = ["X86LegacyApfGuest"]
 
 
 @dataclass
@@ -51,8 +39,16 @@ class X86LegacyApfGuest(X86ApfGuest):
     The block's first word, ``flags`` since 5.10, is the pre-5.10 ``reason``.
     """
 
-    port: X86LegacyGuestPort
     preempt_count_config: bool = True
+
+    @classmethod
+    def create(cls, port: KernelPort, n_cpus: int, opt: ProtocolOptions) -> X86LegacyApfGuest:
+        return cls(
+            port=port,
+            n_cpus=n_cpus,
+            kvmapf=not opt.no_kvmapf,
+            preempt_count_config=opt.preempt_count_config,
+        )
 
     def kvm_async_pf_task_wait(self, cpu: int, token: int, regs: GuestRegs) -> AbortOutcome:
         if self.preempt_count_config:

@@ -10,26 +10,62 @@ and the pending abort, if any, is injected.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import Any
 
 from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
-from apfsim.host.memory import PageState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
-from apfsim.protocols.base import FaultDecision, Injection, InjectionKind, SyncCause
+from apfsim.ports import (
+    NOWAIT_MAPPED,
+    NOWAIT_MINOR,
+    NOWAIT_ZERO_FILL,
+    Checker,
+    Clock,
+    FaultDecision,
+    GuestSide,
+    HostIo,
+    HostProtocol,
+    Injection,
+    InjectionKind,
+    Probe,
+    RunCounters,
+    SyncCause,
+)
 
-if TYPE_CHECKING:
-    from apfsim.guest.cpu import GuestCpu
-    from apfsim.simulation import Simulation
-    from apfsim.trace.recorder import TraceRecorder
+__all__ = ["Vcpu", "VcpuMode", "VcpuParams"]
 
-__all__ = ["Vcpu", "VcpuMode"]
 
-# NOTE: plain ints on the fault path, for performance (IntEnum attribute access is slow).
-_MAPPED = int(PageState.MAPPED)
-_UNTOUCHED = int(PageState.UNTOUCHED)
-_SWAPCACHE = int(PageState.SWAPCACHE)
+@dataclass(frozen=True, slots=True)
+class VcpuParams:
+    """The host's costs a vCPU thread pays (``[host]`` and ``[host.costs]`` of a scenario)."""
+
+    exit_ns: int
+    entry_ns: int
+    stage2_fault_ns: int
+    zero_fill_ns: int
+    minor_fault_ns: int
+    exception_inject_ns: int
+    interrupt_inject_ns: int
+    sdei_deliver_ns: int
+    steal_time_accounting: bool = False
+
+    @classmethod
+    def of(cls, host: Any, steal_time_accounting: bool) -> VcpuParams:
+        """From a scenario's ``host`` section."""
+        c = host.costs
+        return cls(
+            host.exit_ns,
+            host.entry_ns,
+            host.stage2_fault_ns,
+            host.zero_fill_ns,
+            host.minor_fault_ns,
+            c.exception_inject_ns,
+            c.interrupt_inject_ns,
+            c.sdei_deliver_ns,
+            steal_time_accounting,
+        )
 
 
 # Labels of the events kept for an invariant report (made once, not per event).
@@ -46,67 +82,79 @@ class VcpuMode(IntEnum):
 
 
 class Vcpu:
-    """vCPU ``index``: one host thread running one guest CPU."""
+    """vCPU ``index``: one host thread running one guest CPU, given its collaborators."""
 
-    guest: GuestCpu
+    guest: GuestSide
 
-    def __init__(self, index: int, sim: Simulation) -> None:
+    def __init__(
+        self,
+        index: int,
+        clock: Clock,
+        host: HostProtocol,
+        io: HostIo,
+        params: VcpuParams,
+        counters: RunCounters,
+        checker: Checker | None = None,
+    ) -> None:
         self.index = index
-        self.sim = sim
+        self.engine = clock
+        self.host = host
+        self.io = io
+        self.counters = counters
+        self.checker = checker
+        self.probe: Probe | None = None
+        self.params = params
         self.mode = VcpuMode.HOST
         self.clock = VcpuClock()
         self.block_halt = False
         self._since = 0
         self._spin_gfn = 0
         self._host_event: EventHandle | None = None
-        self.tracer: TraceRecorder | None = None
-        host = sim.scenario.host
-        self._exit_ns = host.exit_ns
-        self._entry_ns = host.entry_ns
-        costs = host.costs
+        self._exit_ns = params.exit_ns
+        self._entry_ns = params.entry_ns
         self._inject_ns = {
-            InjectionKind.DATA_ABORT: costs.exception_inject_ns,
-            InjectionKind.PAGE_FAULT: costs.exception_inject_ns,
-            InjectionKind.INTERRUPT: costs.interrupt_inject_ns,
-            InjectionKind.SDEI: costs.sdei_deliver_ns,
+            InjectionKind.DATA_ABORT: params.exception_inject_ns,
+            InjectionKind.PAGE_FAULT: params.exception_inject_ns,
+            InjectionKind.INTERRUPT: params.interrupt_inject_ns,
+            InjectionKind.SDEI: params.sdei_deliver_ns,
         }
-        self._stage2_ns = host.stage2_fault_ns
-        self._round_trip = max(1, host.exit_ns + host.entry_ns + host.stage2_fault_ns)
+        self._stage2_ns = params.stage2_fault_ns
+        self._round_trip = max(1, params.exit_ns + params.entry_ns + params.stage2_fault_ns)
 
     # -- exits and entries -------------------------------------------------------------------
     def _to_host(self) -> None:
         self.mode = VcpuMode.HOST
-        self.clock.switch(TimeCategory.HOST, self.sim.engine.now)
+        self.clock.switch(TimeCategory.HOST, self.engine.now)
 
     def exit_async(self) -> None:
         """An interrupt (timer, IPI) forces an exit while the guest runs."""
-        self.guest.interrupt(self.sim.engine.now)
+        self.guest.interrupt(self.engine.now)
         self._to_host()
-        self._host_event = self.sim.engine.after(self._exit_ns, self.enter)
+        self._host_event = self.engine.after(self._exit_ns, self.enter)
 
     def enter(self, _: object = None) -> None:
         """One run-loop iteration, then guest entry with any pending abort injected."""
-        sim = self.sim
         self._host_event = None
-        delivered = sim.host_protocol.run_loop_iteration(self.index, self.guest.context().view())
+        host, counters = self.host, self.counters
+        delivered = host.run_loop_iteration(self.index, self.guest.context().view())
         for work in delivered:
             # Only a not-present the guest saw has a page-ready latency; a halt just ends.
             if work.wakeup_all:
-                sim.tracepoints["wake_all"] += 1
+                counters.wake_all += 1
             elif work.notpresent_injected:
-                sim.ready_latency.add(sim.engine.now - work.start_ns)
-            sim.tracepoints["kvm_async_pf_ready"] += 1
-            if self.tracer is not None:
-                self.tracer.apf_ready(self.index, work)
+                counters.ready_latency.add(self.engine.now - work.start_ns)
+            counters.kvm_async_pf_ready += 1
+            if self.probe is not None:
+                self.probe.apf_ready(self.index, work)
         injections: list[Injection] = []
-        while (injection := sim.host_protocol.take_injection(self.index)) is not None:
+        while (injection := host.take_injection(self.index)) is not None:
             injections.append(injection)
         cost = self._entry_ns
         for injection in injections:
             cost += self._inject_ns[injection.kind]
-            if sim.check:
-                sim.note(self.index, _INJECT_LABEL[injection.kind], injection.payload)
-        self._host_event = sim.engine.after(cost, self._entered, injections)
+            if self.checker is not None:
+                self.checker.note(self.index, _INJECT_LABEL[injection.kind], injection.payload)
+        self._host_event = self.engine.after(cost, self._entered, injections)
 
     @property
     def in_guest(self) -> bool:
@@ -117,12 +165,12 @@ class Vcpu:
         self.mode = VcpuMode.GUEST
         self.guest.take_events(injections)
         self.guest.resume()
-        if self.mode == VcpuMode.GUEST and self.sim.host_protocol.request_pending(self.index):
+        if self.mode == VcpuMode.GUEST and self.host.request_pending(self.index):
             # A worker made its request while this entry was under way (its kick found the
             # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
             self.exit_async()
-        if self.sim.check:
-            self.sim.check_vcpu(self.index, self.mode == VcpuMode.GUEST, at_entry=True)
+        if self.checker is not None:
+            self.checker.check_vcpu(self.index, self.mode == VcpuMode.GUEST, at_entry=True)
 
     def exit_for_guest_call(
         self, exits: int, handling_ns: int, ctx: GuestContext | None = None
@@ -132,38 +180,31 @@ class Vcpu:
         ``ctx`` is the context of that handler (what a trace shows as the exit's PC)."""
         self._to_host()
         cost = self._exit_ns + handling_ns + (exits - 1) * (self._exit_ns + self._entry_ns)
-        self._host_event = self.sim.engine.after(cost, self.enter)
+        self._host_event = self.engine.after(cost, self.enter)
 
     # -- stage-2 faults ----------------------------------------------------------------------
     def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
         """``kvm_handle_guest_abort`` -> ``user_mem_abort`` -> ``try_async_pf``."""
-        sim = self.sim
-        memory = sim.memory
         self._to_host()
         cost = self._exit_ns + self._stage2_ns
-        state = int(memory.state[gfn])
-        host = sim.scenario.host
-        if state == _MAPPED:
-            pass
-        elif state == _UNTOUCHED:
-            sim.write_back(memory.zero_fill(gfn))
-            sim.faults["zero_fill"] += 1
-            cost += host.zero_fill_ns
-        elif state == _SWAPCACHE:
-            memory.map_swapcache(gfn)
-            sim.faults["minor"] += 1
-            cost += host.minor_fault_ns
-        else:
+        nowait = self.io.resolve_nowait(gfn)
+        if nowait == NOWAIT_ZERO_FILL:
+            self.counters.zero_fill += 1
+            cost += self.params.zero_fill_ns
+        elif nowait == NOWAIT_MINOR:
+            self.counters.minor += 1
+            cost += self.params.minor_fault_ns
+        elif nowait != NOWAIT_MAPPED:
             self._needs_io(gfn, ctx, cost)
             return
-        self._host_event = sim.engine.after(cost, self.enter)
+        self._host_event = self.engine.after(cost, self.enter)
 
     def _needs_io(self, gfn: int, ctx: GuestContext, cost: int) -> None:
         """GUP NOWAIT failed: the protocol decides async, repeated fault or synchronous."""
-        sim = self.sim
-        now = sim.engine.now
-        sim.faults["needs_io"] += 1
-        result = sim.host_protocol.try_async_pf(self.index, gfn, ctx.view(), now)
+        now = self.engine.now
+        counters = self.counters
+        counters.needs_io += 1
+        result = self.host.try_async_pf(self.index, gfn, ctx.view(), now)
         decision = result.decision
         if decision is not FaultDecision.SYNC or result.cause is SyncCause.QUEUE_FULL:
             # APF was admissible (kvm_can_do_async_pf): the kernel traces the attempt, and
@@ -171,45 +212,43 @@ class Vcpu:
             repeated = decision is FaultDecision.REPEATED or (
                 decision is FaultDecision.HALT and result.work is None
             )
-            sim.tracepoints["kvm_try_async_get_page"] += 1
-            sim.tracepoints["kvm_async_pf_repeated_fault"] += repeated
-            if self.tracer is not None:
-                self.tracer.try_async(self.index, gfn, repeated)
-        if sim.check:
-            sim.note(self.index, _TRY_LABEL[result.decision], gfn)
+            counters.kvm_try_async_get_page += 1
+            counters.kvm_async_pf_repeated_fault += repeated
+            if self.probe is not None:
+                self.probe.try_async(self.index, gfn, repeated)
+        if self.checker is not None:
+            self.checker.note(self.index, _TRY_LABEL[result.decision], gfn)
         if result.decision is FaultDecision.ASYNC:
-            sim.faults["async"] += 1
+            counters.async_faults += 1
             if result.work is not None:  # guest-initiated queues its work at the hypercall
-                sim.start_worker(result.work)
-            self._host_event = sim.engine.after(cost, self.enter)
+                self.io.start_worker(result.work)
+            self._host_event = self.engine.after(cost, self.enter)
         elif result.decision is FaultDecision.REPEATED:
             self._spin_gfn = gfn
             self._spin(now + cost)
         elif result.decision is FaultDecision.HALT:
             # KVM_REQ_APF_HALT: vcpu_enter_guest returns without entering; kvm_vcpu_block.
             if result.work is not None:
-                sim.faults["async"] += 1
-                sim.start_worker(result.work)
-            sim.faults["halts"] += 1
-            self._host_event = sim.engine.after(cost, self._block, True)
+                counters.async_faults += 1
+                self.io.start_worker(result.work)
+            counters.halts += 1
+            self._host_event = self.engine.after(cost, self._block, True)
         else:
             assert result.cause is not None
-            sim.sync_causes[result.cause.value] += 1
+            counters.sync_causes[result.cause] += 1
             self._sync_fault(gfn, now)
 
     def _sync_fault(self, gfn: int, start: int) -> None:
         self.mode = VcpuMode.SYNC_FAULT
         self.clock.switch(TimeCategory.SYNC_FAULT, start)
         self._since = start
-        self.sim.read_page(gfn, self._sync_done, gfn)
+        self.io.read_page(gfn, self._sync_done, gfn)
 
     def _sync_done(self, gfn: int) -> None:
-        sim = self.sim
-        now = sim.engine.now
-        sim.fault_latency.add(now - self._since)
-        if sim.memory.state[gfn] == _SWAPCACHE:
-            sim.memory.map_after_read(gfn)
-        if sim.scenario.guest.steal_time_accounting:
+        now = self.engine.now
+        self.counters.fault_latency.add(now - self._since)
+        self.io.map_after_read(gfn)
+        if self.params.steal_time_accounting:
             self.guest.stolen_ns += now - self._since
         self._to_host()
         self.enter()
@@ -219,19 +258,19 @@ class Vcpu:
         self.mode = VcpuMode.SPIN
         self._since = start
         if self._wake_condition():
-            self._host_event = self.sim.engine.at(start, self._spin_end)
+            self._host_event = self.engine.at(start, self._spin_end)
 
     def _spin_end(self, _: object = None) -> None:
-        sim = self.sim
-        now = sim.engine.now
+        now = self.engine.now
         # Each round trip of the loop is one more repeated fault (and, in the kernel, one
         # more kvm_try_async_get_page + kvm_async_pf_repeated_fault).
         refaults = 1 + max(0, now - self._since) // self._round_trip
-        sim.faults["repeated_spins"] += refaults
-        sim.tracepoints["kvm_try_async_get_page"] += refaults
-        sim.tracepoints["kvm_async_pf_repeated_fault"] += refaults
-        if self.tracer is not None:
-            self.tracer.spin_refaults(
+        counters = self.counters
+        counters.repeated_spins += refaults
+        counters.kvm_try_async_get_page += refaults
+        counters.kvm_async_pf_repeated_fault += refaults
+        if self.probe is not None:
+            self.probe.spin_refaults(
                 self.index, self._spin_gfn, self._since, refaults, self._round_trip
             )
         self._to_host()
@@ -241,16 +280,12 @@ class Vcpu:
     def _wake_condition(self) -> bool:
         """``kvm_vcpu_check_block``: a pending IRQ, or the arch says runnable."""
         guest = self.guest
-        return (
-            guest.timer_pending
-            or guest.ipi_pending
-            or self.sim.host_protocol.vcpu_runnable(self.index)
-        )
+        return guest.timer_pending or guest.ipi_pending or self.host.vcpu_runnable(self.index)
 
     def wfi(self, halt: bool) -> None:
         """The guest executed WFI: trap, then block unless already runnable."""
         self._to_host()
-        self._host_event = self.sim.engine.after(self._exit_ns, self._block, halt)
+        self._host_event = self.engine.after(self._exit_ns, self._block, halt)
 
     def _block(self, halt: bool) -> None:
         self._host_event = None
@@ -260,7 +295,7 @@ class Vcpu:
         self.mode = VcpuMode.BLOCKED
         self.block_halt = halt
         category = TimeCategory.APF_HALT if halt else TimeCategory.IDLE
-        self.clock.switch(category, self.sim.engine.now)
+        self.clock.switch(category, self.engine.now)
 
     def _wake(self) -> None:
         self._to_host()
@@ -268,12 +303,12 @@ class Vcpu:
 
     def worker_completed(self) -> None:
         """The worker's ``swake_up_one(&vcpu->wq)``: only a blocked vCPU notices."""
-        if not self.sim.host_protocol.vcpu_runnable(self.index):
+        if not self.host.vcpu_runnable(self.index):
             return
         if self.mode == VcpuMode.BLOCKED:
             self._wake()
         elif self.mode == VcpuMode.SPIN and self._host_event is None:
-            self._host_event = self.sim.engine.after(0, self._spin_end)
+            self._host_event = self.engine.after(0, self._spin_end)
 
     def on_tick(self) -> None:
         """The guest's timer fires (one pending level-triggered IRQ at most)."""
@@ -289,13 +324,13 @@ class Vcpu:
         else:
             self.guest.timer_pending = True
             if mode == VcpuMode.SPIN and self._host_event is None:
-                self._host_event = self.sim.engine.after(0, self._spin_end)
+                self._host_event = self.engine.after(0, self._spin_end)
 
     def kick(self) -> None:
         """``kvm_vcpu_kick``: force a running vCPU out of the guest (a blocked one is woken
         by the worker's ``swake_up_one`` / rcuwait)."""
         if self.mode == VcpuMode.GUEST:
-            self.sim.stats["kicks"] += 1
+            self.counters.kicks += 1
             self.exit_async()
 
     def on_host_tick(self) -> None:
@@ -312,4 +347,4 @@ class Vcpu:
         elif mode == VcpuMode.BLOCKED:
             self._wake()
         elif mode == VcpuMode.SPIN and self._host_event is None:
-            self._host_event = self.sim.engine.after(0, self._spin_end)
+            self._host_event = self.engine.after(0, self._spin_end)

@@ -11,11 +11,14 @@ which faults again. Completions are checked on every run-loop iteration.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from apfsim.guest.kvm_apf_arm64 import (
+from apfsim.abi.arm64 import (
     APF_FUNC_SET_RANGE,
     APF_FUNC_UPDATE_ENABLE,
+    DEFAULT_NO_FAULT_INST_RANGE,
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
@@ -27,109 +30,23 @@ from apfsim.guest.kvm_apf_arm64 import (
     ApfData,
 )
 from apfsim.host.async_pf import (
-    ASYNC_PF_PER_VCPU,
     AsyncPf,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_clear_async_pf_completion_queue,
-    kvm_setup_async_pf,
 )
-from apfsim.protocols.base import (
-    FaultDecision,
-    FaultResult,
+from apfsim.ports import (
     GuestView,
     GupNowaitFn,
+    HostPorts,
     Injection,
     InjectionKind,
     PrefaultFn,
     SyncCause,
 )
-from apfsim.protocols.common import HostBase
+from apfsim.protocols.common import ApfCounters, GfnHash, HostBase, ProtocolOptions, make_token
 
-__all__ = ["DEFAULT_NO_FAULT_INST_RANGE", "Arm64Rfcv2Host", "GfnHash", "make_token"]
-
-DEFAULT_NO_FAULT_INST_RANGE = 0x800
-"""The host's default no-inject window from VBAR_EL1 (the vector table)."""
-
-_EMPTY = 0xFFFF_FFFF_FFFF_FFFF
-
-
-def make_token(apf_id: int, vcpu_id: int) -> int:
-    """``(apf.id << 16) | vcpu_id`` with a u16 ``id``, stored in a u32 (AArch32 guests)."""
-    return (((apf_id & 0xFFFF) << 16) | vcpu_id) & 0xFFFF_FFFF
-
-
-def hash_32(value: int, bits: int) -> int:
-    """The kernel's ``hash_32`` (multiplicative hash by GOLDEN_RATIO_32)."""
-    return ((value * 0x61C88647) & 0xFFFF_FFFF) >> (32 - bits)
-
-
-@dataclass
-class GfnHash:
-    """The per-vCPU 64-slot open-addressing gfn table (``kvm_add/find/del_async_pf_gfn``)."""
-
-    slots: list[int] = field(default_factory=lambda: [_EMPTY] * ASYNC_PF_PER_VCPU)
-    used: int = 0
-
-    @staticmethod
-    def _hash(gfn: int) -> int:
-        return hash_32(gfn & 0xFFFF_FFFF, 6)
-
-    def add(self, gfn: int) -> None:
-        key = self._hash(gfn)
-        while self.slots[key] != _EMPTY:
-            key = (key + 1) & (ASYNC_PF_PER_VCPU - 1)
-        self.slots[key] = gfn
-        self.used += 1
-
-    def _slot(self, gfn: int) -> int:
-        key = self._hash(gfn)
-        for _ in range(ASYNC_PF_PER_VCPU):
-            if self.slots[key] == gfn or self.slots[key] == _EMPTY:
-                break
-            key = (key + 1) & (ASYNC_PF_PER_VCPU - 1)
-        return key
-
-    def find(self, gfn: int) -> bool:
-        return self.slots[self._slot(gfn)] == gfn
-
-    def delete(self, gfn: int) -> None:
-        """Backward-shift delete, so later probes still find their entries."""
-        i = self._slot(gfn)
-        if self.slots[i] != gfn:
-            return
-        self.used -= 1
-        mask = ASYNC_PF_PER_VCPU - 1
-        while True:
-            self.slots[i] = _EMPTY
-            j = i
-            while True:
-                j = (j + 1) & mask
-                if self.slots[j] == _EMPTY:
-                    return
-                k = self._hash(self.slots[j])
-                # Move slots[j] back to i unless its home k lies cyclically in (i, j].
-                if (j > i and (k <= i or k > j)) or (j < i and (k <= i and k > j)):
-                    break
-            self.slots[i] = self.slots[j]
-            i = j
-
-    def reset(self) -> None:
-        self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
-        self.used = 0
-
-    def __getstate__(self) -> dict[int, int]:
-        """Only the used slots (the model checker snapshots this table per state)."""
-        return {i: gfn for i, gfn in enumerate(self.slots) if gfn != _EMPTY}
-
-    def __setstate__(self, used: dict[int, int]) -> None:
-        self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
-        for i, gfn in used.items():
-            self.slots[i] = gfn
-        self.used = len(used)
-
-    def __len__(self) -> int:
-        return self.used
+__all__ = ["Arm64Rfcv2Host", "HostCounters"]
 
 
 @dataclass
@@ -147,19 +64,13 @@ class VcpuApfArch:
 
 
 @dataclass(slots=True)
-class HostCounters:
-    not_present_injected: int = 0
-    page_ready_injected: int = 0
-    wakeup_all_queued: int = 0
-    repeated_faults: int = 0
-    prefaults: int = 0
-    prefaults_missed: int = 0
+class HostCounters(ApfCounters):
     cancelled: int = 0
     unsafe_injections: int = 0  # injected while ELR_EL1 was not yet saved
     token_wraps: int = 0
 
 
-class Arm64Rfcv2Host(HostBase):
+class Arm64Rfcv2Host(HostBase[VcpuApfArch]):
     """The RFCv2 arch hooks over the generic core, one instance per VM."""
 
     name = "arm64-rfcv2"
@@ -178,6 +89,12 @@ class Arm64Rfcv2Host(HostBase):
         ]
         self.stats = HostCounters()
 
+    @classmethod
+    def create(
+        cls, blocks: Sequence[Any], n_vcpus: int, ports: HostPorts, opt: ProtocolOptions
+    ) -> Arm64Rfcv2Host:
+        return cls(list(blocks), ports.prefault, opt.no_fault_inst_range, ports.gup_nowait)
+
     # -- admission -------------------------------------------------------------------------
     def _can_inject_present(self, vcpu: int, view: GuestView) -> SyncCause | None:
         """``kvm_arch_can_inject_async_page_present`` without its "not enabled" case:
@@ -189,7 +106,7 @@ class Arm64Rfcv2Host(HostBase):
             return SyncCause.WINDOW
         return None
 
-    def _can_inject_not_present(self, vcpu: int, view: GuestView) -> SyncCause | None:
+    def kvm_can_do_async_pf(self, vcpu: int, view: GuestView) -> SyncCause | None:
         """``kvm_arch_can_inject_async_page_not_present``, in the patch's order; None = yes."""
         arch = self.arch[vcpu]
         if not arch.enabled:
@@ -197,27 +114,6 @@ class Arm64Rfcv2Host(HostBase):
         if arch.send_user_only and view.privileged:
             return SyncCause.GATED_CONTEXT
         return self._can_inject_present(vcpu, view)
-
-    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        """``try_async_pf`` in ``user_mem_abort``, once GUP NOWAIT said "needs I/O".
-
-        The gate comes before the hash lookup, so a repeated fault with the gate closed is
-        handled synchronously even though a worker is already fetching the page.
-        """
-        self.gup_nowait_first(gfn)  # __gfn_to_pfn_memslot(..., &async)
-        self.arch[vcpu].view = view
-        cause = self._can_inject_not_present(vcpu, view)
-        if cause is not None:
-            return FaultResult(FaultDecision.SYNC, cause=cause)
-        if self.arch[vcpu].gfns.find(gfn):
-            # No artificial halt on arm64: re-enter and let the guest fault again.
-            self.stats.repeated_faults += 1
-            return FaultResult(FaultDecision.REPEATED)
-        token = self.kvm_arch_setup_async_pf_token(vcpu)
-        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
-        if work is None:
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
-        return FaultResult(FaultDecision.ASYNC, work=work)
 
     def kvm_arch_setup_async_pf_token(self, vcpu: int) -> int:
         """``token = (apf.id++ << 16) | vcpu_id`` in ``kvm_arch_setup_async_pf``.

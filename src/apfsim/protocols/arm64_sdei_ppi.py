@@ -17,51 +17,53 @@ The review's answer to the seed (spec §3.3; `Documentation/virt/kvm/arm/apf.rst
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
+from apfsim.abi.arm64 import (
+    ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE,
+    ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK,
+    ASYNC_PF_PPI,
+    KVM_PV_REASON_PAGE_READY,
+    SDEI_EVENT_COMPLETE,
+    WAKE_ALL_TOKEN,
+    SdeiApfBuffer,
+)
 from apfsim.host.async_pf import (
     AsyncPf,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
-    kvm_setup_async_pf,
 )
 from apfsim.metrics.accumulators import counter_dict
-from apfsim.protocols.arm64_rfcv2 import GfnHash, make_token
-from apfsim.protocols.base import (
+from apfsim.ports import (
     AbortOutcome,
-    FaultDecision,
-    FaultResult,
+    Broken,
     GuestCallKind,
     GuestRegs,
     GuestView,
     GupNowaitFn,
+    HostPorts,
     Injection,
     InjectionKind,
+    KernelPort,
+    KickFn,
     PrefaultFn,
+    SharedBlock,
     SyncCause,
+    WaitNode,
 )
-from apfsim.protocols.common import HostBase
-from apfsim.protocols.x86 import KickFn
+from apfsim.protocols.common import (
+    ApfCounters,
+    GfnHash,
+    GuestBase,
+    HostBase,
+    ProtocolOptions,
+    make_token,
+)
+from apfsim.protocols.x86 import missed_kick
 
-__all__ = ["Arm64SdeiPpiGuest", "Arm64SdeiPpiHost", "SdeiApfBuffer", "SdeiGuestPort"]
-
-SDEI_EVENT_ASYNC_PF = 0x40400001
-SDEI_EVENT_COMPLETE = 0xC4000025  # SDEI_1_0_FN_SDEI_EVENT_COMPLETE (SMC64)
-ARM_SMCCC_KVM_FUNC_ASYNC_PF_ENABLE = 0x100  # model-local ids for the v4 SMCCC functions
-ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK = 0x101
-ASYNC_PF_PPI = 20  # assumption: a free PPI chosen by userspace and described in DT/ACPI
-KVM_PV_REASON_PAGE_READY = 2
-WAKE_ALL_TOKEN = 0xFFFF_FFFF
-
-
-@dataclass
-class SdeiApfBuffer:
-    """The shared buffer (reason, token) written by the host, read and cleared by the guest."""
-
-    reason: int = 0
-    token: int = 0
-    enabled: int = 0
+__all__ = ["Arm64SdeiPpiGuest", "Arm64SdeiPpiHost"]
 
 
 @dataclass
@@ -75,24 +77,19 @@ class VcpuSdeiArch:
     pageready_pending: bool = False
     async_pf_request: bool = False  # KVM_REQ_ASYNC_PF
     gfns: GfnHash = field(default_factory=GfnHash)
+    view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
     pending: list[Injection] = field(default_factory=list)
     acked: list[AsyncPf] = field(default_factory=list)  # delivered inline by an ACK
 
 
 @dataclass(slots=True)
-class SdeiHostCounters:
-    not_present_injected: int = 0
-    page_ready_injected: int = 0
+class SdeiHostCounters(ApfCounters):
     sdei_completions: int = 0
     acks: int = 0
     kicks: int = 0
-    repeated_faults: int = 0
-    wakeup_all_queued: int = 0
-    prefaults: int = 0
-    prefaults_missed: int = 0
 
 
-class Arm64SdeiPpiHost(HostBase):
+class Arm64SdeiPpiHost(HostBase[VcpuSdeiArch]):
     name = "arm64-sdei-ppi"
 
     def __init__(
@@ -107,24 +104,28 @@ class Arm64SdeiPpiHost(HostBase):
         self.arch = [VcpuSdeiArch(buffer=b) for b in buffers]
         self.stats = SdeiHostCounters()
 
-    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        self.gup_nowait_first(gfn)
+    @classmethod
+    def create(
+        cls, blocks: Sequence[Any], n_vcpus: int, ports: HostPorts, opt: ProtocolOptions
+    ) -> Arm64SdeiPpiHost:
+        return cls(list(blocks), ports.prefault, ports.kick, ports.gup_nowait)
+
+    def kvm_can_do_async_pf(self, vcpu: int, view: GuestView) -> SyncCause | None:
+        """Enabled, at EL0 only, and no SDEI not-present event still in flight."""
         arch = self.arch[vcpu]
         if not arch.enabled:
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.NO_APF)
+            return SyncCause.NO_APF
         if arch.send_user_only and view.privileged:
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.GATED_CONTEXT)
+            return SyncCause.GATED_CONTEXT
         if arch.notpresent_pending:
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.REASON_BUSY)
-        if arch.gfns.find(gfn):
-            self.stats.repeated_faults += 1
-            return FaultResult(FaultDecision.REPEATED)
+            return SyncCause.REASON_BUSY
+        return None
+
+    def kvm_arch_setup_async_pf_token(self, vcpu: int) -> int:
+        arch = self.arch[vcpu]
         token = make_token(arch.id, vcpu)
         arch.id = (arch.id + 1) & 0xFFFF
-        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
-        if work is None:
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
-        return FaultResult(FaultDecision.ASYNC, work=work)
+        return token
 
     # -- arch hooks -------------------------------------------------------------------------------
     def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
@@ -179,6 +180,9 @@ class Arm64SdeiPpiHost(HostBase):
     def request_pending(self, vcpu: int) -> bool:
         return self.arch[vcpu].async_pf_request
 
+    def check_arch(self, vcpu: int, in_guest: bool) -> Broken:
+        return missed_kick(self, vcpu, in_guest, self.arch[vcpu].pageready_pending)
+
     def call_kind(self, call: int) -> GuestCallKind:
         if call == SDEI_EVENT_COMPLETE:
             return GuestCallKind.SDEI_COMPLETE
@@ -206,16 +210,6 @@ class Arm64SdeiPpiHost(HostBase):
         return -1
 
 
-class SdeiGuestPort(Protocol):
-    def current_task(self, cpu: int) -> int: ...
-
-    def swake_up_one(self, task: int) -> None: ...
-
-    def smp_send_reschedule(self, cpu: int) -> None: ...
-
-    def smccc(self, cpu: int, function: int, val: int) -> int: ...
-
-
 @dataclass(slots=True)
 class SdeiGuestCounters:
     sdei_events: int = 0
@@ -228,10 +222,10 @@ class SdeiGuestCounters:
 
 
 @dataclass
-class Arm64SdeiPpiGuest:
+class Arm64SdeiPpiGuest(GuestBase):
     """The v4 guest: task tagged by the SDEI handler, woken by the PPI handler."""
 
-    port: SdeiGuestPort
+    port: KernelPort
     n_cpus: int
     kvmapf: bool = True
     mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
@@ -242,6 +236,19 @@ class Arm64SdeiPpiGuest:
     def __post_init__(self) -> None:
         self.buffers = [SdeiApfBuffer() for _ in range(self.n_cpus)]
         self.waiting = [{} for _ in range(self.n_cpus)]
+
+    @classmethod
+    def create(cls, port: KernelPort, n_cpus: int, opt: ProtocolOptions) -> Arm64SdeiPpiGuest:
+        return cls(port=port, n_cpus=n_cpus, kvmapf=not opt.no_kvmapf)
+
+    def shared_blocks(self) -> Sequence[SharedBlock]:
+        return self.buffers
+
+    def wait_nodes(self) -> Iterable[WaitNode]:
+        """A tagged task (TIF_ASYNC_PF) per token, per CPU."""
+        for cpu, waiting in enumerate(self.waiting):
+            for token, task in waiting.items():
+                yield WaitNode(cpu, task, token)
 
     def boot(self) -> None:
         if not self.kvmapf:
@@ -294,12 +301,6 @@ class Arm64SdeiPpiGuest:
         if injection.kind is InjectionKind.INTERRUPT:
             return self.asyncpf_ppi_handler(cpu)
         return AbortOutcome.NOT_APF
-
-    def on_ret_to_user(self, cpu: int) -> None:
-        pass
-
-    def on_idle_entry(self, cpu: int) -> None:
-        pass
 
     def waiter_woken(self, cpu: int, task: int) -> bool:
         return task not in self.waiting[cpu].values()

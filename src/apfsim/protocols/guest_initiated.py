@@ -20,32 +20,31 @@ Modelled on the x86 machinery for page-ready (interrupt + token slot + ACK + kic
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from apfsim.guest.kvm_apf_x86 import (
-    KVM_PV_REASON_PAGE_NOT_PRESENT,
-    X86ApfData,
-    X86ApfGuest,
-    X86GuestPort,
-)
+from apfsim.abi.x86 import KVM_PV_REASON_PAGE_NOT_PRESENT, X86ApfData
+from apfsim.guest.kvm_apf_x86 import X86ApfGuest
 from apfsim.host.async_pf import AsyncPf, kvm_setup_async_pf
-from apfsim.protocols.base import (
+from apfsim.ports import (
     AbortOutcome,
     FaultDecision,
     FaultResult,
     GuestRegs,
     GuestView,
     GupNowaitFn,
+    HostPorts,
+    KickFn,
     PrefaultFn,
+    StartWorkerFn,
     SyncCause,
 )
-from apfsim.protocols.x86 import KickFn, X86Host
+from apfsim.protocols.common import ProtocolOptions
+from apfsim.protocols.x86 import X86Host
 
 __all__ = ["HC_APF_POPULATE", "GuestInitiatedGuest", "GuestInitiatedHost"]
 
 HC_APF_POPULATE = 0x4B564D10  # model-local hypercall number (the proposal named none)
-StartWorkerFn = Callable[[AsyncPf], None]
 ClockFn = Callable[[], int]
 
 
@@ -67,6 +66,19 @@ class GuestInitiatedHost(X86Host):
         self.told: list[dict[int, int]] = [{} for _ in blocks]  # token -> gfn, not yet populated
         self.declined = 0
         self.populates = 0
+
+    @classmethod
+    def create(
+        cls, blocks: Sequence[Any], n_vcpus: int, ports: HostPorts, opt: ProtocolOptions
+    ) -> GuestInitiatedHost:
+        return cls(
+            list(blocks),
+            ports.prefault,
+            ports.kick,
+            ports.gup_nowait,
+            ports.start_worker,
+            ports.now,
+        )
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
         arch = self.arch[vcpu]
@@ -122,14 +134,8 @@ class GuestInitiatedHost(X86Host):
         return out
 
 
-class GuestInitiatedPort(X86GuestPort, Protocol):
-    def hypercall(self, cpu: int, nr: int, arg: int) -> int: ...
-
-
 class GuestInitiatedGuest(X86ApfGuest):
     """The x86 driver, except that not-present is also accepted in kernel mode."""
-
-    port: GuestInitiatedPort
 
     def kvm_handle_async_pf(self, cpu: int, token: int, regs: GuestRegs) -> AbortOutcome:
         flags = self.kvm_read_and_reset_apf_flags(cpu)

@@ -7,18 +7,23 @@ cannot run anything else meanwhile.
 
 from __future__ import annotations
 
-from apfsim.guest.kvm_apf_arm64 import SMCCC_RET_NOT_SUPPORTED
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from apfsim.abi.arm64 import SMCCC_RET_NOT_SUPPORTED
 from apfsim.host.async_pf import AsyncPf
-from apfsim.protocols.base import (
-    AbortOutcome,
+from apfsim.ports import (
+    Broken,
     FaultDecision,
     FaultResult,
     GuestCallKind,
-    GuestRegs,
     GuestView,
+    HostPorts,
     Injection,
+    KernelPort,
     SyncCause,
 )
+from apfsim.protocols.common import GuestBase, ProtocolOptions
 
 __all__ = ["NoApfGuest", "SyncHost"]
 
@@ -28,7 +33,14 @@ _SYNC = FaultResult(FaultDecision.SYNC, cause=SyncCause.NO_APF)
 class SyncHost:
     """A host without async PF (or a guest that never enabled it)."""
 
-    name = "sync"
+    name: ClassVar[str] = "sync"
+    mutant: str | None = None
+
+    @classmethod
+    def create(
+        cls, blocks: Sequence[Any], n_vcpus: int, ports: HostPorts, opt: ProtocolOptions
+    ) -> SyncHost:
+        return cls()
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
         return _SYNC
@@ -57,24 +69,22 @@ class SyncHost:
     def counters(self) -> dict[str, int]:
         return {}
 
+    def check_arch(self, vcpu: int, in_guest: bool) -> Broken:
+        return None
 
-class NoApfGuest:
-    """A guest without the PV driver (or booted with ``no-kvmapf``)."""
-
-    def boot(self) -> None:
-        pass
-
-    def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome:
-        return AbortOutcome.NOT_APF
-
-    def on_ret_to_user(self, cpu: int) -> None:
-        pass
-
-    def on_idle_entry(self, cpu: int) -> None:
-        pass
-
-    def waiter_woken(self, cpu: int, task: int) -> bool:
+    def lapic_enabled(self, vcpu: int) -> bool:
         return True
 
-    def counters(self) -> dict[str, int]:
-        return {}
+    def kvm_lapic_set_enabled(self, vcpu: int, enabled: bool) -> None:
+        pass
+
+    def narrow_token_ids(self, bits: int) -> None:
+        pass
+
+
+class NoApfGuest(GuestBase):
+    """A guest without the PV driver (or booted with ``no-kvmapf``): every hook a no-op."""
+
+    @classmethod
+    def create(cls, port: KernelPort, n_cpus: int, opt: ProtocolOptions) -> NoApfGuest:
+        return cls()

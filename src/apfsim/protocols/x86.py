@@ -19,12 +19,14 @@ Host hooks (``arch/x86/kvm/x86.c``, ``mmu/mmu.c``; spec §1):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from apfsim.guest.kvm_apf_x86 import (
+from apfsim.abi.x86 import (
     KVM_ASYNC_PF_DELIVERY_AS_INT,
     KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_RESERVED,
     KVM_ASYNC_PF_SEND_ALWAYS,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     MSR_KVM_ASYNC_PF_ACK,
@@ -38,26 +40,26 @@ from apfsim.host.async_pf import (
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_clear_async_pf_completion_queue,
-    kvm_setup_async_pf,
 )
-from apfsim.protocols.arm64_rfcv2 import GfnHash
-from apfsim.protocols.base import (
+from apfsim.ports import (
+    Broken,
     FaultDecision,
     FaultResult,
     GuestCallKind,
     GuestView,
     GupNowaitFn,
+    HostPorts,
     Injection,
     InjectionKind,
+    KickFn,
     PrefaultFn,
     SyncCause,
 )
-from apfsim.protocols.common import HostBase
+from apfsim.protocols.common import ApfCounters, GfnHash, HostBase, ProtocolOptions
 
-__all__ = ["X86Host", "make_x86_token"]
+__all__ = ["X86Counters", "X86Host", "make_x86_token"]
 
-KickFn = Callable[[int], None]
-KVM_ASYNC_PF_RESERVED = 0b11 << 4
+_HALT = FaultResult(FaultDecision.HALT)
 
 
 def make_x86_token(apf_id: int, vcpu_id: int) -> int:
@@ -93,26 +95,20 @@ class VcpuApfX86:
 
 
 @dataclass(slots=True)
-class X86Counters:
-    not_present_injected: int = 0
+class X86Counters(ApfCounters):
     not_present_halted: int = 0  # kvm_can_deliver_async_pf false: artificial halt instead
-    page_ready_injected: int = 0
     halt_ended_without_ready: int = 0
-    wakeup_all_queued: int = 0
-    repeated_faults: int = 0
-    prefaults: int = 0
-    prefaults_missed: int = 0
     acks: int = 0
     kicks: int = 0
     cancelled: int = 0
 
 
-class X86Host(HostBase):
+class X86Host(HostBase[VcpuApfX86]):
     """The x86 arch hooks over the generic core, one instance per VM."""
 
     name = "x86"
-    mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
     token_id_mask = 0xF_FFFF  # apf.id bits that fit above the 12-bit vcpu_id in a u32 token
+    reserved_token_zero: ClassVar[bool] = True  # 0 is the free token slot (B9)
 
     def __init__(
         self,
@@ -125,6 +121,15 @@ class X86Host(HostBase):
         self.kick = kick
         self.arch = [VcpuApfX86(block=b) for b in blocks]
         self.stats = X86Counters()
+
+    @classmethod
+    def create(
+        cls, blocks: Sequence[Any], n_vcpus: int, ports: HostPorts, opt: ProtocolOptions
+    ) -> X86Host:
+        """Over the guest's data blocks; a guest without the PV driver (halt-only) never
+        registers one, so the host's are blank and never enabled."""
+        own = list(blocks) if blocks else [X86ApfData() for _ in range(n_vcpus)]
+        return cls(own, ports.prefault, ports.kick, ports.gup_nowait)
 
     # -- fault path ----------------------------------------------------------------------------
     def kvm_can_do_async_pf(self, vcpu: int, view: GuestView) -> SyncCause | None:
@@ -147,22 +152,16 @@ class X86Host(HostBase):
             return False
         return not (arch.send_user_only and view.privileged)
 
-    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        self.gup_nowait_first(gfn)  # __kvm_faultin_pfn: FOLL_NOWAIT first
-        arch = self.arch[vcpu]
-        arch.view = view
-        cause = self.kvm_can_do_async_pf(vcpu, view)
-        if cause is not None:
-            return FaultResult(FaultDecision.SYNC, cause=cause)
-        if arch.gfns.find(gfn):
-            # kvm_async_pf_repeated_fault: halt until the outstanding fault-in completes.
-            self.stats.repeated_faults += 1
-            arch.halted = True  # KVM_REQ_APF_HALT
-            return FaultResult(FaultDecision.HALT)
-        token = self.alloc_apf_token(vcpu)
-        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
-        if work is None:
-            return FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
+    def kvm_async_pf_repeated_fault(self, vcpu: int) -> FaultResult:
+        """``kvm_async_pf_repeated_fault``: halt until the outstanding fault-in completes."""
+        self.arch[vcpu].halted = True  # KVM_REQ_APF_HALT
+        return _HALT
+
+    def kvm_arch_setup_async_pf_token(self, vcpu: int) -> int:
+        return self.alloc_apf_token(vcpu)
+
+    def kvm_arch_async_pf_result(self, work: AsyncPf) -> FaultResult:
+        """Not-present injected: re-enter; else the artificial halt (KVM_REQ_APF_HALT)."""
         if work.notpresent_injected:
             return FaultResult(FaultDecision.ASYNC, work=work)
         return FaultResult(FaultDecision.HALT, work=work)
@@ -231,6 +230,12 @@ class X86Host(HostBase):
             self.stats.kicks += 1
             self.kick(vcpu_id)
 
+    def lapic_enabled(self, vcpu: int) -> bool:
+        return self.arch[vcpu].lapic_enabled
+
+    def narrow_token_ids(self, bits: int) -> None:
+        self.token_id_mask = (1 << bits) - 1
+
     def kvm_lapic_set_enabled(self, vcpu_id: int, enabled: bool) -> None:
         """The guest writes the LAPIC software-enable bit; enabling it re-requests APF_READY
         so that completions held back while it was off are delivered (B8's fix)."""
@@ -291,6 +296,17 @@ class X86Host(HostBase):
             return self.kvm_pv_enable_async_pf(vcpu, val)
         return 1
 
+    def apf_on(self, vcpu: int) -> bool:
+        return self.apf_enabled(vcpu)
+
+    def check_arch(self, vcpu: int, in_guest: bool) -> Broken:
+        """I3: one page-ready in flight, with its token in the slot; I9: a ready request on
+        a running vCPU was kicked or waits for a pending ACK (B12)."""
+        arch = self.arch[vcpu]
+        if arch.pageready_pending and arch.block.token == 0 and self.apf_enabled(vcpu):
+            return "I3", f"vCPU{vcpu}: pageready_pending with an empty token slot"
+        return missed_kick(self, vcpu, in_guest, arch.pageready_pending)
+
     def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
         """A write of MSR_KVM_ASYNC_PF_EN; 1 means the WRMSR fails (#GP)."""
         if val & KVM_ASYNC_PF_RESERVED:
@@ -305,3 +321,21 @@ class X86Host(HostBase):
         if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
             self.stats.wakeup_all_queued += 1
         return 0
+
+
+def missed_kick(host: HostBase[Any], vcpu: int, in_guest: bool, ack_pending: bool) -> Broken:
+    """I9 for designs that kick on the first completion unless a page-ready is pending
+    (whose ACK re-checks): a request left on a running vCPU waits for an unrelated exit."""
+    if (
+        in_guest
+        and host.request_pending(vcpu)
+        and not ack_pending
+        and host.apf[vcpu].done
+        and host.kvm_arch_can_dequeue_async_page_present(vcpu)  # type: ignore[attr-defined]
+    ):
+        return "I9", (
+            f"vCPU{vcpu}: a page-ready request is set while the vCPU runs in the guest, "
+            "nobody kicked it and no ACK is pending: the page-ready waits for an "
+            "unrelated exit (missed kick)"
+        )
+    return None

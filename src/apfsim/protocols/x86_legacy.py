@@ -18,16 +18,16 @@ series, B5):
 
 from __future__ import annotations
 
-from apfsim.guest.kvm_apf_x86 import (
+from typing import ClassVar
+
+from apfsim.abi.x86 import (
     KVM_ASYNC_PF_ENABLED,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
     MSR_KVM_ASYNC_PF_EN,
 )
-from apfsim.guest.kvm_apf_x86_legacy import KVM_PV_REASON_PAGE_NOT_PRESENT, KVM_PV_REASON_PAGE_READY
-from apfsim.host.async_pf import (
-    AsyncPf,
-    kvm_check_async_pf_completion,
-)
-from apfsim.protocols.base import GuestView, Injection, InjectionKind
+from apfsim.host.async_pf import AsyncPf, kvm_check_async_pf_completion
+from apfsim.ports import GuestView, Injection, InjectionKind
 from apfsim.protocols.x86 import X86Host, make_x86_token
 
 __all__ = ["X86LegacyHost"]
@@ -37,6 +37,7 @@ class X86LegacyHost(X86Host):
     """The pre-5.8 x86 arch hooks."""
 
     name = "x86-legacy"
+    reserved_token_zero: ClassVar[bool] = False  # tokens may be 0 until B9's fix (2022)
 
     def apf_enabled(self, vcpu: int) -> bool:
         return bool(self.arch[vcpu].msr_en_val & KVM_ASYNC_PF_ENABLED)

@@ -178,7 +178,7 @@ def _render(data: ReportData) -> str:
     require("matplotlib", "jinja2")
     import jinja2
 
-    from apfsim import __version__
+    from apfsim.version import __version__
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("apfsim.report", "templates"),

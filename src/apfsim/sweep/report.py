@@ -976,7 +976,7 @@ def render_sweep_html(agg: SweepAggregate, metric: str | None = None) -> str:
         raise SweepReportError(str(err)) from None
     import jinja2
 
-    from apfsim import __version__
+    from apfsim.version import __version__
 
     figures = _sweep_figures(agg, chosen)
     note = ""

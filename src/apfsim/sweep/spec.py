@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from apfsim.protocols import PROTOCOLS
+from apfsim.registry import PROTOCOLS
 from apfsim.scenario import Scenario, ScenarioError, load_scenario, with_overrides
 
 __all__ = ["RunSpec", "SweepError", "SweepSpec", "builtin_sweeps", "load_sweep"]

@@ -16,14 +16,15 @@ where the kernel emits them:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import apfsim.trace.formats as formats
 from apfsim.guest.sched import Task, TaskState
 from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
-from apfsim.trace import formats
 from apfsim.trace.chrome import ChromeTraceWriter, json_str
 from apfsim.trace.formats import ExitReason, c_hex
 
@@ -31,17 +32,7 @@ if TYPE_CHECKING:
     from apfsim.guest.context import GuestContext
     from apfsim.simulation import Simulation
 
-__all__ = ["ARCH_OF_PROTOCOL", "TraceOptions", "TraceRecorder", "TracedClock"]
-
-ARCH_OF_PROTOCOL = {
-    "sync": "arm64",
-    "arm64-rfcv2": "arm64",
-    "arm64-sdei-ppi": "arm64",
-    "x86": "x86",
-    "x86-legacy": "x86",
-    "halt-only": "x86",
-    "guest-initiated": "x86",
-}
+__all__ = ["TraceOptions", "TraceRecorder", "TracedClock"]
 
 # Chrome trace processes.
 PID_VCPUS, PID_TASKS, PID_HOST = 1, 2, 3
@@ -126,8 +117,10 @@ class TraceRecorder:
 
     def __init__(self, sim: Simulation, options: TraceOptions) -> None:
         self.sim = sim
-        self.now = sim._now
-        self.arch = ARCH_OF_PROTOCOL.get(sim.protocol, "arm64")
+        engine = sim.engine
+        self.now: Callable[[], int] = lambda: engine.now
+        self.arch = sim.variant.arch  # the kvm_entry / kvm_exit layout of the protocol's arch
+        self.vector_ctx = sim.contexts.vector
         self.window = options.window
         n = len(sim.vcpus)
         self._exit_label = [_HOST_LABEL] * n

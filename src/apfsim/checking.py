@@ -1,0 +1,101 @@
+"""Invariant checks during a simulation run, where the kernel would assert.
+
+:class:`RunChecker` is the simulator's :class:`~apfsim.ports.Checker`: it keeps the last
+protocol events for the report, runs :mod:`apfsim.invariants` at every fault, entry,
+completion and APF handler, and stops the run with :class:`InvariantViolation` (time, seed,
+the invariant, its meaning and the recent events).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from apfsim.guest.sched import Task, TaskState
+from apfsim.invariants import INVARIANTS, check_guest, check_vcpu
+from apfsim.ports import Broken, Clock, GuestProtocol, HostProtocol
+
+if TYPE_CHECKING:
+    from apfsim.host.vcpu import Vcpu
+
+__all__ = ["RECENT_EVENTS", "InvariantViolation", "RunChecker"]
+
+RECENT_EVENTS = 16
+
+
+class InvariantViolation(RuntimeError):
+    """A protocol invariant broke during a run; the message is the full report.
+
+    ``partial`` holds the results of the protocols that finished before it (api.run)."""
+
+    partial: Any = None
+
+
+class RunChecker:
+    """The invariants of one run, with the last :data:`RECENT_EVENTS` protocol events."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        host: HostProtocol,
+        guest: GuestProtocol,
+        tasks: Sequence[Task],
+        protocol: str,
+        seed: int,
+    ) -> None:
+        self.engine = clock
+        self.host = host
+        self.guest = guest
+        self.tasks = tasks
+        self.protocol = protocol
+        self.seed = seed
+        self.vcpus: Sequence[Vcpu] = ()
+        self.recent: deque[tuple[int, int, str, int]] = deque(maxlen=RECENT_EVENTS)
+        self._apf_changed: list[bool] = []
+
+    def note(self, vcpu: int, what: str, value: int) -> None:
+        """Remember a protocol event for the report of a later violation."""
+        self.recent.append((self.engine.now, vcpu, what, value))
+        if vcpu < len(self._apf_changed):
+            self._apf_changed[vcpu] = True
+
+    def attach(self, vcpus: Sequence[Vcpu]) -> None:
+        self.vcpus = vcpus
+        self._apf_changed = [True] * len(vcpus)
+
+    def check_vcpu(self, vcpu: int, in_guest: bool, at_entry: bool = False) -> None:
+        """The host invariants of ``vcpu``; at an entry only if an APF event happened since
+        the last entry check (ticks and minor faults change no APF state)."""
+        if at_entry:
+            if not self._apf_changed[vcpu]:
+                return
+            self._apf_changed[vcpu] = False
+        self._raise_if(check_vcpu(self.host, vcpu, in_guest))
+
+    def check_worker(self, vcpu: int, in_guest: bool) -> None:
+        """After ``async_pf_execute``: the kick (I9) now; the lists at the vCPU's next entry."""
+        self._raise_if(check_vcpu(self.host, vcpu, in_guest, lists=False))
+
+    def check_guest(self) -> None:
+        waiting = [
+            (t.tid, t.cpu)
+            for t in self.tasks
+            if t.state is TaskState.SLEEPING_APF or t.state is TaskState.HALTED_APF
+        ]
+        all_done = all(t.state is TaskState.DONE for t in self.tasks)
+        self._raise_if(check_guest(self.guest, waiting, all_done))
+
+    def _raise_if(self, broken: Broken) -> None:
+        if broken is None:
+            return
+        name, detail = broken
+        lines = [
+            f"{self.protocol}: invariant {name} broken at {self.engine.now / 1e6:.6f} ms "
+            f"(seed {self.seed}): {detail}",
+            f"  {name}: {INVARIANTS.get(name.split()[0], '')}",
+            "  last events:",
+        ]
+        for t, vcpu, what, value in self.recent:
+            lines.append(f"    {t / 1e6:12.6f} ms  vCPU{vcpu}  {what} {value:#x}")
+        raise InvariantViolation("\n".join(lines))

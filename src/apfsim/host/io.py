@@ -1,0 +1,146 @@
+"""The host's memory and I/O around the vCPU threads: stage-2 state, swap reads, kworkers.
+
+:class:`HostMemoryIo` is the simulator's :class:`~apfsim.ports.HostIo` and the host half of
+:class:`~apfsim.ports.HostPorts`: the NOWAIT fault-in (zero-fill, swap-cache minor fault),
+``swapin_readahead`` on the swap device, the async PF workers (``async_pf_execute`` after
+the workqueue delay), the prefault of ``kvm_arch_async_page_ready`` and the write-back of
+what reclaim evicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from apfsim.host.async_pf import AsyncPf
+from apfsim.host.backing import IoKind, SwapDevice
+from apfsim.host.memory import GuestMemory, PageState, Reclaimed
+from apfsim.ports import (
+    NOWAIT_MAPPED,
+    NOWAIT_MINOR,
+    NOWAIT_NEEDS_IO,
+    NOWAIT_ZERO_FILL,
+    Clock,
+    HostProtocol,
+    Probe,
+    RunCounters,
+)
+
+__all__ = ["HostMemoryIo"]
+
+# NOTE: plain ints on the fault path, for performance (IntEnum attribute access is slow).
+_MAPPED = int(PageState.MAPPED)
+_UNTOUCHED = int(PageState.UNTOUCHED)
+_SWAPPED = int(PageState.SWAPPED)
+_SWAPCACHE = int(PageState.SWAPCACHE)
+_IN_IO = int(PageState.IN_IO)
+
+
+class HostMemoryIo:
+    """Guest memory as the host sees it, its swap device and the async PF workers.
+
+    ``host`` (the protocol's host half) and ``on_completed`` (wake the item's vCPU thread)
+    are wired after construction: the protocol is built over this object's services.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        memory: GuestMemory,
+        device: SwapDevice,
+        worker_start_ns: int,
+        counters: RunCounters,
+    ) -> None:
+        self.engine = clock
+        self.memory = memory
+        self.device = device
+        self.counters = counters
+        self.worker_start_ns = worker_start_ns
+        self.host: HostProtocol | None = None
+        self.on_completed: Callable[[AsyncPf], None] = _ignore
+        self.probe: Probe | None = None
+        self._io_waiters: dict[int, list[tuple[Callable[[Any], object], Any]]] = {}
+
+    # -- the NOWAIT fault-in ------------------------------------------------------------------
+    def resolve_nowait(self, gfn: int) -> int:
+        """``hva_to_pfn`` with FOLL_NOWAIT: map what needs no I/O, report what does."""
+        memory = self.memory
+        state = int(memory.state[gfn])
+        if state == _MAPPED:
+            return NOWAIT_MAPPED
+        if state == _UNTOUCHED:
+            self.write_back(memory.zero_fill(gfn))
+            return NOWAIT_ZERO_FILL
+        if state == _SWAPCACHE:
+            memory.map_swapcache(gfn)
+            return NOWAIT_MINOR
+        return NOWAIT_NEEDS_IO
+
+    def write_back(self, reclaimed: Reclaimed) -> None:
+        """Dirty evicted pages go to swap: one write request per reclaim batch."""
+        if len(reclaimed.writes):
+            self.device.submit(IoKind.WRITE, len(reclaimed.writes), _ignore, None)
+
+    def submit_swapin(self, gfn: int) -> None:
+        """``do_swap_page`` -> ``swapin_readahead``: submit the read (with readahead).
+
+        KVM's first GUP with FOLL_NOWAIT already does this before giving up on the page
+        lock, so the I/O starts at the fault, whatever the protocol does next.
+        """
+        if int(self.memory.state[gfn]) == _SWAPPED:
+            window = self.memory.readahead_window(gfn)
+            self.write_back(self.memory.start_read(window))
+            self.device.submit(IoKind.READ, len(window), self._read_done, window)
+
+    def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+        """Wait for ``gfn`` to be in memory: join its read, starting one if needed."""
+        self.submit_swapin(gfn)
+        if int(self.memory.state[gfn]) != _IN_IO:
+            self.engine.after(0, on_done, arg)
+            return
+        self._io_waiters.setdefault(gfn, []).append((on_done, arg))
+
+    def _read_done(self, window: np.ndarray) -> None:
+        self.memory.finish_read(window)
+        for gfn in window.tolist():
+            for on_done, arg in self._io_waiters.pop(gfn, ()):
+                on_done(arg)
+
+    def map_after_read(self, gfn: int) -> None:
+        if int(self.memory.state[gfn]) == _SWAPCACHE:
+            self.memory.map_after_read(gfn)
+
+    def prefault(self, gfn: int) -> bool:
+        """``kvm_arch_async_page_ready``: map the page in stage 2 if it is still resident."""
+        state = int(self.memory.state[gfn])
+        if state == _SWAPCACHE:
+            return self.memory.map_after_read(gfn)
+        return state == _MAPPED
+
+    # -- the async PF workers ------------------------------------------------------------------
+    def start_worker(self, work: AsyncPf) -> None:
+        """``schedule_work``: a kworker picks the item up after the workqueue delay."""
+        self.counters.kvm_async_pf_not_present += 1
+        if self.probe is not None:
+            self.probe.apf_setup(work)
+        self.engine.after(self.worker_start_ns, self._worker_run, work)
+
+    def _worker_run(self, work: AsyncPf) -> None:
+        self.read_page(work.gfn, self._worker_done, work)
+
+    def _worker_done(self, work: AsyncPf) -> None:
+        """End of ``async_pf_execute``: the page is in; queue the completion, wake the vCPU."""
+        counters = self.counters
+        counters.fault_latency.add(self.engine.now - work.start_ns)
+        counters.kvm_async_pf_completed += 1
+        if self.probe is not None:
+            self.probe.apf_completed(work)
+        assert self.host is not None
+        self.host.worker_done(work)
+        self.on_completed(work)
+
+
+def _ignore(_: object) -> None:
+    pass

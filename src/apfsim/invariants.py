@@ -1,0 +1,102 @@
+"""State invariants of the async PF protocols (spec §8.3), over the explicit protocol state.
+
+Each check reads the objects both drivers of the run loop share: the generic core's per-vCPU
+lists (:class:`~apfsim.host.async_pf.VcpuAsyncPf`), the variant's gfn table, and the guest
+driver's sleep records (``wait_nodes``). What only one design has is the variant's own hook
+(``check_arch``: I3, I9). The simulator calls these where the kernel would assert; the model
+checker on every state it reaches. Neither a variant's name nor its type is tested here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apfsim.abi.x86 import WAKE_ALL_TOKEN
+from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, WorkState
+from apfsim.ports import Broken, GuestProtocol, HostProtocol
+from apfsim.protocols.common import HostBase
+
+__all__ = ["INVARIANTS", "Broken", "check_guest", "check_vcpu"]
+
+INVARIANTS: dict[str, str] = {
+    "I1": "tokens of live items are unique per vCPU; x86: never 0 or ~0 (B9)",
+    "I2": "queued == items on queue (+ wake-all items on done) <= 64; every queued item is "
+    "running or done; a gfn is in the hash iff a non-wake-all item for it is queued",
+    "I3": "x86: a page-ready is pending only while its token is in the slot (one in flight)",
+    "I4": "a not-present reaches the guest only where it can take it (user mode, IRQs on, no "
+    "pending event; arm64: not where ELR/ESR/FAR are unsaved) (B1, B4)",
+    "I6": "a sleeping task has a node its page-ready can find; no token has two nodes; no "
+    "dummy node is left when every task is done",
+    "I8": "the host writes no APF data of a CPU whose kernel has not enabled async PF (B14)",
+    "I9": "x86 / SDEI: a ready request on a running vCPU has a kick or a pending ACK (B12)",
+    "live": "every task can still finish: no task asleep forever, no lost page-ready (B5, "
+    "B8, dummy-drop)",
+}
+
+
+def check_vcpu(host: HostProtocol, v: int, in_guest: bool, lists: bool = True) -> Broken:
+    """The host side of vCPU ``v``: with ``lists`` the generic core's lists (I1, I2), then
+    the variant's own (I3, I9); ``in_guest``: the vCPU runs guest code."""
+    if lists and isinstance(host, HostBase):
+        broken = _core(host, v)
+        if broken is not None:
+            return broken
+    return host.check_arch(v, in_guest)
+
+
+def _core(host: HostBase[Any], v: int) -> Broken:
+    apf = host.apf[v]
+    gfns = host.arch[v].gfns
+    if not apf.queued and not apf.queue and not apf.done:  # the common case, made cheap
+        if len(gfns) and host.apf_on(v):
+            return "I2", f"vCPU{v}: gfns left in the hash with nothing queued"
+        return None
+    wake_alls = sum(1 for w in apf.done if w.wakeup_all)
+    if apf.queued != len(apf.queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
+        return "I2", f"vCPU{v}: queued={apf.queued} but {len(apf.queue)} items queued"
+    tokens = []
+    for work in apf.queue:
+        if work.state not in (WorkState.RUNNING, WorkState.DONE):
+            return "I2", f"vCPU{v}: a {work.state.value} item is still on the queue"
+        tokens.append(work.token)
+    if len(set(tokens)) != len(tokens):
+        return "I1", f"vCPU{v}: two live items share a token ({sorted(tokens)})"
+    for token in tokens:
+        if token == WAKE_ALL_TOKEN or (host.reserved_token_zero and token == 0):
+            return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
+    # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
+    # gate is checked before the lookup, so they are never used).
+    if host.apf_on(v):
+        queued_gfns = {w.gfn for w in apf.queue if not w.wakeup_all}
+        if len(gfns) != len(queued_gfns) or not all(gfns.find(g) for g in queued_gfns):
+            return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
+    return None
+
+
+def check_guest(guest: GuestProtocol, waiting: list[tuple[int, int]], all_done: bool) -> Broken:
+    """The guest driver (I6): ``waiting`` lists (task, CPU it waits on) of every task asleep
+    or in the halted wait; ``all_done``: every task has finished."""
+    tokens: dict[int, set[int]] = {}  # scope -> tokens with a node
+    has_node: set[tuple[int, int]] = set()  # (scope, task) with a live node
+    dummies = 0
+    global_scope = False
+    for node in guest.wait_nodes():
+        seen = tokens.setdefault(node.scope, set())
+        if node.token in seen:
+            where = "" if node.scope < 0 else f"CPU{node.scope}: "
+            return "I6", f"{where}two sleep nodes for one token"
+        seen.add(node.token)
+        global_scope |= node.scope < 0
+        if node.dummy:
+            dummies += 1
+        else:
+            has_node.add((node.scope, node.task))
+    for task, cpu in waiting:
+        if (-1 if global_scope else cpu, task) not in has_node:
+            return "I6", (
+                f"task{task} waits for its page but has no node left to be found: a "
+                "lost wake-up (it sleeps forever)"
+            )
+    if dummies and all_done:
+        return "I6", f"{dummies} dummy node(s) left in the sleep table: never consumed (leak)"
+    return None

@@ -1,0 +1,105 @@
+"""A finished run's state, turned into typed results (the JSON of docs/results-schema.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from apfsim.guest.sched import Task
+from apfsim.host.backing import SwapDevice
+from apfsim.host.memory import GuestMemory
+from apfsim.metrics.accumulators import TIME_CATEGORIES, VcpuClock
+from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.ports import RunCounters, SyncCause
+from apfsim.workloads.base import Workload
+
+__all__ = ["TRACEPOINT_COUNTS", "collect"]
+
+TRACEPOINT_COUNTS = (
+    "kvm_try_async_get_page",
+    "kvm_async_pf_not_present",
+    "kvm_async_pf_ready",
+    "kvm_async_pf_completed",
+    "kvm_async_pf_repeated_fault",
+    "wake_all",
+)
+"""What the kernel's APF tracepoints would count (``include/trace/events/kvm.h``), and the
+wake-all items among the page-ready ones."""
+
+
+def collect(
+    protocol: str,
+    now: int,
+    wall_s: float,
+    events: int,
+    tasks: Sequence[Task],
+    workloads: Sequence[Workload],
+    kinds: Sequence[str],
+    clocks: Sequence[VcpuClock],
+    apf: dict[str, int],
+    counters: RunCounters,
+    memory: GuestMemory,
+    device: SwapDevice,
+) -> ProtocolResult:
+    """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters."""
+    task_results = [
+        TaskResult(
+            name=task.name,
+            kind=kind,
+            cpu=task.cpu,
+            work_s=round(workload.work_ns / 1e9, 9),
+            ops=workload.ops,
+            completion_s=None if task.completion_ns is None else round(task.completion_ns / 1e9, 9),
+            state=task.state.value,
+        )
+        for task, workload, kind in zip(tasks, workloads, kinds, strict=True)
+    ]
+    vcpus = []
+    for index, clock in enumerate(clocks):
+        clock.close(now)
+        times = {
+            name: round(int(ns) / 1e9, 9)
+            for name, ns in zip(TIME_CATEGORIES, clock.totals, strict=True)
+        }
+        vcpus.append(VcpuResult(index, times))
+    apf = dict(apf)
+    apf["apf_sleeps"] = counters.apf_sleeps
+    apf["guest_bogus_aborts"] = counters.guest_bogus_aborts
+    for cause in SyncCause:
+        apf[f"sync_fallback_{cause.value}"] = counters.sync_causes[cause]
+    syncs = sum(counters.sync_causes.values())
+    apf["sync_fallbacks"] = syncs
+    faults: dict[str, Any] = {
+        "zero_fill": counters.zero_fill,
+        "minor": counters.minor,
+        "needs_io": counters.needs_io,
+        "async": counters.async_faults,
+        "sync": syncs,
+        "repeated": counters.repeated_spins,
+        "fault_in_latency_us": counters.fault_latency.summary_us(),
+        "not_present_to_ready_us": counters.ready_latency.summary_us(),
+    }
+    mem: dict[str, Any] = {
+        "resident_pages": int(memory.resident),
+        "limit_pages": int(memory.limit_pages),
+        "pages_evicted": int(memory.pages_evicted),
+        "pages_written": int(memory.pages_written),
+        "swap_reads": int(device.reads),
+        "swap_writes": int(device.writes),
+        "swap_mean_queue": round(float(device.mean_queue_length()), 6),
+        "context_switches": counters.context_switches,
+        "ipis": counters.ipis,
+    }
+    tracepoints = {name: getattr(counters, name) for name in TRACEPOINT_COUNTS}
+    return ProtocolResult(
+        protocol=protocol,
+        sim_time_s=round(now / 1e9, 9),
+        wall_time_s=wall_s,
+        events=events,
+        tasks=task_results,
+        vcpus=vcpus,
+        apf=apf,
+        faults=faults,
+        memory=mem,
+        tracepoints=tracepoints,
+    )
