@@ -75,7 +75,7 @@ def test_random_interleavings_also_find_safety_mutants(name: str) -> None:
 
     Mutated.boot = None  # type: ignore[assignment]  # only the mutant's world
     Mutated.TestCase.settings = settings(
-        max_examples=500, stateful_step_count=40, deadline=None, database=None, derandomize=True
+        max_examples=1000, stateful_step_count=60, deadline=None, database=None, derandomize=True
     )
     with pytest.raises((AssertionError, Violation)):
         Mutated.TestCase().runTest()

@@ -23,7 +23,7 @@ from apfsim.protocols.x86_legacy import X86LegacyHost
 __all__ = ["PROTOCOLS", "ProtocolOptions", "Variant", "build_protocol", "variant"]
 
 VARIANTS = (
-    Variant("sync", "arm64", SyncHost, NoApfGuest),
+    Variant("sync", "any", SyncHost, NoApfGuest),  # the scenario's guest.arch
     Variant("arm64-rfcv2", "arm64", Arm64Rfcv2Host, Arm64ApfGuest, lifecycle=True),
     Variant("x86", "x86", X86Host, X86ApfGuest, lifecycle=True),
     Variant("x86-legacy", "x86", X86LegacyHost, X86LegacyApfGuest, lifecycle=True),

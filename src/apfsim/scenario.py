@@ -63,6 +63,9 @@ class GuestCosts(_Model):
 
 
 class GuestConfig(_Model):
+    # The guest's architecture where the protocol has none of its own (sync): its exception
+    # entry code and return-path preemption. A protocol of an arch always runs on that arch.
+    arch: Literal["arm64", "x86", "s390"] = "arm64"
     vcpus: int = Field(1, ge=1, le=64)
     memory_mib: int = Field(4096, ge=16)
     reserved_mib: int = Field(256, ge=0)

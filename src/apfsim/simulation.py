@@ -165,6 +165,8 @@ class Simulation:
         vparams = VcpuParams.of(h, g.steal_time_accounting)
         gparams = GuestParams.of(g)
         self.contexts = gparams.contexts
+        self.arch = self.variant.arch_in(g.arch)
+        rules = gparams.rules(self.arch)
         self.vcpus = [
             vcpu_type(
                 i, self.engine, self.host_protocol, self.io, vparams, self.counters, self.checker
@@ -179,7 +181,8 @@ class Simulation:
                 self.guest_protocol,
                 self.kernel,
                 cfs,
-                gparams,
+                rules,
+                g.steal_time_accounting,
                 self.counters,
                 self.checker,
             )
@@ -193,6 +196,7 @@ class Simulation:
         self.io.on_completed = self._worker_completed
         for task, cpu in specs:
             self.cpus[cpu].rq.enqueue(task, wakeup=False)
+            self.cpus[cpu].need_resched = True  # the idle task leaves do_idle for it
         self._tick_ns = 1_000_000_000 // g.hz
         self._host_tick_ns = 1_000_000_000 // h.tick_hz if h.tick_hz else 0
 

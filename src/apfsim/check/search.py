@@ -170,7 +170,9 @@ def _is_goal(world: World) -> bool:
 
 
 def _is_waiting(world: World) -> bool:
-    return any(task.state in (TaskState.SLEEPING, TaskState.HALTED) for task in world.tasks)
+    return any(
+        task.state is TaskState.SLEEPING_APF or task.halt_ctx is not None for task in world.tasks
+    )
 
 
 def _path(parent: list[int], via: list[Action | None], i: int) -> list[Action]:
@@ -253,8 +255,8 @@ def _rank(action: Action) -> int:
 
 
 def _why_stuck(world: World) -> tuple[str, str]:
-    asleep = [t for t, task in enumerate(world.tasks) if task.state == TaskState.SLEEPING]
-    halted = [t for t, task in enumerate(world.tasks) if task.state == TaskState.HALTED]
+    asleep = [t for t, task in enumerate(world.tasks) if task.state is TaskState.SLEEPING_APF]
+    halted = [t for t, task in enumerate(world.tasks) if task.halt_ctx is not None]
     if asleep:
         return "live: task asleep forever", (
             f"task{asleep[0]} sleeps on an APF token and no interleaving from here wakes it "

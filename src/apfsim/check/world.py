@@ -1,16 +1,19 @@
-"""The model checker's small world: the simulator's protocol code, driven by choices, not time.
+"""The model checker's small world: the simulator's run loop and protocol code, driven by
+choices, not time.
 
 A :class:`World` holds a VM of a few vCPUs, guest tasks and guest pages. Its host and guest
-halves are built by :func:`apfsim.protocols.build_protocol`, exactly as the simulator builds
-them; the world implements the same ports (``KernelPort`` for the guest driver,
-``HostPorts`` for the arch hooks). Where the simulator lets time decide what happens next,
-the world offers every enabled step (:meth:`World.actions`) and the search tries each:
+halves are built by :func:`apfsim.registry.build_protocol`, exactly as the simulator builds
+them, and its guest CPUs run the simulator's run loop (:mod:`apfsim.runloop`): the same
+exception frames, interrupt masking, idle entry, return to user, preemption points and
+``schedule()``. Where the simulator lets time decide what happens next, the world offers
+every enabled step (:meth:`World.actions`) and the search tries each:
 
 * a task's next access (in user or kernel mode, or on top of a pending event), which may
   take a stage-2 fault into ``try_async_pf``;
 * a vCPU entry (``vcpu_enter_guest``: one run-loop iteration, then injection);
 * the end of the top guest frame (vector stub, ``kernel_entry``, entry-common, the abort
-  or APF handler, an IRQ handler, the tail of the APF wait before ``schedule()``);
+  or APF handler, an IRQ handler, the tail of the APF wait before ``schedule()``,
+  ``__schedule``'s context switch);
 * a worker's completion (``async_pf_execute``), a synchronous fault-in's end;
 * a timer tick (an exit, and an interrupt the guest takes when it unmasks);
 * the task's own system call (an exception with its own syndrome to read);
@@ -18,31 +21,35 @@ the world offers every enabled step (:meth:`World.actions`) and the search tries
 
 Each step also checks what can only be seen as it happens (an abort landing where the
 guest cannot take it, a not-present in kernel mode, a host write into memory whose kernel
-never enabled async PF); :mod:`apfsim.check.invariants` checks the states.
+never enabled async PF); :mod:`apfsim.invariants` checks the states. The runqueue is
+round-robin: the tick, offered wherever it can change something, explores every point at
+which CFS could preempt, so the world needs no vruntime.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import apfsim.runloop as runloop
 from apfsim.guest.context import Contexts, GuestContext
 from apfsim.guest.kernel import GuestCalls
+from apfsim.guest.sched import Task, TaskState
 from apfsim.host.async_pf import AsyncPf
 from apfsim.invariants import check_guest, check_vcpu
 from apfsim.ports import (
     AbortOutcome,
     Broken,
-    FaultDecision,
     GuestView,
     HostPorts,
     Injection,
     InjectionKind,
 )
 from apfsim.registry import PROTOCOLS, ProtocolOptions, build_protocol, variant
+from apfsim.runloop import CpuState, FaultOutcome, Frame, FrameKind, Next, RunLoopRules
 
 __all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig", "has_lifecycle"]
 
@@ -56,13 +63,6 @@ class Mode:
     IDLE = 3  # kvm_vcpu_block after the idle task's WFI (NO_HZ idle: no tick)
     SYNC = 4  # blocked in a synchronous fault-in
     OFFLINE = 5  # the guest CPU is offline
-
-
-class TaskState:
-    RUNNABLE = 0
-    SLEEPING = 1  # waiting in schedule() for its APF token
-    HALTED = 2  # the seed's halted wait (dsb; wfi until unhashed)
-    DONE = 3
 
 
 class Step(IntEnum):
@@ -89,9 +89,7 @@ MODES: dict[str, GuestContext] = {
     "kernel_irqs_off": Contexts.KERNEL_IRQS_OFF,
 }
 _EVENT = "event_pending"  # a user access whose exit has an event awaiting reinjection (x86)
-
-# Frame kinds: what runs when the frame ends.
-F_NOP, F_ABORT, F_TAIL, F_TICK, F_IPI, F_SYSCALL_READ = range(6)
+_WAITING = (TaskState.SLEEPING_APF, TaskState.HALTED_APF)
 
 
 @dataclass(frozen=True)
@@ -112,43 +110,88 @@ class WorldConfig:
     event_pending: bool = False  # x86: a fault may come with an event awaiting reinjection
     send_always: bool = False  # the seed's FIXME, for its halted wait
     token_id_bits: int | None = None  # x86 apf.id width; None: too wide to wrap in this world
+    idle_tick: bool = False  # the tick keeps running in idle (no NO_HZ_IDLE)
+    preempt: bool = True  # CONFIG_PREEMPT: kernel code is preempted on IRQ return
     mutant: str | None = None
 
 
-@dataclass
-class Frame:
-    ctx: GuestContext
-    kind: int
-    injection: Injection | None = None
-    regs: Any = None  # GuestRegs of the interrupted context
-    task: int = -1
+class Script:
+    """A task's program in the small world: write each of its pages once, in order."""
+
+    __slots__ = ("ctx", "pages", "pc", "syscall_done", "wait_cpu")
+
+    def __init__(self, pages: tuple[int, ...]) -> None:
+        self.pages = pages
+        self.pc = 0
+        self.ctx = Contexts.USER  # the context of the access it is making
+        self.syscall_done = False
+        self.wait_cpu = -1  # the CPU whose list holds its node while it waits
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.pages, self.pc, self.ctx, self.syscall_done, self.wait_cpu)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.pages, self.pc, self.ctx, self.syscall_done, self.wait_cpu = state
 
 
-@dataclass
-class Vcpu:
-    mode: int = Mode.GUEST
-    frames: list[Frame] = field(default_factory=list)
-    current: int = -1
-    sync_gfn: int = -1
-    timer: bool = False  # a tick is pending in the (virtual) timer
-    ipi: bool = False  # a reschedule IPI is pending
-    irqs: list[Injection] = field(default_factory=list)  # injected interrupts not yet taken
-    need_resched: bool = False
-    event_pending: bool = False  # x86: an event awaits reinjection at this exit
-    exits: int = 0  # traps requested by the frame now ending (calls, IPI writes)
-    hotplug_left: int = 0
-    lapic_left: int = 0
+class RoundRobinRq:
+    """A runqueue without time: tasks take turns. Wakeup preemption is left to the tick
+    (a woken task runs once the tick finds another runnable, or curr stops)."""
+
+    __slots__ = ("curr", "queue")
+
+    def __init__(self) -> None:
+        self.queue: list[Task] = []
+        self.curr: Task | None = None
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.queue, self.curr)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.queue, self.curr = state
+
+    def enqueue(self, task: Task, wakeup: bool) -> None:
+        task.state = TaskState.RUNNABLE
+        self.queue.append(task)
+
+    def pick_next(self) -> Task | None:
+        task = self.queue.pop(0) if self.queue else None
+        if task is not None:
+            task.state = TaskState.RUNNING
+        self.curr = task
+        return task
+
+    def put_prev(self, task: Task) -> None:
+        task.state = TaskState.RUNNABLE
+        self.queue.append(task)
+        if self.curr is task:
+            self.curr = None
+
+    def check_preempt_tick(self) -> bool:
+        return bool(self.queue)
+
+    def check_preempt_wakeup(self, woken: Task) -> bool:
+        return False
+
+    def update_curr(self, delta_exec_ns: int) -> None:
+        pass
 
 
-@dataclass
-class Task:
-    cpu: int
-    pages: tuple[int, ...]
-    state: int = TaskState.RUNNABLE
-    pc: int = 0
-    ctx: GuestContext = Contexts.USER
-    syscall_done: bool = False
-    wait_cpu: int = -1  # the CPU whose list holds its node while it waits
+class WVcpu(CpuState):
+    """One vCPU thread and its guest CPU: the run loop's state plus where the thread is."""
+
+    def __init__(self, cpu: int, world: World, hotplug: int, lapic: int) -> None:
+        self.init_state(cpu)
+        self.world = world
+        self.rq = RoundRobinRq()
+        self.mode = Mode.GUEST
+        self.sync_gfn = -1
+        self.event_pending = False  # x86: an event awaits reinjection at this exit
+        self.hotplug_left = hotplug
+        self.lapic_left = lapic
+
+    def task_context(self, task: Task) -> GuestContext:
+        return self.world.scripts[task.tid].ctx
 
 
 class Violation(Exception):
@@ -168,17 +211,20 @@ class World(GuestCalls):
             raise ValueError(f"unknown protocol {config.protocol!r}")
         self.config = config
         self.variant = variant(config.protocol)
+        if (config.hotplug or config.reboot) and not self.variant.lifecycle:
+            raise ValueError(f"{config.protocol}'s guest models no CPU hotplug or reboot callbacks")
         self.pages = [False] * config.pages  # True: present in the host (stage 2 mapped)
         self.io: list[AsyncPf] = []  # workers in flight
         self.vcpus = [
-            Vcpu(hotplug_left=config.hotplug, lapic_left=int(config.lapic))
-            for _ in range(config.vcpus)
+            WVcpu(v, self, config.hotplug, int(config.lapic)) for v in range(config.vcpus)
         ]
+        spread = config.placement == "spread"
         self.tasks = [
-            Task(
-                cpu=t % config.vcpus if config.placement == "spread" else 0,
-                pages=tuple((t + i) % config.pages for i in range(config.pages)),
-            )
+            Task(tid=t, name=f"task{t}", cpu=t % config.vcpus if spread else 0)
+            for t in range(config.tasks)
+        ]
+        self.scripts = [
+            Script(tuple((t + i) % config.pages for i in range(config.pages)))
             for t in range(config.tasks)
         ]
         self.reboot_left = int(config.reboot)
@@ -186,23 +232,27 @@ class World(GuestCalls):
         self.running_cpu = -1
         self.log: list[str] | None = None  # set to a list to record what each step did
         ctxs = Contexts(vector_pc_offset=0x200, entry_pc_offset=0xC00)
-        self.vector_ctx = ctxs.vector
-        self.entry_ctx = ctxs.entry
+        arch = self.variant.arch_in("arm64")
+        self.rules = RunLoopRules.for_arch(
+            arch, ctxs.vector, ctxs.entry, full_preempt=config.preempt
+        )
         opts = ProtocolOptions(send_always=config.send_always)
         ports = HostPorts(self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero)
         self.host, self.guest = build_protocol(config.protocol, config.vcpus, self, ports, opts)
+        self.driver = self.guest
         # A narrow token id keeps the state space small; only B9's world lets it wrap.
         bits = config.token_id_bits
         if bits is None:
             bits = (config.tasks * config.pages * (1 + config.hotplug) + 4).bit_length()
         self.host.narrow_token_ids(bits)
         self.host.mutant = self.guest.mutant = config.mutant
-        if (config.hotplug or config.reboot) and not self.variant.lifecycle:
-            raise ValueError(f"{config.protocol}'s guest models no CPU hotplug or reboot callbacks")
         self.guest.boot()
-        for cpu in range(config.vcpus):
-            self.vcpus[cpu].mode = Mode.ENTRY
-            self._pick(cpu)
+        for task in self.tasks:
+            vc = self.vcpus[task.cpu]
+            vc.rq.enqueue(task, wakeup=False)
+            vc.need_resched = True
+        for vc in self.vcpus:
+            vc.mode = Mode.ENTRY
 
     # -- identity ------------------------------------------------------------------------------
     def key(self) -> bytes:
@@ -225,29 +275,21 @@ class World(GuestCalls):
         clone._restore([entry for entry in saved if entry[0] in ("", "host", "guest")])
         return clone
 
-    def broken(self) -> Broken:
-        """The first invariant this state breaks (apfsim.invariants), or None."""
-        host = self.host
-        for v, vc in enumerate(self.vcpus):
-            broken = check_vcpu(host, v, vc.mode == Mode.GUEST)
-            if broken is not None:
-                return broken
-        waiting = [
-            (t, task.wait_cpu)
-            for t, task in enumerate(self.tasks)
-            if task.state in (TaskState.SLEEPING, TaskState.HALTED)
-        ]
-        all_done = all(task.state == TaskState.DONE for task in self.tasks)
-        return check_guest(self.guest, waiting, all_done)
-
     _COUNTERS = ("stats", "declined", "populates")
 
     def _strip(self) -> list[tuple[str, str, object]]:
         """Detach what is not state (log, config, counters); returns it for _restore."""
-        saved: list[tuple[str, str, object]] = [("", "log", self.log), ("", "config", self.config)]
+        saved: list[tuple[str, str, object]] = [
+            ("", "log", self.log),
+            ("", "config", self.config),
+            ("", "variant", self.variant),
+            ("", "rules", self.rules),
+        ]
         keep_ack_window = self.config.mutant == "B12"
         self.log = None
         self.config = None  # type: ignore[assignment]  # the same for every state
+        self.variant = None  # type: ignore[assignment]
+        self.rules = None  # type: ignore[assignment]
         for owner in ("host", "guest"):
             half = getattr(self, owner)
             for attr in self._COUNTERS:
@@ -284,6 +326,21 @@ class World(GuestCalls):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def broken(self) -> Broken:
+        """The first invariant this state breaks (apfsim.invariants), or None."""
+        host = self.host
+        for v, vc in enumerate(self.vcpus):
+            broken = check_vcpu(host, v, vc.mode == Mode.GUEST)
+            if broken is not None:
+                return broken
+        waiting = [
+            (t, self.scripts[t].wait_cpu)
+            for t, task in enumerate(self.tasks)
+            if task.state is TaskState.SLEEPING_APF or task.halt_ctx is not None
+        ]
+        all_done = all(task.state is TaskState.DONE for task in self.tasks)
+        return check_guest(self.guest, waiting, all_done)
+
     # -- ports: the host services --------------------------------------------------------------
     def _prefault(self, gfn: int) -> bool:
         return self.pages[gfn]
@@ -302,24 +359,19 @@ class World(GuestCalls):
 
     # -- ports: the guest kernel services ------------------------------------------------------
     def current_task(self, cpu: int) -> int:
-        return self.vcpus[cpu].current
+        current = self.vcpus[cpu].current
+        return -1 if current is None else current.tid
 
     def rq_is_locked(self, cpu: int) -> bool:
-        return False  # schedule() is one atomic step here
+        return runloop.context(self.vcpus[cpu]).rq_locked
 
     def swake_up_one(self, task: int) -> None:
         t = self.tasks[task]
-        if t.state != TaskState.SLEEPING:
+        if t.state is not TaskState.SLEEPING_APF:
             return
-        t.state = TaskState.RUNNABLE
-        t.wait_cpu = -1
-        self._note(f"task{task} woken")
         self._migrate_if_offline(t)
-        vc = self.vcpus[t.cpu]
-        if vc.current < 0 or vc.current == task:
-            vc.need_resched = True
-            if t.cpu != self.running_cpu:
-                self._send_ipi(t.cpu)
+        if runloop.try_to_wake_up(self.vcpus[t.cpu], t, self.running_cpu, self):
+            self._note(f"task{task} woken")
 
     def smp_send_reschedule(self, cpu: int) -> None:
         self.vcpus[cpu].need_resched = True
@@ -330,42 +382,103 @@ class World(GuestCalls):
 
     def _guest_call(self, cpu: int, call: int, val: int) -> int:
         if self.running_cpu >= 0:
-            self.vcpus[cpu].exits += 1
+            self.vcpus[cpu].pending_exits += 1
         return self.host.guest_call(cpu, call, val)
 
     def _send_ipi(self, cpu: int) -> None:
         vc = self.vcpus[cpu]
         if vc.mode == Mode.OFFLINE:
             return
-        vc.ipi = True
+        vc.ipi_pending = True
         if cpu == self.running_cpu:
-            vc.exits += 1  # a self-IPI: the write traps, the IPI waits for the unmask
+            vc.pending_exits += 1  # a self-IPI: the write traps, the IPI waits for the unmask
             return
         if vc.mode in (Mode.GUEST, Mode.HALTED, Mode.IDLE):
             vc.mode = Mode.ENTRY
 
+    # -- runloop.Kernel: the run loop's needs, without time --------------------------------------
+    def call_driver(self, cpu: CpuState, fn: Callable[..., Any], *args: Any) -> Any:
+        self.running_cpu = cpu.cpu
+        try:
+            return fn(*args)
+        finally:
+            self.running_cpu = -1
+
+    def runqueue(self, cpu: CpuState) -> RoundRobinRq:
+        return self.vcpus[cpu.cpu].rq
+
+    def update_curr(self, cpu: CpuState) -> None:
+        pass
+
+    def picked(self, cpu: CpuState, nxt: Task | None) -> None:
+        pass
+
+    def context_switched(self, cpu: CpuState, nxt: Task | None) -> None:
+        self._note(f"vCPU{cpu.cpu} switches to {'idle' if nxt is None else nxt.name}")
+
+    def send_ipi(self, cpu: int, sender: int) -> None:
+        self._send_ipi(cpu)
+
+    def handled(
+        self, cpu: CpuState, injection: Injection, interrupted: GuestContext, outcome: AbortOutcome
+    ) -> None:
+        """I4: a not-present the guest refuses is a guest panic or a bogus fault."""
+        self._note(f"guest handler: {outcome.value}")
+        bogus = outcome in (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON)
+        if bogus and injection.kind is not InjectionKind.INTERRUPT:
+            regs = interrupted.regs()
+            mode = "user" if regs.user_mode else "kernel"
+            irqs = ", IRQs off" if regs.irqs_off else ""
+            raise Violation(
+                "I4 guest cannot take an injected async PF",
+                f"vCPU{cpu.cpu}: {injection.kind.value} with token {injection.payload:#x} "
+                f"taken in {mode} mode{irqs} was refused ({outcome.value}): on real "
+                "hardware a guest panic or a bogus fault",
+            )
+
+    def apf_waiting(self, cpu: CpuState, task: Task, token: int, halted: bool) -> None:
+        self.scripts[task.tid].wait_cpu = cpu.cpu
+
+    def apf_slept(self, cpu: CpuState, task: Task) -> None:
+        self._note(f"task{task.tid} sleeps on its token")
+
+    def task_woken(self, task: Task) -> None:
+        self.scripts[task.tid].wait_cpu = -1
+
+    def task_state(self, task: Task) -> None:
+        if task.state is TaskState.RUNNING:
+            self._note(f"task{task.tid} leaves its halted wait")
+
+    def bogus_abort(self, cpu: CpuState) -> None:
+        pass
+
     # -- enabled steps -------------------------------------------------------------------------
     def actions(self) -> list[Action]:
         out: list[Action] = []
+        n_modes = len(self._modes)
         for v, vc in enumerate(self.vcpus):
             mode = vc.mode
             if mode == Mode.GUEST:
                 if vc.frames:
                     out.append((Step.HANDLE, v, 0))
                 else:
-                    t = vc.current
-                    if t >= 0 and self.tasks[t].state == TaskState.RUNNABLE:
-                        for m in range(len(self._modes)):
+                    task = vc.current
+                    if task is not None and task.state is TaskState.RUNNING:
+                        for m in range(n_modes):
                             out.append((Step.ACCESS, v, m))
-                        task = self.tasks[t]
-                        if self._syscalls and not task.syscall_done and task.ctx is Contexts.USER:
+                        script = self.scripts[task.tid]
+                        if (
+                            self._syscalls
+                            and not script.syscall_done
+                            and script.ctx is Contexts.USER
+                        ):
                             out.append((Step.SYSCALL, v, 0))
-                if not vc.timer and self._tick_matters(v):
+                if not vc.timer_pending and self._tick_matters(v):
                     out.append((Step.TICK, v, 0))
             elif mode == Mode.ENTRY:
                 out.append((Step.ENTER, v, 0))
-            elif mode == Mode.HALTED:
-                if not vc.timer:
+            elif mode == Mode.HALTED or (mode == Mode.IDLE and self.config.idle_tick):
+                if not vc.timer_pending:
                     out.append((Step.TICK, v, 0))
             elif mode == Mode.SYNC:
                 out.append((Step.SYNC_DONE, v, 0))
@@ -376,7 +489,7 @@ class World(GuestCalls):
                 # cpu_down from another CPU; the teardown callbacks run on this one (an idle
                 # CPU is woken for them). The boot CPU stays.
                 out.append((Step.OFFLINE, v, 0))
-            if self._lapic_disabled(v) and mode in (Mode.GUEST, Mode.ENTRY, Mode.IDLE):
+            if not self.host.lapic_enabled(v) and mode in (Mode.GUEST, Mode.ENTRY, Mode.IDLE):
                 out.append((Step.LAPIC, v, 1))  # the guest's own code re-enables it
             elif vc.lapic_left and mode == Mode.GUEST and not vc.frames:
                 out.append((Step.LAPIC, v, 0))
@@ -392,28 +505,27 @@ class World(GuestCalls):
         return all(vc.mode != Mode.ENTRY and not vc.frames for vc in self.vcpus)
 
     @property
-    def _arm64(self) -> bool:
-        return self.variant.arch == "arm64"
-
-    @property
     def _syscalls(self) -> bool:
         """A task's own exception matters where a page-ready for another task of the same
         CPU can land in it: arm64 (the no-inject window), with two tasks sharing a CPU."""
         if self.config.syscalls is not None:
             return self.config.syscalls
         cpus = [task.cpu for task in self.tasks]
-        return self._arm64 and len(set(cpus)) < len(cpus)
+        return self.rules.entry_frames and len(set(cpus)) < len(cpus)
 
     def _tick_matters(self, v: int) -> bool:
         """A tick on a running vCPU is an exit plus an interrupt. It is offered where it can
-        change something: inside kernel frames (an exit can land there), with another task
-        to switch to, or with completions the next run-loop iteration could deliver. Other
-        ticks only cycle back to the same state."""
+        change something: with completions the next run-loop iteration could deliver, in
+        kernel code that takes the interrupt at once, or where it could switch tasks. In code
+        with IRQs masked and nothing to deliver, an exit leaves only the timer pending until
+        the unmask: the same state as a tick at the unmask, which is offered there."""
         vc = self.vcpus[v]
-        if vc.frames or vc.irqs or self._other_runnable(v):
-            return True
         apf = getattr(self.host, "apf", None)
-        return bool(apf is not None and apf[v].done)
+        if apf is not None and apf[v].done:
+            return True
+        if vc.frames:
+            return not vc.frames[-1].ctx.irqs_off
+        return bool(vc.pending_irqs or vc.rq.queue)
 
     @property
     def _modes(self) -> list[str]:
@@ -434,9 +546,10 @@ class World(GuestCalls):
         kind, index, arg = action
         if kind == Step.ACCESS:
             vc = self.vcpus[index]
-            task = self.tasks[vc.current]
-            gfn = task.pages[task.pc]
-            return f"vCPU{index}: task{vc.current} touches gfn{gfn} in {self._modes[arg]} mode"
+            assert vc.current is not None
+            script = self.scripts[vc.current.tid]
+            gfn = script.pages[script.pc]
+            return f"vCPU{index}: task{vc.current.tid} touches gfn{gfn} in {self._modes[arg]} mode"
         if kind == Step.WORKER:
             work = self.io[index]
             return f"worker: async_pf_execute for gfn{work.gfn} (vCPU{work.vcpu_id})"
@@ -457,239 +570,98 @@ class World(GuestCalls):
     # -- the steps -----------------------------------------------------------------------------
     def _view(self, v: int) -> GuestView:
         vc = self.vcpus[v]
-        if vc.frames:
-            ctx = vc.frames[-1].ctx
-        elif vc.current >= 0:
-            ctx = self.tasks[vc.current].ctx
-        else:
-            ctx = Contexts.IDLE
-        view = ctx.view()
+        view = runloop.context(vc).view()
         if vc.event_pending:
             view = GuestView(view.privileged, view.pc_offset, view.elr_saved, view.irqs_off, True)
         return view
 
-    def _regs_ctx(self, v: int) -> GuestContext:
-        vc = self.vcpus[v]
-        if vc.frames:
-            return vc.frames[-1].ctx
-        if vc.current >= 0:
-            return self.tasks[vc.current].ctx
-        return Contexts.IDLE
-
     def _access(self, v: int, mode: str) -> None:
         vc = self.vcpus[v]
-        t = vc.current
-        task = self.tasks[t]
-        gfn = task.pages[task.pc]
-        task.ctx = MODES["user"] if mode == _EVENT else MODES[mode]
+        task = vc.current
+        assert task is not None
+        script = self.scripts[task.tid]
+        gfn = script.pages[script.pc]
+        script.ctx = MODES["user"] if mode == _EVENT else MODES[mode]
         if self.pages[gfn]:
-            task.pc += 1
-            task.ctx = Contexts.USER
-            self._note(f"task{t} wrote gfn{gfn}")
-            if task.pc == len(task.pages):
+            script.pc += 1
+            script.ctx = Contexts.USER
+            self._note(f"task{task.tid} wrote gfn{gfn}")
+            if script.pc == len(script.pages):
                 task.state = TaskState.DONE
-                self._note(f"task{t} done")
-                self._schedule(v)
-                self._settle(v)
+                self._note(f"task{task.tid} done")
+                runloop.schedule(vc, self.rules, self)
+                self._resume(v)
             return
         vc.event_pending = mode == _EVENT
         result = self.host.try_async_pf(v, gfn, self._view(v), 0)
         self._note(f"stage-2 fault on gfn{gfn}: try_async_pf says {result.decision.value}")
         if result.work is not None:
             self.io.append(result.work)
-        decision = result.decision
-        if decision is FaultDecision.SYNC:
+        outcome = runloop.fault_outcome(result)
+        if outcome is FaultOutcome.SYNC:
             vc.mode = Mode.SYNC
             vc.sync_gfn = gfn
             vc.event_pending = False
-        elif decision is FaultDecision.HALT:
+        elif outcome is FaultOutcome.HALT:
             vc.mode = Mode.HALTED
-        else:
+        else:  # re-enter; a repeated fault re-enters and faults again until the page is in
             vc.mode = Mode.ENTRY
 
     def _enter(self, v: int) -> None:
         vc = self.vcpus[v]
         vc.mode = Mode.GUEST
-        delivered = self.host.run_loop_iteration(v, self._view(v))
+        delivered, injections = runloop.vcpu_enter(self.host, v, self._view(v))
         if delivered:
             self._note(f"{len(delivered)} completion(s) delivered")
-        regs_ctx = self._regs_ctx(v)
-        exceptions: list[Injection] = []
-        while (injection := self.host.take_injection(v)) is not None:
-            if injection.kind is InjectionKind.INTERRUPT:
-                if self._lapic_disabled(v):
-                    self._note("page-ready interrupt into a disabled LAPIC: lost")
-                    continue
-                vc.irqs.append(injection)
-            else:
-                exceptions.append(injection)
+        interrupted = runloop.context(vc)
+        exceptions = [i for i in injections if i.kind.synchronous]
         if exceptions:
             if vc.event_pending:
                 raise Violation(
                     "I4 not-present injected with an event pending (B1)",
                     f"vCPU{v}: an async #PF on top of an event awaiting reinjection: #DF",
                 )
-            if not regs_ctx.elr_saved or regs_ctx.syndrome_unread:
-                what = "ELR_EL1/SPSR_EL1" if not regs_ctx.elr_saved else "ESR_EL1/FAR_EL1"
+            if not interrupted.elr_saved or interrupted.syndrome_unread:
+                what = "ELR_EL1/SPSR_EL1" if not interrupted.elr_saved else "ESR_EL1/FAR_EL1"
                 raise Violation(
                     "abort injected where the guest cannot take it",
-                    f"vCPU{v}: {exceptions[0].kind.value} injected in {regs_ctx.name}, "
+                    f"vCPU{v}: {exceptions[0].kind.value} injected in {interrupted.name}, "
                     f"whose {what} are not yet saved: the nested exception overwrites them",
                 )
         vc.event_pending = False
-        regs = regs_ctx.regs()
-        for injection in exceptions:
-            self._note(f"inject {injection.kind.value} (payload {injection.payload:#x})")
-            self._push_exception(v, Frame(Contexts.HANDLER, F_ABORT, injection, regs))
-        self._settle(v)
-
-    def _push_exception(self, v: int, handler: Frame) -> None:
-        """arm64: the vector stub and kernel_entry run first, with ELR_EL1 not yet saved, and
-        an exit can land in them. x86 delivers through the IDT with the state saved by the
-        CPU and IF cleared, so nothing can be injected before the handler runs."""
-        frames = self.vcpus[v].frames
-        frames.append(handler)
-        if self._arm64:
-            frames.append(Frame(self.entry_ctx, F_NOP))
-            frames.append(Frame(self.vector_ctx, F_NOP))
-
-    def _take_interrupts(self, v: int) -> bool:
-        """Interrupts wait for the guest to unmask (the top context's IRQ mask)."""
-        vc = self.vcpus[v]
-        if not (vc.irqs or vc.timer or vc.ipi):
-            return False
-        if self._regs_ctx(v).irqs_off and (vc.frames or vc.current >= 0):
-            return False
-        regs = self._regs_ctx(v).regs()
-        if vc.ipi:
-            vc.ipi = False
-            vc.frames.append(Frame(Contexts.IRQ, F_IPI))
-        if vc.timer:
-            vc.timer = False
-            vc.frames.append(Frame(Contexts.IRQ, F_TICK))
-        for injection in vc.irqs:
-            self._note(f"guest takes interrupt {injection.payload:#x}")
-            vc.frames.append(Frame(Contexts.IRQ, F_ABORT, injection, regs))
-        vc.irqs.clear()
-        return True
+        for injection in injections:
+            what = "inject" if injection.kind.synchronous else "raise interrupt"
+            self._note(f"{what} {injection.kind.value} (payload {injection.payload:#x})")
+        if runloop.take_events(vc, self.rules, injections, self.host.lapic_enabled(v)):
+            self._note("page-ready interrupt into a disabled LAPIC: lost")
+        self._resume(v)
 
     def _handle(self, v: int) -> None:
         vc = self.vcpus[v]
         frame = vc.frames.pop()
-        self.running_cpu = v
-        try:
-            self._frame_end(v, frame)
-        finally:
-            self.running_cpu = -1
-        if vc.exits and vc.mode == Mode.GUEST:
-            vc.exits = 0
+        runloop.frame_end(vc, self.rules, frame, self)
+        if vc.pending_exits and vc.mode == Mode.GUEST:
+            vc.pending_exits = 0
             vc.mode = Mode.ENTRY  # the handler's MSR write / SMCCC / IPI write traps
             return
-        vc.exits = 0
-        if not vc.frames and vc.current >= 0 and self.tasks[vc.current].ctx is Contexts.USER:
-            self.guest.on_ret_to_user(v)
-        self._settle(v)
+        vc.pending_exits = 0
+        runloop.take_interrupts(vc, self.rules)
+        self._resume(v)
 
-    def _frame_end(self, v: int, frame: Frame) -> None:
-        vc = self.vcpus[v]
-        if frame.kind == F_ABORT:
-            assert frame.injection is not None
-            injection = frame.injection
-            outcome = self.guest.on_injection(v, injection, frame.regs)
-            self._note(f"guest handler: {outcome.value}")
-            bogus = outcome in (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON)
-            if bogus and injection.kind is not InjectionKind.INTERRUPT:
-                mode = "user" if frame.regs.user_mode else "kernel"
-                irqs = ", IRQs off" if frame.regs.irqs_off else ""
-                raise Violation(
-                    "I4 guest cannot take an injected async PF",
-                    f"vCPU{v}: {injection.kind.value} with token {injection.payload:#x} "
-                    f"taken in {mode} mode{irqs} was refused ({outcome.value}): on real "
-                    "hardware a guest panic or a bogus fault",
-                )
-            if outcome is AbortOutcome.WAIT_SCHEDULE:
-                self.tasks[vc.current].wait_cpu = v
-                vc.frames.append(Frame(Contexts.KERNEL, F_TAIL, task=vc.current))
-            elif outcome is AbortOutcome.WAIT_HALT:
-                self.tasks[vc.current].wait_cpu = v
-                self.tasks[vc.current].state = TaskState.HALTED
-        elif frame.kind == F_TAIL:
-            if self.guest.waiter_woken(v, frame.task):
-                self.tasks[frame.task].wait_cpu = -1  # woken before it slept
-            else:
-                self.tasks[frame.task].state = TaskState.SLEEPING
-                self._note(f"task{frame.task} sleeps on its token")
-                self._schedule(v)
-        elif frame.kind == F_TICK:
-            if self._other_runnable(v):
-                vc.need_resched = True
-        elif frame.kind == F_SYSCALL_READ:
-            pass
-
-    def _settle(self, v: int) -> None:
-        """Nothing left to run in kernel frames: take interrupts, reschedule, wait or idle."""
+    def _resume(self, v: int) -> None:
+        """The run loop decides what runs next; a WFI blocks unless already runnable."""
         vc = self.vcpus[v]
         if vc.mode != Mode.GUEST:
             return
-        if self._take_interrupts(v) or vc.frames:
-            return
-        if vc.need_resched:
-            self._schedule(v)
-        t = vc.current
-        if t >= 0 and self.tasks[t].state == TaskState.HALTED:
-            if self.guest.waiter_woken(v, t):
-                self.tasks[t].state = TaskState.RUNNABLE
-                self.tasks[t].wait_cpu = -1
-                self._note(f"task{t} leaves its halted wait")
+        nxt = runloop.resume(vc, self.rules, self)
+        if nxt is Next.EXIT:
+            vc.pending_exits = 0
+            vc.mode = Mode.ENTRY
+        elif nxt is Next.WFI_HALT or nxt is Next.WFI_IDLE:
+            if runloop.wake_condition(vc.timer_pending, vc.ipi_pending, self.host, v):
+                vc.mode = Mode.ENTRY  # kvm_vcpu_check_block: already runnable
             else:
-                vc.mode = Mode.HALTED  # wfi in the halted wait: the tick stays armed
-                return
-        if vc.current < 0:
-            self.running_cpu = v
-            try:
-                self.guest.on_idle_entry(v)
-            finally:
-                self.running_cpu = -1
-            if vc.exits:
-                vc.exits = 0
-                vc.mode = Mode.ENTRY
-                return
-            if self._take_interrupts(v) or vc.current >= 0:
-                return
-            runnable = self.host.vcpu_runnable(v) or vc.need_resched
-            vc.mode = Mode.ENTRY if runnable else Mode.IDLE
-
-    def _other_runnable(self, v: int) -> bool:
-        current = self.vcpus[v].current
-        return any(
-            t.cpu == v and t.state == TaskState.RUNNABLE and i != current
-            for i, t in enumerate(self.tasks)
-        )
-
-    def _schedule(self, v: int) -> None:
-        """``schedule()``: the next runnable task of this CPU after ``current``, or idle."""
-        vc = self.vcpus[v]
-        vc.need_resched = False
-        n = len(self.tasks)
-        start = vc.current
-        for i in range(1, n + 1):
-            cand = (start + i) % n
-            task = self.tasks[cand]
-            if task.cpu == v and task.state == TaskState.RUNNABLE:
-                if cand != vc.current:
-                    self._note(f"vCPU{v} switches to task{cand}")
-                    self.guest.on_context_switch(v, cand)
-                vc.current = cand
-                return
-        if vc.current >= 0 and self.tasks[vc.current].state == TaskState.HALTED:
-            return  # the halted waiter keeps the CPU
-        if vc.current >= 0:
-            self.guest.on_context_switch(v, -1)
-        vc.current = -1
-
-    def _pick(self, v: int) -> None:
-        self.vcpus[v].current = -1
-        self._schedule(v)
+                vc.mode = Mode.HALTED if nxt is Next.WFI_HALT else Mode.IDLE
 
     def _worker_done(self, index: int) -> None:
         work = self.io.pop(index)
@@ -709,19 +681,16 @@ class World(GuestCalls):
 
     def _tick(self, v: int) -> None:
         vc = self.vcpus[v]
-        vc.timer = True
+        vc.timer_pending = True
         vc.mode = Mode.ENTRY
 
     def _syscall(self, v: int) -> None:
         """The task's own synchronous exception: vector, kernel_entry, entry-common (syndrome
         not yet read), then the handler."""
         vc = self.vcpus[v]
-        self.tasks[vc.current].syscall_done = True
-        vc.frames.append(Frame(Contexts.SYSCALL, F_NOP))
-        vc.frames.append(Frame(Contexts.ENTRY_COMMON, F_SYSCALL_READ))
-        if self._arm64:
-            vc.frames.append(Frame(self.entry_ctx, F_NOP))
-            vc.frames.append(Frame(self.vector_ctx, F_NOP))
+        assert vc.current is not None
+        self.scripts[vc.current.tid].syscall_done = True
+        runloop.push_syscall(vc, self.rules)
 
     def _offline(self, v: int) -> None:
         """CPU hotplug: the driver's offline callback, then the CPU's tasks move away."""
@@ -734,23 +703,30 @@ class World(GuestCalls):
             self.running_cpu = -1
         vc.mode = Mode.OFFLINE
         vc.frames.clear()
-        vc.irqs.clear()
-        vc.timer = vc.ipi = vc.need_resched = False
-        vc.exits = 0
-        vc.current = -1
+        vc.pending_irqs.clear()
+        vc.timer_pending = vc.ipi_pending = vc.need_resched = False
+        vc.pending_exits = 0
+        current, vc.current = vc.current, None
+        if current is not None and current.state in (TaskState.RUNNING, TaskState.HALTED_APF):
+            vc.rq.put_prev(current)
+        vc.rq.curr = None
         for task in self.tasks:
             self._migrate_if_offline(task)
 
     def _migrate_if_offline(self, task: Task) -> None:
-        if self.vcpus[task.cpu].mode != Mode.OFFLINE:
+        """``migrate_tasks``: a task of an offline CPU moves to the first online one."""
+        source = self.vcpus[task.cpu]
+        if source.mode != Mode.OFFLINE:
             return
-        target = next(i for i, vc in enumerate(self.vcpus) if vc.mode != Mode.OFFLINE)
-        task.cpu = target
-        vc = self.vcpus[target]
-        if task.state == TaskState.RUNNABLE and vc.current < 0:
-            vc.need_resched = True
-            if vc.mode in (Mode.IDLE, Mode.HALTED):
-                vc.mode = Mode.ENTRY
+        target_cpu = next(i for i, vc in enumerate(self.vcpus) if vc.mode != Mode.OFFLINE)
+        task.cpu = target_cpu
+        if task in source.rq.queue:
+            source.rq.queue.remove(task)
+            target = self.vcpus[target_cpu]
+            target.rq.queue.append(task)
+            target.need_resched = True
+            if target.mode in (Mode.IDLE, Mode.HALTED):
+                target.mode = Mode.ENTRY
 
     def _online(self, v: int) -> None:
         vc = self.vcpus[v]
@@ -767,13 +743,17 @@ class World(GuestCalls):
             block.enabled = 0
         for task in self.tasks:
             task.state = TaskState.DONE
+            task.halt_ctx = None
         for vc in self.vcpus:
+            vc.rq.queue.clear()
+            vc.rq.curr = None
             if vc.mode == Mode.OFFLINE:
                 continue
             vc.frames.clear()
-            vc.irqs.clear()
-            vc.current = -1
-            vc.exits = 0
+            vc.pending_irqs.clear()
+            vc.current = None
+            vc.need_resched = False
+            vc.pending_exits = 0
             if vc.mode in (Mode.GUEST, Mode.HALTED):
                 vc.mode = Mode.ENTRY
 
@@ -784,9 +764,6 @@ class World(GuestCalls):
         self.host.kvm_lapic_set_enabled(v, enable)
         if self.vcpus[v].mode == Mode.GUEST:
             self.vcpus[v].mode = Mode.ENTRY  # the SPIV write traps to the host
-
-    def _lapic_disabled(self, v: int) -> bool:
-        return not self.host.lapic_enabled(v)
 
     # -- step-level checks ---------------------------------------------------------------------
     def _blocks(self) -> list[tuple[int, ...]]:
@@ -835,16 +812,19 @@ _HANDLERS = {
     InjectionKind.INTERRUPT: "page-ready interrupt handler",
 }
 _FRAMES = {
-    F_TAIL: "APF wait, from queueing the node to schedule()",
-    F_TICK: "timer interrupt (scheduler_tick)",
-    F_IPI: "reschedule IPI",
-    F_SYSCALL_READ: "entry-common (el0_sync, before reading ESR_EL1/FAR_EL1)",
+    FrameKind.WAIT_TAIL: "APF wait, from queueing the node to schedule()",
+    FrameKind.TICK: "timer interrupt (scheduler_tick)",
+    FrameKind.IPI: "reschedule IPI",
+    FrameKind.SWITCH: "__schedule (context switch under rq->lock)",
+    FrameKind.SYSCALL: "system call body",
+    FrameKind.ENTRY_COMMON: "entry-common (el0_sync, before reading ESR_EL1/FAR_EL1)",
 }
 
 
 def _frame_name(frame: Frame) -> str:
-    if frame.injection is not None:
-        return f"{_HANDLERS[frame.injection.kind]} for {frame.injection.payload:#x}"
+    if frame.kind is FrameKind.HANDLER:
+        injection: Injection = frame.arg[0]
+        return f"{_HANDLERS[injection.kind]} for {injection.payload:#x}"
     if frame.kind in _FRAMES:
         return _FRAMES[frame.kind]
     return {"vector": "vector stub", "kernel_entry": "kernel_entry"}.get(

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from apfsim.guest.context import GuestContext
+
 __all__ = ["CfsParams", "CfsRq", "Task", "TaskState"]
 
 
@@ -27,7 +29,7 @@ class TaskState(Enum):
     RUNNING = "running"  # curr on its CPU
     RUNNABLE = "runnable"  # on the runqueue
     SLEEPING_APF = "sleeping_apf"  # TASK_UNINTERRUPTIBLE in kvm_async_pf_wait
-    HALTED_APF = "halted_apf"  # spinning in the halted (WFI) wait, still curr
+    HALTED_APF = "halted_apf"  # curr, spinning in the halted (WFI) wait
     DONE = "done"
 
 
@@ -64,6 +66,7 @@ class Task:
     sum_exec_runtime: int = 0
     prev_sum_exec_runtime: int = 0  # at the last pick, for check_preempt_tick
     completion_ns: int | None = None
+    halt_ctx: GuestContext | None = None  # in the halted APF wait: the context it faulted in
 
 
 @dataclass

@@ -33,6 +33,7 @@ from apfsim.ports import (
     RunCounters,
     SyncCause,
 )
+from apfsim.runloop import FaultOutcome, fault_outcome, vcpu_enter, wake_condition
 
 __all__ = ["Vcpu", "VcpuMode", "VcpuParams"]
 
@@ -135,8 +136,8 @@ class Vcpu:
     def enter(self, _: object = None) -> None:
         """One run-loop iteration, then guest entry with any pending abort injected."""
         self._host_event = None
-        host, counters = self.host, self.counters
-        delivered = host.run_loop_iteration(self.index, self.guest.context().view())
+        counters = self.counters
+        delivered, injections = vcpu_enter(self.host, self.index, self.guest.context().view())
         for work in delivered:
             # Only a not-present the guest saw has a page-ready latency; a halt just ends.
             if work.wakeup_all:
@@ -146,9 +147,6 @@ class Vcpu:
             counters.kvm_async_pf_ready += 1
             if self.probe is not None:
                 self.probe.apf_ready(self.index, work)
-        injections: list[Injection] = []
-        while (injection := host.take_injection(self.index)) is not None:
-            injections.append(injection)
         cost = self._entry_ns
         for injection in injections:
             cost += self._inject_ns[injection.kind]
@@ -218,15 +216,16 @@ class Vcpu:
                 self.probe.try_async(self.index, gfn, repeated)
         if self.checker is not None:
             self.checker.note(self.index, _TRY_LABEL[result.decision], gfn)
-        if result.decision is FaultDecision.ASYNC:
+        outcome = fault_outcome(result)
+        if outcome is FaultOutcome.ENTER:
             counters.async_faults += 1
             if result.work is not None:  # guest-initiated queues its work at the hypercall
                 self.io.start_worker(result.work)
             self._host_event = self.engine.after(cost, self.enter)
-        elif result.decision is FaultDecision.REPEATED:
+        elif outcome is FaultOutcome.SPIN:
             self._spin_gfn = gfn
             self._spin(now + cost)
-        elif result.decision is FaultDecision.HALT:
+        elif outcome is FaultOutcome.HALT:
             # KVM_REQ_APF_HALT: vcpu_enter_guest returns without entering; kvm_vcpu_block.
             if result.work is not None:
                 counters.async_faults += 1
@@ -280,7 +279,7 @@ class Vcpu:
     def _wake_condition(self) -> bool:
         """``kvm_vcpu_check_block``: a pending IRQ, or the arch says runnable."""
         guest = self.guest
-        return guest.timer_pending or guest.ipi_pending or self.host.vcpu_runnable(self.index)
+        return wake_condition(guest.timer_pending, guest.ipi_pending, self.host, self.index)
 
     def wfi(self, halt: bool) -> None:
         """The guest executed WFI: trap, then block unless already runnable."""

@@ -188,6 +188,7 @@ class HostBase(Generic[A]):
     arch: list[A]
     mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
     reserved_token_zero: ClassVar[bool] = False  # token 0 means "slot free" (x86 5.10+: B9)
+    unique_tokens: ClassVar[bool] = True  # a token names one fault (not so on s390: the pid)
 
     def __init__(self, n_vcpus: int, prefault: PrefaultFn, gup_nowait: GupNowaitFn | None) -> None:
         self.prefault = prefault
@@ -340,8 +341,13 @@ class Variant:
     invariants ask this record (and the halves it builds) instead of testing names or types.
 
     ``arch`` picks the exception-entry rule and the trace layout (``arm64``, ``x86``,
-    ``s390``); ``lifecycle``: the guest driver models CPU hotplug and reboot callbacks.
+    ``s390``, or ``any``: the scenario's ``guest.arch``); ``lifecycle``: the guest driver
+    models CPU hotplug and reboot callbacks.
     """
+
+    def arch_in(self, scenario_arch: str) -> str:
+        """The arch a run of this variant has in a guest of ``scenario_arch``."""
+        return scenario_arch if self.arch == "any" else self.arch
 
     name: str
     arch: str

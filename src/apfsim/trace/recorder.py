@@ -119,7 +119,7 @@ class TraceRecorder:
         self.sim = sim
         engine = sim.engine
         self.now: Callable[[], int] = lambda: engine.now
-        self.arch = sim.variant.arch  # the kvm_entry / kvm_exit layout of the protocol's arch
+        self.arch = sim.arch  # the kvm_entry / kvm_exit layout of the run's arch
         self.vector_ctx = sim.contexts.vector
         self.window = options.window
         n = len(sim.vcpus)
