@@ -88,6 +88,33 @@ def test_the_seeds_halted_waiter_is_never_woken() -> None:
     assert "guest handler: wait_halt" in effects
 
 
+def test_a_halted_waiter_in_rcu_can_be_preempted_but_still_strands_when_alone() -> None:
+    """docs/findings.md F1's scope: a waiter halted only for rcu_preempt_depth() runs its WFI
+    loop with preempt_count 0, so a tick's el1_irq return can preempt it (CONFIG_PREEMPT),
+    and a page-ready taken while another task runs wakes it. If the page-ready is delivered
+    while it is back on the CPU, the wake is delayed as for an atomic waiter."""
+    world = replace(SEED_HALTED_WAIT_WORLD, tasks=2, modes=("user", "kernel_rcu"), idle_tick=True)
+    found = check(replace(world, syscalls=False))
+    assert found.violation is not None
+    assert found.violation.prop == "live: halted waiter never woken"
+    switched = [e for step in found.violation.trace for e in step.effects]
+    assert "guest handler: wait_halt" in switched and "vCPU0 switches to task1" in switched
+
+
+def test_the_seeds_idle_delayed_wake_is_lost_without_a_tick_in_idle() -> None:
+    """docs/findings.md F4: a page-ready landing in __schedule (rq->lock held) is delayed;
+    __cpu_do_idle's kvm_async_pf_delayed_wake then wakes the task, but executes WFI with no
+    need_resched test in between, and with NO_HZ_IDLE no tick ends that WFI: the woken task
+    waits for an unrelated interrupt. With the tick running in idle, nothing is lost."""
+    world = WorldConfig(protocol="arm64-rfcv2", vcpus=1, tasks=2, pages=1, syscalls=False)
+    found = check(world)
+    assert found.violation is not None
+    assert found.violation.prop == "live: task asleep forever"
+    text = [step.action for step in found.violation.trace]
+    assert any("__schedule" in action for action in text)
+    assert check(replace(world, idle_tick=True)).violation is None
+
+
 def test_the_seeds_window_lets_an_abort_clobber_an_unread_syndrome() -> None:
     """docs/findings.md F2 (Mark Rutland's NAK): entry-common is outside [VBAR, VBAR+range),
     so a page-ready abort can land before el0_sync has read ESR_EL1/FAR_EL1."""

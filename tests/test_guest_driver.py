@@ -282,15 +282,20 @@ def test_wait_outcome_is_wait_halt_for_halted_node() -> None:
     assert outcome is AbortOutcome.WAIT_HALT
 
 
-def test_wait_preempt_count_one_in_kernel_schedules() -> None:
-    """The seed tests ``preempt_count() > 1``: a count of exactly 1 still schedules."""
+def test_n_halted_is_computed_under_the_list_lock() -> None:
+    """The seed tests ``preempt_count() > 1`` with the list's spinlock held, so it sees the
+    faulting code's count + 1: a fault taken holding one lock (count 1) halts, and a fault
+    in preemptible kernel code (count 0) schedules."""
     vm = make_vm()
     vm.port.current[0] = 5
-    outcome = signal(
-        vm, 0, KVM_PV_REASON_PAGE_NOT_PRESENT, 0x10000, GuestRegs(user_mode=False, preempt_count=1)
-    )
+    one_lock = GuestRegs(user_mode=False, preempt_count=1)
+    outcome = signal(vm, 0, KVM_PV_REASON_PAGE_NOT_PRESENT, 0x10000, one_lock)
+    assert outcome is AbortOutcome.WAIT_HALT
+    assert vm.guest.apf_head[0][0].halted
+    vm.port.current[0] = 6
+    preemptible = GuestRegs(user_mode=False, preempt_count=0)
+    outcome = signal(vm, 0, KVM_PV_REASON_PAGE_NOT_PRESENT, 0x20000, preemptible)
     assert outcome is AbortOutcome.WAIT_SCHEDULE
-    assert not vm.guest.apf_head[0][0].halted
 
 
 @pytest.mark.parametrize(

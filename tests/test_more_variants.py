@@ -151,6 +151,17 @@ def test_legacy_halted_waiter_is_woken_by_a_resched_ipi_to_itself() -> None:
     assert port.resched == [0] and guest.waiter_woken(0, 7)
 
 
+def test_legacy_n_halted_is_computed_under_the_bucket_lock() -> None:
+    """v5.7 kvm_async_pf_task_wait takes the bucket's raw spinlock before it computes
+    ``n.halted``: a fault taken holding one lock (preempt_count 1) halts."""
+    _, guest, host = legacy_pair()
+    res = host.try_async_pf(0, 0x680, KERNEL, 0)
+    assert res.work is not None
+    [inj] = drain(host)
+    one_lock = GuestRegs(user_mode=False, preempt_count=1)
+    assert guest.on_injection(0, inj, one_lock) is AbortOutcome.WAIT_HALT
+
+
 def test_legacy_page_ready_cancels_a_not_present_still_pending() -> None:
     """If the not-present #PF has not been delivered yet, both events are dropped."""
     _, _, host = legacy_pair()

@@ -81,7 +81,7 @@ class RunChecker:
         waiting = [
             (t.tid, t.cpu)
             for t in self.tasks
-            if t.state is TaskState.SLEEPING_APF or t.halt_ctx is not None
+            if t.state is TaskState.SLEEPING_APF or t.state is TaskState.HALTED_APF
         ]
         all_done = all(t.state is TaskState.DONE for t in self.tasks)
         self._raise_if(check_guest(self.guest, waiting, all_done))

@@ -392,6 +392,16 @@ def check_command(
     send_always: Annotated[
         bool, typer.Option("--send-always", help="Guest sets SEND_ALWAYS (the seed's FIXME).")
     ] = False,
+    idle_tick: Annotated[
+        bool,
+        typer.Option("--idle-tick", help="The tick keeps running in idle (no NO_HZ_IDLE)."),
+    ] = False,
+    preempt: Annotated[
+        bool,
+        typer.Option(
+            "--preempt/--no-preempt", help="CONFIG_PREEMPT: kernel code preempted on IRQ return."
+        ),
+    ] = True,
     max_states: Annotated[int, typer.Option(help="Stop after this many states.")] = 2_000_000,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON to this file.")
@@ -405,7 +415,7 @@ def check_command(
     config = _check_config(protocol, vcpus, tasks, pages, mutant, modes, hotplug)
     config = replace(config, reboot=config.reboot or reboot)
     config = replace(config, send_always=config.send_always or send_always)
-    config = replace(config, stay_offline=stay_offline)
+    config = replace(config, stay_offline=stay_offline, idle_tick=idle_tick, preempt=preempt)
     if syscalls is not None:
         config = replace(config, syscalls=syscalls)
     if (config.hotplug or config.reboot) and not has_lifecycle(config.protocol):

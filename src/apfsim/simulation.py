@@ -22,7 +22,6 @@ from apfsim.engine import Engine, RandomStreams
 from apfsim.guest.cpu import GuestCpu, GuestParams
 from apfsim.guest.kernel import SimKernel
 from apfsim.guest.sched import CfsParams, Task
-from apfsim.host.async_pf import AsyncPf
 from apfsim.host.backing import (
     ConstantServiceTime,
     ExponentialServiceTime,
@@ -143,8 +142,13 @@ class Simulation:
             guest_handler_offsets_max=g.handler_offsets_max,
             preempt_count_config=g.preempt_count_config,
         )
+        engine = self.engine
         ports = HostPorts(
-            self.io.prefault, self._kick, self.io.submit_swapin, self.io.start_worker, self._now
+            self.io.prefault,
+            self.io.kick,
+            self.io.submit_swapin,
+            self.io.start_worker,
+            lambda: engine.now,
         )
         self.host_protocol, self.guest_protocol = build_protocol(
             protocol, g.vcpus, self.kernel, ports, options
@@ -193,7 +197,7 @@ class Simulation:
         self.kernel.cpus, self.kernel.vcpus = self.cpus, self.vcpus
         if self.checker is not None:
             self.checker.attach(self.vcpus)
-        self.io.on_completed = self._worker_completed
+        self.io.vcpus = self.vcpus
         for task, cpu in specs:
             self.cpus[cpu].rq.enqueue(task, wakeup=False)
             self.cpus[cpu].need_resched = True  # the idle task leaves do_idle for it
@@ -265,21 +269,6 @@ class Simulation:
 
     def workload_of(self, task: Task) -> Workload:
         return self.workloads[task.tid]
-
-    # -- wiring between the components ----------------------------------------------------------
-    def _worker_completed(self, work: AsyncPf) -> None:
-        """The worker's ``swake_up_one(&vcpu->wq)``, then the checks of its completion."""
-        vcpu = self.vcpus[work.vcpu_id]
-        vcpu.worker_completed()
-        if self.checker is not None:
-            self.checker.note(work.vcpu_id, "async_pf_execute done, gfn", work.gfn)
-            self.checker.check_worker(work.vcpu_id, vcpu.in_guest)
-
-    def _kick(self, vcpu: int) -> None:
-        self.vcpus[vcpu].kick()
-
-    def _now(self) -> int:
-        return self.engine.now
 
     # -- running ----------------------------------------------------------------------------------
     def _tick(self, vcpu: Vcpu) -> None:

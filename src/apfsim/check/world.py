@@ -333,10 +333,12 @@ class World(GuestCalls):
             broken = check_vcpu(host, v, vc.mode == Mode.GUEST)
             if broken is not None:
                 return broken
+        # A halted waiter preempted out of its WFI loop is runnable: once its node is
+        # unhashed it is woken, and it finds out when it runs again.
         waiting = [
             (t, self.scripts[t].wait_cpu)
             for t, task in enumerate(self.tasks)
-            if task.state is TaskState.SLEEPING_APF or task.halt_ctx is not None
+            if task.state in _WAITING
         ]
         all_done = all(task.state is TaskState.DONE for task in self.tasks)
         return check_guest(self.guest, waiting, all_done)

@@ -148,7 +148,9 @@ class Arm64ApfGuest(GuestBase):
             data.reason = 0  # kvm_async_pf_unlock_and_clear
             return AbortOutcome.DUMMY_CONSUMED
         if self.preempt_count_config:
-            atomic = regs.preempt_count > 1 or regs.rcu_depth > 0
+            # Computed with the list's spinlock held: preempt_count() is the interrupted
+            # code's count + 1, so "> 1" means the faulting code was already atomic.
+            atomic = regs.preempt_count + 1 > 1 or regs.rcu_depth > 0
         else:
             atomic = in_kernel
         halted = regs.is_idle_task or atomic

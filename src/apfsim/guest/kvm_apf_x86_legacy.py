@@ -52,7 +52,8 @@ class X86LegacyApfGuest(X86ApfGuest):
 
     def kvm_async_pf_task_wait(self, cpu: int, token: int, regs: GuestRegs) -> AbortOutcome:
         if self.preempt_count_config:
-            atomic = regs.preempt_count > 1 or regs.rcu_depth > 0
+            # Under the bucket's raw spinlock: preempt_count() is the faulting code's + 1.
+            atomic = regs.preempt_count + 1 > 1 or regs.rcu_depth > 0
         else:
             atomic = not regs.user_mode
         halted = regs.is_idle_task or atomic

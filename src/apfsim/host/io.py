@@ -9,8 +9,8 @@ what reclaim evicts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,7 +28,16 @@ from apfsim.ports import (
     RunCounters,
 )
 
-__all__ = ["HostMemoryIo"]
+__all__ = ["HostMemoryIo", "VcpuThread"]
+
+
+class VcpuThread(Protocol):
+    """What the host's workers and hooks do to a vCPU thread."""
+
+    def worker_completed(self, work: AsyncPf) -> None: ...
+
+    def kick(self) -> None: ...
+
 
 # NOTE: plain ints on the fault path, for performance (IntEnum attribute access is slow).
 _MAPPED = int(PageState.MAPPED)
@@ -41,8 +50,9 @@ _IN_IO = int(PageState.IN_IO)
 class HostMemoryIo:
     """Guest memory as the host sees it, its swap device and the async PF workers.
 
-    ``host`` (the protocol's host half) and ``on_completed`` (wake the item's vCPU thread)
-    are wired after construction: the protocol is built over this object's services.
+    ``host`` (the protocol's host half) and ``vcpus`` (the vCPU threads a worker wakes or
+    a host hook kicks) are wired after construction: the protocol is built over this
+    object's services.
     """
 
     def __init__(
@@ -59,7 +69,7 @@ class HostMemoryIo:
         self.counters = counters
         self.worker_start_ns = worker_start_ns
         self.host: HostProtocol | None = None
-        self.on_completed: Callable[[AsyncPf], None] = _ignore
+        self.vcpus: Sequence[VcpuThread] = ()
         self.probe: Probe | None = None
         self._io_waiters: dict[int, list[tuple[Callable[[Any], object], Any]]] = {}
 
@@ -139,7 +149,11 @@ class HostMemoryIo:
             self.probe.apf_completed(work)
         assert self.host is not None
         self.host.worker_done(work)
-        self.on_completed(work)
+        self.vcpus[work.vcpu_id].worker_completed(work)
+
+    def kick(self, vcpu: int) -> None:
+        """``kvm_vcpu_kick`` (a host hook's ``HostPorts.kick``)."""
+        self.vcpus[vcpu].kick()
 
 
 def _ignore(_: object) -> None:

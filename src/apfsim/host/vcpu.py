@@ -16,6 +16,7 @@ from typing import Any
 
 from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
+from apfsim.host.async_pf import AsyncPf
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
 from apfsim.ports import (
     NOWAIT_MAPPED,
@@ -300,14 +301,18 @@ class Vcpu:
         self._to_host()
         self.enter()
 
-    def worker_completed(self) -> None:
-        """The worker's ``swake_up_one(&vcpu->wq)``: only a blocked vCPU notices."""
-        if not self.host.vcpu_runnable(self.index):
-            return
-        if self.mode == VcpuMode.BLOCKED:
-            self._wake()
-        elif self.mode == VcpuMode.SPIN and self._host_event is None:
-            self._host_event = self.engine.after(0, self._spin_end)
+    def worker_completed(self, work: AsyncPf) -> None:
+        """The end of ``async_pf_execute``: ``kvm_vcpu_wake_up`` (only a blocked vCPU
+        notices), then the checks of the completion (the kick, I9, now; the lists at the
+        vCPU's next entry)."""
+        if self.host.vcpu_runnable(self.index):
+            if self.mode == VcpuMode.BLOCKED:
+                self._wake()
+            elif self.mode == VcpuMode.SPIN and self._host_event is None:
+                self._host_event = self.engine.after(0, self._spin_end)
+        if self.checker is not None:
+            self.checker.note(self.index, "async_pf_execute done, gfn", work.gfn)
+            self.checker.check_worker(self.index, self.in_guest)
 
     def on_tick(self) -> None:
         """The guest's timer fires (one pending level-triggered IRQ at most)."""
