@@ -439,6 +439,11 @@ class GuestServices(Protocol):
 
     memory: Any  # the stage-2 view the workloads plan against (GuestMemory)
 
+    @property
+    def workloads(self) -> Sequence[Any]:
+        """Each task's workload, by tid."""
+        ...
+
     def workload_of(self, task: Any) -> Any: ...
 
     def run_driver(self, cpu: int, fn: Callable[..., Any], *args: Any) -> Any: ...

@@ -49,6 +49,7 @@ __all__ = [
     "Next",
     "RunLoopRules",
     "context",
+    "exit_request",
     "fault_outcome",
     "frame_end",
     "push_exception",
@@ -486,6 +487,13 @@ def try_to_wake_up(cpu: CpuState, task: Task, waker_cpu: int, kernel: Kernel) ->
 
 
 # -- the host side --------------------------------------------------------------------------------
+
+
+def exit_request(host: HostProtocol, vcpu: int) -> bool:
+    """``vcpu_enter_guest``'s last check, in IN_GUEST_MODE: a request made after this entry's
+    run-loop iteration (a worker's APF_READY whose kick found the vCPU outside the guest)
+    sends it round again instead of staying in the guest."""
+    return host.request_pending(vcpu)
 
 
 def vcpu_enter(host: HostProtocol, vcpu: int, view: Any) -> tuple[list[AsyncPf], list[Injection]]:

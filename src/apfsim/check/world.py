@@ -377,7 +377,7 @@ class World(GuestCalls):
 
     def smp_send_reschedule(self, cpu: int) -> None:
         self.vcpus[cpu].need_resched = True
-        self._send_ipi(cpu)
+        self.send_ipi(cpu, self.running_cpu)
 
     def kzalloc_atomic(self, cpu: int) -> bool:
         return True
@@ -419,6 +419,10 @@ class World(GuestCalls):
         self._note(f"vCPU{cpu.cpu} switches to {'idle' if nxt is None else nxt.name}")
 
     def send_ipi(self, cpu: int, sender: int) -> None:
+        """A reschedule IPI: the sender's ICR / ICC_SGI1R_EL1 write traps (as in the
+        simulator's kernel port), then the target takes the interrupt."""
+        if cpu != sender and sender >= 0 and self.running_cpu >= 0:
+            self.vcpus[sender].pending_exits += 1
         self._send_ipi(cpu)
 
     def handled(
@@ -637,6 +641,9 @@ class World(GuestCalls):
         if runloop.take_events(vc, self.rules, injections, self.host.lapic_enabled(v)):
             self._note("page-ready interrupt into a disabled LAPIC: lost")
         self._resume(v)
+        if vc.mode == Mode.GUEST and runloop.exit_request(self.host, v):
+            self._note("a request came during the entry: it goes round again")
+            vc.mode = Mode.ENTRY
 
     def _handle(self, v: int) -> None:
         vc = self.vcpus[v]

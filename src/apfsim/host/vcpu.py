@@ -34,7 +34,13 @@ from apfsim.ports import (
     RunCounters,
     SyncCause,
 )
-from apfsim.runloop import FaultOutcome, fault_outcome, vcpu_enter, wake_condition
+from apfsim.runloop import (
+    FaultOutcome,
+    exit_request,
+    fault_outcome,
+    vcpu_enter,
+    wake_condition,
+)
 
 __all__ = ["Vcpu", "VcpuMode", "VcpuParams"]
 
@@ -164,7 +170,7 @@ class Vcpu:
         self.mode = VcpuMode.GUEST
         self.guest.take_events(injections)
         self.guest.resume()
-        if self.mode == VcpuMode.GUEST and self.host.request_pending(self.index):
+        if self.mode == VcpuMode.GUEST and exit_request(self.host, self.index):
             # A worker made its request while this entry was under way (its kick found the
             # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
             self.exit_async()

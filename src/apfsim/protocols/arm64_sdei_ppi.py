@@ -181,7 +181,8 @@ class Arm64SdeiPpiHost(HostBase[VcpuSdeiArch]):
         return self.arch[vcpu].async_pf_request
 
     def check_arch(self, vcpu: int, in_guest: bool) -> Broken:
-        return missed_kick(self, vcpu, in_guest, self.arch[vcpu].pageready_pending)
+        arch = self.arch[vcpu]
+        return missed_kick(self, vcpu, in_guest, arch.async_pf_request, arch.pageready_pending)
 
     def call_kind(self, call: int) -> GuestCallKind:
         if call == SDEI_EVENT_COMPLETE:

@@ -85,6 +85,7 @@ class VcpuApfX86:
     lapic_enabled: bool = True  # the guest's LAPIC software-enable (SPIV) bit
     ack_window: bool = False  # an ACK ran since the last run-loop iteration (B12 model)
     request_after_ack: bool = False  # APF_READY was set inside that window (B12 model)
+    request_hidden: bool = False  # B12: that store not yet visible to this entry's checks
     view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
 
     @property
@@ -253,6 +254,7 @@ class X86Host(HostBase[VcpuApfX86]):
         # Without the barrier (B12) the request set after the ACK may not be seen here.
         missed = self.mutant == "B12" and arch.request_after_ack
         arch.ack_window = arch.request_after_ack = False
+        arch.request_hidden = missed
         if arch.apf_ready_request and not missed:
             arch.apf_ready_request = False
             delivered.extend(kvm_check_async_pf_completion(self.apf[vcpu], self))
@@ -273,7 +275,8 @@ class X86Host(HostBase[VcpuApfX86]):
         return None
 
     def request_pending(self, vcpu: int) -> bool:
-        return self.arch[vcpu].apf_ready_request
+        arch = self.arch[vcpu]
+        return arch.apf_ready_request and not arch.request_hidden
 
     def call_kind(self, call: int) -> GuestCallKind:
         return GuestCallKind.ACK if call == MSR_KVM_ASYNC_PF_ACK else GuestCallKind.HYPERCALL
@@ -305,7 +308,7 @@ class X86Host(HostBase[VcpuApfX86]):
         arch = self.arch[vcpu]
         if arch.pageready_pending and arch.block.token == 0 and self.apf_enabled(vcpu):
             return "I3", f"vCPU{vcpu}: pageready_pending with an empty token slot"
-        return missed_kick(self, vcpu, in_guest, arch.pageready_pending)
+        return missed_kick(self, vcpu, in_guest, arch.apf_ready_request, arch.pageready_pending)
 
     def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
         """A write of MSR_KVM_ASYNC_PF_EN; 1 means the WRMSR fails (#GP)."""
@@ -323,12 +326,14 @@ class X86Host(HostBase[VcpuApfX86]):
         return 0
 
 
-def missed_kick(host: HostBase[Any], vcpu: int, in_guest: bool, ack_pending: bool) -> Broken:
+def missed_kick(
+    host: HostBase[Any], vcpu: int, in_guest: bool, requested: bool, ack_pending: bool
+) -> Broken:
     """I9 for designs that kick on the first completion unless a page-ready is pending
     (whose ACK re-checks): a request left on a running vCPU waits for an unrelated exit."""
     if (
         in_guest
-        and host.request_pending(vcpu)
+        and requested
         and not ack_pending
         and host.apf[vcpu].done
         and host.kvm_arch_can_dequeue_async_page_present(vcpu)  # type: ignore[attr-defined]
