@@ -24,7 +24,6 @@ import pytest
 from apfsim.check import WorldConfig, check
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import MODES, Mode, RoundRobinRq, Step, World
-from apfsim.guest.context import Contexts
 from apfsim.guest.cpu import GuestCpu
 from apfsim.guest.kernel import SimKernel
 from apfsim.guest.sched import CfsParams, Task
@@ -151,7 +150,8 @@ class Replay:
         self.io = Io(self.memory)
         self.tasks = [Task(t.tid, t.name, t.cpu) for t in world.tasks]
         self.workloads = [
-            Script(t.name, s.pages, self.memory) for t, s in zip(self.tasks, world.scripts)
+            Script(t.name, s.pages, self.memory)
+            for t, s in zip(self.tasks, world.scripts, strict=True)
         ]
         counters = RunCounters()
         self.kernel = SimKernel(
@@ -369,6 +369,3 @@ def _path(config: WorldConfig, described: list[str]) -> list[tuple[int, int, int
         except Exception:
             break
     return path
-
-
-_ = Contexts

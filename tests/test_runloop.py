@@ -283,7 +283,7 @@ def test_the_context_switch_is_charged_to_the_task_switched_to() -> None:
     from apfsim.ports import RunCounters
 
     class Services:
-        workloads: list[Any] = []
+        workloads: tuple[Any, ...] = ()
 
         def run_driver(self, cpu: int, fn: Callable[..., Any], *args: Any) -> Any:
             return fn(*args)
