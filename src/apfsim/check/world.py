@@ -193,6 +193,38 @@ class WVcpu(CpuState):
     def task_context(self, task: Task) -> GuestContext:
         return self.world.scripts[task.tid].ctx
 
+    _FIELDS = (
+        "cpu",
+        "world",
+        "rq",
+        "mode",
+        "sync_gfn",
+        "event_pending",
+        "hotplug_left",
+        "lapic_left",
+        "frames",
+        "current",
+        "need_resched",
+        "timer_pending",
+        "ipi_pending",
+        "pending_irqs",
+        "pending_exits",
+        "pending_exit_ns",
+        "in_kernel",
+    )
+
+    # NOTE: a flat tuple instead of the instance dict, for performance (every state is
+    # pickled); ``ret`` as its int.
+    def __getstate__(self) -> tuple[Any, ...]:
+        d = self.__dict__
+        return (*[d[name] for name in self._FIELDS], int(self.ret))
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        d = self.__dict__
+        for name, value in zip(self._FIELDS, state, strict=False):
+            d[name] = value
+        self.ret = runloop.Ret(state[-1])
+
 
 class Violation(Exception):
     """A property broken by a step, in kernel terms."""

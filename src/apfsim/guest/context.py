@@ -8,7 +8,7 @@ ELR_EL1/SPSR_EL1 yet, and whether this CPU holds its runqueue lock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from apfsim.ports import GuestRegs, GuestView
@@ -31,6 +31,17 @@ class GuestContext:
     rq_locked: bool = False
     idle: bool = False
     syndrome_unread: bool = False  # ESR_EL1/FAR_EL1 (x86: CR2) of this exception not yet read
+    # NOTE: made once per context (there are a few), not at every exit, for performance.
+    _view: GuestView = field(init=False, repr=False, compare=False, hash=False)
+    _regs: GuestRegs = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        view = GuestView(self.privileged, self.pc_offset, self.elr_saved, self.irqs_off)
+        regs = GuestRegs(
+            not self.privileged, self.preempt_count, self.rcu_depth, self.idle, self.irqs_off
+        )
+        object.__setattr__(self, "_view", view)
+        object.__setattr__(self, "_regs", regs)
 
     @property
     def preemptible(self) -> bool:
@@ -42,6 +53,11 @@ class GuestContext:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Contexts are a small fixed set: a copy (the model checker's state snapshots)
         comes back as the same object, so ``ctx is Contexts.USER`` still holds."""
+        # NOTE: an interned context pickles as its position in this process's registry
+        # (the checker's snapshots never leave the process), for performance.
+        position = _POSITION.get(id(self))
+        if position is not None:
+            return _context_at, (position,)
         return _intern, (self.key(),)
 
     def key(self) -> tuple[Any, ...]:
@@ -59,22 +75,36 @@ class GuestContext:
         )
 
     def view(self) -> GuestView:
-        return GuestView(self.privileged, self.pc_offset, self.elr_saved, self.irqs_off)
+        """What the host reads of the registers at an exit in this context."""
+        return self._view
 
     def regs(self) -> GuestRegs:
-        return GuestRegs(
-            not self.privileged, self.preempt_count, self.rcu_depth, self.idle, self.irqs_off
-        )
+        """What a handler sees of this context as the one it interrupted."""
+        return self._regs
 
 
 _INTERNED: dict[tuple[Any, ...], GuestContext] = {}
+_BY_POSITION: list[GuestContext] = []
+_POSITION: dict[int, int] = {}  # id(ctx) -> its index in _BY_POSITION
+
+
+def _register(ctx: GuestContext) -> GuestContext:
+    ctx = _INTERNED.setdefault(ctx.key(), ctx)
+    if id(ctx) not in _POSITION:
+        _POSITION[id(ctx)] = len(_BY_POSITION)
+        _BY_POSITION.append(ctx)
+    return ctx
 
 
 def _intern(values: tuple[Any, ...]) -> GuestContext:
     ctx = _INTERNED.get(values)
     if ctx is None:
-        ctx = _INTERNED[values] = GuestContext(*values)
+        ctx = _register(GuestContext(*values))
     return ctx
+
+
+def _context_at(position: int) -> GuestContext:
+    return _BY_POSITION[position]
 
 
 class Contexts:
@@ -120,7 +150,7 @@ class Contexts:
 
 for _ctx in vars(Contexts).values():
     if isinstance(_ctx, GuestContext):
-        _INTERNED.setdefault(_ctx.key(), _ctx)
+        _register(_ctx)
 
 CONTEXT_OF_MODE: dict[AccessMode, GuestContext] = {
     AccessMode.USER: Contexts.USER,

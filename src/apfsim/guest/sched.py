@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from apfsim.guest.context import GuestContext
 
@@ -67,6 +68,39 @@ class Task:
     prev_sum_exec_runtime: int = 0  # at the last pick, for check_preempt_tick
     completion_ns: int | None = None
     halt_ctx: GuestContext | None = None  # in the halted APF wait: the context it faulted in
+
+    # NOTE: a flat tuple instead of the slots' dict, for performance: the model checker
+    # pickles every state it reaches.
+    def __getstate__(self) -> tuple[object, ...]:
+        return (
+            self.tid,
+            self.name,
+            self.cpu,
+            _STATE_INDEX[self.state],
+            self.vruntime,
+            self.sum_exec_runtime,
+            self.prev_sum_exec_runtime,
+            self.completion_ns,
+            self.halt_ctx,
+        )
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        (
+            self.tid,
+            self.name,
+            self.cpu,
+            index,
+            self.vruntime,
+            self.sum_exec_runtime,
+            self.prev_sum_exec_runtime,
+            self.completion_ns,
+            self.halt_ctx,
+        ) = state
+        self.state = _STATES[index]
+
+
+_STATES = tuple(TaskState)
+_STATE_INDEX = {state: i for i, state in enumerate(_STATES)}
 
 
 @dataclass
