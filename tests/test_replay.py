@@ -247,22 +247,8 @@ class Replay:
 
     def state(self) -> list[Any]:
         """The guest side, in the checker's terms."""
-        out: list[Any] = []
-        for vcpu, cpu in zip(self.vcpus, self.cpus, strict=True):
-            out.append(
-                (
-                    _sim_mode(vcpu),
-                    [(f.kind, f.ctx.name) for f in cpu.frames],
-                    -1 if cpu.current is None else cpu.current.tid,
-                    cpu.need_resched,
-                    cpu.timer_pending,
-                    cpu.ipi_pending,
-                    [i.payload for i in cpu.pending_irqs],
-                )
-            )
-        out.append([(t.state, t.halt_ctx and t.halt_ctx.name) for t in self.tasks])
-        out.append(sorted((n.scope, n.task, n.token, n.dummy) for n in self.guest.wait_nodes()))
-        return out
+        modes = [_sim_mode(vcpu) for vcpu in self.vcpus]
+        return _guest_side(modes, self.cpus, self.tasks, self.guest)
 
 
 def _sim_mode(vcpu: Vcpu) -> int:
@@ -276,21 +262,26 @@ def _sim_mode(vcpu: Vcpu) -> int:
 
 
 def _world_state(world: World) -> list[Any]:
-    out: list[Any] = []
-    for vc in world.vcpus:
-        out.append(
-            (
-                vc.mode,
-                [(f.kind, f.ctx.name) for f in vc.frames],
-                -1 if vc.current is None else vc.current.tid,
-                vc.need_resched,
-                vc.timer_pending,
-                vc.ipi_pending,
-                [i.payload for i in vc.pending_irqs],
-            )
+    return _guest_side([vc.mode for vc in world.vcpus], world.vcpus, world.tasks, world.guest)
+
+
+def _guest_side(modes: list[int], cpus: Any, tasks: list[Task], guest: Any) -> list[Any]:
+    """Each CPU's mode, frames, current task, resched flag and pending interrupts; every
+    task's state; the driver's sleep records."""
+    out: list[Any] = [
+        (
+            mode,
+            [(f.kind, f.ctx.name) for f in cpu.frames],
+            -1 if cpu.current is None else cpu.current.tid,
+            cpu.need_resched,
+            cpu.timer_pending,
+            cpu.ipi_pending,
+            [i.payload for i in cpu.pending_irqs],
         )
-    out.append([(t.state, t.halt_ctx and t.halt_ctx.name) for t in world.tasks])
-    out.append(sorted((n.scope, n.task, n.token, n.dummy) for n in world.guest.wait_nodes()))
+        for mode, cpu in zip(modes, cpus, strict=True)
+    ]
+    out.append([(t.state, t.halt_ctx and t.halt_ctx.name) for t in tasks])
+    out.append(sorted((n.scope, n.task, n.token, n.dummy) for n in guest.wait_nodes()))
     return out
 
 
