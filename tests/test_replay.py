@@ -139,6 +139,12 @@ class Io:
     def start_worker(self, work: AsyncPf) -> None:
         self.workers.append(work)
 
+    def running_workers(self) -> list[AsyncPf]:
+        return self.workers  # the checker's workers run from their start
+
+    def on_worker_idle(self, vcpu: int, callback: Callable[[], object]) -> None:
+        callback()  # not reached: the replay stops at the steps that disable async PF
+
 
 class Replay:
     """The simulator's classes for one checker world, stepped by the checker's actions."""
@@ -210,8 +216,7 @@ class Replay:
         kind, index, arg = action
         if kind == Step.ENTER:
             vcpu = self.vcpus[index]
-            if self.clock.fire(vcpu, ("enter", "_spin_end")):
-                pass
+            self.clock.fire(vcpu, ("enter", "_spin_end", "_call_done"))
             assert self.clock.fire(vcpu, ("_entered",))
             self.clock.fire(vcpu, ("_block",))
         elif kind == Step.HANDLE:

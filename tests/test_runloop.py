@@ -312,3 +312,75 @@ def test_the_context_switch_is_charged_to_the_task_switched_to() -> None:
     now[0] = 20_000
     cpu.update_curr()
     assert nxt.sum_exec_runtime == 10_000  # 3 us of switch + 7 us of its own
+
+
+def test_disable_waits_in_cancel_work_sync_for_a_running_gup() -> None:
+    """kvm_clear_async_pf_completion_queue cancels every queued item with cancel_work_sync,
+    which waits for a worker whose GUP is running: the vCPU thread that wrote EN = 0 stays
+    blocked until that GUP returns, then its run loop goes on."""
+    from apfsim.host.async_pf import AsyncPf, WorkState
+    from apfsim.host.vcpu import Vcpu, VcpuMode, VcpuParams
+    from apfsim.ports import RunCounters
+    from apfsim.protocols.sync import SyncHost
+
+    events: list[tuple[Any, Any]] = []
+
+    class Clock:
+        now = 0
+
+        def after(self, delay: int, cb: Any, arg: Any = None) -> tuple[Any, Any]:
+            events.append((cb, arg))
+            return (cb, arg)
+
+        def at(self, t: int, cb: Any, arg: Any = None) -> tuple[Any, Any]:
+            return self.after(0, cb, arg)
+
+        def cancel(self, handle: Any) -> None:
+            pass
+
+    waiting: list[Callable[[], object]] = []
+    running = [AsyncPf(vcpu_id=0, gfn=7, token=1, state=WorkState.CANCELLED)]
+
+    class Io:
+        def running_workers(self) -> list[AsyncPf]:
+            return running
+
+        def on_worker_idle(self, vcpu: int, callback: Callable[[], object]) -> None:
+            waiting.append(callback)
+
+    class Guest:
+        timer_pending = ipi_pending = False
+
+        def context(self) -> GuestContext:
+            return Contexts.KERNEL
+
+    vcpu = Vcpu(0, Clock(), SyncHost(), Io(), VcpuParams(0, 0, 0, 0, 0, 0, 0, 0), RunCounters())  # type: ignore[arg-type]
+    vcpu.guest = Guest()  # type: ignore[assignment]
+    vcpu.exit_for_guest_call(1, 0)
+    cb, arg = events.pop()
+    cb(arg)  # the calls are handled: a cancelled item is mid-GUP
+    assert vcpu.mode is VcpuMode.SYNC_FAULT and not events and len(waiting) == 1
+    running.clear()
+    waiting.pop()()  # its GUP returned: the loop goes on with an entry
+    assert vcpu.mode is VcpuMode.HOST
+    assert [cb.__name__ for cb, _ in events] == ["_entered"]
+    # Nothing cancelled mid-GUP: no wait.
+    events.clear()
+    vcpu.exit_for_guest_call(1, 0)
+    cb, arg = events.pop()
+    cb(arg)
+    assert [cb.__name__ for cb, _ in events] == ["_entered"] and not waiting
+
+
+def test_the_checker_holds_the_vcpu_while_a_cancelled_gup_runs() -> None:
+    """The same rule in the checker (no world step of today's disables async PF on a vCPU
+    that then enters again: offline and reboot idle it; the state is set up by hand)."""
+    from apfsim.check.world import Mode, Step, World, WorldConfig
+    from apfsim.host.async_pf import AsyncPf, WorkState
+
+    world = World(WorldConfig(protocol="x86", vcpus=1, tasks=1, pages=1, modes=("user",)))
+    world.vcpus[0].mode = Mode.ENTRY
+    world.io.append(AsyncPf(vcpu_id=0, gfn=0, token=0x1000, state=WorkState.CANCELLED))
+    assert (Step.ENTER, 0, 0) not in world.actions()
+    world.step((Step.WORKER, 0, 0))
+    assert (Step.ENTER, 0, 0) in world.actions()

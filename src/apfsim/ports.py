@@ -328,6 +328,14 @@ class HostIo(Protocol):
         """``schedule_work``: a kworker runs the item's ``async_pf_execute``."""
         ...
 
+    def running_workers(self) -> Iterable[AsyncPf]:
+        """The items whose worker's GUP is under way."""
+        ...
+
+    def on_worker_idle(self, vcpu: int, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once no cancelled item of ``vcpu`` has its GUP running."""
+        ...
+
 
 NOWAIT_MAPPED, NOWAIT_ZERO_FILL, NOWAIT_MINOR, NOWAIT_NEEDS_IO = range(4)
 

@@ -23,14 +23,14 @@ Host side: :func:`vcpu_enter` (completions, then injections) and :func:`fault_ou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
 from apfsim.guest.context import Contexts, GuestContext
 from apfsim.guest.sched import Task, TaskState
-from apfsim.host.async_pf import AsyncPf
+from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.ports import (
     AbortOutcome,
     FaultDecision,
@@ -60,6 +60,7 @@ __all__ = [
     "take_interrupts",
     "try_to_wake_up",
     "vcpu_enter",
+    "waits_for_cancelled",
     "wake_condition",
 ]
 
@@ -494,6 +495,13 @@ def exit_request(host: HostProtocol, vcpu: int) -> bool:
     run-loop iteration (a worker's APF_READY whose kick found the vCPU outside the guest)
     sends it round again instead of staying in the guest."""
     return host.request_pending(vcpu)
+
+
+def waits_for_cancelled(running: Iterable[AsyncPf], vcpu: int) -> bool:
+    """``kvm_clear_async_pf_completion_queue``'s ``cancel_work_sync``: after the guest
+    disabled async PF (or the vCPU was reset), its thread waits for every cancelled item
+    whose GUP is running; ``running`` are the items whose worker has started."""
+    return any(w.vcpu_id == vcpu and w.state is WorkState.CANCELLED for w in running)
 
 
 def vcpu_enter(host: HostProtocol, vcpu: int, view: Any) -> tuple[list[AsyncPf], list[Injection]]:

@@ -514,7 +514,9 @@ class World(GuestCalls):
                 if not vc.timer_pending and self._tick_matters(v):
                     out.append((Step.TICK, v, 0))
             elif mode == Mode.ENTRY:
-                out.append((Step.ENTER, v, 0))
+                # A disable that cancelled a worker mid-GUP waits for it (cancel_work_sync).
+                if not runloop.waits_for_cancelled(self.io, v):
+                    out.append((Step.ENTER, v, 0))
             elif mode == Mode.HALTED or (mode == Mode.IDLE and self.config.idle_tick):
                 if not vc.timer_pending:
                     out.append((Step.TICK, v, 0))

@@ -9,7 +9,7 @@ what reclaim evicts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +27,7 @@ from apfsim.ports import (
     Probe,
     RunCounters,
 )
+from apfsim.runloop import waits_for_cancelled
 
 __all__ = ["HostMemoryIo", "VcpuThread"]
 
@@ -72,6 +73,8 @@ class HostMemoryIo:
         self.vcpus: Sequence[VcpuThread] = ()
         self.probe: Probe | None = None
         self._io_waiters: dict[int, list[tuple[Callable[[Any], object], Any]]] = {}
+        self._running: dict[AsyncPf, None] = {}  # workers whose GUP is under way, in order
+        self._flush_waiters: dict[int, Callable[[], object]] = {}  # cancel_work_sync
 
     # -- the NOWAIT fault-in ------------------------------------------------------------------
     def resolve_nowait(self, gfn: int) -> int:
@@ -138,7 +141,17 @@ class HostMemoryIo:
         self.engine.after(self.worker_start_ns, self._worker_run, work)
 
     def _worker_run(self, work: AsyncPf) -> None:
+        self._running[work] = None
         self.read_page(work.gfn, self._worker_done, work)
+
+    def running_workers(self) -> Iterable[AsyncPf]:
+        return self._running.keys()
+
+    def on_worker_idle(self, vcpu: int, callback: Callable[[], object]) -> None:
+        if waits_for_cancelled(self._running, vcpu):
+            self._flush_waiters[vcpu] = callback
+        else:
+            callback()
 
     def _worker_done(self, work: AsyncPf) -> None:
         """End of ``async_pf_execute``: the page is in; queue the completion, wake the vCPU."""
@@ -147,9 +160,14 @@ class HostMemoryIo:
         counters.kvm_async_pf_completed += 1
         if self.probe is not None:
             self.probe.apf_completed(work)
+        del self._running[work]
         assert self.host is not None
         self.host.worker_done(work)
         self.vcpus[work.vcpu_id].worker_completed(work)
+        waiter = self._flush_waiters.get(work.vcpu_id)
+        if waiter is not None and not waits_for_cancelled(self._running, work.vcpu_id):
+            del self._flush_waiters[work.vcpu_id]
+            waiter()
 
     def kick(self, vcpu: int) -> None:
         """``kvm_vcpu_kick`` (a host hook's ``HostPorts.kick``)."""

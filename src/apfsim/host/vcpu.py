@@ -39,6 +39,7 @@ from apfsim.runloop import (
     exit_request,
     fault_outcome,
     vcpu_enter,
+    waits_for_cancelled,
     wake_condition,
 )
 
@@ -185,7 +186,22 @@ class Vcpu:
         ``ctx`` is the context of that handler (what a trace shows as the exit's PC)."""
         self._to_host()
         cost = self._exit_ns + handling_ns + (exits - 1) * (self._exit_ns + self._entry_ns)
-        self._host_event = self.engine.after(cost, self.enter)
+        self._host_event = self.engine.after(cost, self._call_done)
+
+    def _call_done(self, _: object = None) -> None:
+        """The calls are handled; a disable that cancelled running workers blocks the
+        thread in ``cancel_work_sync`` until their GUP returns, then the loop goes on."""
+        self._host_event = None
+        if waits_for_cancelled(self.io.running_workers(), self.index):
+            self.mode = VcpuMode.SYNC_FAULT
+            self.clock.switch(TimeCategory.SYNC_FAULT, self.engine.now)
+            self.io.on_worker_idle(self.index, self._flushed)
+            return
+        self.enter()
+
+    def _flushed(self) -> None:
+        self._to_host()
+        self.enter()
 
     # -- stage-2 faults ----------------------------------------------------------------------
     def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
