@@ -14,6 +14,10 @@ from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import Violation, World, WorldConfig, has_lifecycle
 from apfsim.registry import PROTOCOLS
 
+# A design whose reboot is a finding of its own: s390's cancel leaves queued completions to
+# be delivered into the next kernel (docs/findings.md F5, tests/test_s390_pfault.py).
+REBOOT_FINDINGS = {"s390-pfault"}
+
 WORLDS = [
     WorldConfig(
         protocol=name,
@@ -21,7 +25,7 @@ WORLDS = [
         tasks=3,
         pages=2,
         hotplug=int(has_lifecycle(name)),
-        reboot=has_lifecycle(name),
+        reboot=has_lifecycle(name) and name not in REBOOT_FINDINGS,
     )
     for name in PROTOCOLS
 ]
@@ -75,7 +79,7 @@ def test_random_interleavings_also_find_safety_mutants(name: str) -> None:
 
     Mutated.boot = None  # type: ignore[assignment]  # only the mutant's world
     Mutated.TestCase.settings = settings(
-        max_examples=1000, stateful_step_count=60, deadline=None, database=None, derandomize=True
+        max_examples=2000, stateful_step_count=60, deadline=None, database=None, derandomize=True
     )
     with pytest.raises((AssertionError, Violation)):
         Mutated.TestCase().runTest()

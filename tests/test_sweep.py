@@ -252,7 +252,11 @@ def test_interrupt_keeps_finished_runs_and_says_how_to_finish(tmp_path: Path) ->
         time.sleep(0.2)
         if db.exists():
             with sqlite3.connect(db) as con:
-                if con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= 2:
+                try:
+                    stored = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+                except sqlite3.OperationalError:
+                    continue  # the file exists a moment before its schema does
+                if stored >= 2:
                     break
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=60)

@@ -11,11 +11,13 @@ from __future__ import annotations
 from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest
 from apfsim.guest.kvm_apf_x86 import X86ApfGuest
 from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest
+from apfsim.guest.kvm_pfault_s390 import S390PfaultGuest
 from apfsim.ports import GuestProtocol, HostPorts, HostProtocol, KernelPort
 from apfsim.protocols.arm64_rfcv2 import Arm64Rfcv2Host
 from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost
 from apfsim.protocols.common import ProtocolOptions, Variant
 from apfsim.protocols.guest_initiated import GuestInitiatedGuest, GuestInitiatedHost
+from apfsim.protocols.s390_pfault import S390PfaultHost
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import X86Host
 from apfsim.protocols.x86_legacy import X86LegacyHost
@@ -30,6 +32,7 @@ VARIANTS = (
     Variant("halt-only", "x86", X86Host, NoApfGuest),  # a guest without the PV driver
     Variant("arm64-sdei-ppi", "arm64", Arm64SdeiPpiHost, Arm64SdeiPpiGuest),
     Variant("guest-initiated", "x86", GuestInitiatedHost, GuestInitiatedGuest, lifecycle=True),
+    Variant("s390-pfault", "s390", S390PfaultHost, S390PfaultGuest, lifecycle=True),
 )
 
 PROTOCOLS: dict[str, Variant] = {v.name: v for v in VARIANTS}

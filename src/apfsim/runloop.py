@@ -480,7 +480,9 @@ def try_to_wake_up(cpu: CpuState, task: Task, waker_cpu: int, kernel: Kernel) ->
     kernel.task_woken(task)
     rq = kernel.runqueue(cpu)
     rq.enqueue(task, wakeup=True)
-    if rq.check_preempt_wakeup(task) or cpu.current is None:
+    # check_preempt_curr looks at rq->curr, which __schedule sets at the pick: a CPU in
+    # the middle of switching to idle already runs the idle task for the waker.
+    if rq.check_preempt_wakeup(task) or rq.curr is None:
         cpu.need_resched = True
         if waker_cpu != cpu.cpu:
             kernel.send_ipi(cpu.cpu, waker_cpu)
