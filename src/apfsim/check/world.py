@@ -90,6 +90,7 @@ MODES: dict[str, GuestContext] = {
 }
 _EVENT = "event_pending"  # a user access whose exit has an event awaiting reinjection (x86)
 _WAITING = (TaskState.SLEEPING_APF, TaskState.HALTED_APF)
+_BLANK_VIEW = GuestView(privileged=False)
 
 
 @dataclass(frozen=True)
@@ -308,49 +309,66 @@ class World(GuestCalls):
         return clone
 
     _COUNTERS = ("stats", "declined", "populates")
+    # Host fields written before they are read (the registers at the last exit, what the
+    # last ACK delivered, the halt flag that only feeds a counter): history, not state.
+    _HISTORY = (("view", _BLANK_VIEW), ("acked", ()), ("halted", False), ("ack_window", False))
 
-    def _strip(self) -> list[tuple[str, str, object]]:
-        """Detach what is not state (log, config, counters); returns it for _restore."""
-        saved: list[tuple[str, str, object]] = [
+    def _strip(self) -> list[tuple[Any, str, object]]:
+        """Detach what is not state (log, config, counters, history); returns it for
+        _restore. An entry's owner is a name ("" the world, "host", "guest") or, for the
+        history fields, the arch record itself."""
+        saved: list[tuple[Any, str, object]] = [
             ("", "log", self.log),
             ("", "config", self.config),
             ("", "variant", self.variant),
             ("", "rules", self.rules),
         ]
-        keep_ack_window = self.config.mutant == "B12"
+        plan = self._strip_plan()
         self.log = None
         self.config = None  # type: ignore[assignment]  # the same for every state
         self.variant = None  # type: ignore[assignment]
         self.rules = None  # type: ignore[assignment]
-        for owner in ("host", "guest"):
+        counters, history = plan
+        for owner, attr in counters:
             half = getattr(self, owner)
-            for attr in self._COUNTERS:
-                if hasattr(half, attr):
-                    saved.append((owner, attr, getattr(half, attr)))
-                    setattr(half, attr, None)
-        # Host fields written before they are read (the registers at the last exit, what
-        # the last ACK delivered, the halt flag that only feeds a counter): history, not state.
-        for v, arch in enumerate(getattr(self.host, "arch", ())):
-            for attr, blank in (
-                ("view", _BLANK_VIEW),
-                ("acked", []),
-                ("halted", False),
-                ("ack_window", False),
-            ):
-                if attr == "ack_window" and keep_ack_window:
-                    continue
-                if hasattr(arch, attr):
-                    saved.append((f"host.arch.{v}", attr, getattr(arch, attr)))
+            saved.append((owner, attr, getattr(half, attr)))
+            setattr(half, attr, None)
+        if history:
+            for arch in self.host.arch:  # type: ignore[attr-defined]
+                for attr, blank in history:
+                    saved.append((arch, attr, getattr(arch, attr)))
                     setattr(arch, attr, blank)
         return saved
 
-    def _restore(self, saved: list[tuple[str, str, object]]) -> None:
+    def _strip_plan(self) -> tuple[list[tuple[str, str]], list[tuple[str, object]]]:
+        """Which counters and history fields this variant has (the same for every state).
+        NOTE: worked out once per world and kept with the class, for performance."""
+        key = (type(self.host), type(self.guest), self.config.mutant == "B12")
+        known = _STRIP_PLANS.get(key)
+        if known is None:
+            counters = [
+                (owner, attr)
+                for owner in ("host", "guest")
+                for attr in self._COUNTERS
+                if hasattr(getattr(self, owner), attr)
+            ]
+            archs = getattr(self.host, "arch", ())
+            history: list[tuple[str, object]] = [
+                (attr, list(blank) if isinstance(blank, tuple) else blank)
+                for attr, blank in self._HISTORY
+                if archs and hasattr(archs[0], attr) and not (attr == "ack_window" and key[2])
+            ]
+            known = _STRIP_PLANS[key] = (counters, history)
+        return known
+
+    def _restore(self, saved: list[tuple[Any, str, object]]) -> None:
         for owner, attr, value in saved:
-            if owner.startswith("host.arch."):
-                target: object = self.host.arch[int(owner.rsplit(".", 1)[1])]  # type: ignore[attr-defined]
+            if not isinstance(owner, str):
+                setattr(owner, attr, value)  # an arch record's history field
+            elif owner:
+                setattr(getattr(self, owner), attr, value)
             else:
-                target = getattr(self, owner) if owner else self
-            setattr(target, attr, value)
+                setattr(self, attr, value)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
@@ -875,7 +893,7 @@ def _frame_name(frame: Frame) -> str:
     )
 
 
-_BLANK_VIEW = GuestView(privileged=False)
+_STRIP_PLANS: dict[tuple[Any, ...], tuple[list[tuple[str, str]], list[tuple[str, object]]]] = {}
 
 
 def has_lifecycle(protocol: str) -> bool:
