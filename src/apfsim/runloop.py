@@ -42,11 +42,15 @@ from apfsim.ports import (
 )
 
 __all__ = [
+    "HANDLER_LABEL",
     "CpuState",
     "FaultOutcome",
     "Frame",
+    "FrameCosts",
     "FrameKind",
+    "Kernel",
     "Next",
+    "Ret",
     "RunLoopRules",
     "context",
     "exit_request",

@@ -61,7 +61,6 @@ from apfsim.protocols.common import (
     ProtocolOptions,
     make_token,
 )
-from apfsim.protocols.x86 import missed_kick
 
 __all__ = ["Arm64SdeiPpiGuest", "Arm64SdeiPpiHost"]
 
@@ -182,7 +181,7 @@ class Arm64SdeiPpiHost(HostBase[VcpuSdeiArch]):
 
     def check_arch(self, vcpu: int, in_guest: bool) -> Broken:
         arch = self.arch[vcpu]
-        return missed_kick(self, vcpu, in_guest, arch.async_pf_request, arch.pageready_pending)
+        return self.missed_kick(vcpu, in_guest, arch.async_pf_request, arch.pageready_pending)
 
     def call_kind(self, call: int) -> GuestCallKind:
         if call == SDEI_EVENT_COMPLETE:

@@ -215,7 +215,7 @@ class HostBase(Generic[A]):
             self.stats.repeated_faults += 1
             return self.kvm_async_pf_repeated_fault(vcpu)
         token = self.kvm_arch_setup_async_pf_token(vcpu)
-        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)  # type: ignore[arg-type]
+        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
         if work is None:
             return _QUEUE_FULL
         return self.kvm_arch_async_pf_result(work)
@@ -235,7 +235,19 @@ class HostBase(Generic[A]):
         """What the vCPU does once the item is queued: re-enter with not-present pending."""
         return FaultResult(FaultDecision.ASYNC, work=work)
 
-    # -- hooks of the generic core ---------------------------------------------------------------
+    # -- hooks of the generic core (host/async_pf.py:ArchHooks) ---------------------------------
+    def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
+        raise NotImplementedError
+
+    def kvm_arch_async_page_present(self, vcpu_id: int, work: AsyncPf) -> None:
+        raise NotImplementedError
+
+    def kvm_arch_can_dequeue_async_page_present(self, vcpu_id: int) -> bool:
+        raise NotImplementedError
+
+    def kvm_arch_async_page_present_queued(self, vcpu_id: int) -> None:
+        raise NotImplementedError
+
     def kvm_arch_async_page_ready(self, vcpu_id: int, work: AsyncPf) -> None:
         """Prefault the page so the woken task's retry does not fault again."""
         self.stats.prefaults += 1
@@ -243,7 +255,7 @@ class HostBase(Generic[A]):
             self.stats.prefaults_missed += 1
 
     def worker_done(self, work: AsyncPf) -> bool:
-        return async_pf_execute(self.apf[work.vcpu_id], self, work)  # type: ignore[arg-type]
+        return async_pf_execute(self.apf[work.vcpu_id], self, work)
 
     def request_pending(self, vcpu: int) -> bool:
         return False
@@ -272,6 +284,23 @@ class HostBase(Generic[A]):
 
     def check_arch(self, vcpu: int, in_guest: bool) -> Broken:
         """The variant's own invariants of ``vcpu`` (I3, I9); None when they hold."""
+        return None
+
+    def missed_kick(self, vcpu: int, in_guest: bool, requested: bool, ack_pending: bool) -> Broken:
+        """I9 for designs that kick on the first completion unless a page-ready is pending
+        (whose ACK re-checks): a request left on a running vCPU waits for an unrelated exit."""
+        if (
+            in_guest
+            and requested
+            and not ack_pending
+            and self.apf[vcpu].done
+            and self.kvm_arch_can_dequeue_async_page_present(vcpu)
+        ):
+            return "I9", (
+                f"vCPU{vcpu}: a page-ready request is set while the vCPU runs in the guest, "
+                "nobody kicked it and no ACK is pending: the page-ready waits for an "
+                "unrelated exit (missed kick)"
+            )
         return None
 
 

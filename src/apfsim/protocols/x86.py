@@ -308,7 +308,7 @@ class X86Host(HostBase[VcpuApfX86]):
         arch = self.arch[vcpu]
         if arch.pageready_pending and arch.block.token == 0 and self.apf_enabled(vcpu):
             return "I3", f"vCPU{vcpu}: pageready_pending with an empty token slot"
-        return missed_kick(self, vcpu, in_guest, arch.apf_ready_request, arch.pageready_pending)
+        return self.missed_kick(vcpu, in_guest, arch.apf_ready_request, arch.pageready_pending)
 
     def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
         """A write of MSR_KVM_ASYNC_PF_EN; 1 means the WRMSR fails (#GP)."""
@@ -324,23 +324,3 @@ class X86Host(HostBase[VcpuApfX86]):
         if kvm_async_pf_wakeup_all(self.apf[vcpu], self, WAKE_ALL_TOKEN) is not None:
             self.stats.wakeup_all_queued += 1
         return 0
-
-
-def missed_kick(
-    host: HostBase[Any], vcpu: int, in_guest: bool, requested: bool, ack_pending: bool
-) -> Broken:
-    """I9 for designs that kick on the first completion unless a page-ready is pending
-    (whose ACK re-checks): a request left on a running vCPU waits for an unrelated exit."""
-    if (
-        in_guest
-        and requested
-        and not ack_pending
-        and host.apf[vcpu].done
-        and host.kvm_arch_can_dequeue_async_page_present(vcpu)  # type: ignore[attr-defined]
-    ):
-        return "I9", (
-            f"vCPU{vcpu}: a page-ready request is set while the vCPU runs in the guest, "
-            "nobody kicked it and no ACK is pending: the page-ready waits for an "
-            "unrelated exit (missed kick)"
-        )
-    return None
