@@ -19,6 +19,7 @@ LAYERS: list[tuple[int, str]] = [
     (0, "apfsim.scenarios.*"),
     (0, "apfsim.sweeps.*"),
     (0, "apfsim.version"),
+    (0, "apfsim.snapshot"),
     (0, "apfsim.host"),  # the package's __init__: a docstring
     (0, "apfsim.guest"),
     # 1: the generic async PF core (virt/kvm/async_pf.c) and the plain accumulators

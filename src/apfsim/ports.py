@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Protocol
 
-from apfsim.host.async_pf import AsyncPf
+from apfsim.host.async_pf import AsyncPf, WorkMemo, WorkTable
 from apfsim.metrics.accumulators import LatencySamples
 
 __all__ = [
@@ -166,6 +166,12 @@ class HostProtocol(Protocol):
 
     def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult: ...
 
+    def freeze(self, works: WorkMemo) -> tuple[Any, ...]:
+        """The host's state as plain values, items by position in ``works`` (the checker)."""
+        ...
+
+    def thaw(self, state: tuple[Any, ...], works: WorkTable) -> None: ...
+
     def run_loop_iteration(self, vcpu: int, view: GuestView) -> list[AsyncPf]: ...
 
     def worker_done(self, work: AsyncPf) -> bool: ...
@@ -207,6 +213,12 @@ class GuestProtocol(Protocol):
     mutant: str | None
 
     def boot(self) -> None: ...
+
+    def freeze(self) -> tuple[Any, ...]:
+        """The driver's state as plain values (the model checker's key)."""
+        ...
+
+    def thaw(self, state: tuple[Any, ...]) -> None: ...
 
     def on_injection(self, cpu: int, injection: Injection, regs: GuestRegs) -> AbortOutcome: ...
 

@@ -1,7 +1,8 @@
 """Breadth-first search over every interleaving of a small world.
 
-States are identified by their bytes (:meth:`World.key`), so each is expanded once and the
-first violation found lies at the smallest depth: its trace is a shortest one. Safety
+States are identified by flat tuples of plain values (:meth:`World.freeze`), so each is
+expanded once and the first violation found lies at the smallest depth: its trace is a
+shortest one. Safety
 properties are checked on every step and every state; liveness ("every task can still
 finish") is checked once the search is over, by walking back from the states where every
 task is done: a state that cannot reach one is a task asleep forever or a lost page-ready.
@@ -9,11 +10,12 @@ task is done: a state that cannot reach one is a task asleep forever or a lost p
 
 from __future__ import annotations
 
-import pickle
+import gc
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from apfsim.check.world import Action, Step, TaskState, Violation, World, WorldConfig
 
@@ -53,21 +55,6 @@ class CheckResult:
         return self.states / self.seconds if self.seconds > 0 else 0.0
 
 
-class _Template:
-    """What a stored state lacks: the config and the counters (the search never reads them)."""
-
-    def __init__(self, world: World) -> None:
-        saved = world._strip()
-        world._restore(saved)
-        # Only the config and the counters: the normalised host fields stay as loaded.
-        self.saved = [entry for entry in saved if entry[0] in ("", "host", "guest")]
-
-    def load(self, data: bytes) -> World:
-        world: World = pickle.loads(data)
-        world._restore(self.saved)
-        return world
-
-
 def check(
     config: WorldConfig,
     max_depth: int | None = None,
@@ -76,25 +63,44 @@ def check(
 ) -> CheckResult:
     """Explore ``config``'s world; the result holds the first (shortest) violation, if any."""
     t0 = time.perf_counter()
+    # The search makes millions of tuples and no reference cycles: the cyclic collector
+    # would only walk them again and again.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _search(config, max_depth, max_states, progress, t0)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _search(
+    config: WorldConfig,
+    max_depth: int | None,
+    max_states: int,
+    progress: ProgressFn | None,
+    t0: float,
+) -> CheckResult:
+    """Breadth first over flat state keys (:meth:`World.freeze`); one scratch world is
+    thawed into each state before each step."""
     result = CheckResult(config)
-    root = World(config)
-    template = _Template(root)
-    root_key = root.key()
-    keys: dict[bytes, int] = {root_key: 0}
-    datas = [root_key]
+    world = World(config)
+    root = world.freeze()
+    keys: dict[tuple[Any, ...], int] = {root: 0}
+    states = [root]
     parent = [-1]
     via: list[Action | None] = [None]
     depth = [0]
     succ: list[list[int]] = [[]]
     succ_act: list[list[Action]] = [[]]
-    goal = [_is_goal(root)]
-    asleep = [_is_waiting(root)]
-    rebooted = [root.rebooted]
+    goal = [_is_goal(world)]
+    asleep = [_is_waiting(world)]
+    rebooted = [world.rebooted]
     truncated: list[int] = []
-    broken = root.broken()
+    broken = world.broken()
     if broken is not None:
         result.violation = _counterexample(config, [], broken[0], broken[1])
-        return _finish(result, t0, len(datas))
+        return _finish(result, t0, len(states))
     queue: deque[int] = deque([0])
     while queue:
         i = queue.popleft()
@@ -102,25 +108,26 @@ def check(
             truncated.append(i)
             result.complete = False
             continue
-        data = datas[i]
-        first = template.load(data)
-        actions = first.actions()
+        state = states[i]
+        world.thaw(state)
+        actions = world.actions()
         out = succ[i]
         for n, action in enumerate(actions):
-            world = first if n == len(actions) - 1 else template.load(data)
+            if n:
+                world.thaw(state)
             result.transitions += 1
             try:
                 world.step(action)
             except Violation as violation:
                 path = [*_path(parent, via, i), action]
                 result.violation = _counterexample(config, path, violation.prop, violation.detail)
-                return _finish(result, t0, len(datas), max(depth))
-            key = world.key()
+                return _finish(result, t0, len(states), max(depth))
+            key = world.freeze()
             j = keys.get(key)
             if j is None:
-                j = len(datas)
+                j = len(states)
                 keys[key] = j
-                datas.append(key)
+                states.append(key)
                 parent.append(i)
                 via.append(action)
                 depth.append(depth[i] + 1)
@@ -133,8 +140,8 @@ def check(
                 if broken is not None:
                     path = _path(parent, via, j)
                     result.violation = _counterexample(config, path, broken[0], broken[1])
-                    return _finish(result, t0, len(datas), max(depth))
-                if len(datas) >= max_states:
+                    return _finish(result, t0, len(states), max(depth))
+                if len(states) >= max_states:
                     # Stop: the states not (fully) expanded count as able to finish.
                     result.complete = False
                     truncated.extend(queue)
@@ -150,12 +157,12 @@ def check(
     stuck = _cannot_finish(succ, goal, asleep, rebooted, truncated)
     if stuck is not None:
         path = _path(parent, via, stuck)
-        world = _replay(config, path)
-        prop, detail = _why_stuck(world)
+        replayed = _replay(config, path)
+        prop, detail = _why_stuck(replayed)
         tail = _continuation(stuck, succ, succ_act)
         found = _counterexample(config, [*path, *tail], prop, detail)
         result.violation = Counterexample(found.prop, found.detail, found.trace, len(path))
-    return _finish(result, t0, len(datas), max(depth))
+    return _finish(result, t0, len(states), max(depth))
 
 
 def _finish(result: CheckResult, t0: float, states: int, depth: int = 0) -> CheckResult:

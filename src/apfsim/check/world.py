@@ -38,7 +38,7 @@ import apfsim.runloop as runloop
 from apfsim.guest.context import Contexts, GuestContext
 from apfsim.guest.kernel import GuestCalls
 from apfsim.guest.sched import Task, TaskState
-from apfsim.host.async_pf import AsyncPf
+from apfsim.host.async_pf import AsyncPf, WorkMemo, WorkTable
 from apfsim.invariants import check_guest, check_vcpu
 from apfsim.ports import (
     AbortOutcome,
@@ -50,6 +50,7 @@ from apfsim.ports import (
 )
 from apfsim.registry import PROTOCOLS, ProtocolOptions, build_protocol, variant
 from apfsim.runloop import CpuState, FaultOutcome, Frame, FrameKind, Next, RunLoopRules
+from apfsim.snapshot import Fields
 
 __all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig", "has_lifecycle"]
 
@@ -194,6 +195,27 @@ class WVcpu(CpuState):
     def task_context(self, task: Task) -> GuestContext:
         return self.world.scripts[task.tid].ctx
 
+    def freeze(self) -> tuple[Any, ...]:
+        """This vCPU's state; tasks as their ids (the world's own records)."""
+        rq = self.rq
+        return (
+            _VCPU.freeze(self),
+            tuple([task.tid for task in rq.queue]),
+            -1 if rq.curr is None else rq.curr.tid,
+            -1 if self.current is None else self.current.tid,
+            tuple([_freeze_frame(frame) for frame in self.frames]),
+            tuple(self.pending_irqs),
+        )
+
+    def thaw(self, state: tuple[Any, ...], tasks: list[Task]) -> None:
+        scalars, queue, curr, current, frames, irqs = state
+        _VCPU.thaw(self, scalars)
+        self.rq.queue = [tasks[t] for t in queue]
+        self.rq.curr = None if curr < 0 else tasks[curr]
+        self.current = None if current < 0 else tasks[current]
+        self.frames = [_thaw_frame(frame, tasks) for frame in frames]
+        self.pending_irqs = list(irqs)
+
     _FIELDS = (
         "cpu",
         "world",
@@ -225,6 +247,27 @@ class WVcpu(CpuState):
         for name, value in zip(self._FIELDS, state, strict=False):
             d[name] = value
         self.ret = runloop.Ret(state[-1])
+
+
+_VCPU = Fields(
+    *("mode", "sync_gfn", "event_pending", "hotplug_left", "lapic_left", "need_resched"),
+    *("timer_pending", "ipi_pending", "pending_exits", "pending_exit_ns", "in_kernel", "ret"),
+)
+_TASK = Fields.of(Task, exclude=("tid", "name"))
+_SCRIPT = Fields("pc", "ctx", "syscall_done", "wait_cpu")
+
+
+def _freeze_frame(frame: Frame) -> tuple[Any, ...]:
+    """A frame's fields; a task argument (the wait tail's, the switch's) as its id."""
+    arg = frame.arg
+    if isinstance(arg, Task):
+        return frame.ctx, frame.kind, frame.remaining, arg.tid, True
+    return frame.ctx, frame.kind, frame.remaining, arg, False
+
+
+def _thaw_frame(state: tuple[Any, ...], tasks: list[Task]) -> Frame:
+    ctx, kind, remaining, arg, is_task = state
+    return Frame(ctx, kind, remaining, tasks[arg] if is_task else arg)
 
 
 class Violation(Exception):
@@ -288,6 +331,44 @@ class World(GuestCalls):
             vc.mode = Mode.ENTRY
 
     # -- identity ------------------------------------------------------------------------------
+    def freeze(self) -> tuple[Any, ...]:
+        """The state as one hashable tuple of plain values (apfsim.snapshot): equal iff the
+        states are equal. Counters, logs and host history are not state and are left out."""
+        works = WorkMemo()
+        host = self.host.freeze(works)
+        io = tuple(map(works.ref, self.io))
+        return (
+            tuple(self.pages),
+            tuple([_TASK.freeze(task) for task in self.tasks]),
+            tuple([_SCRIPT.freeze(script) for script in self.scripts]),
+            tuple([vc.freeze() for vc in self.vcpus]),
+            self.reboot_left,
+            self.rebooted,
+            self.running_cpu,
+            host,
+            self.guest.freeze(),
+            io,
+            tuple(works.items),
+        )
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        """Become the state ``state`` (a :meth:`freeze` of this world or of one built from the
+        same config), in place."""
+        (pages, tasks, scripts, vcpus, reboot_left, rebooted, running_cpu) = state[:7]
+        host, guest, io, items = state[7:]
+        self.pages = list(pages)
+        for task, values in zip(self.tasks, tasks, strict=True):
+            _TASK.thaw(task, values)
+        for script, values in zip(self.scripts, scripts, strict=True):
+            _SCRIPT.thaw(script, values)
+        for vc, frozen in zip(self.vcpus, vcpus, strict=True):
+            vc.thaw(frozen, self.tasks)
+        self.reboot_left, self.rebooted, self.running_cpu = reboot_left, rebooted, running_cpu
+        works = WorkTable(items)
+        self.host.thaw(host, works)
+        self.guest.thaw(guest)
+        self.io = list(map(works.get, io))
+
     def key(self) -> bytes:
         """The state's bytes, without counters and logs (two states are equal iff equal)."""
         saved = self._strip()

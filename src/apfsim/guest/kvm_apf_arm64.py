@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from apfsim.abi.arm64 import (
     APF_FUNC_SET_RANGE,
@@ -47,6 +48,7 @@ from apfsim.ports import (
     WaitNode,
 )
 from apfsim.protocols.common import GuestBase, ProtocolOptions
+from apfsim.snapshot import Fields
 
 __all__ = ["Arm64ApfGuest", "SleepNode"]
 
@@ -62,6 +64,10 @@ class SleepNode:
     delayed: bool = False
     dummy: bool = False  # allocated by kvm_async_pf_wake (wake before wait)
     hashed: bool = True  # False once hlist_del_init ran: the waiter's "woken" test
+
+
+_NODE = Fields.of(SleepNode)
+_APF_DATA = Fields.of(ApfData)
 
 
 @dataclass(slots=True)
@@ -115,6 +121,23 @@ class Arm64ApfGuest(GuestBase):
 
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.apf_data
+
+    not_state = ("port", "n_cpus", "apf_data", "apf_head", "stats")
+
+    def freeze(self) -> tuple[Any, ...]:
+        node = _NODE.freeze
+        return (
+            self.scalar_fields().freeze(self),
+            tuple([_APF_DATA.freeze(block) for block in self.apf_data]),
+            tuple([tuple([node(n) for n in head]) for head in self.apf_head]),
+        )
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        scalars, blocks, heads = state
+        self.scalar_fields().thaw(self, scalars)
+        for block, values in zip(self.apf_data, blocks, strict=True):
+            _APF_DATA.thaw(block, values)
+        self.apf_head = [[SleepNode(*values) for values in head] for head in heads]
 
     def wait_nodes(self) -> Iterable[WaitNode]:
         """Each CPU's ``apf_head`` list (the idle task is task -1)."""

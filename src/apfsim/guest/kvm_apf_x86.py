@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from apfsim.abi.x86 import (
     HYPERVISOR_CALLBACK_VECTOR,
@@ -37,6 +38,7 @@ from apfsim.ports import (
     WaitNode,
 )
 from apfsim.protocols.common import GuestBase, ProtocolOptions, hash_32
+from apfsim.snapshot import Fields
 
 __all__ = ["KVM_TASK_SLEEP_HASHBITS", "SleepTable", "X86ApfGuest", "X86SleepNode"]
 
@@ -53,6 +55,10 @@ class X86SleepNode:
     dummy: bool = False
     hashed: bool = True
     halted: bool = False  # pre-5.8 only: the waiter spins in native_safe_halt()
+
+
+_NODE = Fields.of(X86SleepNode)
+_REASON = Fields.of(X86ApfData)
 
 
 class SleepTable:
@@ -79,6 +85,17 @@ class SleepTable:
     def __iter__(self) -> Iterator[list[X86SleepNode]]:
         """The non-empty buckets (the others hold nothing to visit)."""
         return iter([bucket for bucket in self._buckets.values() if bucket])
+
+    def freeze(self) -> tuple[Any, ...]:
+        """The non-empty buckets in index order, each node's fields (a state key)."""
+        buckets = self._buckets
+        node = _NODE.freeze
+        return tuple(
+            [(i, tuple([node(n) for n in buckets[i]])) for i in sorted(buckets) if buckets[i]]
+        )
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        self._buckets = {i: [X86SleepNode(*values) for values in nodes] for i, nodes in state}
 
     def __getstate__(self) -> dict[int, list[X86SleepNode]]:
         return {i: self._buckets[i] for i in sorted(self._buckets) if self._buckets[i]}
@@ -125,6 +142,22 @@ class X86ApfGuest(GuestBase):
 
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.apf_reason
+
+    not_state = ("port", "n_cpus", "mutant", "apf_reason", "async_pf_sleepers", "stats")
+
+    def freeze(self) -> tuple[Any, ...]:
+        return (
+            self.scalar_fields().freeze(self),
+            tuple([_REASON.freeze(block) for block in self.apf_reason]),
+            self.async_pf_sleepers.freeze(),
+        )
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        scalars, blocks, sleepers = state
+        self.scalar_fields().thaw(self, scalars)
+        for block, values in zip(self.apf_reason, blocks, strict=True):
+            _REASON.thaw(block, values)
+        self.async_pf_sleepers.thaw(sleepers)
 
     def wait_nodes(self) -> Iterable[WaitNode]:
         """One global table: every node's scope is -1."""

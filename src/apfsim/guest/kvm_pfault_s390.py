@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from apfsim.abi.s390 import (
     DIAG258_INIT_ALREADY_ESTABLISHED,
@@ -47,10 +48,14 @@ from apfsim.ports import (
     WaitNode,
 )
 from apfsim.protocols.common import GuestBase, ProtocolOptions
+from apfsim.snapshot import Fields
 
 __all__ = ["EOPNOTSUPP", "S390PfaultDriverCounters", "S390PfaultGuest"]
 
 EOPNOTSUPP = -95  # __pfault_init's rc when disabled or when the DIAG traps
+
+
+_LOWCORE = Fields.of(S390Lowcore)
 
 
 @dataclass(slots=True)
@@ -97,6 +102,29 @@ class S390PfaultGuest(GuestBase):
 
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.lowcore
+
+    not_state = (
+        *("port", "n_cpus", "mutant", "stats"),
+        *("lowcore", "online", "pfault_list", "pfault_wait"),
+    )
+
+    def freeze(self) -> tuple[Any, ...]:
+        return (
+            self.scalar_fields().freeze(self),
+            tuple([_LOWCORE.freeze(block) for block in self.lowcore]),
+            tuple(self.online),
+            tuple(self.pfault_list),
+            tuple(self.pfault_wait.items()),
+        )
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        scalars, blocks, online, pfault_list, pfault_wait = state
+        self.scalar_fields().thaw(self, scalars)
+        for block, values in zip(self.lowcore, blocks, strict=True):
+            _LOWCORE.thaw(block, values)
+        self.online = list(online)
+        self.pfault_list = list(pfault_list)
+        self.pfault_wait = dict(pfault_wait)
 
     def wait_nodes(self) -> Iterable[WaitNode]:
         """One global list, no dummies (the -1 state plays their part): the token is the pid."""

@@ -16,14 +16,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "ASYNC_PF_PER_VCPU",
     "ArchHooks",
     "AsyncPf",
     "VcpuAsyncPf",
+    "WorkMemo",
     "WorkState",
+    "WorkTable",
     "async_pf_execute",
     "kvm_async_pf_wakeup_all",
     "kvm_check_async_pf_completion",
@@ -74,6 +76,60 @@ class VcpuAsyncPf:
     queue: list[AsyncPf] = field(default_factory=list)
     done: deque[AsyncPf] = field(default_factory=deque)
     queued: int = 0
+
+    def freeze(self, works: WorkMemo) -> tuple[Any, ...]:
+        """The lists as positions in ``works`` (the model checker's state key)."""
+        return (tuple(map(works.ref, self.queue)), tuple(map(works.ref, self.done)), self.queued)
+
+    def thaw(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        queue, done, self.queued = state
+        self.queue = list(map(works.get, queue))
+        self.done = deque(map(works.get, done))
+
+
+class WorkMemo:
+    """Freezing a state: each ``kvm_async_pf`` item once, in first-seen order, however many
+    lists hold it (``queue`` and ``done``, the host's workers, an arch's flush list)."""
+
+    __slots__ = ("_index", "items")
+
+    def __init__(self) -> None:
+        self._index: dict[int, int] = {}
+        self.items: list[tuple[Any, ...]] = []
+
+    def ref(self, work: AsyncPf) -> int:
+        i = self._index.get(id(work))
+        if i is None:
+            i = self._index[id(work)] = len(self.items)
+            self.items.append(
+                (
+                    work.vcpu_id,
+                    work.gfn,
+                    work.token,
+                    work.wakeup_all,
+                    work.notpresent_injected,
+                    work.state,
+                    work.start_ns,
+                )
+            )
+        return i
+
+
+class WorkTable:
+    """Thawing a state: the items of a :class:`WorkMemo`, each made once, so lists that
+    shared an item share it again."""
+
+    __slots__ = ("_items", "_made")
+
+    def __init__(self, items: tuple[tuple[Any, ...], ...]) -> None:
+        self._items = items
+        self._made: list[AsyncPf | None] = [None] * len(items)
+
+    def get(self, i: int) -> AsyncPf:
+        work = self._made[i]
+        if work is None:
+            work = self._made[i] = AsyncPf(*self._items[i])
+        return work
 
 
 class ArchHooks(Protocol):

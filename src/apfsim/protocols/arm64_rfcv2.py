@@ -31,6 +31,8 @@ from apfsim.abi.arm64 import (
 )
 from apfsim.host.async_pf import (
     AsyncPf,
+    WorkMemo,
+    WorkTable,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_clear_async_pf_completion_queue,
@@ -45,6 +47,7 @@ from apfsim.ports import (
     SyncCause,
 )
 from apfsim.protocols.common import ApfCounters, GfnHash, HostBase, ProtocolOptions, make_token
+from apfsim.snapshot import Fields
 
 __all__ = ["Arm64Rfcv2Host", "HostCounters"]
 
@@ -63,6 +66,9 @@ class VcpuApfArch:
     view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
 
 
+_BLOCK = Fields.of(ApfData)
+
+
 @dataclass(slots=True)
 class HostCounters(ApfCounters):
     cancelled: int = 0
@@ -74,6 +80,8 @@ class Arm64Rfcv2Host(HostBase[VcpuApfArch]):
     """The RFCv2 arch hooks over the generic core, one instance per VM."""
 
     name = "arm64-rfcv2"
+    # ``view`` (the registers at the last exit) is written before it is read: not state.
+    arch_fields = Fields.of(VcpuApfArch, exclude=("control_block", "gfns", "view"))
 
     def __init__(
         self,
@@ -88,6 +96,13 @@ class Arm64Rfcv2Host(HostBase[VcpuApfArch]):
             for block in control_blocks
         ]
         self.stats = HostCounters()
+
+    def freeze_own(self, works: WorkMemo) -> tuple[Any, ...]:
+        return tuple([_BLOCK.freeze(arch.control_block) for arch in self.arch])
+
+    def thaw_own(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        for arch, values in zip(self.arch, state, strict=True):
+            _BLOCK.thaw(arch.control_block, values)
 
     @classmethod
     def create(

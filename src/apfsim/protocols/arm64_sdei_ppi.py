@@ -32,6 +32,8 @@ from apfsim.abi.arm64 import (
 )
 from apfsim.host.async_pf import (
     AsyncPf,
+    WorkMemo,
+    WorkTable,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
 )
@@ -61,6 +63,7 @@ from apfsim.protocols.common import (
     ProtocolOptions,
     make_token,
 )
+from apfsim.snapshot import Fields
 
 __all__ = ["Arm64SdeiPpiGuest", "Arm64SdeiPpiHost"]
 
@@ -81,6 +84,9 @@ class VcpuSdeiArch:
     acked: list[AsyncPf] = field(default_factory=list)  # delivered inline by an ACK
 
 
+_BUFFER = Fields.of(SdeiApfBuffer)
+
+
 @dataclass(slots=True)
 class SdeiHostCounters(ApfCounters):
     sdei_completions: int = 0
@@ -90,6 +96,17 @@ class SdeiHostCounters(ApfCounters):
 
 class Arm64SdeiPpiHost(HostBase[VcpuSdeiArch]):
     name = "arm64-sdei-ppi"
+    # ``view`` and ``acked`` (the last exit's registers, the last ACK's items) are written
+    # before they are read: not state. ``pending`` is frozen as a tuple.
+    arch_fields = Fields.of(VcpuSdeiArch, exclude=("buffer", "gfns", "view", "acked", "pending"))
+
+    def freeze_own(self, works: WorkMemo) -> tuple[Any, ...]:
+        return tuple([(_BUFFER.freeze(arch.buffer), tuple(arch.pending)) for arch in self.arch])
+
+    def thaw_own(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        for arch, (buffer, pending) in zip(self.arch, state, strict=True):
+            _BUFFER.thaw(arch.buffer, buffer)
+            arch.pending = list(pending)
 
     def __init__(
         self,
@@ -243,6 +260,22 @@ class Arm64SdeiPpiGuest(GuestBase):
 
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.buffers
+
+    not_state = ("port", "n_cpus", "mutant", "buffers", "waiting", "stats")
+
+    def freeze(self) -> tuple[Any, ...]:
+        return (
+            self.scalar_fields().freeze(self),
+            tuple([_BUFFER.freeze(buffer) for buffer in self.buffers]),
+            tuple([tuple(waiting.items()) for waiting in self.waiting]),
+        )
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        scalars, buffers, waiting = state
+        self.scalar_fields().thaw(self, scalars)
+        for buffer, values in zip(self.buffers, buffers, strict=True):
+            _BUFFER.thaw(buffer, values)
+        self.waiting = [dict(items) for items in waiting]
 
     def wait_nodes(self) -> Iterable[WaitNode]:
         """A tagged task (TIF_ASYNC_PF) per token, per CPU."""

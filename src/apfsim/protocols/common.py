@@ -24,6 +24,8 @@ from apfsim.host.async_pf import (
     ASYNC_PF_PER_VCPU,
     AsyncPf,
     VcpuAsyncPf,
+    WorkMemo,
+    WorkTable,
     async_pf_execute,
     kvm_setup_async_pf,
 )
@@ -47,6 +49,7 @@ from apfsim.ports import (
     SyncCause,
     WaitNode,
 )
+from apfsim.snapshot import Fields
 
 __all__ = [
     "ApfCounters",
@@ -127,6 +130,18 @@ class GfnHash:
     def reset(self) -> None:
         self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
         self.used = 0
+
+    def freeze(self) -> tuple[tuple[int, int], ...]:
+        """The used slots as (slot, gfn) pairs (a state key: probing depends on the slots)."""
+        if not self.used:
+            return ()
+        return tuple((i, gfn) for i, gfn in enumerate(self.slots) if gfn != _EMPTY)
+
+    def thaw(self, used: tuple[tuple[int, int], ...]) -> None:
+        self.slots = [_EMPTY] * ASYNC_PF_PER_VCPU
+        for i, gfn in used:
+            self.slots[i] = gfn
+        self.used = len(used)
 
     def __getstate__(self) -> dict[int, int]:
         """Only the used slots (the model checker snapshots this table per state)."""
@@ -277,6 +292,37 @@ class HostBase(Generic[A]):
     def narrow_token_ids(self, bits: int) -> None:
         """The model checker's small worlds: let the token id counter wrap at ``bits``."""
 
+    # -- the model checker's flat state key (apfsim.snapshot) -----------------------------------
+    arch_fields: ClassVar[Fields]
+    """The arch record's scalar state fields: not ``gfns`` and the shared block (frozen
+    here), nor history the host writes before it reads (the registers at the last exit)."""
+
+    def freeze(self, works: WorkMemo) -> tuple[Any, ...]:
+        """The host's state: the generic core's lists, each arch record, the variant's own."""
+        get = self.arch_fields.freeze
+        return (
+            tuple([apf.freeze(works) for apf in self.apf]),
+            tuple([(get(arch), arch.gfns.freeze()) for arch in self.arch]),
+            self.freeze_own(works),
+        )
+
+    def thaw(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        apfs, archs, own = state
+        for apf, frozen in zip(self.apf, apfs, strict=True):
+            apf.thaw(frozen, works)
+        put = self.arch_fields.thaw
+        for arch, (values, gfns) in zip(self.arch, archs, strict=True):
+            put(arch, values)
+            arch.gfns.thaw(gfns)
+        self.thaw_own(own, works)
+
+    def freeze_own(self, works: WorkMemo) -> tuple[Any, ...]:
+        """The variant's state outside the arch records (its shared blocks, its queues)."""
+        return ()
+
+    def thaw_own(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        pass
+
     # -- the variant's own invariant hooks (apfsim.invariants) ------------------------------------
     def apf_on(self, vcpu: int) -> bool:
         """Whether async PF is enabled on ``vcpu`` (the gfn hash is checked only then)."""
@@ -304,10 +350,24 @@ class HostBase(Generic[A]):
         return None
 
 
+_GUEST_SCALARS: dict[type, Fields] = {}
+
+
 class GuestBase:
     """A guest driver's call sites, as no-op hooks: a guest without the PV driver."""
 
     mutant: str | None = None
+    not_state: ClassVar[tuple[str, ...]] = ()
+    """Dataclass fields :meth:`scalar_fields` leaves out: ports, counters, configuration
+    fixed at creation, and what the driver's :meth:`freeze` handles itself."""
+
+    def scalar_fields(self) -> Fields:
+        """The driver's other dataclass fields: scalars, frozen as they are."""
+        cls = type(self)
+        known = _GUEST_SCALARS.get(cls)
+        if known is None:
+            known = _GUEST_SCALARS[cls] = Fields.of(cls, exclude=cls.not_state)
+        return known
 
     def boot(self) -> None:
         pass
@@ -334,6 +394,13 @@ class GuestBase:
     def shared_blocks(self) -> Sequence[SharedBlock]:
         """The per-CPU data blocks the host writes (none without the driver)."""
         return ()
+
+    def freeze(self) -> tuple[Any, ...]:
+        """The driver's state as plain values (the model checker's key; apfsim.snapshot)."""
+        return ()
+
+    def thaw(self, state: tuple[Any, ...]) -> None:
+        """Write a :meth:`freeze` result back (sleep records are made anew)."""
 
     def wait_nodes(self) -> Iterable[WaitNode]:
         """Every sleep record the driver holds (I6)."""

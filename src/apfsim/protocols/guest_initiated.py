@@ -25,7 +25,7 @@ from typing import Any
 
 from apfsim.abi.x86 import KVM_PV_REASON_PAGE_NOT_PRESENT, X86ApfData
 from apfsim.guest.kvm_apf_x86 import X86ApfGuest
-from apfsim.host.async_pf import AsyncPf, kvm_setup_async_pf
+from apfsim.host.async_pf import AsyncPf, WorkMemo, WorkTable, kvm_setup_async_pf
 from apfsim.ports import (
     AbortOutcome,
     FaultDecision,
@@ -107,6 +107,14 @@ class GuestInitiatedHost(X86Host):
         arch.pending_pf = token
         self.stats.not_present_injected += 1
         return FaultResult(FaultDecision.ASYNC)
+
+    def freeze_own(self, works: WorkMemo) -> tuple[Any, ...]:
+        told = tuple([tuple(told.items()) for told in self.told])
+        return (*super().freeze_own(works), told)
+
+    def thaw_own(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        super().thaw_own(state[:2], works)
+        self.told = [dict(told) for told in state[2]]
 
     def kvm_arch_async_page_not_present(self, vcpu_id: int, work: AsyncPf) -> bool:
         """The guest was told before the work existed: only track the gfn."""

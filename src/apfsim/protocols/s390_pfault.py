@@ -51,7 +51,9 @@ from apfsim.abi.s390 import (
 from apfsim.host.async_pf import (
     ASYNC_PF_PER_VCPU,
     AsyncPf,
+    WorkMemo,
     WorkState,
+    WorkTable,
     async_pf_execute,
     kvm_setup_async_pf,
 )
@@ -69,6 +71,7 @@ from apfsim.ports import (
     SyncCause,
 )
 from apfsim.protocols.common import ApfCounters, GfnHash, HostBase, ProtocolOptions
+from apfsim.snapshot import Fields
 
 __all__ = [
     "FLOATING_PFAULT_CAP",
@@ -107,6 +110,9 @@ class VcpuPfault:
     # I2's hash clause is not asked of it.
     gfns: GfnHash = field(default_factory=GfnHash)
     view: GuestView = field(default_factory=lambda: GuestView(privileged=False))
+
+
+_LOWCORE = Fields.of(S390Lowcore)
 
 
 @dataclass(slots=True)
@@ -152,6 +158,25 @@ class S390PfaultHost(HostBase[VcpuPfault]):
         self.lost_done = 0  # DONEs dropped at the cap (state: the checker's S1)
         # Items a reset flush_work'ed: off their vCPU's queue, the worker still running.
         self.flushing: list[AsyncPf] = []
+
+    # ``view`` (the registers at the last exit) is written before it is read: not state.
+    arch_fields = Fields.of(VcpuPfault, exclude=("block", "gfns", "view"))
+
+    def freeze_own(self, works: WorkMemo) -> tuple[Any, ...]:
+        return (
+            tuple([_LOWCORE.freeze(arch.block) for arch in self.arch]),
+            self.pfault_enabled,
+            tuple(self.float_pfault),
+            self.lost_done,
+            tuple(map(works.ref, self.flushing)),
+        )
+
+    def thaw_own(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        blocks, self.pfault_enabled, floating, self.lost_done, flushing = state
+        for arch, values in zip(self.arch, blocks, strict=True):
+            _LOWCORE.thaw(arch.block, values)
+        self.float_pfault = deque(floating)
+        self.flushing = list(map(works.get, flushing))
 
     @classmethod
     def create(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from apfsim.abi.arm64 import SMCCC_RET_NOT_SUPPORTED
-from apfsim.host.async_pf import AsyncPf
+from apfsim.host.async_pf import AsyncPf, WorkMemo, WorkTable
 from apfsim.ports import (
     Broken,
     FaultDecision,
@@ -79,6 +79,12 @@ class SyncHost:
         pass
 
     def narrow_token_ids(self, bits: int) -> None:
+        pass
+
+    def freeze(self, works: WorkMemo) -> tuple[Any, ...]:
+        return ()
+
+    def thaw(self, state: tuple[Any, ...], works: WorkTable) -> None:
         pass
 
 

@@ -37,6 +37,8 @@ from apfsim.abi.x86 import (
 )
 from apfsim.host.async_pf import (
     AsyncPf,
+    WorkMemo,
+    WorkTable,
     kvm_async_pf_wakeup_all,
     kvm_check_async_pf_completion,
     kvm_clear_async_pf_completion_queue,
@@ -56,6 +58,7 @@ from apfsim.ports import (
     SyncCause,
 )
 from apfsim.protocols.common import ApfCounters, GfnHash, HostBase, ProtocolOptions
+from apfsim.snapshot import Fields
 
 __all__ = ["X86Counters", "X86Host", "make_x86_token"]
 
@@ -93,6 +96,9 @@ class VcpuApfX86:
         """``kvm_pv_async_pf_enabled``: EN and DELIVERY_AS_INT both set."""
         want = KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
         return self.msr_en_val & want == want
+
+
+_BLOCK = Fields.of(X86ApfData)
 
 
 @dataclass(slots=True)
@@ -236,6 +242,26 @@ class X86Host(HostBase[VcpuApfX86]):
 
     def narrow_token_ids(self, bits: int) -> None:
         self.token_id_mask = (1 << bits) - 1
+
+    # History, not state: the registers at the last exit, what the last ACK delivered, the
+    # halt flag that only feeds a counter; ``ack_window`` too, except in B12's model.
+    arch_fields = Fields.of(
+        VcpuApfX86, exclude=("block", "gfns", "acked", "view", "halted", "ack_window")
+    )
+
+    def freeze_own(self, works: WorkMemo) -> tuple[Any, ...]:
+        blocks = tuple([_BLOCK.freeze(arch.block) for arch in self.arch])
+        if self.mutant == "B12":
+            return blocks, tuple([arch.ack_window for arch in self.arch])
+        return blocks, None
+
+    def thaw_own(self, state: tuple[Any, ...], works: WorkTable) -> None:
+        blocks, windows = state[0], state[1]
+        for arch, values in zip(self.arch, blocks, strict=True):
+            _BLOCK.thaw(arch.block, values)
+        if windows is not None:
+            for arch, window in zip(self.arch, windows, strict=True):
+                arch.ack_window = window
 
     def kvm_lapic_set_enabled(self, vcpu_id: int, enabled: bool) -> None:
         """The guest writes the LAPIC software-enable bit; enabling it re-requests APF_READY

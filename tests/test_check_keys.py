@@ -1,0 +1,132 @@
+"""The checker's flat state keys (World.freeze / World.thaw) against the full pickle.
+
+The search identifies states by :meth:`World.freeze` and restores one scratch world with
+:meth:`World.thaw` before each step. A field that either leaves out would merge states
+that differ, or carry a value from one branch into another. Here every transition of a
+world is keyed both ways (``World.key`` pickles the whole object graph, counters and
+history stripped) and the two partitions must be the same; the thawed world must pickle
+exactly as the state it was thawed from did when it was reached.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import pytest
+
+from apfsim.check import WorldConfig, check
+from apfsim.check.mutants import MUTANTS
+from apfsim.check.world import Violation, World
+from apfsim.registry import PROTOCOLS
+
+
+def crosscheck(config: WorldConfig, limit: int | None = None) -> int:
+    """Breadth first with both keys; returns the number of states reached."""
+    world = World(config)
+    root = world.freeze()
+    pickled: dict[tuple[Any, ...], bytes] = {root: world.key()}
+    flat_of: dict[bytes, tuple[Any, ...]] = {pickled[root]: root}
+    queue = deque([root])
+    while queue and (limit is None or len(pickled) < limit):
+        state = queue.popleft()
+        world.thaw(state)
+        assert world.key() == pickled[state], "thaw did not restore the pickled state"
+        for action in world.actions():
+            world.thaw(state)
+            try:
+                world.step(action)
+            except Violation:
+                continue
+            flat, full = world.freeze(), world.key()
+            hash(flat)
+            known = pickled.get(flat)
+            if known is None:
+                assert full not in flat_of, (
+                    f"{action}: one state has two flat keys (a field frozen that is not state)"
+                )
+                pickled[flat] = full
+                flat_of[full] = flat
+                queue.append(flat)
+            else:
+                assert known == full, (
+                    f"{action}: two states share a flat key (a field freeze leaves out)"
+                )
+    return len(pickled)
+
+
+def test_thaw_is_freeze_inverse_at_the_root() -> None:
+    for name in PROTOCOLS:
+        world = World(WorldConfig(protocol=name))
+        state = world.freeze()
+        other = World(WorldConfig(protocol=name))
+        other.thaw(state)
+        assert other.freeze() == state
+        assert other.key() == world.key()
+
+
+def test_keys_agree_on_a_bounded_prefix_of_every_world() -> None:
+    for name in PROTOCOLS:
+        crosscheck(WorldConfig(protocol=name), limit=1500)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROTOCOLS))
+def test_keys_agree_on_every_state_of_the_2x2x2_world(name: str) -> None:
+    config = WorldConfig(protocol=name)
+    states = crosscheck(config)
+    assert states == check(config).states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_keys_agree_in_every_mutant_world(name: str) -> None:
+    mutant = MUTANTS[name]
+    crosscheck(WorldConfig(protocol=mutant.protocol, **mutant.world), limit=20_000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config",
+    [
+        WorldConfig("x86", hotplug=1, lapic=True, tasks=1),
+        WorldConfig("x86-legacy", event_pending=True, reboot=True, tasks=1),
+        WorldConfig("arm64-rfcv2", hotplug=1, reboot=True, tasks=1),
+        WorldConfig("s390-pfault", hotplug=1, reboot=True, tasks=1),
+        WorldConfig("guest-initiated", hotplug=1, reboot=True, tasks=1),
+    ],
+    ids=lambda c: c.protocol,
+)
+def test_keys_agree_with_lifecycle_steps(config: WorldConfig) -> None:
+    crosscheck(config, limit=20_000)
+
+
+# What each state class holds besides the scalar fields its Fields list freezes: the
+# parts its freeze handles by hand, and what is not state (ports, counters, configuration
+# fixed at creation). A new attribute must be added to freeze/thaw or named here.
+_WORLD_OTHER = {"config", "variant", "rules", "log", "driver", "host", "guest", "vcpus"}
+_WORLD_OTHER |= {"pages", "io", "tasks", "scripts", "reboot_left", "rebooted", "running_cpu"}
+_VCPU_OTHER = {"cpu", "world", "rq", "current", "frames", "pending_irqs"}
+_HOST_KNOWN = {
+    *("prefault", "gup_nowait", "kick", "start_worker", "now"),  # ports
+    *("stats", "declined", "populates", "mutant", "token_id_mask"),  # counters, config
+    *("apf", "arch"),  # HostBase.freeze
+    *("told", "pfault_enabled", "float_pfault", "lost_done", "flushing"),  # freeze_own
+}
+
+
+def test_every_attribute_is_frozen_or_named_as_not_state() -> None:
+    from apfsim.check.world import _VCPU
+
+    for name in PROTOCOLS:
+        world = World(WorldConfig(protocol=name))
+        assert set(vars(world)) == _WORLD_OTHER, name
+        for vc in world.vcpus:
+            assert set(vars(vc)) == set(_VCPU.names) | _VCPU_OTHER, name
+        extra = set(vars(world.host)) - _HOST_KNOWN
+        assert not extra, f"{name} host: {sorted(extra)} neither frozen nor named here"
+        guest = world.guest
+        if hasattr(guest, "__dataclass_fields__"):
+            frozen = set(guest.scalar_fields().names) | set(type(guest).not_state)
+            unnamed = set(vars(guest)) - frozen - {"mutant"}
+            assert not unnamed, f"{name} guest: {sorted(unnamed)}"
