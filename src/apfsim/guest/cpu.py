@@ -196,9 +196,10 @@ class GuestCpu(CpuState):
             self.frames[-1].remaining -= now - self._seg_start
         self._seg = _NONE
 
-    def take_events(self, injections: list[Injection]) -> None:
-        """At entry: exceptions are taken at once, interrupts once unmasked."""
-        runloop.take_events(self, self.rules, injections)
+    def take_events(self, injections: list[Injection], lapic_enabled: bool) -> None:
+        """At entry: exceptions are taken at once, interrupts once unmasked (an interrupt
+        into a software-disabled LAPIC is lost)."""
+        runloop.take_events(self, self.rules, injections, lapic_enabled)
 
     # -- runloop.Kernel: the run loop's needs, met with time ---------------------------------
     def call_driver(self, cpu: CpuState, fn: Callable[..., Any], *args: Any) -> Any:
