@@ -190,8 +190,47 @@ def test_cancel_after_run_is_harmless() -> None:
 
 
 def test_cancel_none_is_harmless() -> None:
-    Engine.cancel(None)
+    Engine().cancel(None)
     assert not Engine.is_pending(None)
+
+
+def test_tombstones_far_in_the_future_are_compacted_away() -> None:
+    """A compute segment's end "forever" away, cancelled by every interrupt, never reaches
+    the top of the heap: without compaction the heap grows with the run."""
+    eng = Engine()
+    seen: list[int] = []
+    forever = 1 << 62
+
+    def interrupt(i: int) -> None:
+        seen.append(i)
+        eng.cancel(ends[-1])
+        ends.append(eng.after(forever, seen.append, -1))
+        if i < 100_000:
+            eng.after(10, interrupt, i + 1)
+
+    ends = [eng.after(forever, seen.append, -1)]
+    eng.after(10, interrupt, 0)
+    most = 0
+    for until in [*range(0, 1_000_000, 10_000), 1_000_100]:
+        eng.run(until)
+        most = max(most, eng.queued())
+    assert seen == list(range(100_001))
+    assert eng.pending() == 1
+    assert most <= 2 * Engine.COMPACT_MIN + 4
+    assert eng.compactions > 1000
+
+
+def test_compaction_keeps_the_order_of_events() -> None:
+    eng = Engine()
+    seen: list[int] = []
+    handles = [eng.at(1000 - (i % 7) * 10, seen.append, i) for i in range(500)]
+    for i, h in enumerate(handles):
+        if i % 4:
+            eng.cancel(h)
+    assert eng.compactions >= 1
+    eng.run(2000)
+    kept = [i for i in range(500) if i % 4 == 0]
+    assert seen == sorted(kept, key=lambda i: (1000 - (i % 7) * 10, i))
 
 
 def test_a_callback_may_cancel_an_event_queued_for_the_same_instant() -> None:

@@ -431,3 +431,20 @@ def test_module_example() -> None:
     mem.zero_fill(1)
     rec = mem.zero_fill(2)
     assert mem.resident == 2 and rec.writes.tolist() == [0]
+
+
+def test_initial_layout_is_the_permutation_of_the_seed() -> None:
+    """initialise shuffles a uint32 arange (half the transient of Generator.permutation's
+    int64): the layout and the generator's state after it must be those of permutation."""
+    n, res, swp = 10_000, 0.25, 0.5
+    mem = GuestMemory(n, limit_pages=n)
+    rng = np.random.default_rng(11)
+    mem.initialise(rng, res, swp)
+    ref = np.random.default_rng(11)
+    order = ref.permutation(n)
+    n_res, n_swp = round(res * n), round(swp * n)
+    expect = np.zeros(n, dtype=np.uint8)
+    expect[order[:n_res]] = PageState.MAPPED
+    expect[order[n_res : n_res + n_swp]] = PageState.SWAPPED
+    assert (mem.state == expect).all()
+    assert rng.bit_generator.state == ref.bit_generator.state

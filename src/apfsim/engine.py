@@ -5,7 +5,10 @@ integer nanoseconds; ``seq`` comes from a counter, so events at the same instant
 the order they were scheduled (FIFO), which makes every run bit-reproducible.
 Cancellation marks the entry as a tombstone (its callback becomes ``None``); the loop
 skips tombstones when it pops them, so cancel is O(1) and nothing is removed from the
-middle of the heap.
+middle of the heap. A tombstone far in the future (a compute segment's end, cancelled by
+each interrupt) would never reach the top, so once tombstones outnumber live entries the
+heap is compacted: memory stays bounded by the live events, whatever the run length.
+Compaction cannot change the order of events, which is fixed by the unique ``(time, seq)``.
 
 Example::
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from itertools import count
 from typing import Any
 
@@ -38,13 +41,18 @@ EventHandle = list[Any]
 class Engine:
     """Heap-of-callbacks event loop with integer-nanosecond time."""
 
-    __slots__ = ("_queue", "_seq", "events_run", "now")
+    __slots__ = ("_dead", "_queue", "_seq", "compactions", "events_run", "now")
+
+    COMPACT_MIN = 64
+    """Tombstones tolerated before compacting (below it a rebuild is not worth it)."""
 
     def __init__(self) -> None:
         self.now: int = 0
         self._queue: list[EventHandle] = []
         self._seq = count()
+        self._dead = 0  # tombstones still in the heap
         self.events_run: int = 0
+        self.compactions: int = 0
 
     def at(self, time_ns: int, callback: Callable[[Any], object], arg: Any = None) -> EventHandle:
         """Schedule ``callback(arg)`` at absolute time ``time_ns`` (never in the past)."""
@@ -64,11 +72,25 @@ class Engine:
         heappush(self._queue, entry)
         return entry
 
-    @staticmethod
-    def cancel(handle: EventHandle | None) -> None:
+    def cancel(self, handle: EventHandle | None) -> None:
         """Tombstone a scheduled event; cancelling twice or after it ran is harmless."""
-        if handle is not None:
+        if handle is not None and handle[2] is not None:
             handle[2] = None
+            self._dead += 1
+            if self._dead > self.COMPACT_MIN and 2 * self._dead > len(self._queue):
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop every tombstone, in place (``run`` holds a reference to the list)."""
+        queue = self._queue
+        queue[:] = [entry for entry in queue if entry[2] is not None]
+        heapify(queue)
+        self._dead = 0
+        self.compactions += 1
+
+    def queued(self) -> int:
+        """Entries in the heap, tombstones included (what the heap's memory is)."""
+        return len(self._queue)
 
     @staticmethod
     def is_pending(handle: EventHandle | None) -> bool:
@@ -94,6 +116,7 @@ class Engine:
             entry = pop(queue)
             callback = entry[2]
             if callback is None:
+                self._dead -= 1
                 continue
             entry[2] = None  # consumed: is_pending() is False from here on
             self.now = entry[0]
