@@ -23,6 +23,8 @@ __all__ = ["RECENT_EVENTS", "InvariantViolation", "RunChecker"]
 
 RECENT_EVENTS = 16
 
+_DONE, _SLEEPING, _HALTED = TaskState.DONE, TaskState.SLEEPING_APF, TaskState.HALTED_APF
+
 
 class InvariantViolation(RuntimeError):
     """A protocol invariant broke during a run; the message is the full report.
@@ -51,12 +53,13 @@ class RunChecker:
         self.protocol = protocol
         self.seed = seed
         self.vcpus: Sequence[Vcpu] = ()
-        self.recent: deque[tuple[int, int, str, int]] = deque(maxlen=RECENT_EVENTS)
+        self.recent: deque[tuple[int, int, Any, int, Any]] = deque(maxlen=RECENT_EVENTS)
         self._apf_changed: list[bool] = []
 
-    def note(self, vcpu: int, what: str, value: int) -> None:
-        """Remember a protocol event for the report of a later violation."""
-        self.recent.append((self.engine.now, vcpu, what, value))
+    def note(self, vcpu: int, what: Any, value: int, key: Any = None) -> None:
+        """Remember a protocol event for the report of a later violation; a label from a
+        table (``what[key]``) is looked up only if that report is written."""
+        self.recent.append((self.engine.now, vcpu, what, value, key))
         if vcpu < len(self._apf_changed):
             self._apf_changed[vcpu] = True
 
@@ -78,13 +81,17 @@ class RunChecker:
         self._raise_if(check_vcpu(self.host, vcpu, in_guest, lists=False))
 
     def check_guest(self) -> None:
-        waiting = [
-            (t.tid, t.cpu)
-            for t in self.tasks
-            if t.state is TaskState.SLEEPING_APF or t.state is TaskState.HALTED_APF
-        ]
-        all_done = all(t.state is TaskState.DONE for t in self.tasks)
-        self._raise_if(check_guest(self.guest, waiting, all_done))
+        waiting = []
+        all_done = True
+        for t in self.tasks:
+            state = t.state
+            if state is not _DONE:
+                all_done = False
+                if state is _SLEEPING or state is _HALTED:
+                    waiting.append((t.tid, t.cpu))
+        broken = check_guest(self.guest, waiting, all_done)
+        if broken is not None:
+            self._raise_if(broken)
 
     def _raise_if(self, broken: Broken) -> None:
         if broken is None:
@@ -96,6 +103,7 @@ class RunChecker:
             f"  {name}: {INVARIANTS.get(name.split()[0], '')}",
             "  last events:",
         ]
-        for t, vcpu, what, value in self.recent:
-            lines.append(f"    {t / 1e6:12.6f} ms  vCPU{vcpu}  {what} {value:#x}")
+        for t, vcpu, what, value, key in self.recent:
+            label = what if key is None else what[key]
+            lines.append(f"    {t / 1e6:12.6f} ms  vCPU{vcpu}  {label} {value:#x}")
         raise InvariantViolation("\n".join(lines))

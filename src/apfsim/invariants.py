@@ -48,49 +48,63 @@ def _core(host: HostBase[Any], v: int) -> Broken:
     apf = host.apf[v]
     gfns = host.arch[v].gfns
     if not apf.queued and not apf.queue and not apf.done:  # the common case, made cheap
-        if len(gfns) and host.apf_on(v):
+        if gfns.used and host.apf_on(v):
             return "I2", f"vCPU{v}: gfns left in the hash with nothing queued"
         return None
-    wake_alls = sum(1 for w in apf.done if w.wakeup_all)
-    if apf.queued != len(apf.queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
-        return "I2", f"vCPU{v}: queued={apf.queued} but {len(apf.queue)} items queued"
-    tokens = []
-    for work in apf.queue:
-        if work.state not in (WorkState.RUNNING, WorkState.DONE):
-            return "I2", f"vCPU{v}: a {work.state.value} item is still on the queue"
-        tokens.append(work.token)
-    if host.unique_tokens and len(set(tokens)) != len(tokens):
-        return "I1", f"vCPU{v}: two live items share a token ({sorted(tokens)})"
-    for token in tokens:
-        if token == WAKE_ALL_TOKEN or (host.reserved_token_zero and token == 0):
+    queue = apf.queue
+    wake_alls = 0
+    for work in apf.done:
+        if work.wakeup_all:
+            wake_alls += 1
+    if apf.queued != len(queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
+        return "I2", f"vCPU{v}: queued={apf.queued} but {len(queue)} items queued"
+    tokens = set()
+    queued_gfns = set()
+    for work in queue:
+        state = work.state
+        if state is not _RUNNING and state is not _DONE:
+            return "I2", f"vCPU{v}: a {state.value} item is still on the queue"
+        tokens.add(work.token)
+        if not work.wakeup_all:
+            queued_gfns.add(work.gfn)
+    if host.unique_tokens and len(tokens) != len(queue):
+        listed = sorted(work.token for work in queue)
+        return "I1", f"vCPU{v}: two live items share a token ({listed})"
+    for token in (WAKE_ALL_TOKEN, 0) if host.reserved_token_zero else (WAKE_ALL_TOKEN,):
+        if token in tokens:
             return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
     # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
     # gate is checked before the lookup, so they are never used).
-    if host.apf_on(v):
-        queued_gfns = {w.gfn for w in apf.queue if not w.wakeup_all}
-        if len(gfns) != len(queued_gfns) or not all(gfns.find(g) for g in queued_gfns):
-            return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
+    if host.apf_on(v) and (
+        gfns.used != len(queued_gfns) or not all(gfns.find(g) for g in queued_gfns)
+    ):
+        return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
     return None
+
+
+_RUNNING, _DONE = WorkState.RUNNING, WorkState.DONE
 
 
 def check_guest(guest: GuestProtocol, waiting: list[tuple[int, int]], all_done: bool) -> Broken:
     """The guest driver (I6): ``waiting`` lists (task, CPU it waits on) of every task asleep
     or in the halted wait; ``all_done``: every task has finished."""
-    tokens: dict[int, set[int]] = {}  # scope -> tokens with a node
+    tokens: set[tuple[int, int]] = set()  # (scope, token) with a node
     has_node: set[tuple[int, int]] = set()  # (scope, task) with a live node
     dummies = 0
     global_scope = False
-    for node in guest.wait_nodes():
-        seen = tokens.setdefault(node.scope, set())
-        if node.token in seen:
-            where = "" if node.scope < 0 else f"CPU{node.scope}: "
+    for scope, task, token, dummy in guest.wait_nodes():
+        if (scope, token) in tokens:
+            where = "" if scope < 0 else f"CPU{scope}: "
             return "I6", f"{where}two sleep nodes for one token"
-        seen.add(node.token)
-        global_scope |= node.scope < 0
-        if node.dummy:
+        tokens.add((scope, token))
+        if scope < 0:
+            global_scope = True
+        if dummy:
             dummies += 1
         else:
-            has_node.add((node.scope, node.task))
+            has_node.add((scope, task))
+    if not waiting and not dummies:
+        return None
     for task, cpu in waiting:
         if (-1 if global_scope else cpu, task) not in has_node:
             return "I6", (

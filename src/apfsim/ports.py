@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from apfsim.host.async_pf import AsyncPf, WorkMemo, WorkTable
 from apfsim.metrics.accumulators import LatencySamples
@@ -290,10 +290,10 @@ class SharedBlock(Protocol):
     def words(self) -> tuple[int, ...]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class WaitNode:
+class WaitNode(NamedTuple):
     """A guest sleep record as the invariants see it: ``scope`` is the CPU whose list holds
-    it, or -1 for one global table (x86); ``task`` is -1 for the idle task."""
+    it, or -1 for one global table (x86); ``task`` is -1 for the idle task.
+    NOTE: a NamedTuple, not a frozen dataclass, for performance (one per node per check)."""
 
     scope: int
     task: int
@@ -385,7 +385,10 @@ class VcpuSide(Protocol):
 class Checker(Protocol):
     """The invariants, where the kernel would assert (None with ``--no-check``)."""
 
-    def note(self, vcpu: int, what: str, value: int) -> None: ...
+    def note(self, vcpu: int, what: Any, value: int, key: Any = None) -> None:
+        """A protocol event for a later report: ``what`` is its label, or with ``key`` a
+        table of labels looked up only when a report is written."""
+        ...
 
     def check_vcpu(self, vcpu: int, in_guest: bool, at_entry: bool = False) -> None: ...
 

@@ -232,8 +232,8 @@ class GuestCpu(CpuState):
         self, cpu: CpuState, injection: Injection, interrupted: GuestContext, outcome: AbortOutcome
     ) -> None:
         if self.checker is not None:
-            label = runloop.HANDLER_LABEL[injection.kind, outcome]
-            self.checker.note(self.cpu, label, injection.payload)
+            key = (injection.kind, outcome)
+            self.checker.note(self.cpu, runloop.HANDLER_LABEL, injection.payload, key)
             self.checker.check_guest()
 
     def apf_waiting(self, cpu: CpuState, task: Task, token: int, halted: bool) -> None:

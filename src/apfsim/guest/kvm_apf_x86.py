@@ -83,8 +83,14 @@ class SleepTable:
         return bucket
 
     def __iter__(self) -> Iterator[list[X86SleepNode]]:
-        """The non-empty buckets (the others hold nothing to visit)."""
-        return iter([bucket for bucket in self._buckets.values() if bucket])
+        """The non-empty buckets (the others hold nothing to visit). Empty ones are dropped
+        here, so a walk costs the buckets in use, not every bucket ever used; the driver
+        looks its bucket up at each use, and a dropped one is made again on the next."""
+        buckets = self._buckets
+        live = [bucket for bucket in buckets.values() if bucket]
+        if len(live) != len(buckets):
+            self._buckets = {i: bucket for i, bucket in buckets.items() if bucket}
+        return iter(live)
 
     def freeze(self) -> tuple[Any, ...]:
         """The non-empty buckets in index order, each node's fields (a state key)."""

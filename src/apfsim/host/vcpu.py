@@ -159,7 +159,7 @@ class Vcpu:
         for injection in injections:
             cost += self._inject_ns[injection.kind]
             if self.checker is not None:
-                self.checker.note(self.index, _INJECT_LABEL[injection.kind], injection.payload)
+                self.checker.note(self.index, _INJECT_LABEL, injection.payload, injection.kind)
         self._host_event = self.engine.after(cost, self._entered, injections)
 
     @property
@@ -238,7 +238,7 @@ class Vcpu:
             if self.probe is not None:
                 self.probe.try_async(self.index, gfn, repeated)
         if self.checker is not None:
-            self.checker.note(self.index, _TRY_LABEL[result.decision], gfn)
+            self.checker.note(self.index, _TRY_LABEL, gfn, result.decision)
         outcome = fault_outcome(result)
         if outcome is FaultOutcome.ENTER:
             counters.async_faults += 1
