@@ -127,6 +127,6 @@ def test_every_attribute_is_frozen_or_named_as_not_state() -> None:
         assert not extra, f"{name} host: {sorted(extra)} neither frozen nor named here"
         guest = world.guest
         if hasattr(guest, "__dataclass_fields__"):
-            frozen = set(guest.scalar_fields().names) | set(type(guest).not_state)
+            frozen = set(guest.scalar_fields().names) | set(type(guest).not_state())
             unnamed = set(vars(guest)) - frozen - {"mutant"}
             assert not unnamed, f"{name} guest: {sorted(unnamed)}"

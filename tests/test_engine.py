@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from apfsim.engine import Engine, EventHandle, RandomStreams
+from apfsim.engine import COMPACT_MIN, Engine, EventHandle, RandomStreams
 
 # ---------------------------------------------------------------------- ordering
 
@@ -216,7 +216,7 @@ def test_tombstones_far_in_the_future_are_compacted_away() -> None:
         most = max(most, eng.queued())
     assert seen == list(range(100_001))
     assert eng.pending() == 1
-    assert most <= 2 * Engine.COMPACT_MIN + 4
+    assert most <= 2 * COMPACT_MIN + 4
     assert eng.compactions > 1000
 
 

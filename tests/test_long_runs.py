@@ -8,7 +8,7 @@ seconds for about 20 live events.
 
 from __future__ import annotations
 
-from apfsim.engine import Engine
+from apfsim.engine import COMPACT_MIN
 from apfsim.scenario import load_scenario
 from apfsim.simulation import Simulation
 
@@ -24,4 +24,4 @@ def test_the_heap_is_bounded_by_the_live_events_in_a_long_run() -> None:
     assert len(samples) == 30
     assert sim.engine.compactions > 0
     for queued, live in samples:
-        assert queued <= 2 * max(live, Engine.COMPACT_MIN) + 1, (queued, live)
+        assert queued <= 2 * max(live, COMPACT_MIN) + 1, (queued, live)

@@ -30,7 +30,7 @@ from apfsim.guest.cpu import GuestCpu
 from apfsim.guest.kernel import SimKernel
 from apfsim.guest.sched import CfsParams, Task
 from apfsim.host.async_pf import AsyncPf
-from apfsim.host.memory import PageState
+from apfsim.host.memory import GuestMemory, PageState
 from apfsim.host.vcpu import Vcpu, VcpuMode, VcpuParams
 from apfsim.ports import (
     NOWAIT_MAPPED,
@@ -110,15 +110,17 @@ class Script(Workload):
         return self.pc == len(self.pages)
 
 
-class Memory:
-    def __init__(self, pages: int) -> None:
-        self.state = np.full(pages, int(PageState.SWAPPED), dtype=np.uint8)
+def swapped_memory(pages: int) -> GuestMemory:
+    """The world's pages, all swapped out (only ``state`` is used)."""
+    memory = GuestMemory(pages, limit_pages=pages)
+    memory.state[:] = int(PageState.SWAPPED)
+    return memory
 
 
 class Io:
     """Host I/O as the checker's world has it: a page is present or not; workers wait."""
 
-    def __init__(self, memory: Memory) -> None:
+    def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.workers: list[AsyncPf] = []
         self.sync: dict[int, tuple[Callable[[Any], object], Any, int]] = {}
@@ -154,7 +156,7 @@ class Replay:
     def __init__(self, config: WorldConfig, world: World) -> None:
         n = config.vcpus
         self.clock = ManualClock()
-        self.memory = Memory(config.pages)
+        self.memory = swapped_memory(config.pages)
         self.io = Io(self.memory)
         self.tasks = [Task(t.tid, t.name, t.cpu) for t in world.tasks]
         self.workloads = [
@@ -163,7 +165,7 @@ class Replay:
         ]
         counters = RunCounters()
         self.kernel = SimKernel(
-            self.memory,  # type: ignore[arg-type]
+            self.memory,
             self.tasks,
             self.workloads,
             [True] * len(self.tasks),
@@ -200,7 +202,7 @@ class Replay:
         ]
         for vcpu, cpu in zip(self.vcpus, self.cpus, strict=True):
             vcpu.guest = cpu
-            cpu.rq = RoundRobinRq()  # type: ignore[assignment]  # the checker's policy
+            cpu.rq = RoundRobinRq()  # the checker's policy
         self.io.vcpus = self.vcpus
         self.kernel.cpus, self.kernel.vcpus = self.cpus, self.vcpus
         self.kernel.run_driver(0, self.guest.boot)

@@ -31,7 +31,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Engine", "EventHandle", "RandomStreams"]
+__all__ = ["COMPACT_MIN", "Engine", "EventHandle", "RandomStreams"]
+
+COMPACT_MIN = 64
+"""Tombstones tolerated before the heap is compacted (below it a rebuild is not worth it)."""
 
 # An event entry is a mutable list so that cancel() can tombstone it in place.
 # NOTE: a list, not a dataclass, for performance: no per-event object beyond the entry.
@@ -42,9 +45,6 @@ class Engine:
     """Heap-of-callbacks event loop with integer-nanosecond time."""
 
     __slots__ = ("_dead", "_queue", "_seq", "compactions", "events_run", "now")
-
-    COMPACT_MIN = 64
-    """Tombstones tolerated before compacting (below it a rebuild is not worth it)."""
 
     def __init__(self) -> None:
         self.now: int = 0
@@ -77,7 +77,7 @@ class Engine:
         if handle is not None and handle[2] is not None:
             handle[2] = None
             self._dead += 1
-            if self._dead > self.COMPACT_MIN and 2 * self._dead > len(self._queue):
+            if self._dead > COMPACT_MIN and 2 * self._dead > len(self._queue):
                 self._compact()
 
     def _compact(self) -> None:

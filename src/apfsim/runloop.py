@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from apfsim.guest.context import Contexts, GuestContext
 from apfsim.guest.sched import Task, TaskState
 from apfsim.host.async_pf import AsyncPf, WorkState
@@ -51,6 +53,7 @@ __all__ = [
     "Kernel",
     "Next",
     "Ret",
+    "Runqueue",
     "RunLoopRules",
     "context",
     "exit_request",
@@ -159,6 +162,8 @@ class RunLoopRules:
         return cls(vector, entry, costs, arm64, not arm64, full_preempt)
 
 
+# Subclassed by interpreted code (tracing, the model checker) in the compiled build.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CpuState:
     """One guest CPU's run-loop state, shared by both drivers."""
 
@@ -190,6 +195,25 @@ class CpuState:
     def task_context(self, task: Task) -> GuestContext:
         """The context ``task`` executes in now (its workload's mode)."""
         raise NotImplementedError
+
+
+class Runqueue(Protocol):
+    """The policy half of a CPU's runqueue the run loop calls (``kernel/sched`` class hooks):
+    CFS in the simulator, round-robin in the model checker."""
+
+    curr: Task | None
+
+    def enqueue(self, task: Task, wakeup: bool) -> None: ...
+
+    def pick_next(self) -> Task | None: ...
+
+    def put_prev(self, task: Task) -> None: ...
+
+    def check_preempt_tick(self) -> bool: ...
+
+    def check_preempt_wakeup(self, woken: Task) -> bool: ...
+
+    def update_curr(self, delta_exec_ns: int) -> None: ...
 
 
 class Kernel(Protocol):

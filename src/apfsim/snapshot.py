@@ -27,11 +27,10 @@ class Fields:
 
     def __init__(self, *names: str) -> None:
         self.names = names
-        if len(names) > 1:
-            self._get: Callable[[Any], tuple[Any, ...]] = attrgetter(*names)
-        else:
-            one = attrgetter(*names) if names else None
-            self._get = (lambda obj: (one(obj),)) if one is not None else (lambda obj: ())
+        # attrgetter of two or more names returns a tuple; of one, the bare value.
+        self._get: Callable[[Any], tuple[Any, ...]] | None = (
+            attrgetter(*names) if len(names) > 1 else None
+        )
 
     @classmethod
     def of(cls, record: type, exclude: tuple[str, ...] = ()) -> Fields:
@@ -44,7 +43,10 @@ class Fields:
         return cls(*[f.name for f in fields(record) if f.name not in exclude])
 
     def freeze(self, obj: Any) -> tuple[Any, ...]:
-        return self._get(obj)
+        get = self._get
+        if get is not None:
+            return get(obj)
+        return tuple([getattr(obj, name) for name in self.names])
 
     def thaw(self, obj: Any, values: tuple[Any, ...]) -> None:
         for name, value in zip(self.names, values, strict=True):

@@ -239,13 +239,11 @@ class WVcpu(CpuState):
     # NOTE: a flat tuple instead of the instance dict, for performance (every state is
     # pickled); ``ret`` as its int.
     def __getstate__(self) -> tuple[Any, ...]:
-        d = self.__dict__
-        return (*[d[name] for name in self._FIELDS], int(self.ret))
+        return (*[getattr(self, name) for name in self._FIELDS], int(self.ret))
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        d = self.__dict__
         for name, value in zip(self._FIELDS, state, strict=False):
-            d[name] = value
+            setattr(self, name, value)
         self.ret = runloop.Ret(state[-1])
 
 
@@ -412,8 +410,10 @@ class World(GuestCalls):
         counters, history = plan
         for owner, attr in counters:
             half = getattr(self, owner)
-            saved.append((owner, attr, getattr(half, attr)))
-            setattr(half, attr, None)
+            value = getattr(half, attr)
+            saved.append((owner, attr, value))
+            # A zeroed record of the same type (the compiled build checks field types).
+            setattr(half, attr, 0 if isinstance(value, int) else type(value)())
         if history:
             for arch in self.host.arch:  # type: ignore[attr-defined]
                 for attr, blank in history:

@@ -9,7 +9,7 @@ ELR_EL1/SPSR_EL1 yet, and whether this CPU holds its runqueue lock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from apfsim.ports import GuestRegs, GuestView
 from apfsim.workloads.base import AccessMode
@@ -110,24 +110,30 @@ def _context_at(position: int) -> GuestContext:
 class Contexts:
     """The fixed contexts of the model; vector/entry PCs depend on the guest's layout."""
 
-    USER = GuestContext("user", privileged=False)
-    KERNEL = GuestContext("kernel", privileged=True)
-    KERNEL_ATOMIC = GuestContext("kernel_atomic", privileged=True, preempt_count=2)
-    KERNEL_RCU = GuestContext("kernel_rcu", privileged=True, rcu_depth=1)
-    KERNEL_IRQS_OFF = GuestContext("kernel_irqs_off", privileged=True, irqs_off=True)
-    IDLE = GuestContext("idle", privileged=True, idle=True)
+    USER: ClassVar[GuestContext] = GuestContext("user", privileged=False)
+    KERNEL: ClassVar[GuestContext] = GuestContext("kernel", privileged=True)
+    KERNEL_ATOMIC: ClassVar[GuestContext] = GuestContext(
+        "kernel_atomic", privileged=True, preempt_count=2
+    )
+    KERNEL_RCU: ClassVar[GuestContext] = GuestContext("kernel_rcu", privileged=True, rcu_depth=1)
+    KERNEL_IRQS_OFF: ClassVar[GuestContext] = GuestContext(
+        "kernel_irqs_off", privileged=True, irqs_off=True
+    )
+    IDLE: ClassVar[GuestContext] = GuestContext("idle", privileged=True, idle=True)
     # do_mem_abort / do_async_pf after kernel_entry: registers saved, IRQs masked.
-    HANDLER = GuestContext("abort_handler", privileged=True, irqs_off=True)
+    HANDLER: ClassVar[GuestContext] = GuestContext("abort_handler", privileged=True, irqs_off=True)
     # el0_sync / el1_sync in entry-common.c before read_sysreg(esr_el1 / far_el1): outside the
     # vector table and entry.S, so outside RFCv2's no-inject window, and not re-entrant.
-    ENTRY_COMMON = GuestContext(
+    ENTRY_COMMON: ClassVar[GuestContext] = GuestContext(
         "entry_common", privileged=True, irqs_off=True, syndrome_unread=True
     )
     # A system call's handler (the guest's own synchronous exception, with IRQs unmasked).
-    SYSCALL = GuestContext("syscall", privileged=True)
-    IRQ = GuestContext("irq", privileged=True, preempt_count=HARDIRQ_OFFSET, irqs_off=True)
+    SYSCALL: ClassVar[GuestContext] = GuestContext("syscall", privileged=True)
+    IRQ: ClassVar[GuestContext] = GuestContext(
+        "irq", privileged=True, preempt_count=HARDIRQ_OFFSET, irqs_off=True
+    )
     # __schedule: preemption disabled and rq->lock held with IRQs off.
-    RQ_LOCKED = GuestContext(
+    RQ_LOCKED: ClassVar[GuestContext] = GuestContext(
         "rq_locked", privileged=True, preempt_count=2, irqs_off=True, rq_locked=True
     )
 

@@ -96,7 +96,7 @@ class GuestCpu(CpuState):
         self.rules = rules
         self.counters = counters
         self.checker = checker
-        self.rq = CfsRq(sched)
+        self.rq: runloop.Runqueue = CfsRq(sched)
         self.stolen_ns = 0
         self._stolen_mark = 0
         self.probe: Probe | None = None
@@ -113,7 +113,10 @@ class GuestCpu(CpuState):
         # NOTE: the workloads list indexed directly, for performance (called at every exit).
         return CONTEXT_OF_MODE[self._workloads[task.tid].current_mode()]
 
-    context = runloop.context  # what the host reads at an exit
+    def context(self) -> GuestContext:
+        """What the host reads at an exit (a method, not an alias of the function: a
+        compiled class does not bind a plain function as a method)."""
+        return runloop.context(self)
 
     # -- the dispatcher: the run loop's decision, put on the clock ---------------------------
     def resume(self) -> None:
@@ -205,7 +208,7 @@ class GuestCpu(CpuState):
     def call_driver(self, cpu: CpuState, fn: Callable[..., Any], *args: Any) -> Any:
         return self.services.run_driver(self.cpu, fn, *args)
 
-    def runqueue(self, cpu: CpuState) -> CfsRq:
+    def runqueue(self, cpu: CpuState) -> runloop.Runqueue:
         return self.rq
 
     def update_curr(self, cpu: CpuState | None = None) -> None:

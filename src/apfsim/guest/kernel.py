@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from apfsim.abi.arm64 import ARM_SMCCC_KVM_FUNC_APF
 from apfsim.guest.sched import Task
@@ -30,6 +31,8 @@ __all__ = ["GuestCalls", "SimKernel"]
 R = TypeVar("R")
 
 
+# Subclassed by interpreted code (tracing, the model checker) in the compiled build.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GuestCalls:
     """The guest drivers' exits to the host (SMCCC, WRMSR, hypercall), all through one
     ``_guest_call``; the simulator and the model checker each say what an exit costs."""

@@ -122,7 +122,9 @@ class Arm64ApfGuest(GuestBase):
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.apf_data
 
-    not_state = ("port", "n_cpus", "apf_data", "apf_head", "stats")
+    @classmethod
+    def not_state(cls) -> tuple[str, ...]:
+        return ("port", "n_cpus", "apf_data", "apf_head", "stats")
 
     def freeze(self) -> tuple[Any, ...]:
         node = _NODE.freeze

@@ -149,7 +149,9 @@ class X86ApfGuest(GuestBase):
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.apf_reason
 
-    not_state = ("port", "n_cpus", "mutant", "apf_reason", "async_pf_sleepers", "stats")
+    @classmethod
+    def not_state(cls) -> tuple[str, ...]:
+        return ("port", "n_cpus", "mutant", "apf_reason", "async_pf_sleepers", "stats")
 
     def freeze(self) -> tuple[Any, ...]:
         return (

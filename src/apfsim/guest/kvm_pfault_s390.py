@@ -103,10 +103,12 @@ class S390PfaultGuest(GuestBase):
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.lowcore
 
-    not_state = (
-        *("port", "n_cpus", "mutant", "stats"),
-        *("lowcore", "online", "pfault_list", "pfault_wait"),
-    )
+    @classmethod
+    def not_state(cls) -> tuple[str, ...]:
+        return (
+            *("port", "n_cpus", "mutant", "stats"),
+            *("lowcore", "online", "pfault_list", "pfault_wait"),
+        )
 
     def freeze(self) -> tuple[Any, ...]:
         return (

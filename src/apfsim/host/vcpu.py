@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
 from apfsim.host.async_pf import AsyncPf
@@ -90,6 +92,8 @@ class VcpuMode(IntEnum):
     SPIN = 4
 
 
+# Subclassed by interpreted code (tracing, the model checker) in the compiled build.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Vcpu:
     """vCPU ``index``: one host thread running one guest CPU, given its collaborators."""
 

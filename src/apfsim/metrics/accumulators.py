@@ -7,6 +7,7 @@ from enum import IntEnum
 from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 __all__ = ["TIME_CATEGORIES", "LatencySamples", "TimeCategory", "VcpuClock", "counter_dict"]
 
@@ -30,6 +31,8 @@ class TimeCategory(IntEnum):
 TIME_CATEGORIES = [c.name.lower() for c in TimeCategory]
 
 
+# Subclassed by interpreted code (tracing, tests) in the compiled build.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class VcpuClock:
     """Per-vCPU time by category; ``switch`` closes the running interval."""
 

@@ -261,7 +261,9 @@ class Arm64SdeiPpiGuest(GuestBase):
     def shared_blocks(self) -> Sequence[SharedBlock]:
         return self.buffers
 
-    not_state = ("port", "n_cpus", "mutant", "buffers", "waiting", "stats")
+    @classmethod
+    def not_state(cls) -> tuple[str, ...]:
+        return ("port", "n_cpus", "mutant", "buffers", "waiting", "stats")
 
     def freeze(self) -> tuple[Any, ...]:
         return (

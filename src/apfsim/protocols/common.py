@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from apfsim.abi.arm64 import DEFAULT_NO_FAULT_INST_RANGE
 from apfsim.host.async_pf import (
     ASYNC_PF_PER_VCPU,
@@ -353,20 +355,26 @@ class HostBase(Generic[A]):
 _GUEST_SCALARS: dict[type, Fields] = {}
 
 
+# Subclassed by interpreted code (tracing, tests) in the compiled build.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GuestBase:
     """A guest driver's call sites, as no-op hooks: a guest without the PV driver."""
 
     mutant: str | None = None
-    not_state: ClassVar[tuple[str, ...]] = ()
-    """Dataclass fields :meth:`scalar_fields` leaves out: ports, counters, configuration
-    fixed at creation, and what the driver's :meth:`freeze` handles itself."""
+
+    @classmethod
+    def not_state(cls) -> tuple[str, ...]:
+        """Dataclass fields :meth:`scalar_fields` leaves out: ports, counters, configuration
+        fixed at creation, and what the driver's :meth:`freeze` handles itself. (A method,
+        not a class attribute: a compiled dataclass would take that for a field.)"""
+        return ()
 
     def scalar_fields(self) -> Fields:
         """The driver's other dataclass fields: scalars, frozen as they are."""
         cls = type(self)
         known = _GUEST_SCALARS.get(cls)
         if known is None:
-            known = _GUEST_SCALARS[cls] = Fields.of(cls, exclude=cls.not_state)
+            known = _GUEST_SCALARS[cls] = Fields.of(cls, exclude=cls.not_state())
         return known
 
     def boot(self) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import apfsim.trace.formats as formats
-from apfsim.guest.sched import Task, TaskState
+from apfsim.guest.sched import CfsRq, Task, TaskState
 from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
 from apfsim.trace.chrome import ChromeTraceWriter, json_str
@@ -181,7 +181,8 @@ class TraceRecorder:
             for vcpu in sim.vcpus:
                 vcpu.clock = TracedClock(self, vcpu.index, vcpu.clock)
             for cpu in sim.cpus:
-                cpu.rq.on_state = self.task_state
+                if isinstance(cpu.rq, CfsRq):
+                    cpu.rq.on_state = self.task_state
             for task in sim.tasks:
                 self.task_state(task)
             sim.device.on_queue_change = self._queue_changed

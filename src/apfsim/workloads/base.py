@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from apfsim.host.memory import GuestMemory
 
@@ -45,6 +46,8 @@ class Plan:
     mode: AccessMode = AccessMode.USER
 
 
+# Subclassed by interpreted code (tracing, tests) in the compiled build.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Workload(ABC):
     """A task's behaviour. ``work_ns`` is CPU time spent on useful work."""
 

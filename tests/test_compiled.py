@@ -1,0 +1,106 @@
+"""The optional compiled build (scripts/compile.py, mypyc) against the pure-Python one.
+
+The sources are copied to a temporary directory and compiled there, so the checkout stays
+pure Python. Every protocol must give byte-identical result JSON in both builds, and a set
+of the test modules must pass against the compiled modules. Skipped without a C compiler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apfsim.registry import PROTOCOLS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+    ),
+]
+
+# Each protocol, invariants on, on two scenarios where every design injects hundreds of
+# not-presents and page-readies within 0.6 s (writer-compute) or swaps hard (natapov-2010).
+_RUN = """
+import json, sys
+import apfsim.engine
+from apfsim.api import run_protocol
+out = {"compiled": apfsim.engine.__file__.endswith(".so")}
+for name in sys.argv[1:]:
+    out[name] = [
+        run_protocol(scenario, name, seed=3, duration_s=0.6).to_dict()
+        for scenario in ("writer-compute", "natapov-2010")
+    ]
+print(json.dumps(out, sort_keys=True))
+"""
+
+# Test modules that run against the compiled modules as they are. The others build fakes
+# of the wrong type (test_runloop, test_rfcv2_host), pickle compiled objects (World.key in
+# test_check and test_check_keys) or time a sweep that the compiled build finishes too soon.
+_SUITE = [
+    "tests/test_engine.py",
+    "tests/test_long_runs.py",
+    "tests/test_replay.py",
+    "tests/test_memory.py",
+    "tests/test_async_pf_core.py",
+    "tests/test_guest_driver.py",
+    "tests/test_x86_variant.py",
+    "tests/test_s390_pfault.py",
+    "tests/test_natapov.py",
+]
+
+
+@pytest.fixture(scope="module")
+def compiled_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compiled")
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("*.so", "build"))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compile.py"), "--src", str(root / "src")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return root / "src"
+
+
+def _results(src: Path | None) -> dict[str, object]:
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN, *PROTOCOLS], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_both_builds_give_byte_identical_results_on_every_protocol(compiled_src: Path) -> None:
+    compiled = _results(compiled_src)
+    pure = _results(None)
+    assert compiled.pop("compiled") is True
+    assert pure.pop("compiled") is False
+    for name in PROTOCOLS:
+        assert json.dumps(compiled[name], sort_keys=True) == json.dumps(
+            pure[name], sort_keys=True
+        ), name
+
+
+def test_the_test_suite_passes_against_the_compiled_modules(compiled_src: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(compiled_src)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_SUITE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
