@@ -130,3 +130,28 @@ def test_every_attribute_is_frozen_or_named_as_not_state() -> None:
             frozen = set(guest.scalar_fields().names) | set(type(guest).not_state())
             unnamed = set(vars(guest)) - frozen - {"mutant"}
             assert not unnamed, f"{name} guest: {sorted(unnamed)}"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        WorldConfig("x86"),
+        WorldConfig("arm64-rfcv2"),  # a liveness counterexample (F4)
+        WorldConfig(MUTANTS["B9"].protocol, mutant="B9", **MUTANTS["B9"].world),  # safety
+    ],
+    ids=["x86", "arm64-rfcv2", "B9"],
+)
+def test_hash_compaction_finds_what_the_full_keys_find(config: WorldConfig) -> None:
+    full = check(config)
+    compact = check(config, compact_after=10)
+    assert (compact.states, compact.transitions, compact.depth) == (
+        full.states,
+        full.transitions,
+        full.depth,
+    )
+    if full.violation is None:
+        assert compact.violation is None
+    else:
+        assert compact.violation is not None
+        assert compact.violation.prop == full.violation.prop
+        assert compact.violation.trace == full.violation.trace

@@ -55,20 +55,31 @@ class CheckResult:
         return self.states / self.seconds if self.seconds > 0 else 0.0
 
 
+COMPACT_AFTER = 500_000
+"""States kept as full keys; past this many, visited states are kept as 64-bit hashes."""
+
+
 def check(
     config: WorldConfig,
     max_depth: int | None = None,
     max_states: int = 5_000_000,
     progress: ProgressFn | None = None,
+    compact_after: int = COMPACT_AFTER,
 ) -> CheckResult:
-    """Explore ``config``'s world; the result holds the first (shortest) violation, if any."""
+    """Explore ``config``'s world; the result holds the first (shortest) violation, if any.
+
+    Once ``compact_after`` states are known, visited states are remembered by the 64-bit
+    ``hash`` of their key and only unexpanded states keep their key (hash compaction).
+    Two distinct states then merge only if their hashes collide: with n states, with
+    probability about n^2 / 2^65 (3e-8 at a million states, 7e-7 at five million).
+    """
     t0 = time.perf_counter()
     # The search makes millions of tuples and no reference cycles: the cyclic collector
     # would only walk them again and again.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _search(config, max_depth, max_states, progress, t0)
+        return _search(config, max_depth, max_states, progress, t0, compact_after)
     finally:
         if collecting:
             gc.enable()
@@ -80,14 +91,16 @@ def _search(
     max_states: int,
     progress: ProgressFn | None,
     t0: float,
+    compact_after: int,
 ) -> CheckResult:
     """Breadth first over flat state keys (:meth:`World.freeze`); one scratch world is
     thawed into each state before each step."""
     result = CheckResult(config)
     world = World(config)
     root = world.freeze()
-    keys: dict[tuple[Any, ...], int] = {root: 0}
-    states = [root]
+    keys: dict[Any, int] = {root: 0}
+    states: list[tuple[Any, ...] | None] = [root]
+    compacted = False
     parent = [-1]
     via: list[Action | None] = [None]
     depth = [0]
@@ -109,6 +122,9 @@ def _search(
             result.complete = False
             continue
         state = states[i]
+        assert state is not None
+        if compacted:
+            states[i] = None  # expanded: only its hash stays (in keys)
         world.thaw(state)
         actions = world.actions()
         out = succ[i]
@@ -123,11 +139,16 @@ def _search(
                 result.violation = _counterexample(config, path, violation.prop, violation.detail)
                 return _finish(result, t0, len(states), max(depth))
             key = world.freeze()
-            j = keys.get(key)
+            j = keys.get(hash(key) if compacted else key)
             if j is None:
                 j = len(states)
-                keys[key] = j
+                keys[hash(key) if compacted else key] = j
                 states.append(key)
+                if not compacted and j + 1 >= compact_after:
+                    keys = {hash(k): v for k, v in keys.items()}
+                    for done in range(i):
+                        states[done] = None  # states before i in BFS order are expanded
+                    compacted = True
                 parent.append(i)
                 via.append(action)
                 depth.append(depth[i] + 1)
