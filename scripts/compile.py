@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The event loop, the run loop and everything it calls per event: engine, vCPU and guest
 # CPU, the generic async PF core, every variant and guest driver, host memory and swap,
-# the workloads, the invariants and the accumulators.
+# the workloads, the invariants and the run checks, and the accumulators.
 HOT = [
     "apfsim/engine.py",
     "apfsim/runloop.py",
     "apfsim/invariants.py",
+    "apfsim/checking.py",
     "apfsim/snapshot.py",
     "apfsim/guest/*.py",
     "apfsim/host/async_pf.py",

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from apfsim.guest.sched import Task, TaskState
 from apfsim.invariants import INVARIANTS, check_guest, check_vcpu
 from apfsim.ports import Broken, Clock, GuestProtocol, HostProtocol
@@ -26,6 +28,9 @@ RECENT_EVENTS = 16
 _DONE, _SLEEPING, _HALTED = TaskState.DONE, TaskState.SLEEPING_APF, TaskState.HALTED_APF
 
 
+# An exception: a Python class even in the compiled build (mypyc compiles no subclass of a
+# built-in exception as a native class).
+@mypyc_attr(native_class=False)
 class InvariantViolation(RuntimeError):
     """A protocol invariant broke during a run; the message is the full report.
 
