@@ -98,6 +98,9 @@ def _search(
     result = CheckResult(config)
     world = World(config)
     root = world.freeze()
+    parts: dict[Any, Any] = {}
+    share = parts.setdefault
+    root = tuple([share(part, part) for part in root])
     keys: dict[Any, int] = {root: 0}
     states: list[tuple[Any, ...] | None] = [root]
     compacted = False
@@ -138,7 +141,9 @@ def _search(
                 path = [*_path(parent, via, i), action]
                 result.violation = _counterexample(config, path, violation.prop, violation.detail)
                 return _finish(result, t0, len(states), max(depth))
-            key = world.freeze()
+            # Hash-consed: a part equal to one seen before is that object (most states share
+            # most of their parts), so a stored state costs its own parts only.
+            key = tuple([share(part, part) for part in world.freeze()])
             j = keys.get(hash(key) if compacted else key)
             if j is None:
                 j = len(states)
