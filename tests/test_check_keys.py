@@ -155,3 +155,18 @@ def test_hash_compaction_finds_what_the_full_keys_find(config: WorldConfig) -> N
         assert compact.violation is not None
         assert compact.violation.prop == full.violation.prop
         assert compact.violation.trace == full.violation.trace
+
+
+def test_hash_consing_keeps_every_field_of_its_own_type() -> None:
+    """False == 0: one table for all parts gave ``rebooted`` (False) the int 0 stored for
+    ``reboot_left`` just before it, which the compiled build rejects as a bool field."""
+    from apfsim.check.search import _shared
+
+    world = World(WorldConfig(protocol="x86"))
+    key = world.freeze()
+    assert world.reboot_left == 0 and world.rebooted is False
+    tables: list[dict[Any, Any]] = [{} for _ in key]
+    world.thaw(_shared(key, [table.setdefault for table in tables]))
+    assert type(world.rebooted) is bool
+    assert type(world.reboot_left) is int
+    assert all(type(page) is bool for page in world.pages)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,9 +98,11 @@ def _search(
     result = CheckResult(config)
     world = World(config)
     root = world.freeze()
-    parts: dict[Any, Any] = {}
-    share = parts.setdefault
-    root = tuple([share(part, part) for part in root])
+    # One table per position: equality merges False with 0, so parts from different
+    # fields must never meet (the compiled build checks a bool field holds a bool).
+    tables: list[dict[Any, Any]] = [{} for _ in root]
+    shares = [table.setdefault for table in tables]
+    root = _shared(root, shares)
     keys: dict[Any, int] = {root: 0}
     states: list[tuple[Any, ...] | None] = [root]
     compacted = False
@@ -143,7 +145,7 @@ def _search(
                 return _finish(result, t0, len(states), max(depth))
             # Hash-consed: a part equal to one seen before is that object (most states share
             # most of their parts), so a stored state costs its own parts only.
-            key = tuple([share(part, part) for part in world.freeze()])
+            key = _shared(world.freeze(), shares)
             j = keys.get(hash(key) if compacted else key)
             if j is None:
                 j = len(states)
@@ -189,6 +191,11 @@ def _search(
         found = _counterexample(config, [*path, *tail], prop, detail)
         result.violation = Counterexample(found.prop, found.detail, found.trace, len(path))
     return _finish(result, t0, len(states), max(depth))
+
+
+def _shared(key: tuple[Any, ...], shares: Sequence[Callable[[Any, Any], Any]]) -> tuple[Any, ...]:
+    """``key`` with each part replaced by an equal part seen before at that position."""
+    return tuple([share(part, part) for share, part in zip(shares, key, strict=True)])
 
 
 def _finish(result: CheckResult, t0: float, states: int, depth: int = 0) -> CheckResult:
