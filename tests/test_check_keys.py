@@ -132,6 +132,7 @@ def test_every_attribute_is_frozen_or_named_as_not_state() -> None:
             assert not unnamed, f"{name} guest: {sorted(unnamed)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
     [
