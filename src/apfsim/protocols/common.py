@@ -206,6 +206,7 @@ class HostBase(Generic[A]):
     mutant: str | None = None  # a fixed bug put back (apfsim.check.mutants); None = as fixed
     reserved_token_zero: ClassVar[bool] = False  # token 0 means "slot free" (x86 5.10+: B9)
     unique_tokens: ClassVar[bool] = True  # a token names one fault (not so on s390: the pid)
+    gfn_lookup: ClassVar[bool] = True  # kvm_find_async_pf_gfn before queueing (s390 has none)
 
     def __init__(self, n_vcpus: int, prefault: PrefaultFn, gup_nowait: GupNowaitFn | None) -> None:
         self.prefault = prefault
@@ -228,7 +229,7 @@ class HostBase(Generic[A]):
         cause = self.kvm_can_do_async_pf(vcpu, view)
         if cause is not None:
             return FaultResult(FaultDecision.SYNC, cause=cause)
-        if arch.gfns.find(gfn):
+        if self.gfn_lookup and arch.gfns.find(gfn):
             self.stats.repeated_faults += 1
             return self.kvm_async_pf_repeated_fault(vcpu)
         token = self.kvm_arch_setup_async_pf_token(vcpu)

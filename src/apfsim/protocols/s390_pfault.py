@@ -55,12 +55,9 @@ from apfsim.host.async_pf import (
     WorkState,
     WorkTable,
     async_pf_execute,
-    kvm_setup_async_pf,
 )
 from apfsim.ports import (
     Broken,
-    FaultDecision,
-    FaultResult,
     GuestView,
     GupNowaitFn,
     HostPorts,
@@ -85,7 +82,6 @@ KVM_MAX_VCPUS = 255  # arch/s390/include/asm/kvm_host.h
 FLOATING_PFAULT_CAP = ASYNC_PF_PER_VCPU * KVM_MAX_VCPUS  # __inject_pfault_done's -EBUSY bound
 CALL_UNSUPPORTED = -1  # any other call or code: a program exception in the kernel (never made)
 
-_QUEUE_FULL = FaultResult(FaultDecision.SYNC, cause=SyncCause.QUEUE_FULL)
 # Linux's external new PSW: supervisor state with EXT (and I/O) off. KVM loads it at every
 # external-interrupt delivery, so nothing else external is deliverable in that entry.
 _EXT_NEW_PSW = GuestView(privileged=True, irqs_off=True)
@@ -186,26 +182,15 @@ class S390PfaultHost(HostBase[VcpuPfault]):
         own = list(blocks) if blocks else [S390Lowcore() for _ in range(n_vcpus)]
         return cls(own, ports.prefault, ports.kick, ports.gup_nowait)
 
-    # -- the fault path --------------------------------------------------------------------------
-    def try_async_pf(self, vcpu: int, gfn: int, view: GuestView, now_ns: int) -> FaultResult:
-        """``vcpu_post_run`` -> ``kvm_arch_setup_async_pf`` -> ``kvm_setup_async_pf``.
+    # -- the fault path (HostBase.try_async_pf: vcpu_post_run -> kvm_arch_setup_async_pf) ------
+    # s390 has no gfn lookup, so a fault on a page already being fetched queues another item
+    # with the same token (notes §7, R7).
+    gfn_lookup: ClassVar[bool] = False
 
-        The skeleton's gfn lookup is left out: s390 has none, so a fault on a page already
-        being fetched queues another item with the same token (notes §7, R7).
-        """
+    def gup_nowait_first(self, gfn: int) -> None:
+        """FAULT_FLAG_RETRY_NOWAIT / FOLL_NOWAIT is only asked for with pfault enabled."""
         if self.pfault_enabled:
-            # FAULT_FLAG_RETRY_NOWAIT / FOLL_NOWAIT is only asked for with pfault enabled.
-            self.gup_nowait_first(gfn)
-        arch = self.arch[vcpu]
-        arch.view = view
-        cause = self.kvm_can_do_async_pf(vcpu, view)
-        if cause is not None:
-            return FaultResult(FaultDecision.SYNC, cause=cause)
-        token = self.kvm_arch_setup_async_pf_token(vcpu)
-        work = kvm_setup_async_pf(self.apf[vcpu], self, gfn, token, now_ns)
-        if work is None:
-            return _QUEUE_FULL
-        return FaultResult(FaultDecision.ASYNC, work=work)
+            super().gup_nowait_first(gfn)
 
     def kvm_can_do_async_pf(self, vcpu: int, view: GuestView) -> SyncCause | None:
         """``kvm_arch_setup_async_pf``'s refusals, in the kernel's order; None: go async."""
