@@ -2,8 +2,8 @@
 
     python benchmarks/bench_record.py [--seconds S] [--json FILE] [--no-compiled]
 
-1. The engine against a bare ``heapq`` loop of the same shape (1000 self-rescheduling
-   callbacks), as a ratio of events/s.
+1. The engine against a bare ``heapq`` loop of the same shape (``bench_engine.micro``:
+   1000 self-rescheduling callbacks), as a ratio of events/s (wall time, as there).
 2. Every built-in scenario under every protocol, ``S`` simulated seconds (default 2), seed 0,
    invariants on, in each build: events per simulated second and simulated seconds per CPU
    second. Each run is its own interpreter; the compiled build is a copy of ``src``
@@ -24,14 +24,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from itertools import count
 from pathlib import Path
 from typing import Any
 
-from apfsim.engine import Engine
 from apfsim.registry import PROTOCOLS
 from apfsim.scenario import builtin_scenarios
+from bench_engine import events_per_s, micro  # this script's own directory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,8 +57,8 @@ print(json.dumps({"cpu_s": time.process_time() - t0, "states": r.states}))
 """
 
 
-def bare_heapq(processes: int = 1000, iterations: int = 1000) -> float:
-    """The engine's loop shape with nothing but ``heapq``: events/s."""
+def bare_heapq(processes: int = 1000, iterations: int = 1000) -> int:
+    """``bench_engine.micro``'s loop with nothing but ``heapq``: the events it ran."""
     queue: list[list[Any]] = []
     seq = count()
     left = [iterations] * processes
@@ -74,7 +73,6 @@ def bare_heapq(processes: int = 1000, iterations: int = 1000) -> float:
     for i in range(processes):
         heapq.heappush(queue, [delays[i], next(seq), tick, i])
     ran = 0
-    t0 = time.process_time()
     while queue:
         entry = heapq.heappop(queue)
         if entry[2] is None:
@@ -82,24 +80,7 @@ def bare_heapq(processes: int = 1000, iterations: int = 1000) -> float:
         now = entry[0]
         entry[2](entry[3])
         ran += 1
-    return ran / (time.process_time() - t0)
-
-
-def engine_loop(processes: int = 1000, iterations: int = 1000) -> float:
-    eng = Engine()
-    left = [iterations] * processes
-    delays = [1000 + 100 * (i % 7) for i in range(processes)]
-
-    def tick(i: int) -> None:
-        left[i] -= 1
-        if left[i]:
-            eng.after(delays[i], tick, i)
-
-    for i in range(processes):
-        eng.after(delays[i], tick, i)
-    t0 = time.process_time()
-    eng.run(until=1 << 62)
-    return eng.events_run / (time.process_time() - t0)
+    return ran
 
 
 def _child(code: str, args: list[str], src: Path | None) -> dict[str, Any]:
@@ -137,7 +118,7 @@ def main() -> int:
     args = parser.parse_args()
     record: dict[str, Any] = {"seconds": args.seconds, "python": sys.version.split()[0]}
 
-    bare, ours = bare_heapq(), engine_loop()
+    bare, ours = events_per_s(bare_heapq), events_per_s(micro)
     record["engine"] = {"bare_heapq_events_per_s": bare, "engine_events_per_s": ours}
     print(f"engine: {ours:,.0f} events/s, bare heapq {bare:,.0f}: ratio {ours / bare:.2f}")
 

@@ -173,7 +173,9 @@ class Vcpu:
     def _entered(self, injections: list[Injection]) -> None:
         self._host_event = None
         self.mode = VcpuMode.GUEST
-        self.guest.take_events(injections, self.host.lapic_enabled(self.index))
+        # The LAPIC state matters only to an injection (most entries have none).
+        lapic = not injections or self.host.lapic_enabled(self.index)
+        self.guest.take_events(injections, lapic)
         self.guest.resume()
         if self.mode == VcpuMode.GUEST and exit_request(self.host, self.index):
             # A worker made its request while this entry was under way (its kick found the
