@@ -76,7 +76,8 @@ def main() -> int:
         return 2
     clean(src)
     names = modules(src)
-    cmd = [sys.executable, "-m", "mypyc", *names]
+    # The project's mypy settings (the pydantic plugin reads Field defaults), whichever copy.
+    cmd = [sys.executable, "-m", "mypyc", "--config-file", str(ROOT / "pyproject.toml"), *names]
     done = subprocess.run(cmd, cwd=src, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         print(done.stdout[-4000:], file=sys.stderr)

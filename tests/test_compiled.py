@@ -1,8 +1,10 @@
-"""The optional compiled build (scripts/compile.py, mypyc) against the pure-Python one.
+"""The optional compiled build (``APFSIM_COMPILED=1``: hatch_build.py and scripts/compile.py,
+mypyc) against the pure-Python one.
 
-The sources are copied to a temporary directory and compiled there, so the checkout stays
-pure Python. Every protocol must give byte-identical result JSON in both builds, and a set
-of the test modules must pass against the compiled modules. Skipped without a C compiler.
+The wheel is built as the README's compiled install builds it and unpacked in a temporary
+directory, so the checkout stays pure Python. Every protocol must give byte-identical result
+JSON in both builds, and a set of the test modules must pass against the compiled modules.
+Skipped without a C compiler.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -60,15 +63,23 @@ _SUITE = [
 
 @pytest.fixture(scope="module")
 def compiled_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel the README's ``APFSIM_COMPILED=1`` install builds (hatch_build.py), unpacked."""
     root = tmp_path_factory.mktemp("compiled")
-    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("*.so", "build"))
+    env = {**os.environ, "APFSIM_COMPILED": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compile.py"), "--src", str(root / "src")],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root), str(ROOT)],
         capture_output=True,
         text=True,
+        env=env,
     )
-    assert done.returncode == 0, done.stderr
-    return root / "src"
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = root.glob("apfsim-*.whl")
+    assert "-cp3" in wheel.name, f"{wheel.name} is not tagged for this platform"
+    site = root / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    assert len(list(site.glob("apfsim/**/*.so"))) >= 30
+    return site
 
 
 def _results(src: Path | None) -> dict[str, object]:
