@@ -5,9 +5,10 @@
 1. The engine against a bare ``heapq`` loop of the same shape (``bench_engine.micro``:
    1000 self-rescheduling callbacks), as a ratio of events/s (wall time, as there).
 2. Every built-in scenario under every protocol, ``S`` simulated seconds (default 2), seed 0,
-   invariants on, in each build: events per simulated second and simulated seconds per CPU
-   second. Each run is its own interpreter; the compiled build is a copy of ``src``
-   compiled by ``scripts/compile.py`` in a temporary directory.
+   invariants on, in each build: events per simulated second (through the heap, and run in
+   place: ``Engine.next_is``) and simulated seconds per CPU second. Each run is its own
+   interpreter; the compiled build is a copy of ``src`` compiled by ``scripts/compile.py``
+   in a temporary directory.
 3. The model checker's 2x2x2 world of every protocol: states and states/s, in each build.
 
 CPU time (``time.process_time``) of one run each: on a noisy machine, compare ratios
@@ -45,6 +46,7 @@ t0 = time.process_time()
 sim.run(duration_s=seconds)
 cpu = time.process_time() - t0
 print(json.dumps({"cpu_s": cpu, "events": sim.engine.events_run,
+                  "in_place": getattr(sim.engine, "inlined", 0),
                   "compiled": apfsim.engine.__file__.endswith(".so")}))
 """
 
@@ -132,7 +134,7 @@ def main() -> int:
         print(f"\nscenarios, {args.seconds:g} simulated s, seed 0, invariants on")
         print(
             f"  {'scenario':20s} {'protocol':16s} {'build':9s} {'events/sim-s':>13s} "
-            f"{'sim-s/CPU-s':>11s}"
+            f"{'in place/sim-s':>15s} {'sim-s/CPU-s':>11s}"
         )
         for scenario in builtin_scenarios():
             for protocol in PROTOCOLS:
@@ -143,12 +145,14 @@ def main() -> int:
                         "protocol": protocol,
                         "build": build,
                         "events_per_sim_s": out["events"] / args.seconds,
+                        "in_place_per_sim_s": out["in_place"] / args.seconds,
                         "sim_s_per_cpu_s": args.seconds / out["cpu_s"],
                     }
                     rows.append(row)
                     print(
                         f"  {scenario:20s} {protocol:16s} {build:9s} "
-                        f"{row['events_per_sim_s']:13,.0f} {row['sim_s_per_cpu_s']:11.2f}",
+                        f"{row['events_per_sim_s']:13,.0f} {row['in_place_per_sim_s']:15,.0f} "
+                        f"{row['sim_s_per_cpu_s']:11.2f}",
                         flush=True,
                     )
         record["scenarios"] = rows

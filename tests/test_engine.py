@@ -340,3 +340,53 @@ def test_stream_names_are_stable_across_processes(hashseed: str) -> None:
     child = json.loads(proc.stdout)
     here = RandomStreams(5)
     assert child == {n: here.stream(n).random(3).tolist() for n in child}
+
+
+def _inline_chain(eng: Engine, ends: list[int], seen: list[tuple[str, int]]) -> None:
+    """A handler that runs its successor in place while next_is allows, else schedules it."""
+    if not ends:
+        return
+    t = ends.pop(0)
+    if eng.next_is(t):
+        eng.advance_to(t)
+        seen.append(("inline", eng.now))
+        _inline_chain(eng, ends, seen)
+    else:
+        eng.at(t, lambda _: (seen.append(("heap", eng.now)), _inline_chain(eng, ends, seen)))
+
+
+def test_next_is_only_before_every_queued_event_and_within_the_horizon() -> None:
+    eng = Engine()
+    assert not eng.next_is(0)  # outside run(): never
+    answers: list[bool] = []
+
+    def probe(_: object) -> None:
+        answers.extend([eng.next_is(14), eng.next_is(15), eng.next_is(16), eng.next_is(21)])
+
+    eng.at(10, probe)
+    eng.at(15, lambda _: None)
+    eng.run(until=20)
+    # 14: before the event at 15. 15: that event was queued first, so it runs first.
+    # 16: after it. 21: past the run's horizon (the outer loop must see the boundary).
+    assert answers == [True, False, False, False]
+
+
+def test_an_event_run_in_place_keeps_the_heap_order() -> None:
+    seen: list[tuple[str, int]] = []
+    eng = Engine()
+    eng.at(25, lambda _: seen.append(("other", eng.now)))
+    chain = [10, 20, 25, 30]
+    eng.at(0, lambda _: _inline_chain(eng, chain, seen))
+    eng.run(until=100)
+    # 10 and 20 are next anyway; 25 ties with the event queued earlier, which runs first.
+    assert seen == [("inline", 10), ("inline", 20), ("other", 25), ("heap", 25), ("inline", 30)]
+    assert eng.inlined == 3 and eng.events_run == 3
+
+
+def test_inline_off_sends_every_event_through_the_heap() -> None:
+    seen: list[tuple[str, int]] = []
+    eng = Engine(inline=False)
+    chain = [10, 20]
+    eng.at(0, lambda _: _inline_chain(eng, chain, seen))
+    eng.run(until=100)
+    assert seen == [("heap", 10), ("heap", 20)] and eng.inlined == 0

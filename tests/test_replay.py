@@ -66,6 +66,12 @@ class ManualClock:
         if handle is not None and handle in self.pending:
             self.pending.remove(handle)
 
+    def next_is(self, time_ns: int) -> bool:
+        return False  # nothing runs in place: each step fires its own event
+
+    def advance_to(self, time_ns: int) -> None:
+        raise AssertionError("next_is never allows it")
+
     def fire(self, owner: object, names: tuple[str, ...]) -> bool:
         """Run the first pending event of ``owner`` whose callback is one of ``names``."""
         for entry in self.pending:
@@ -220,7 +226,7 @@ class Replay:
         kind, index, arg = action
         if kind == Step.ENTER:
             vcpu = self.vcpus[index]
-            self.clock.fire(vcpu, ("enter", "_spin_end", "_call_done"))
+            self.clock.fire(vcpu, ("enter", "_enter_last", "_spin_end", "_call_done"))
             assert self.clock.fire(vcpu, ("_entered",))
             self.clock.fire(vcpu, ("_block",))
         elif kind == Step.HANDLE:

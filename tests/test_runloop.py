@@ -275,6 +275,12 @@ def test_the_context_switch_is_charged_to_the_task_switched_to() -> None:
         def cancel(self, handle: Any) -> None:
             pass
 
+        def next_is(self, time_ns: int) -> bool:
+            return False
+
+        def advance_to(self, time_ns: int) -> None:
+            raise AssertionError("next_is never allows it")
+
     class Vcpu:
         clock: Any = None
 
@@ -337,6 +343,12 @@ def test_disable_waits_in_cancel_work_sync_for_a_running_gup() -> None:
 
         def cancel(self, handle: Any) -> None:
             pass
+
+        def next_is(self, time_ns: int) -> bool:
+            return False  # every event is recorded, none runs in place
+
+        def advance_to(self, time_ns: int) -> None:
+            raise AssertionError("next_is never allows it")
 
     waiting: list[Callable[[], object]] = []
     running = [AsyncPf(vcpu_id=0, gfn=7, token=1, state=WorkState.CANCELLED)]

@@ -241,7 +241,9 @@ def test_killed_sweep_resumes_and_every_run_is_present_once(tmp_path: Path) -> N
 
 
 def test_interrupt_keeps_finished_runs_and_says_how_to_finish(tmp_path: Path) -> None:
-    path = write_sweep(tmp_path / "s.toml", {**TINY, "seeds": 3, "duration_s": 0.5})
+    # Far more runs than the two waited for: the interrupt must land with work left, however
+    # fast the runs are on this machine (with 3 seeds a quick one finished them first).
+    path = write_sweep(tmp_path / "s.toml", {**TINY, "seeds": 40, "duration_s": 0.5})
     db = tmp_path / "s.sqlite"
     cmd = [sys.executable, "-m", "apfsim", "sweep", str(path), "--db", str(db)]
     proc = subprocess.Popen(

@@ -44,14 +44,20 @@ EventHandle = list[Any]
 class Engine:
     """Heap-of-callbacks event loop with integer-nanosecond time."""
 
-    __slots__ = ("_dead", "_queue", "_seq", "compactions", "events_run", "now")
+    __slots__ = (
+        *("_dead", "_queue", "_seq", "_until"),
+        *("compactions", "events_run", "inline", "inlined", "now"),
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, inline: bool = True) -> None:
         self.now: int = 0
+        self.inline = inline  # False: next_is always says no (every event goes through the heap)
         self._queue: list[EventHandle] = []
         self._seq = count()
         self._dead = 0  # tombstones still in the heap
+        self._until = -1  # the horizon of the run() in progress; -1 outside run()
         self.events_run: int = 0
+        self.inlined: int = 0  # events run by their scheduler in place (next_is / advance_to)
         self.compactions: int = 0
 
     def at(self, time_ns: int, callback: Callable[[Any], object], arg: Any = None) -> EventHandle:
@@ -101,6 +107,24 @@ class Engine:
         """Number of live (not cancelled) events still queued."""
         return sum(1 for entry in self._queue if entry[2] is not None)
 
+    def next_is(self, time_ns: int) -> bool:
+        """Would an event at ``time_ns``, scheduled now, be the very next to run?
+
+        True when it lies within the current run's horizon and strictly before every queued
+        entry (one at the same instant was scheduled earlier, so it would run first; a
+        tombstone at the top only makes the answer conservative). Events that can only be
+        scheduled by an event running before it cannot exist then, so the handler that would
+        schedule it may instead, as its last act, :meth:`advance_to` ``time_ns`` and run it:
+        the order of everything is exactly that of the heap.
+        """
+        queue = self._queue
+        return self.inline and time_ns <= self._until and (not queue or time_ns < queue[0][0])
+
+    def advance_to(self, time_ns: int) -> None:
+        """Move the clock to an event that :meth:`next_is` allowed to run in place."""
+        self.now = time_ns
+        self.inlined += 1
+
     def run(self, until: int) -> None:
         """Run events with time <= ``until``; afterwards ``now == until``.
 
@@ -111,6 +135,7 @@ class Engine:
         queue = self._queue
         pop = heappop
         ran = 0
+        self._until = until
         # NOTE: locals and a single tuple-unpack per event, for performance.
         while queue and queue[0][0] <= until:
             entry = pop(queue)
@@ -122,6 +147,7 @@ class Engine:
             self.now = entry[0]
             callback(entry[3])
             ran += 1
+        self._until = -1
         self.events_run += ran
         if until > self.now:
             self.now = until

@@ -319,6 +319,14 @@ class Clock(Protocol):
 
     def cancel(self, handle: Any) -> None: ...
 
+    def next_is(self, time_ns: int) -> bool:
+        """Would an event at ``time_ns`` scheduled now run next (see Engine.next_is)?"""
+        ...
+
+    def advance_to(self, time_ns: int) -> None:
+        """Run such an event in place: the clock moves to it."""
+        ...
+
 
 class HostIo(Protocol):
     """The host memory and I/O a vCPU thread touches: stage-2 state, swap reads, workers."""

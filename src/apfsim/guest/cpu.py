@@ -105,6 +105,8 @@ class GuestCpu(CpuState):
         self._seg_start = 0
         self._plan: Plan | None = None
         self._event: EventHandle | None = None
+        self._ending = False  # in _on_frame_end's resume(): the next frame may run in place
+        self._inline_end = -1  # the end of the frame _start_frame left to run in place
         self._steal = steal_time_accounting
         self._workloads = services.workloads
 
@@ -148,9 +150,18 @@ class GuestCpu(CpuState):
         self._seg = _TASK
         self._seg_start = now
         self.vcpu.clock.switch(TimeCategory.TASK, now)
+        end = now + plan.run_ns
+        if self._ending and self.engine.next_is(end):
+            self._inline_end = end  # nothing can land in it: _continue runs its end
+            return
         self._event = self.engine.after(plan.run_ns, self._on_task_stop)
 
     def _on_task_stop(self, _: object = None) -> None:
+        if self._end_task():
+            self._continue()
+
+    def _end_task(self) -> bool:
+        """The task segment's end: commit what it did; False if it faulted (the vCPU exits)."""
         services = self.services
         now = self.engine.now
         curr = self.current
@@ -162,12 +173,11 @@ class GuestCpu(CpuState):
         complete = workload.commit(services.memory, now - self._seg_start)
         if workload.finished or plan.kind is StopKind.DONE:
             self._task_exit(curr)
-            self.resume()
-            return
+            return True
         if plan.kind is StopKind.MISS and complete and services.memory.state[plan.gfn] != _MAPPED:
             self.vcpu.stage2_fault(plan.gfn, CONTEXT_OF_MODE[plan.mode])
-            return
-        self.resume()
+            return False
+        return True
 
     def _start_frame(self) -> None:
         frame = self.frames[-1]
@@ -175,18 +185,46 @@ class GuestCpu(CpuState):
         self._seg = _FRAME
         self._seg_start = now
         self.vcpu.clock.switch(TimeCategory.GUEST_KERNEL, now)
+        end = now + frame.remaining
+        if self._ending and self.engine.next_is(end):
+            self._inline_end = end  # nothing can land in it: _continue runs its end
+            return
         self._event = self.engine.after(frame.remaining, self._on_frame_end)
 
     def _on_frame_end(self, _: object = None) -> None:
+        if self._end_frame():
+            self._continue()
+
+    def _end_frame(self) -> bool:
+        """The top frame's end (runloop.frame_end); False if its traps exit first."""
         frame = self.frames.pop()
         self._event = None
         self._seg = _NONE
         runloop.frame_end(self, self.rules, frame, self)
         if self.pending_exits:
             self._exit_for_traps(frame.ctx)
-            return
+            return False
         runloop.take_interrupts(self, self.rules)
-        self.resume()
+        return True
+
+    def _continue(self) -> None:
+        """Resume after a segment's end. While the next segment's end would be the next
+        event anyway (a vector stub into ``kernel_entry`` into its handler, a task's burst
+        between two misses, with no exit or interrupt due before: Engine.next_is), it runs
+        here, in order, without a round trip through the heap."""
+        while True:
+            self._ending = True
+            try:
+                self.resume()
+            finally:
+                self._ending = False
+            end = self._inline_end
+            if end < 0:
+                return
+            self._inline_end = -1
+            self.engine.advance_to(end)
+            if not (self._end_frame() if self._seg == _FRAME else self._end_task()):
+                return
 
     def interrupt(self, now: int) -> None:
         """An exit at ``now``: stop the running segment, keeping exactly what it did."""

@@ -143,10 +143,18 @@ class Vcpu:
         """An interrupt (timer, IPI) forces an exit while the guest runs."""
         self.guest.interrupt(self.engine.now)
         self._to_host()
-        self._host_event = self.engine.after(self._exit_ns, self.enter)
+        self._host_event = self.engine.after(self._exit_ns, self._enter_last)
 
     def enter(self, _: object = None) -> None:
         """One run-loop iteration, then guest entry with any pending abort injected."""
+        self._enter(False)
+
+    def _enter_last(self, _: object = None) -> None:
+        """``enter`` as an event's last act: the entry itself may then run in place when it
+        is the next event anyway (Engine.next_is), in exactly the heap's order."""
+        self._enter(True)
+
+    def _enter(self, last: bool) -> None:
         self._host_event = None
         counters = self.counters
         delivered, injections = vcpu_enter(self.host, self.index, self.guest.context().view())
@@ -164,7 +172,12 @@ class Vcpu:
             cost += self._inject_ns[injection.kind]
             if self.checker is not None:
                 self.checker.note(self.index, _INJECT_LABEL, injection.payload, injection.kind)
-        self._host_event = self.engine.after(cost, self._entered, injections)
+        engine = self.engine
+        if last and engine.next_is(engine.now + cost):
+            engine.advance_to(engine.now + cost)
+            self._entered(injections)
+            return
+        self._host_event = engine.after(cost, self._entered, injections)
 
     @property
     def in_guest(self) -> bool:
@@ -203,7 +216,7 @@ class Vcpu:
             self.clock.switch(TimeCategory.SYNC_FAULT, self.engine.now)
             self.io.on_worker_idle(self.index, self._flushed)
             return
-        self.enter()
+        self._enter(True)
 
     def _flushed(self) -> None:
         self._to_host()
@@ -224,7 +237,7 @@ class Vcpu:
         elif nowait != NOWAIT_MAPPED:
             self._needs_io(gfn, ctx, cost)
             return
-        self._host_event = self.engine.after(cost, self.enter)
+        self._host_event = self.engine.after(cost, self._enter_last)
 
     def _needs_io(self, gfn: int, ctx: GuestContext, cost: int) -> None:
         """GUP NOWAIT failed: the protocol decides async, repeated fault or synchronous."""
@@ -250,7 +263,7 @@ class Vcpu:
             counters.async_faults += 1
             if result.work is not None:  # guest-initiated queues its work at the hypercall
                 self.io.start_worker(result.work)
-            self._host_event = self.engine.after(cost, self.enter)
+            self._host_event = self.engine.after(cost, self._enter_last)
         elif outcome is FaultOutcome.SPIN:
             self._spin_gfn = gfn
             self._spin(now + cost)
@@ -302,7 +315,7 @@ class Vcpu:
                 self.index, self._spin_gfn, self._since, refaults, self._round_trip
             )
         self._to_host()
-        self.enter()
+        self._enter(True)
 
     # -- WFI and wake-ups ----------------------------------------------------------------------
     def _wake_condition(self) -> bool:
@@ -318,7 +331,7 @@ class Vcpu:
     def _block(self, halt: bool) -> None:
         self._host_event = None
         if self._wake_condition():
-            self.enter()
+            self._enter(True)
             return
         self.mode = VcpuMode.BLOCKED
         self.block_halt = halt
