@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mypy_extensions import mypyc_attr
 
 from apfsim.guest.sched import Task, TaskState
+from apfsim.host.vcpu import VcpuMode
 from apfsim.invariants import INVARIANTS, check_guest, check_vcpu
 from apfsim.ports import Broken, Clock, GuestProtocol, HostProtocol
 
@@ -26,6 +27,7 @@ __all__ = ["RECENT_EVENTS", "InvariantViolation", "RunChecker"]
 RECENT_EVENTS = 16
 
 _DONE, _SLEEPING, _HALTED = TaskState.DONE, TaskState.SLEEPING_APF, TaskState.HALTED_APF
+_BLOCKED = VcpuMode.BLOCKED
 
 
 # An exception: a Python class even in the compiled build (mypyc compiles no subclass of a
@@ -92,11 +94,26 @@ class RunChecker:
             state = t.state
             if state is not _DONE:
                 all_done = False
-                if state is _SLEEPING or state is _HALTED:
+                if state is _SLEEPING or (state is _HALTED and self._in_hlt(t.cpu)):
                     waiting.append((t.tid, t.cpu))
         broken = check_guest(self.guest, waiting, all_done)
         if broken is not None:
             self._raise_if(broken)
+
+    def _in_hlt(self, cpu: int) -> bool:
+        """Whether the halted waiter on ``cpu`` sits in the HLT itself (its vCPU blocked).
+
+        The pre-5.8 halted wait (x86 ``kvm_async_pf_task_wait``, RFCv2 ``kvm_async_pf_wait``)
+        tests ``hlist_unhashed(&n.link)`` before every ``native_safe_halt()`` / ``wfi()``,
+        and any interrupt or exception ends the halt. Out of the HLT (running the page-ready
+        handler on top of the loop, or about to enter after the self-IPI's trap) a waiter
+        whose node is gone was woken: it leaves the loop at its next test. Only in the HLT
+        does it need a node its page-ready can find (I6); a wake that unhashes it there
+        sends ``smp_send_reschedule(n->cpu)``, which unblocks the vCPU."""
+        if cpu >= len(self.vcpus):
+            return True
+        vcpu = self.vcpus[cpu]
+        return vcpu.mode == _BLOCKED and vcpu.block_halt
 
     def _raise_if(self, broken: Broken) -> None:
         if broken is None:

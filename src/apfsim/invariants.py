@@ -87,7 +87,8 @@ _RUNNING, _DONE = WorkState.RUNNING, WorkState.DONE
 
 def check_guest(guest: GuestProtocol, waiting: list[tuple[int, int]], all_done: bool) -> Broken:
     """The guest driver (I6): ``waiting`` lists (task, CPU it waits on) of every task asleep
-    or in the halted wait; ``all_done``: every task has finished."""
+    or in the halted wait's HLT/WFI itself (elsewhere the halted loop tests its node before
+    it halts again); ``all_done``: every task has finished."""
     tokens: set[tuple[int, int]] = set()  # (scope, token) with a node
     has_node: set[tuple[int, int]] = set()  # (scope, task) with a live node
     dummies = 0

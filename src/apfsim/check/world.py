@@ -90,7 +90,6 @@ MODES: dict[str, GuestContext] = {
     "kernel_irqs_off": Contexts.KERNEL_IRQS_OFF,
 }
 _EVENT = "event_pending"  # a user access whose exit has an event awaiting reinjection (x86)
-_WAITING = (TaskState.SLEEPING_APF, TaskState.HALTED_APF)
 _BLANK_VIEW = GuestView(privileged=False)
 
 
@@ -465,11 +464,16 @@ class World(GuestCalls):
             if broken is not None:
                 return broken
         # A halted waiter preempted out of its WFI loop is runnable: once its node is
-        # unhashed it is woken, and it finds out when it runs again.
+        # unhashed it is woken, and it finds out when it runs again. One still current is
+        # held to I6 only in the halt itself (its vCPU blocked): the loop tests
+        # hlist_unhashed(&n.link) before each native_safe_halt() / wfi(), so out of it (the
+        # page-ready handler on top of the loop, the self-IPI's trap) a missing node means
+        # woken, not lost (pre-5.8 x86 kvm_async_pf_task_wait, RFCv2 kvm_async_pf_wait).
         waiting = [
             (t, self.scripts[t].wait_cpu)
             for t, task in enumerate(self.tasks)
-            if task.state in _WAITING
+            if task.state is TaskState.SLEEPING_APF
+            or (task.state is TaskState.HALTED_APF and self.vcpus[task.cpu].mode == Mode.HALTED)
         ]
         all_done = all(task.state is TaskState.DONE for task in self.tasks)
         return check_guest(self.guest, waiting, all_done)
