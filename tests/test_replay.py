@@ -302,7 +302,7 @@ def _guest_side(modes: list[int], cpus: Any, tasks: list[Task], guest: Any) -> l
         for mode, cpu in zip(modes, cpus, strict=True)
     ]
     out.append([(t.state, t.halt_ctx and t.halt_ctx.name) for t in tasks])
-    out.append(sorted((n.scope, n.task, n.token, n.dummy) for n in guest.wait_nodes()))
+    out.append(sorted(guest.wait_nodes()))
     return out
 
 

@@ -46,7 +46,6 @@ from apfsim.ports import (
     Injection,
     InjectionKind,
     SyncCause,
-    WaitNode,
 )
 from apfsim.protocols.common import ProtocolOptions
 from apfsim.protocols.s390_pfault import FLOATING_PFAULT_CAP, S390PfaultHost, psw_mask
@@ -422,7 +421,7 @@ def test_init_wait_0_goes_on_the_list_and_blocks() -> None:
     assert init_for(host, guest, 0, 4) is AbortOutcome.WAIT_SCHEDULE
     assert guest.pfault_wait == {4: 1} and guest.pfault_list == [4]
     assert not guest.waiter_woken(0, 4)
-    assert list(guest.wait_nodes()) == [WaitNode(-1, 4, 4)]
+    assert guest.wait_nodes() == [(-1, 4, 4, False)]
     assert check_guest(guest, [(4, 0)], all_done=False) is None
 
 

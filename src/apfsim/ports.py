@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, Protocol
 
 from apfsim.host.async_pf import AsyncPf, WorkMemo, WorkTable
 from apfsim.metrics.accumulators import LatencySamples
@@ -236,7 +236,7 @@ class GuestProtocol(Protocol):
         """The per-CPU data blocks the guest registered with the host."""
         ...
 
-    def wait_nodes(self) -> Iterable[WaitNode]:
+    def wait_nodes(self) -> list[WaitNode]:
         """Every sleep record the driver holds (I6)."""
         ...
 
@@ -290,15 +290,11 @@ class SharedBlock(Protocol):
     def words(self) -> tuple[int, ...]: ...
 
 
-class WaitNode(NamedTuple):
-    """A guest sleep record as the invariants see it: ``scope`` is the CPU whose list holds
-    it, or -1 for one global table (x86); ``task`` is -1 for the idle task.
-    NOTE: a NamedTuple, not a frozen dataclass, for performance (one per node per check)."""
-
-    scope: int
-    task: int
-    token: int
-    dummy: bool = False
+WaitNode = tuple[int, int, int, bool]
+"""A guest sleep record as the invariants see it: ``(scope, task, token, dummy)``. ``scope``
+is the CPU whose list holds it, or -1 for one global table (x86); ``task`` is -1 for the idle
+task. NOTE: a plain tuple, built by the driver's list comprehension, for performance (one
+per node at every APF handler's check)."""
 
 
 Broken = tuple[str, str] | None

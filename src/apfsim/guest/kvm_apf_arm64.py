@@ -21,7 +21,7 @@ model checker each implement.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,11 +141,13 @@ class Arm64ApfGuest(GuestBase):
             _APF_DATA.thaw(block, values)
         self.apf_head = [[SleepNode(*values) for values in head] for head in heads]
 
-    def wait_nodes(self) -> Iterable[WaitNode]:
+    def wait_nodes(self) -> list[WaitNode]:
         """Each CPU's ``apf_head`` list (the idle task is task -1)."""
-        for cpu, head in enumerate(self.apf_head):
-            for node in head:
-                yield WaitNode(cpu, node.task, node.token, node.dummy)
+        return [
+            (cpu, node.task, node.token, node.dummy)
+            for cpu, head in enumerate(self.apf_head)
+            for node in head
+        ]
 
     # -- helpers named after the patch's inline functions -------------------------------
     def kvm_async_pf_find(self, cpu: int, token: int) -> SleepNode | None:

@@ -11,7 +11,7 @@ a not-present taken in kernel mode or with IF=0 is a guest panic, and the only w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,11 +167,13 @@ class X86ApfGuest(GuestBase):
             _REASON.thaw(block, values)
         self.async_pf_sleepers.thaw(sleepers)
 
-    def wait_nodes(self) -> Iterable[WaitNode]:
+    def wait_nodes(self) -> list[WaitNode]:
         """One global table: every node's scope is -1."""
-        for bucket in self.async_pf_sleepers:
-            for node in bucket:
-                yield WaitNode(-1, node.task, node.token, node.dummy)
+        return [
+            (-1, node.task, node.token, node.dummy)
+            for bucket in self.async_pf_sleepers
+            for node in bucket
+        ]
 
     def _bucket(self, token: int) -> list[X86SleepNode]:
         return self.async_pf_sleepers[hash_32(token, KVM_TASK_SLEEP_HASHBITS)]

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,10 +128,9 @@ class S390PfaultGuest(GuestBase):
         self.pfault_list = list(pfault_list)
         self.pfault_wait = dict(pfault_wait)
 
-    def wait_nodes(self) -> Iterable[WaitNode]:
+    def wait_nodes(self) -> list[WaitNode]:
         """One global list, no dummies (the -1 state plays their part): the token is the pid."""
-        for task in self.pfault_list:
-            yield WaitNode(-1, task, task)
+        return [(-1, task, task, False) for task in self.pfault_list]
 
     # -- DIAG 0x258 ----------------------------------------------------------------------------
     def pfault_init(self, cpu: int) -> int:

@@ -17,7 +17,7 @@ The review's answer to the seed (spec §3.3; `Documentation/virt/kvm/arm/apf.rst
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,11 +279,13 @@ class Arm64SdeiPpiGuest(GuestBase):
             _BUFFER.thaw(buffer, values)
         self.waiting = [dict(items) for items in waiting]
 
-    def wait_nodes(self) -> Iterable[WaitNode]:
+    def wait_nodes(self) -> list[WaitNode]:
         """A tagged task (TIF_ASYNC_PF) per token, per CPU."""
-        for cpu, waiting in enumerate(self.waiting):
-            for token, task in waiting.items():
-                yield WaitNode(cpu, task, token)
+        return [
+            (cpu, task, token, False)
+            for cpu, waiting in enumerate(self.waiting)
+            for token, task in waiting.items()
+        ]
 
     def boot(self) -> None:
         if not self.kvmapf:

@@ -15,7 +15,7 @@ A variant subclasses the two bases and overrides only what its kernel code does 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -411,9 +411,9 @@ class GuestBase:
     def thaw(self, state: tuple[Any, ...]) -> None:
         """Write a :meth:`freeze` result back (sleep records are made anew)."""
 
-    def wait_nodes(self) -> Iterable[WaitNode]:
+    def wait_nodes(self) -> list[WaitNode]:
         """Every sleep record the driver holds (I6)."""
-        return ()
+        return []
 
     # Lifecycle callbacks: only drivers whose Variant says ``lifecycle`` model them.
     def cpu_offline(self, cpu: int) -> None:
