@@ -356,6 +356,58 @@ def test_trace_stats_is_linear_on_long_lines() -> None:
     assert stats.events["kvm_async_pf_ready"] == 20
 
 
+def test_trace_stats_reports_numbers_out_of_range_as_malformed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past Python's 4300-digit int limit, past int64 nanoseconds, past pid_t and u64 tokens:
+    each such line is malformed (line number and why); the good lines still count."""
+    huge = "9" * 5000
+    lines = [
+        " CPU 0/KVM-7 [000] 1.000000: kvm_async_pf_not_present: token 0x1 gva 0x1000",
+        f" CPU 0/KVM-7 [000] {huge}.5: kvm_async_pf_ready: token 0x1 gva 0x1000",
+        " CPU 0/KVM-7 [000] 99999999999.0: kvm_async_pf_ready: token 0x1 gva 0x1000",
+        f" CPU 0/KVM-{huge} [000] 1.5: kvm_async_pf_ready: token 0x1 gva 0x1000",
+        " CPU 0/KVM-7 [000] 1.6: kvm_async_pf_ready: token 0x1" + "0" * 16 + " gva 0x1000",
+        " CPU 0/KVM-7 [000] 1.000250: kvm_async_pf_ready: token 0x1 gva 0x1000",
+    ]
+    trace = tmp_path / "huge.txt"
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "stats.json"
+    assert main(["trace-stats", str(trace), "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{trace}:2: malformed: timestamp 999999999999... (5002 characters)" in err
+    assert f"{trace}:3: malformed: timestamp 99999999999.0 is out of range" in err
+    assert f"{trace}:4: malformed: thread id 999999999999... (5000 characters)" in err
+    assert f"{trace}:5: malformed: kvm_async_pf_ready: token" in err
+    data = json.loads(out.read_text())
+    assert data["malformed_lines"] == 4 and data["events"]["kvm_async_pf_ready"] == 1
+    assert data["not_present_to_ready_us"]["CPU 0/KVM-7"]["max"] == 250.0
+
+
+def test_trace_stats_reports_a_ready_before_its_not_present_as_malformed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative latency is a broken trace, not a sample: the ready line is malformed and the
+    not-present stays in flight (or pairs with a later, consistent ready)."""
+    trace = tmp_path / "back.txt"
+    trace.write_text(
+        " CPU 0/KVM-7 [000] 2.000000: kvm_async_pf_not_present: token 0x1 gva 0x1000\n"
+        " CPU 0/KVM-7 [000] 1.000000: kvm_async_pf_ready: token 0x1 gva 0x1000\n"
+        " CPU 0/KVM-7 [000] 3.000000: kvm_async_pf_not_present: token 0x2 gva 0x2000\n"
+        " CPU 0/KVM-7 [000] 2.500000: kvm_async_pf_ready: token 0x2 gva 0x2000\n"
+        " CPU 0/KVM-7 [000] 3.000100: kvm_async_pf_ready: token 0x2 gva 0x2000\n"
+    )
+    stats = read_trace(trace.read_text().splitlines())
+    assert [m.line_no for m in stats.malformed] == [2, 4]
+    assert "before its not-present at 2.000000000 s" in stats.malformed[0].reason
+    assert stats.latencies_ns == {7: [100_000]}  # never a negative sample
+    assert stats.in_flight == {7: 1} and stats.events["kvm_async_pf_ready"] == 1
+    assert main(["trace-stats", str(trace)]) == 0
+    err = capsys.readouterr().err
+    assert f"{trace}:2: malformed: kvm_async_pf_ready: at 1.000000000 s, before" in err
+
+
 def test_trace_stats_of_only_malformed_lines_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
