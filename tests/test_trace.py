@@ -3,6 +3,8 @@ and real-host layouts."""
 
 from __future__ import annotations
 
+import errno
+import io
 import itertools
 import json
 import sys
@@ -22,6 +24,7 @@ from apfsim.trace.formats import ExitReason
 from apfsim.trace.hooks import traced_simulation
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_helpers import assert_one_line_error
 from trace_rules import check_trace
 
 
@@ -443,3 +446,102 @@ def test_compare_writes_one_trace_per_protocol_and_seed(tmp_path: Path) -> None:
         "c.sync.s0.txt",
         "c.sync.s1.txt",
     ]
+
+
+# -- outputs that cannot be written -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-p", "sync", "--trace", "/dev/full"], "--trace: '/dev/full' is not a regular file"),
+        (["-p", "sync", "-p", "x86", "--trace", "/dev/full"], "'/dev/full' is not a regular"),
+        (["-p", "sync", "--ftrace", "/dev/full"], "--ftrace: '/dev/full' is not a regular file"),
+        (["-p", "sync", "--ftrace", "{tmp}"], "is a directory; give the path of a file"),
+        (["-p", "sync", "-p", "x86", "--ftrace", "{tmp}/d"], "'{tmp}/d.x86' is a directory"),
+        (["-p", "sync", "--trace", "{tmp}/t", "--ftrace", "{tmp}/t"], "the same file as --trace"),
+    ],
+)
+def test_unwritable_trace_outputs_fail_before_the_first_run(
+    args: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A special file, a directory (given, or made by tagging a run's name) fails with one
+    line before anything runs; no regular file appears next to a device."""
+    (tmp_path / "d.x86").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    created = [Path("/dev/full.sync"), Path("/dev/full.x86")]
+    try:
+        code = main(["run", "natapov-2010", "--duration", "0.05", *args])
+        captured = capsys.readouterr()
+        assert_one_line_error(code, captured.err, fragment.replace("{tmp}", str(tmp_path)))
+        assert captured.out == ""  # no run: no table
+        assert not any(p.exists() for p in created)
+    finally:
+        for path in created:
+            if path.is_file():
+                path.unlink()
+
+
+def test_a_read_only_file_system_fails_before_the_first_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every output is opened before the first run, so EROFS on the second protocol's file
+    stops the command before sync runs."""
+    real_open = io.open
+    target = tmp_path / "t.x86.json"
+
+    def read_only(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(target) and any(m in mode for m in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", read_only)
+    trace = tmp_path / "t.json"
+    two = ["run", "natapov-2010", "-p", "sync", "-p", "x86", "--duration", "0.05"]
+    code = main([*two, "--trace", str(trace)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, f"--trace: cannot write '{target}'", "Read-only")
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_filling_up_mid_run_keeps_the_protocols_that_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC while x86 traces: one line naming the flag and file, exit 2; sync's results are
+    printed and written (marked partial)."""
+    real_open = io.open
+
+    class FillsUp:
+        def __init__(self, file: Any) -> None:
+            self._file = file
+
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._file, name)
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._file.close()
+
+    def full_for_x86(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        opened = real_open(file, mode, *args, **kwargs)
+        return FillsUp(opened) if ".x86." in str(file) and "w" in mode else opened
+
+    monkeypatch.setattr(io, "open", full_for_x86)
+    out = tmp_path / "out.json"
+    ftrace = tmp_path / "t.txt"
+    two = ["run", "natapov-2010", "-p", "sync", "-p", "x86", "--duration", "0.05"]
+    code = main([*two, "--ftrace", str(ftrace), "--json", str(out)])
+    captured = capsys.readouterr()
+    x86_file = tmp_path / "t.x86.txt"
+    assert_one_line_error(
+        code, captured.err, f"--ftrace: cannot write '{x86_file}' (No space left on device)"
+    )
+    assert "PARTIAL: cut short; only sync finished" in captured.out
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and [r["protocol"] for r in data["results"]] == ["sync"]
+    assert read_trace((tmp_path / "t.sync.txt").read_text().splitlines()).events

@@ -14,15 +14,15 @@ resubmitted.
 
 from __future__ import annotations
 
-import multiprocessing
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from apfsim.compare import _protocol_result, _work_rates, default_jobs, run_metrics
+from apfsim.pool import new_pool, stop_workers
 from apfsim.scenario import scenario_from_dict
 from apfsim.simulation import Simulation
 from apfsim.sweep.spec import RunSpec, SweepSpec
@@ -123,13 +123,16 @@ def run_sweep(
 
     n_workers = workers if workers is not None else default_jobs()
     if executor == "serial" or not todo:
-        outcomes: Iterator[RunOutcome] = (execute_run(r) for r in todo)
+        outcomes: Generator[RunOutcome, None, None] = (execute_run(r) for r in todo)
     elif executor == "process":
         outcomes = _process_outcomes(todo, n_workers)
     else:
         outcomes = _dask_outcomes(todo, n_workers, scheduler)
-    for outcome in outcomes:
-        store_outcome(outcome)
+    try:
+        for outcome in outcomes:
+            store_outcome(outcome)
+    finally:
+        outcomes.close()  # a failed store (a full disk) ends the workers now, not at exit
     return SweepSummary(total, skipped, finished, failed, time.perf_counter() - t0, executor)
 
 
@@ -137,14 +140,14 @@ def _process_outcomes(
     runs: Sequence[RunSpec],
     workers: int,
     execute: Callable[[RunSpec], RunOutcome] = execute_run,
-) -> Iterator[RunOutcome]:
-    """A local process pool; rebuilt (at most MAX_POOL_RESTARTS times) if a worker dies."""
-    context = multiprocessing.get_context("forkserver")
+) -> Generator[RunOutcome, None, None]:
+    """A local process pool; rebuilt (at most MAX_POOL_RESTARTS times) if a worker dies.
+    Its workers exit if this process dies (:mod:`apfsim.pool`)."""
     pending_runs = list(runs)
     restarts = 0
     while pending_runs:
         unfinished = {r.key: r for r in pending_runs}
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(pending_runs)), mp_context=context)
+        pool = new_pool(min(workers, len(pending_runs)))
         try:
             futures: dict[Future[RunOutcome], str] = {
                 pool.submit(execute, r): r.key for r in pending_runs
@@ -165,13 +168,25 @@ def _process_outcomes(
                     f"{len(unfinished)} runs not done (run the sweep again to retry them)"
                 ) from None
             pending_runs = list(unfinished.values())
+        except KeyboardInterrupt:
+            stop_workers(pool)  # ^C means now: the runs in progress are given up
+            for future in futures:  # those that had ended are stored all the same
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    outcome = future.result()
+                    if unfinished.pop(outcome.key, None) is not None:
+                        yield outcome
+            raise
+        except BaseException:
+            # The consumer gave up (a full disk): what runs now could not be stored.
+            stop_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _dask_outcomes(
     runs: Sequence[RunSpec], workers: int, scheduler: str | None
-) -> Iterator[RunOutcome]:
+) -> Generator[RunOutcome, None, None]:
     """dask.distributed: an existing scheduler, or a LocalCluster of ``workers`` processes."""
     try:
         import distributed
