@@ -1,0 +1,76 @@
+"""Lost processes and full disks: a killed coordinator leaves no process behind, a sweep
+whose disk fills or whose dask workers or scheduler vanish ends with one line, keeping every
+run it had stored."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proc_helpers import alive, descendants, wait_gone
+
+LONG_SWEEP = """\
+name = "long"
+scenario = "rfcv2-2020"
+duration_s = 600.0
+protocols = ["sync", "arm64-rfcv2"]
+seeds = 2
+"""
+
+
+def _kill_all(pids: set[int]) -> None:
+    """Clean up after a failed test: nothing of it may stay on the machine."""
+    for pid in alive(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll ``predicate`` while ``proc`` runs; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the command ended before it could be killed"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sweep", "compare"])
+def test_killing_the_coordinator_ends_its_pool_forkserver_and_resource_tracker(
+    command: str, tmp_path: Path
+) -> None:
+    """SIGKILL (the OOM killer, a lost session) of a process-pool coordinator: its busy
+    workers, the forkserver and the resource tracker all exit within seconds."""
+    if command == "sweep":
+        sweep = tmp_path / "long.toml"
+        sweep.write_text(LONG_SWEEP)
+        args = ["sweep", str(sweep), "--db", str(tmp_path / "s.sqlite"), "--workers", "2"]
+    else:
+        args = ["compare", "rfcv2-2020", "-p", "sync,arm64-rfcv2", "--seeds", "2", "-j", "2"]
+        args += ["--duration", "600"]
+    proc = subprocess.Popen([sys.executable, "-m", "apfsim", *args, "-q"], cwd=tmp_path)
+    family: set[int] = set()
+    try:
+
+        def pool_started() -> bool:
+            # The resource tracker, the forkserver and two workers (its children).
+            family.update(descendants(proc.pid))
+            return len(alive(family)) >= 4
+
+        _wait_for(pool_started, proc, 120)
+        proc.kill()
+        proc.wait()
+        assert wait_gone(family, 30) == set()
+    finally:
+        proc.kill()
+        proc.wait()
+        _kill_all(family)
