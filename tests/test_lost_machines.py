@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -74,3 +77,52 @@ def test_killing_the_coordinator_ends_its_pool_forkserver_and_resource_tracker(
         proc.kill()
         proc.wait()
         _kill_all(family)
+
+
+# -- a full disk --------------------------------------------------------------------------------
+
+SHORT_SWEEP = """\
+name = "short"
+scenario = "rfcv2-2020"
+duration_s = 0.05
+protocols = ["sync"]
+seeds = 200
+"""
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def limit_files() -> None:
+        # Writes past ``limit`` bytes fail with EFBIG, as ENOSPC would on a full disk (Python
+        # ignores SIGXFSZ, so the write returns the error).
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+@pytest.mark.parametrize("executor", ["serial", "process"])
+def test_a_full_disk_ends_the_sweep_with_one_line_keeping_the_stored_runs(
+    executor: str, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "short.toml"
+    sweep.write_text(SHORT_SWEEP)
+    db = tmp_path / "s.sqlite"
+    cmd = [sys.executable, "-m", "apfsim", "sweep", str(sweep), "--db", str(db), "-q"]
+    cmd += ["--executor", executor, "--workers", "2"]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(160 * 1024),
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    match = re.fullmatch(
+        rf"apfsim: error: --db: cannot write '{re.escape(str(db))}' \((.+)\); the (\d+) runs "
+        r"stored before are kept; free space and run the same command again to finish\n",
+        done.stderr,
+    )
+    assert match is not None, done.stderr
+    with sqlite3.connect(db) as con:
+        stored = con.execute("SELECT COUNT(*) FROM runs WHERE status = 'ok'").fetchone()[0]
+    assert 0 < stored < 200 and stored == int(match[2])

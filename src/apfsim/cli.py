@@ -6,6 +6,7 @@ traceback is shown. Results already computed are printed before any late error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -693,20 +694,26 @@ def sweep_command(
         summary = run_sweep(spec, store, executor, workers, scheduler, progress.sweep_done)
     except SweepRunError as err:
         progress.close()
-        counts = store.count(spec.name)
-        raise _fail(f"{err}; {counts.get('ok', 0)} runs stored in {str(path)!r}") from None
+        raise _fail(f"{err}; {_stored(store, spec.name)} runs stored in {str(path)!r}") from None
+    except sqlite3.Error as err:
+        # A full disk (or quota) while storing a run: the rows already committed stay.
+        progress.close()
+        raise _fail(
+            f"--db: cannot write {str(path)!r} ({err}); the {_stored(store, spec.name)} runs "
+            "stored before are kept; free space and run the same command again to finish"
+        ) from None
     except KeyboardInterrupt:
         progress.close()
-        counts = store.count(spec.name)
         print(
-            f"apfsim: interrupted: {counts.get('ok', 0)} of {len(spec.runs)} runs stored in "
-            f"{str(path)!r}; run the same command again to finish",
+            f"apfsim: interrupted: {_stored(store, spec.name)} of {len(spec.runs)} runs stored "
+            f"in {str(path)!r}; run the same command again to finish",
             file=sys.stderr,
         )
         raise _Exit(130) from None
     finally:
         progress.close()
-        store.close()
+        with contextlib.suppress(sqlite3.Error):
+            store.close()
     if not quiet:
         print(
             f"sweep {spec.name}: {summary.total} runs ({spec.points} points x "
@@ -722,6 +729,15 @@ def sweep_command(
             file=sys.stderr,
         )
         raise typer.Exit(1)
+
+
+def _stored(store: SweepStore, sweep: str) -> str:
+    """How many runs of ``sweep`` are stored (ok), for a last message; "?" if even reading
+    the file fails."""
+    try:
+        return str(store.count(sweep).get("ok", 0))
+    except sqlite3.Error:
+        return "?"
 
 
 @app.command("sweeps")
