@@ -46,7 +46,7 @@ from apfsim.scenario import (
     scenario_to_toml,
 )
 from apfsim.simulation import InvariantViolation
-from apfsim.sweep.run import EXECUTORS, run_sweep
+from apfsim.sweep.run import EXECUTORS, WORKER_TIMEOUT_S, run_sweep
 from apfsim.sweep.run import SweepError as SweepRunError
 from apfsim.sweep.spec import SweepError as SpecError
 from apfsim.sweep.spec import builtin_sweeps, load_sweep
@@ -669,6 +669,12 @@ def sweep_command(
         Path | None,
         typer.Option(help="SQLite results file (default: NAME.sqlite here); re-runs resume."),
     ] = None,
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            help="dask: give up (exit 2) once the cluster has had no worker this many seconds."
+        ),
+    ] = WORKER_TIMEOUT_S,
     quiet: QuietOption = False,
 ) -> None:
     """Run a parameter sweep into SQLite, skipping runs already stored."""
@@ -678,6 +684,11 @@ def sweep_command(
         raise _fail("--scheduler: only with --executor dask")
     if workers is not None and workers < 1:
         raise _fail(f"--workers: must be at least 1 (got {workers})")
+    if not 0 < worker_timeout <= MAX_DURATION_S:
+        raise _fail(
+            f"--worker-timeout: must be a number of seconds in (0, {MAX_DURATION_S:g}] "
+            f"(got {worker_timeout})"
+        )
     try:
         spec = load_sweep(sweep_file)
     except SpecError as err:
@@ -691,7 +702,9 @@ def sweep_command(
         raise _fail(f"--db: {str(path)!r} is not a usable SQLite file ({err})") from None
     progress = _Progress(quiet)
     try:
-        summary = run_sweep(spec, store, executor, workers, scheduler, progress.sweep_done)
+        summary = run_sweep(
+            spec, store, executor, workers, scheduler, progress.sweep_done, worker_timeout
+        )
     except SweepRunError as err:
         progress.close()
         raise _fail(f"{err}; {_stored(store, spec.name)} runs stored in {str(path)!r}") from None
