@@ -20,6 +20,7 @@ LAYERS: list[tuple[int, str]] = [
     (0, "apfsim.sweeps.*"),
     (0, "apfsim.version"),
     (0, "apfsim.snapshot"),
+    (0, "apfsim.pool"),  # process pools whose workers die with their coordinator
     (0, "apfsim.host"),  # the package's __init__: a docstring
     (0, "apfsim.guest"),
     # 1: the generic async PF core (virt/kvm/async_pf.c) and the plain accumulators

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import pytest
 
 import apfsim.compare
+import apfsim.pool
 from apfsim.api import compare
 from apfsim.cli import main
 from apfsim.compare import estimate, paired_ratios, t_quantile_975
@@ -155,7 +156,7 @@ class _SpyPool(ProcessPoolExecutor):
 def test_json_is_byte_identical_for_any_jobs_and_the_pool_uses_processes(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(apfsim.compare, "ProcessPoolExecutor", _SpyPool)
+    monkeypatch.setattr(apfsim.pool, "ProcessPoolExecutor", _SpyPool)
     _SpyPool.made.clear()
     outputs = {}
     for jobs in ("1", "2"):

@@ -3,6 +3,8 @@ and real-host layouts."""
 
 from __future__ import annotations
 
+import errno
+import io
 import itertools
 import json
 import sys
@@ -22,6 +24,7 @@ from apfsim.trace.formats import ExitReason
 from apfsim.trace.hooks import traced_simulation
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_helpers import assert_one_line_error
 from trace_rules import check_trace
 
 
@@ -356,6 +359,58 @@ def test_trace_stats_is_linear_on_long_lines() -> None:
     assert stats.events["kvm_async_pf_ready"] == 20
 
 
+def test_trace_stats_reports_numbers_out_of_range_as_malformed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past Python's 4300-digit int limit, past int64 nanoseconds, past pid_t and u64 tokens:
+    each such line is malformed (line number and why); the good lines still count."""
+    huge = "9" * 5000
+    lines = [
+        " CPU 0/KVM-7 [000] 1.000000: kvm_async_pf_not_present: token 0x1 gva 0x1000",
+        f" CPU 0/KVM-7 [000] {huge}.5: kvm_async_pf_ready: token 0x1 gva 0x1000",
+        " CPU 0/KVM-7 [000] 99999999999.0: kvm_async_pf_ready: token 0x1 gva 0x1000",
+        f" CPU 0/KVM-{huge} [000] 1.5: kvm_async_pf_ready: token 0x1 gva 0x1000",
+        " CPU 0/KVM-7 [000] 1.6: kvm_async_pf_ready: token 0x1" + "0" * 16 + " gva 0x1000",
+        " CPU 0/KVM-7 [000] 1.000250: kvm_async_pf_ready: token 0x1 gva 0x1000",
+    ]
+    trace = tmp_path / "huge.txt"
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "stats.json"
+    assert main(["trace-stats", str(trace), "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{trace}:2: malformed: timestamp 999999999999... (5002 characters)" in err
+    assert f"{trace}:3: malformed: timestamp 99999999999.0 is out of range" in err
+    assert f"{trace}:4: malformed: thread id 999999999999... (5000 characters)" in err
+    assert f"{trace}:5: malformed: kvm_async_pf_ready: token" in err
+    data = json.loads(out.read_text())
+    assert data["malformed_lines"] == 4 and data["events"]["kvm_async_pf_ready"] == 1
+    assert data["not_present_to_ready_us"]["CPU 0/KVM-7"]["max"] == 250.0
+
+
+def test_trace_stats_reports_a_ready_before_its_not_present_as_malformed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative latency is a broken trace, not a sample: the ready line is malformed and the
+    not-present stays in flight (or pairs with a later, consistent ready)."""
+    trace = tmp_path / "back.txt"
+    trace.write_text(
+        " CPU 0/KVM-7 [000] 2.000000: kvm_async_pf_not_present: token 0x1 gva 0x1000\n"
+        " CPU 0/KVM-7 [000] 1.000000: kvm_async_pf_ready: token 0x1 gva 0x1000\n"
+        " CPU 0/KVM-7 [000] 3.000000: kvm_async_pf_not_present: token 0x2 gva 0x2000\n"
+        " CPU 0/KVM-7 [000] 2.500000: kvm_async_pf_ready: token 0x2 gva 0x2000\n"
+        " CPU 0/KVM-7 [000] 3.000100: kvm_async_pf_ready: token 0x2 gva 0x2000\n"
+    )
+    stats = read_trace(trace.read_text().splitlines())
+    assert [m.line_no for m in stats.malformed] == [2, 4]
+    assert "before its not-present at 2.000000000 s" in stats.malformed[0].reason
+    assert stats.latencies_ns == {7: [100_000]}  # never a negative sample
+    assert stats.in_flight == {7: 1} and stats.events["kvm_async_pf_ready"] == 1
+    assert main(["trace-stats", str(trace)]) == 0
+    err = capsys.readouterr().err
+    assert f"{trace}:2: malformed: kvm_async_pf_ready: at 1.000000000 s, before" in err
+
+
 def test_trace_stats_of_only_malformed_lines_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -391,3 +446,102 @@ def test_compare_writes_one_trace_per_protocol_and_seed(tmp_path: Path) -> None:
         "c.sync.s0.txt",
         "c.sync.s1.txt",
     ]
+
+
+# -- outputs that cannot be written -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-p", "sync", "--trace", "/dev/full"], "--trace: '/dev/full' is not a regular file"),
+        (["-p", "sync", "-p", "x86", "--trace", "/dev/full"], "'/dev/full' is not a regular"),
+        (["-p", "sync", "--ftrace", "/dev/full"], "--ftrace: '/dev/full' is not a regular file"),
+        (["-p", "sync", "--ftrace", "{tmp}"], "is a directory; give the path of a file"),
+        (["-p", "sync", "-p", "x86", "--ftrace", "{tmp}/d"], "'{tmp}/d.x86' is a directory"),
+        (["-p", "sync", "--trace", "{tmp}/t", "--ftrace", "{tmp}/t"], "the same file as --trace"),
+    ],
+)
+def test_unwritable_trace_outputs_fail_before_the_first_run(
+    args: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A special file, a directory (given, or made by tagging a run's name) fails with one
+    line before anything runs; no regular file appears next to a device."""
+    (tmp_path / "d.x86").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    created = [Path("/dev/full.sync"), Path("/dev/full.x86")]
+    try:
+        code = main(["run", "natapov-2010", "--duration", "0.05", *args])
+        captured = capsys.readouterr()
+        assert_one_line_error(code, captured.err, fragment.replace("{tmp}", str(tmp_path)))
+        assert captured.out == ""  # no run: no table
+        assert not any(p.exists() for p in created)
+    finally:
+        for path in created:
+            if path.is_file():
+                path.unlink()
+
+
+def test_a_read_only_file_system_fails_before_the_first_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every output is opened before the first run, so EROFS on the second protocol's file
+    stops the command before sync runs."""
+    real_open = io.open
+    target = tmp_path / "t.x86.json"
+
+    def read_only(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(target) and any(m in mode for m in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", read_only)
+    trace = tmp_path / "t.json"
+    two = ["run", "natapov-2010", "-p", "sync", "-p", "x86", "--duration", "0.05"]
+    code = main([*two, "--trace", str(trace)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, f"--trace: cannot write '{target}'", "Read-only")
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_filling_up_mid_run_keeps_the_protocols_that_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC while x86 traces: one line naming the flag and file, exit 2; sync's results are
+    printed and written (marked partial)."""
+    real_open = io.open
+
+    class FillsUp:
+        def __init__(self, file: Any) -> None:
+            self._file = file
+
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._file, name)
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._file.close()
+
+    def full_for_x86(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        opened = real_open(file, mode, *args, **kwargs)
+        return FillsUp(opened) if ".x86." in str(file) and "w" in mode else opened
+
+    monkeypatch.setattr(io, "open", full_for_x86)
+    out = tmp_path / "out.json"
+    ftrace = tmp_path / "t.txt"
+    two = ["run", "natapov-2010", "-p", "sync", "-p", "x86", "--duration", "0.05"]
+    code = main([*two, "--ftrace", str(ftrace), "--json", str(out)])
+    captured = capsys.readouterr()
+    x86_file = tmp_path / "t.x86.txt"
+    assert_one_line_error(
+        code, captured.err, f"--ftrace: cannot write '{x86_file}' (No space left on device)"
+    )
+    assert "PARTIAL: cut short; only sync finished" in captured.out
+    data = json.loads(out.read_text())
+    assert data["partial"] is True and [r["protocol"] for r in data["results"]] == ["sync"]
+    assert read_trace((tmp_path / "t.sync.txt").read_text().splitlines()).events

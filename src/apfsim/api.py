@@ -15,11 +15,13 @@ source draws from its own named stream).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from apfsim.compare import (
     CompareProgressFn,
     CompareResult,
+    Interrupted,
     default_jobs,
     run_compare,
     summary_table,
@@ -29,12 +31,13 @@ from apfsim.registry import PROTOCOLS
 from apfsim.scenario import Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation
 from apfsim.trace.hooks import traced_simulation
-from apfsim.trace.recorder import TraceOptions
+from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
 __all__ = [
     "DEFAULT_PROTOCOLS",
     "DEFAULT_SEEDS",
     "CompareResult",
+    "Interrupted",
     "compare",
     "compare_summary_table",
     "compare_table",
@@ -94,9 +97,11 @@ def run(
     check: bool = True,
     trace: TraceOptions | None = None,
 ) -> RunResult:
-    """Run ``scenario`` under each protocol on the same seed. If an invariant breaks, the
-    InvariantViolation carries the protocols finished before it (``partial``). With
-    ``trace`` and several protocols, each protocol's files are tagged with its name."""
+    """Run ``scenario`` under each protocol on the same seed. If an invariant breaks or a
+    trace file cannot be written, the InvariantViolation or TraceWriteError carries the
+    protocols finished before it (``partial``, marked partial); ^C raises
+    :class:`Interrupted` carrying them (None if none had finished). With ``trace`` and
+    several protocols, each protocol's files are tagged with its name."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
     for name in protocols:
@@ -113,8 +118,10 @@ def run(
         try:
             tr = trace if trace is None or len(protocols) == 1 else trace.for_run(name)
             out.results.append(run_protocol(sc, name, seed, duration_s, cb, check, tr))
-        except InvariantViolation as err:
-            err.partial = out
+        except KeyboardInterrupt:
+            raise Interrupted(replace(out, partial=True) if out.results else None) from None
+        except (InvariantViolation, TraceWriteError) as err:
+            err.partial = replace(out, partial=True)
             raise
     return out
 
@@ -196,7 +203,10 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
         f"scenario {result.scenario['name']}  seed {result.seed}  "
         f"simulated {result.results[0].sim_time_s:.3f} s"
     )
-    return header + "\n" + "\n".join(lines)
+    table = header + "\n" + "\n".join(lines)
+    if result.partial:
+        table += f"\nPARTIAL: cut short; only {', '.join(names)} finished"
+    return table
 
 
 def _check_compare(

@@ -6,6 +6,7 @@ traceback is shown. Results already computed are printed before any late error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -23,6 +24,8 @@ from apfsim.api import (
     DEFAULT_PROTOCOLS,
     DEFAULT_SEEDS,
     MAX_DURATION_S,
+    CompareResult,
+    Interrupted,
     compare,
     compare_summary_table,
     compare_table,
@@ -30,8 +33,10 @@ from apfsim.api import (
 )
 from apfsim.check import WorldConfig, check
 from apfsim.check.mutants import MUTANTS
-from apfsim.check.report import mutants_text, result_dict, result_text
+from apfsim.check.report import mutants_text, result_dict, result_text, world_line
+from apfsim.check.search import CheckResult
 from apfsim.check.world import MODES, has_lifecycle
+from apfsim.metrics.results import RunResult
 from apfsim.registry import PROTOCOLS
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
@@ -41,12 +46,13 @@ from apfsim.scenario import (
     scenario_to_toml,
 )
 from apfsim.simulation import InvariantViolation
-from apfsim.sweep.run import EXECUTORS, run_sweep
+from apfsim.sweep.run import EXECUTORS, WORKER_TIMEOUT_S, run_sweep
 from apfsim.sweep.run import SweepError as SweepRunError
 from apfsim.sweep.spec import SweepError as SpecError
 from apfsim.sweep.spec import builtin_sweeps, load_sweep
 from apfsim.sweep.store import SweepStore
 from apfsim.trace import TraceOptions, read_trace
+from apfsim.trace.output import TraceWriteError, check_output
 from apfsim.trace.stats import trace_stats_text
 
 __all__ = ["app", "cli", "main"]
@@ -173,6 +179,15 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+class _Exit(Exception):
+    """Leave with ``code``: the command has printed all it had to. (A KeyboardInterrupt or
+    typer.Exit(130) would reach :func:`main` as a bare 130, read as an unhandled ^C.)"""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def _check_duration_flag(duration: float | None) -> None:
     if duration is not None and not 0 < duration <= MAX_DURATION_S:
         raise _fail(
@@ -215,6 +230,26 @@ def _trace_options(
             raise _fail(f"--trace-window: need 0 <= START < END (got {window!r})")
         span = (round(start * 1e9), (1 << 62) if end is None else round(end * 1e9))
     return TraceOptions(trace, ftrace, span)
+
+
+def _check_trace_outputs(tracing: TraceOptions | None, runs: list[TraceOptions]) -> None:
+    """Before the first run: every file the runs will write can be written (so no run dies
+    half way on /dev/full, a directory or a read-only file system), and the flags name files,
+    not special ones, even when each run tags its own file name."""
+    if tracing is None:
+        return
+    if tracing.chrome is not None and tracing.chrome == tracing.ftrace:
+        raise _fail("--ftrace: the same file as --trace; give two files")
+    try:
+        for flag, path in (("--trace", tracing.chrome), ("--ftrace", tracing.ftrace)):
+            if path is not None:
+                check_output(path, flag, probe=False)
+        for options in runs:
+            for flag, path in (("--trace", options.chrome), ("--ftrace", options.ftrace)):
+                if path is not None:
+                    check_output(path, flag)
+    except TraceWriteError as err:
+        raise _fail(str(err)) from None
 
 
 def _write_json(json_path: Path, data: dict[str, Any]) -> None:
@@ -266,6 +301,9 @@ def run_command(
         sc = load_scenario(scenario)
     except ScenarioError as err:
         raise _fail(str(err)) from None
+    if tracing is not None:
+        tagged = [tracing] if len(protocols) == 1 else [tracing.for_run(p) for p in protocols]
+        _check_trace_outputs(tracing, tagged)
     progress = _Progress(quiet)
     try:
         result = run(
@@ -279,17 +317,56 @@ def run_command(
         )
     except InvariantViolation as err:
         progress.close()
-        partial = err.partial
-        if partial is not None and partial.results and not quiet:
-            print(compare_table(partial))  # what finished before the violation is kept
+        _keep_partial_run(err.partial, quiet, json_path)
         print(f"apfsim: invariant violated: {err}", file=sys.stderr)
         raise typer.Exit(1) from None
+    except TraceWriteError as err:
+        progress.close()
+        _keep_partial_run(err.partial, quiet, json_path)
+        raise _fail(str(err)) from None
+    except Interrupted as err:
+        progress.close()
+        kept = _keep_partial_run(err.partial, quiet, json_path)
+        print(f"apfsim: interrupted: {kept}", file=sys.stderr)
+        raise _Exit(130) from None
     finally:
         progress.close()
     if not quiet:
         print(compare_table(result))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
+
+
+def _keep_partial_run(partial: RunResult | None, quiet: bool, json_path: Path | None) -> str:
+    """Print and write the protocols that finished before a run was cut short; says what
+    was kept."""
+    if partial is None or not partial.results:
+        return "no protocol had finished; nothing to keep"
+    if not quiet:
+        print(compare_table(partial))
+    names = ", ".join(r.protocol for r in partial.results)
+    kept = f"kept what finished ({names})"
+    if json_path is not None:
+        _write_json(json_path, partial.to_dict())
+        kept += f", written to {str(json_path)!r} marked partial"
+    return kept
+
+
+def _keep_partial_compare(
+    partial: CompareResult | None, quiet: bool, json_path: Path | None
+) -> str:
+    """Print and write the runs that finished before a comparison was cut short; says what
+    was kept."""
+    if partial is None or not partial.runs:
+        return "no run had finished; nothing to keep"
+    if not quiet:
+        print(compare_summary_table(partial))
+    total = len(partial.protocols) * len(partial.seeds)
+    kept = f"kept the {len(partial.runs)} of {total} runs that finished"
+    if json_path is not None:
+        _write_json(json_path, partial.to_dict())
+        kept += f", written to {str(json_path)!r} marked partial"
+    return kept
 
 
 @app.command("compare")
@@ -332,6 +409,10 @@ def compare_command(
     _check_duration_flag(duration)
     _check_json_path(json_path)
     tracing = _trace_options(trace, ftrace, trace_window)
+    if tracing is not None:
+        _check_trace_outputs(
+            tracing, [tracing.for_run(p, s) for p in protocols for s in range(seeds)]
+        )
     progress = _Progress(quiet)
     try:
         result = compare(
@@ -348,8 +429,19 @@ def compare_command(
     except ScenarioError as err:
         raise _fail(str(err)) from None
     except InvariantViolation as err:
+        progress.close()
+        _keep_partial_compare(err.partial, quiet, json_path)
         print(f"apfsim: invariant violated: {err}", file=sys.stderr)
         raise typer.Exit(1) from None
+    except TraceWriteError as err:
+        progress.close()
+        _keep_partial_compare(err.partial, quiet, json_path)
+        raise _fail(str(err)) from None
+    except Interrupted as err:
+        progress.close()
+        kept = _keep_partial_compare(err.partial, quiet, json_path)
+        print(f"apfsim: interrupted: {kept}", file=sys.stderr)
+        raise _Exit(130) from None
     finally:
         progress.close()
     if not quiet:
@@ -429,19 +521,46 @@ def check_command(
     if max_states < 1:
         raise _fail(f"--max-states: must be at least 1 (got {max_states})")
     _check_json_path(json_path)
-    last = [time.monotonic()]
+    start = time.monotonic()
+    last = [start]
+    seen = [0, 0]  # states and depth at the last progress call (every 10,000 states)
 
     def progress(states: int, level: int) -> None:
+        seen[:] = [states, level]
         now = time.monotonic()
         if not quiet and now - last[0] >= 10.0:
             last[0] = now
             print(f"apfsim check: {states} states, depth {level}", file=sys.stderr)
 
-    result = check(config, max_depth=depth, max_states=max_states, progress=progress)
+    try:
+        result = check(config, max_depth=depth, max_states=max_states, progress=progress)
+    except KeyboardInterrupt:
+        _keep_partial_check(config, seen[0], seen[1], time.monotonic() - start, json_path)
+        raise _Exit(130) from None
     print(result_text(result))
     if json_path is not None:
         _write_json(json_path, result_dict(result))
     return 1 if result.violation is not None else 0
+
+
+def _keep_partial_check(
+    config: WorldConfig, states: int, depth: int, seconds: float, json_path: Path | None
+) -> None:
+    """^C during ``check``: what was explored (as the last progress count saw it), printed
+    and written marked partial."""
+    partial = CheckResult(config, states=states, depth=depth, complete=False, seconds=seconds)
+    print(world_line(partial))
+    print(
+        f"interrupted after {seconds:.1f} s: at least {states} states explored (counted every "
+        f"10000), depth {depth} reached; no violation among them, the search is incomplete"
+    )
+    if json_path is not None:
+        data = result_dict(partial)
+        data["transitions"] = None  # not counted until the search ends
+        data["partial"] = True
+        _write_json(json_path, data)
+    where = f"; written to {str(json_path)!r} marked partial" if json_path is not None else ""
+    print(f"apfsim: interrupted: check incomplete{where}", file=sys.stderr)
 
 
 def _check_config(
@@ -550,6 +669,12 @@ def sweep_command(
         Path | None,
         typer.Option(help="SQLite results file (default: NAME.sqlite here); re-runs resume."),
     ] = None,
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            help="dask: give up (exit 2) once the cluster has had no worker this many seconds."
+        ),
+    ] = WORKER_TIMEOUT_S,
     quiet: QuietOption = False,
 ) -> None:
     """Run a parameter sweep into SQLite, skipping runs already stored."""
@@ -559,6 +684,11 @@ def sweep_command(
         raise _fail("--scheduler: only with --executor dask")
     if workers is not None and workers < 1:
         raise _fail(f"--workers: must be at least 1 (got {workers})")
+    if not 0 < worker_timeout <= MAX_DURATION_S:
+        raise _fail(
+            f"--worker-timeout: must be a number of seconds in (0, {MAX_DURATION_S:g}] "
+            f"(got {worker_timeout})"
+        )
     try:
         spec = load_sweep(sweep_file)
     except SpecError as err:
@@ -572,23 +702,31 @@ def sweep_command(
         raise _fail(f"--db: {str(path)!r} is not a usable SQLite file ({err})") from None
     progress = _Progress(quiet)
     try:
-        summary = run_sweep(spec, store, executor, workers, scheduler, progress.sweep_done)
+        summary = run_sweep(
+            spec, store, executor, workers, scheduler, progress.sweep_done, worker_timeout
+        )
     except SweepRunError as err:
         progress.close()
-        counts = store.count(spec.name)
-        raise _fail(f"{err}; {counts.get('ok', 0)} runs stored in {str(path)!r}") from None
+        raise _fail(f"{err}; {_stored(store, spec.name)} runs stored in {str(path)!r}") from None
+    except sqlite3.Error as err:
+        # A full disk (or quota) while storing a run: the rows already committed stay.
+        progress.close()
+        raise _fail(
+            f"--db: cannot write {str(path)!r} ({err}); the {_stored(store, spec.name)} runs "
+            "stored before are kept; free space and run the same command again to finish"
+        ) from None
     except KeyboardInterrupt:
         progress.close()
-        counts = store.count(spec.name)
         print(
-            f"apfsim: interrupted: {counts.get('ok', 0)} of {len(spec.runs)} runs stored in "
-            f"{str(path)!r}; run the same command again to finish",
+            f"apfsim: interrupted: {_stored(store, spec.name)} of {len(spec.runs)} runs stored "
+            f"in {str(path)!r}; run the same command again to finish",
             file=sys.stderr,
         )
-        raise typer.Exit(130) from None
+        raise _Exit(130) from None
     finally:
         progress.close()
-        store.close()
+        with contextlib.suppress(sqlite3.Error):
+            store.close()
     if not quiet:
         print(
             f"sweep {spec.name}: {summary.total} runs ({spec.points} points x "
@@ -604,6 +742,15 @@ def sweep_command(
             file=sys.stderr,
         )
         raise typer.Exit(1)
+
+
+def _stored(store: SweepStore, sweep: str) -> str:
+    """How many runs of ``sweep`` are stored (ok), for a last message; "?" if even reading
+    the file fails."""
+    try:
+        return str(store.count(sweep).get("ok", 0))
+    except sqlite3.Error:
+        return "?"
 
 
 @app.command("sweeps")
@@ -741,6 +888,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="apfsim", standalone_mode=False)
+    except _Exit as done:
+        return done.code
     except (typer.Abort, KeyboardInterrupt):
         print("apfsim: interrupted", file=sys.stderr)
         return 130
@@ -756,6 +905,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         print(f"apfsim: error: {format_message()}{hint}", file=sys.stderr)
         return 2
+    if rv == 130:
+        # typer turns a ^C no command caught into a silent exit 130.
+        print("apfsim: interrupted", file=sys.stderr)
     return rv if isinstance(rv, int) else 0
 
 

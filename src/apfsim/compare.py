@@ -17,19 +17,20 @@ Example::
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
+from apfsim.checking import InvariantViolation
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.pool import new_pool, stop_workers
 from apfsim.scenario import Scenario, scenario_from_dict
 from apfsim.trace.hooks import traced_simulation
-from apfsim.trace.recorder import TraceOptions
+from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
 __all__ = [
     "APF_COUNTERS",
@@ -37,6 +38,7 @@ __all__ = [
     "CompareResult",
     "CompareRun",
     "Estimate",
+    "Interrupted",
     "ProtocolSummary",
     "default_jobs",
     "estimate",
@@ -49,6 +51,16 @@ __all__ = [
 
 CompareProgressFn = Callable[[float, int], None]
 """Called with (runs completed, fractional in a serial run; total runs)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`apfsim.api.run` or :func:`apfsim.api.compare`: ``partial`` holds
+    what had finished (a RunResult or CompareResult marked partial), None if nothing had."""
+
+    def __init__(self, partial: Any) -> None:
+        super().__init__("interrupted")
+        self.partial = partial
+
 
 APF_COUNTERS = ("not_present_injected", "page_ready_injected", "sync_fallbacks")
 
@@ -165,56 +177,65 @@ def default_jobs() -> int:
 
 
 _Spec = tuple[dict[str, Any], str, int, float | None, bool, TraceOptions | None]
+_Results = list[dict[str, Any] | None]
 
 
 def _execute(
-    specs: list[_Spec], jobs: int, progress: CompareProgressFn | None
-) -> list[dict[str, Any]]:
-    """Run every spec; results in spec order. One worker (or one run): in this process."""
+    specs: list[_Spec], jobs: int, progress: CompareProgressFn | None, results: _Results
+) -> None:
+    """Run every spec into ``results[i]`` (so an exception leaves every finished run there).
+    One worker (or one run): in this process."""
     if min(jobs, len(specs)) <= 1:
-        return _execute_serial(specs, progress)
-    return _execute_pool(specs, min(jobs, len(specs)), progress)
+        _execute_serial(specs, progress, results)
+    else:
+        _execute_pool(specs, min(jobs, len(specs)), progress, results)
 
 
-def _execute_serial(specs: list[_Spec], progress: CompareProgressFn | None) -> list[dict[str, Any]]:
+def _execute_serial(
+    specs: list[_Spec], progress: CompareProgressFn | None, results: _Results
+) -> None:
     total = len(specs)
-    out: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         cb = None if progress is None else (lambda f, i=i: progress(i + f, total))
-        out.append(run_one(*spec, progress=cb))
-    return out
+        results[i] = run_one(*spec, progress=cb)
 
 
 def _execute_pool(
-    specs: list[_Spec], workers: int, progress: CompareProgressFn | None
-) -> list[dict[str, Any]]:
+    specs: list[_Spec], workers: int, progress: CompareProgressFn | None, results: _Results
+) -> None:
     total = len(specs)
-    # An explicit start method, so nothing changes when Python 3.14 changes the default.
-    context = multiprocessing.get_context("forkserver")
-    results: list[dict[str, Any] | None] = [None] * total
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        index: dict[Future[dict[str, Any]], int] = {
-            pool.submit(run_one, *spec): i for i, spec in enumerate(specs)
-        }
-        pending = set(index)
-        try:
-            while pending:
-                # The timeout keeps the progress display alive while long runs are in flight.
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    # Stored by submission index, never in completion order.
-                    results[index[future]] = future.result()
-                if progress is not None:
-                    progress(float(total - len(pending)), total)
-        except BaseException:
-            # A failed run or ^C: drop the queued runs, let the running ones end.
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    out: list[dict[str, Any]] = []
-    for r in results:
-        assert r is not None  # every future was waited for
-        out.append(r)
-    return out
+    pool = new_pool(workers)  # its workers die with this process and leave ^C to it
+    index: dict[Future[dict[str, Any]], int] = {
+        pool.submit(run_one, *spec): i for i, spec in enumerate(specs)
+    }
+    pending = set(index)
+    try:
+        while pending:
+            # The timeout keeps the progress display alive while long runs are in flight.
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                # Stored by submission index, never in completion order.
+                results[index[future]] = future.result()
+            if progress is not None:
+                progress(float(total - len(pending)), total)
+    except KeyboardInterrupt:
+        stop_workers(pool)  # the running runs are given up: ^C means now
+        _harvest(index, results)  # the runs that ended before it are kept
+        raise
+    except BaseException:
+        # A failed run: drop the queued runs, let the running ones end and keep them.
+        pool.shutdown(wait=True, cancel_futures=True)
+        _harvest(index, results)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _harvest(index: dict[Future[dict[str, Any]], int], results: _Results) -> None:
+    """Every future that finished without error, into ``results``."""
+    for future, i in index.items():
+        if future.done() and not future.cancelled() and future.exception() is None:
+            results[i] = future.result()
 
 
 def _protocol_result(data: dict[str, Any]) -> ProtocolResult:
@@ -267,6 +288,7 @@ class CompareResult:
     summary: dict[str, ProtocolSummary]
     jobs: int
     elapsed_s: float  # wall clock of the whole comparison; not in to_dict
+    partial: bool = False  # interrupted: ``runs`` holds the runs that finished
 
     def run(self, protocol: str, seed: int) -> ProtocolResult:
         for r in self.runs:
@@ -275,8 +297,9 @@ class CompareResult:
         raise KeyError((protocol, seed))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document; no wall-clock figure, so equal inputs give equal bytes."""
-        return {
+        """The JSON document; no wall-clock figure, so equal inputs give equal bytes.
+        ``"partial": true`` only in a comparison cut short."""
+        out: dict[str, Any] = {
             "schema_version": 1,
             "kind": "compare",
             "scenario": self.scenario,
@@ -286,6 +309,9 @@ class CompareResult:
             "runs": [r.to_dict() for r in self.runs],
             "summary": {p: s.to_dict() for p, s in self.summary.items()},
         }
+        if self.partial:
+            out["partial"] = True
+        return out
 
 
 def _kinds(result: ProtocolResult) -> dict[str, list[TaskResult]]:
@@ -342,8 +368,12 @@ def _ratio_series(
     return series
 
 
-def _summarise(runs: list[ProtocolResult], base: list[ProtocolResult]) -> ProtocolSummary:
-    per_seed = [run_metrics(r) for r in runs]
+def _summarise(runs: list[CompareRun], base: list[CompareRun]) -> ProtocolSummary:
+    """Estimates over ``runs``; ratios over the seeds the baseline ran too (all of them,
+    unless the comparison was interrupted)."""
+    if not runs:
+        return ProtocolSummary({}, {})
+    per_seed = [run_metrics(r.result) for r in runs]
     keys = list(per_seed[0])
     for m in per_seed[1:]:
         keys += [k for k in m if k not in keys]
@@ -353,7 +383,10 @@ def _summarise(runs: list[ProtocolResult], base: list[ProtocolResult]) -> Protoc
         if key.endswith(".completion_s") and all(v is None for v in values):
             continue  # endless tasks have no completion time
         metrics[key] = estimate(values)
-    ratios = {k: estimate(v) for k, v in _ratio_series(runs, base).items()}
+    base_by_seed = {b.seed: b.result for b in base}
+    paired = [(r.result, base_by_seed[r.seed]) for r in runs if r.seed in base_by_seed]
+    series = _ratio_series([r for r, _ in paired], [b for _, b in paired]) if paired else {}
+    ratios = {k: estimate(v) for k, v in series.items()}
     return ProtocolSummary(metrics, ratios)
 
 
@@ -369,7 +402,11 @@ def run_compare(
     trace: TraceOptions | None = None,
 ) -> CompareResult:
     """Run every protocol on every seed (arguments already checked) and summarise; with
-    ``trace``, every run writes its own files, tagged with protocol and seed."""
+    ``trace``, every run writes its own files, tagged with protocol and seed.
+
+    If a run fails (an invariant, a trace write) or ^C comes, the runs that had finished are
+    summarised into a partial result: ``partial`` of the InvariantViolation or
+    TraceWriteError, or of the :class:`Interrupted` raised for ^C."""
     start = time.monotonic()
     scenario_dict = scenario.model_dump(mode="json")
     specs: list[_Spec] = [
@@ -377,23 +414,38 @@ def run_compare(
         for p in protocols
         for s in seeds
     ]
-    results = [_protocol_result(d) for d in _execute(specs, jobs, progress)]
-    runs = [CompareRun(spec[2], r) for spec, r in zip(specs, results, strict=True)]
-    by_protocol = {p: [r.result for r in runs if r.result.protocol == p] for p in protocols}
-    summary = {p: _summarise(by_protocol[p], by_protocol[baseline]) for p in protocols}
+    results: _Results = [None] * len(specs)
     shown = dict(scenario_dict)
     if duration_s is not None:
         shown["duration_s"] = duration_s
-    return CompareResult(
-        scenario=shown,
-        seeds=list(seeds),
-        baseline=baseline,
-        protocols=list(protocols),
-        runs=runs,
-        summary=summary,
-        jobs=jobs,
-        elapsed_s=time.monotonic() - start,
-    )
+
+    def summarised(partial: bool) -> CompareResult:
+        runs = [
+            CompareRun(spec[2], _protocol_result(d))
+            for spec, d in zip(specs, results, strict=True)
+            if d is not None
+        ]
+        by_protocol = {p: [r for r in runs if r.result.protocol == p] for p in protocols}
+        return CompareResult(
+            scenario=shown,
+            seeds=list(seeds),
+            baseline=baseline,
+            protocols=list(protocols),
+            runs=runs,
+            summary={p: _summarise(by_protocol[p], by_protocol[baseline]) for p in protocols},
+            jobs=jobs,
+            elapsed_s=time.monotonic() - start,
+            partial=partial,
+        )
+
+    try:
+        _execute(specs, jobs, progress, results)
+    except KeyboardInterrupt:
+        raise Interrupted(summarised(True) if any(results) else None) from None
+    except (InvariantViolation, TraceWriteError) as err:
+        err.partial = summarised(True) if any(results) else None
+        raise
+    return summarised(False)
 
 
 # ------------------------------------------------------------------------------- table
@@ -493,8 +545,12 @@ def _footer(result: CompareResult) -> str:
     walls = []
     for p in result.protocols:
         ws = [r.result.wall_time_s for r in result.runs if r.result.protocol == p]
-        walls.append(f"{p} {statistics.fmean(ws):.1f} s")
-    return (
+        walls.append(f"{p} {statistics.fmean(ws):.1f} s" if ws else f"{p} -")
+    line = (
         f"wall time: {result.elapsed_s:.1f} s for {len(result.runs)} runs with "
         f"{result.jobs} job(s); mean per run: {', '.join(walls)}"
     )
+    if result.partial:
+        total = len(result.protocols) * len(result.seeds)
+        line += f"\nPARTIAL: cut short after {len(result.runs)} of {total} runs"
+    return line

@@ -57,6 +57,7 @@ class RunResult:
     scenario: dict[str, Any]
     seed: int
     results: list[ProtocolResult] = field(default_factory=list)
+    partial: bool = False  # interrupted: ``results`` holds the protocols that finished
 
     def protocol(self, name: str) -> ProtocolResult:
         for r in self.results:
@@ -65,9 +66,13 @@ class RunResult:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON document; ``"partial": true`` only in a run cut short."""
+        out: dict[str, Any] = {
             "schema_version": 1,
             "scenario": self.scenario,
             "seed": self.seed,
             "results": [r.to_dict() for r in self.results],
         }
+        if self.partial:
+            out["partial"] = True
+        return out

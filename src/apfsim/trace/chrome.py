@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TextIO
+
+from apfsim.trace.output import TraceFile
 
 __all__ = ["ChromeTraceWriter", "json_str"]
 
@@ -32,7 +33,7 @@ class ChromeTraceWriter:
     """Writes ``{"traceEvents": [...]}`` incrementally; :meth:`close` ends the document."""
 
     def __init__(self, path: Path, window: tuple[int, int], metadata: dict[str, object]) -> None:
-        self._file: TextIO = path.open("w", encoding="utf-8")
+        self._file = TraceFile(path, "--trace")
         self._start, self._end = window
         self._buf: list[str] = []
         self._file.write(

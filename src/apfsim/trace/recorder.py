@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import apfsim.trace.formats as formats
 from apfsim.guest.sched import CfsRq, Task, TaskState
@@ -27,12 +27,13 @@ from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
 from apfsim.trace.chrome import ChromeTraceWriter, json_str
 from apfsim.trace.formats import ExitReason, c_hex
+from apfsim.trace.output import TraceFile, TraceWriteError
 
 if TYPE_CHECKING:
     from apfsim.guest.context import GuestContext
     from apfsim.simulation import Simulation
 
-__all__ = ["TraceOptions", "TraceRecorder", "TracedClock"]
+__all__ = ["TraceOptions", "TraceRecorder", "TraceWriteError", "TracedClock"]
 
 # Chrome trace processes.
 PID_VCPUS, PID_TASKS, PID_HOST = 1, 2, 3
@@ -138,7 +139,7 @@ class TraceRecorder:
         # One async track per vCPU: viewers group b/e events by name within a process.
         self._apf_name = [json_str(f"APF in flight (vCPU {v})") for v in range(n)]
         self.chrome: ChromeTraceWriter | None = None
-        self.ftrace: TextIO | None = None
+        self.ftrace: TraceFile | None = None
         self._ftrace_buf: list[str] = []
         if options.chrome is not None:
             self.chrome = ChromeTraceWriter(
@@ -148,7 +149,7 @@ class TraceRecorder:
             )
             self._chrome_tracks()
         if options.ftrace is not None:
-            self.ftrace = options.ftrace.open("w", encoding="utf-8")
+            self.ftrace = TraceFile(options.ftrace, "--ftrace")
             self.ftrace.write(f"cpus={n}\n")
         # Chrome state: open async slices, flows waiting for their wake-up, task tracks.
         self._serial = 0
@@ -454,17 +455,34 @@ class TraceRecorder:
 
     # -- end ---------------------------------------------------------------------------------------
     def close(self, now: int) -> None:
-        """End open slices at ``now`` and finish both files (after the vCPU clocks closed)."""
+        """End open slices at ``now`` and finish both files (after the vCPU clocks closed).
+        Both are closed even if one cannot be written; then the first error is raised."""
+        failed: TraceWriteError | None = None
         if self.chrome is not None:
-            for work in list(self._open):
-                self._end_async(work, now, "in flight at end")
-            for task in self.sim.tasks:
-                current = self._task_slice[task.tid]
-                if current is not None:
-                    self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now)
-                    self._task_slice[task.tid] = None
-            self.chrome.close()
+            try:
+                for work in list(self._open):
+                    self._end_async(work, now, "in flight at end")
+                for task in self.sim.tasks:
+                    current = self._task_slice[task.tid]
+                    if current is not None:
+                        self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now)
+                        self._task_slice[task.tid] = None
+                self.chrome.close()
+            except TraceWriteError as err:
+                failed = err
+                self.chrome.close()  # the file only: its writes are off after the failure
         if self.ftrace is not None:
-            self.ftrace.write("".join(self._ftrace_buf))
+            for finish in (self.ftrace_flush, self.ftrace.close):
+                try:
+                    finish()
+                except TraceWriteError as err:
+                    failed = failed or err
+        if failed is not None:
+            raise failed
+
+    def ftrace_flush(self) -> None:
+        """Write the buffered text lines."""
+        if self.ftrace is not None:
+            text = "".join(self._ftrace_buf)
             self._ftrace_buf.clear()
-            self.ftrace.close()
+            self.ftrace.write(text)

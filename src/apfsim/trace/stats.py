@@ -40,6 +40,9 @@ _FIELDS = {
 _ALIASES = {"kvm_async_pf_doublefault": "kvm_async_pf_repeated_fault"}  # <= 3.x name
 _OTHER_KVM = ("kvm_entry", "kvm_exit")
 MAX_MALFORMED_KEPT = 100
+MAX_TS_NS = (1 << 63) - 1  # the kernel's u64 clock as numpy's int64 holds it: ~292 years
+MAX_TID = (1 << 31) - 1  # pid_t
+MAX_TOKEN = (1 << 64) - 1  # the tracepoints' u64 token
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +104,25 @@ class TraceStats:
         }
 
 
-def _ts_ns(text: str) -> int:
+def _ts_ns(text: str) -> int | None:
+    """The timestamp in ns, None past MAX_TS_NS (checked on the digits' count first, so a
+    number of any length costs no more than its scan)."""
     sec, _, frac = text.partition(".")
-    return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    sec = sec.lstrip("0")
+    if len(sec) > len(str(MAX_TS_NS // 1_000_000_000)):
+        return None
+    ns = int(sec or "0") * 1_000_000_000 + int((frac + "000000000")[:9])
+    return ns if ns <= MAX_TS_NS else None
+
+
+def _bounded_int(text: str, base: int, limit: int) -> int | None:
+    """``int(text, base)`` if it is at most ``limit`` (None otherwise, whatever its length)."""
+    digits = text.lower().removeprefix("0x").lstrip("0") if base == 16 else text.lstrip("0")
+    width = len(format(limit, "x" if base == 16 else "d"))
+    if len(digits) > width:
+        return None
+    value = int(digits or "0", base)
+    return value if value <= limit else None
 
 
 def read_trace(lines: Iterable[str]) -> TraceStats:
@@ -133,31 +152,65 @@ def read_trace(lines: Iterable[str]) -> TraceStats:
             _malformed(stats, line_no, f"{event}: fields do not match its TP_printk", line)
             continue
         ts = _ts_ns(m["ts"])
+        if ts is None:
+            _malformed(stats, line_no, f"timestamp {_clip(m['ts'])} is out of range", line)
+            continue
+        # Pair by thread id: ftrace prints "<...>" for a comm it no longer remembers.
+        tid = _bounded_int(m["tid"] or m["pid"], 10, MAX_TID)
+        if tid is None:
+            bad = _clip(m["tid"] or m["pid"])
+            _malformed(stats, line_no, f"thread id {bad} is out of range", line)
+            continue
+        token = 0  # only not-present and ready carry one
+        if event in ("kvm_async_pf_not_present", "kvm_async_pf_ready"):
+            parsed = _bounded_int(fm[1], 16, MAX_TOKEN)
+            if parsed is None:
+                _malformed(stats, line_no, f"{event}: token {_clip(fm[1])} exceeds 64 bits", line)
+                continue
+            token = parsed
+        start = None
+        if event == "kvm_async_pf_ready" and token != WAKE_ALL_TOKEN:
+            start = pending.get((tid, token))
+            if start is not None and ts < start:
+                _malformed(
+                    stats,
+                    line_no,
+                    f"kvm_async_pf_ready: at {_seconds(ts)} s, before its not-present at "
+                    f"{_seconds(start)} s (token {fm[1]}, thread {tid})",
+                    line,
+                )
+                continue
         if stats.first_ts_ns is None:
             stats.first_ts_ns = ts
         stats.last_ts_ns = ts
         stats.events[event] += 1
-        # Pair by thread id: ftrace prints "<...>" for a comm it no longer remembers.
-        tid = int(m["tid"] or m["pid"])
         if tid not in stats.thread_names or stats.thread_names[tid].startswith("<...>"):
             stats.thread_names[tid] = f"{m['comm']}-{tid}"
         if event == "kvm_async_pf_not_present":
-            pending[(tid, int(fm[1], 16))] = ts
+            pending[(tid, token)] = ts
         elif event == "kvm_async_pf_ready":
-            token = int(fm[1], 16)
             if token == WAKE_ALL_TOKEN:
                 stats.wake_all += 1
                 continue
-            start = pending.pop((tid, token), None)
             samples = stats.latencies_ns.setdefault(tid, [])
             if start is None:
                 stats.ready_without_not_present += 1
             else:
+                del pending[(tid, token)]
                 samples.append(ts - start)
     for tid, _token in pending:
         stats.in_flight[tid] = stats.in_flight.get(tid, 0) + 1
         stats.latencies_ns.setdefault(tid, [])
     return stats
+
+
+def _clip(digits: str) -> str:
+    """A number as a message shows it: at most 20 characters, then how long it was."""
+    return digits if len(digits) <= 20 else f"{digits[:12]}... ({len(digits)} characters)"
+
+
+def _seconds(ns: int) -> str:
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
 
 
 def _malformed(stats: TraceStats, line_no: int, reason: str, line: str) -> None:
