@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The event loop, the run loop and everything it calls per event: engine, vCPU and guest
 # CPU, the generic async PF core, every variant and guest driver, host memory and swap,
-# the workloads, the invariants and the run checks, and the accumulators.
+# the workloads, the invariants and the run checks, and the accumulators; and the model
+# checker's world and search, which drive the same run loop per transition.
 HOT = [
     "apfsim/engine.py",
     "apfsim/runloop.py",
@@ -38,6 +39,8 @@ HOT = [
     "apfsim/protocols/*.py",
     "apfsim/workloads/*.py",
     "apfsim/metrics/accumulators.py",
+    "apfsim/check/world.py",
+    "apfsim/check/search.py",
 ]
 
 

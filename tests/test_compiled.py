@@ -45,9 +45,28 @@ for name in sys.argv[1:]:
 print(json.dumps(out, sort_keys=True))
 """
 
+# The checker's worlds of 2 vCPUs, 2 tasks and 1 page (every protocol), and B5's mutant
+# world, which breaks: what each search finds, step by step, must be the same in both builds.
+_CHECK = """
+import json, sys
+import apfsim.check.world
+from apfsim.check import WorldConfig, check
+from apfsim.check.mutants import MUTANTS
+out = {"compiled": apfsim.check.world.__file__.endswith(".so")}
+for name in sys.argv[1:]:
+    for mutant in (None, "B5") if name == "x86" else (None,):
+        world = MUTANTS[mutant].world if mutant else {"pages": 1}
+        r = check(WorldConfig(protocol=name, mutant=mutant, **world))
+        v = r.violation
+        out[f"{name}/{mutant}"] = [r.states, r.transitions, r.depth, r.goal_states, v and (
+            v.prop, v.detail, [(step.action, list(step.effects)) for step in v.trace])]
+print(json.dumps(out, sort_keys=True))
+"""
+
 # Test modules that run against the compiled modules as they are. The others build fakes
-# of the wrong type (test_runloop, test_rfcv2_host), pickle compiled objects (World.key in
-# test_check and test_check_keys) or time a sweep that the compiled build finishes too soon.
+# of the wrong type (test_runloop, test_rfcv2_host), pickle compiled objects or read their
+# instance dict (World.key, the attribute census in test_check and test_check_keys), or
+# monkeypatch a function a compiled module bound at import (test_check's CLI case).
 _SUITE = [
     "tests/test_engine.py",
     "tests/test_long_runs.py",
@@ -58,6 +77,8 @@ _SUITE = [
     "tests/test_x86_variant.py",
     "tests/test_s390_pfault.py",
     "tests/test_natapov.py",
+    "tests/test_x86_legacy_halted_wake.py",
+    "tests/test_inline_events.py",
 ]
 
 
@@ -82,12 +103,12 @@ def compiled_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-def _results(src: Path | None) -> dict[str, object]:
+def _results(src: Path | None, script: str = _RUN) -> dict[str, object]:
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
     done = subprocess.run(
-        [sys.executable, "-c", _RUN, *PROTOCOLS], capture_output=True, text=True, env=env
+        [sys.executable, "-c", script, *PROTOCOLS], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
     result: dict[str, object] = json.loads(done.stdout)
@@ -103,6 +124,15 @@ def test_both_builds_give_byte_identical_results_on_every_protocol(compiled_src:
         assert json.dumps(compiled[name], sort_keys=True) == json.dumps(
             pure[name], sort_keys=True
         ), name
+
+
+def test_both_builds_search_the_same_checker_worlds(compiled_src: Path) -> None:
+    compiled = _results(compiled_src, _CHECK)
+    pure = _results(None, _CHECK)
+    assert compiled.pop("compiled") is True
+    assert pure.pop("compiled") is False
+    assert compiled == pure
+    assert pure["x86/B5"][-1] is not None  # the mutant's violation, found by both
 
 
 def test_the_test_suite_passes_against_the_compiled_modules(compiled_src: Path) -> None:

@@ -32,7 +32,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Final
 
 import apfsim.runloop as runloop
 from apfsim.guest.context import Contexts, GuestContext
@@ -58,12 +58,12 @@ __all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig", "has_
 class Mode:
     """Where a vCPU thread is (plain ints: a state snapshot stays small and fast)."""
 
-    GUEST = 0  # in the guest: a task, or kernel frames
-    ENTRY = 1  # in the host, about to run a run-loop iteration and enter
-    HALTED = 2  # kvm_vcpu_block with the guest tick armed (artificial halt, halted wait)
-    IDLE = 3  # kvm_vcpu_block after the idle task's WFI (NO_HZ idle: no tick)
-    SYNC = 4  # blocked in a synchronous fault-in
-    OFFLINE = 5  # the guest CPU is offline
+    GUEST: Final = 0  # in the guest: a task, or kernel frames
+    ENTRY: Final = 1  # in the host, about to run a run-loop iteration and enter
+    HALTED: Final = 2  # kvm_vcpu_block with the guest tick armed (artificial halt, halted wait)
+    IDLE: Final = 3  # kvm_vcpu_block after the idle task's WFI (NO_HZ idle: no tick)
+    SYNC: Final = 4  # blocked in a synchronous fault-in
+    OFFLINE: Final = 5  # the guest CPU is offline
 
 
 class Step(IntEnum):
