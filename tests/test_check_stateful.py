@@ -17,6 +17,11 @@ from apfsim.registry import PROTOCOLS
 # A design whose reboot is a finding of its own: s390's cancel leaves queued completions to
 # be delivered into the next kernel (docs/findings.md F5, tests/test_s390_pfault.py).
 REBOOT_FINDINGS = {"s390-pfault"}
+# The seed's no-inject window ends at kernel_entry, so a page-ready abort can land in
+# entry-common before a system call's ESR/FAR are read (docs/findings.md, the seed's window;
+# test_the_seeds_window_lets_an_abort_clobber_an_unread_syndrome). A random walk finds it
+# now and then; here that design's tasks make no system calls.
+SYSCALL_FINDINGS = {"arm64-rfcv2"}
 
 WORLDS = [
     WorldConfig(
@@ -26,6 +31,7 @@ WORLDS = [
         pages=2,
         hotplug=int(has_lifecycle(name)),
         reboot=has_lifecycle(name) and name not in REBOOT_FINDINGS,
+        syscalls=False if name in SYSCALL_FINDINGS else None,
     )
     for name in PROTOCOLS
 ]
@@ -61,6 +67,7 @@ TestInterleavings.settings = settings(
     max_examples=60,
     stateful_step_count=60,
     deadline=None,
+    derandomize=True,  # the same walks on every run: CI must not depend on luck
     suppress_health_check=[HealthCheck.too_slow],
 )
 

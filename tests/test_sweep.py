@@ -247,7 +247,12 @@ def test_interrupt_keeps_finished_runs_and_says_how_to_finish(tmp_path: Path) ->
     db = tmp_path / "s.sqlite"
     cmd = [sys.executable, "-m", "apfsim", "sweep", str(path), "--db", str(db)]
     proc = subprocess.Popen(
-        [*cmd, "--executor", "serial", "--quiet"], stderr=subprocess.PIPE, text=True
+        [*cmd, "--executor", "serial", "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+        # Python installs its ^C handler only if SIGINT is not ignored, as it is for anything
+        # started in the background by a non-interactive shell (a CI job, `pytest &`).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
