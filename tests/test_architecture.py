@@ -27,6 +27,7 @@ LAYERS: list[tuple[int, str]] = [
     (1, "apfsim.host.async_pf"),
     (1, "apfsim.metrics.accumulators"),
     (1, "apfsim.metrics.results"),
+    (1, "apfsim.metrics.units"),
     (1, "apfsim.metrics"),
     # 2: ports: Protocols and plain data only, the seams between the components
     (2, "apfsim.ports"),

@@ -250,7 +250,7 @@ def test_table_shows_every_protocol_and_the_ratios(
     lines = out.splitlines()
     assert lines[0].startswith("scenario tiny-compare  seeds 0..1 (n=2)")
     assert "sync" in lines[2] and "x86" in lines[2]
-    assert any(line.startswith("[work rate / sync's") for line in lines)
+    assert any(line.startswith("[throughput / sync's") for line in lines)
     assert any(line.startswith("[completion speedup") for line in lines)
     ratio_row = next(line for line in lines if line.startswith("  all compute (3)") and "x" in line)
     assert "x1.000 ± 0.000" in ratio_row

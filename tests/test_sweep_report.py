@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from apfsim.compare import estimate, t_quantile_975
+from apfsim.report.render import format_estimate
 from apfsim.sweep.report import (
     SweepInfo,
     SweepReportError,
@@ -118,7 +119,8 @@ def test_groups_are_every_point_and_protocol_in_sweep_order(db: Path) -> None:
     ]
     assert all(g.n == g.n_paired == 3 and len(g.points) == 1 for g in agg.groups)
     assert RATE in agg.ratio_metrics and HOG in agg.ratio_metrics
-    assert all(m.endswith(".work_rate") for m in agg.ratio_metrics)
+    assert all(m.endswith((".work_rate", ".ops_rate")) for m in agg.ratio_metrics)
+    assert "kind.memory_hog.ops_rate" in agg.ratio_metrics
     assert "task.compute.completion_s" not in agg.metrics  # None in every run: left out
 
 
@@ -274,7 +276,7 @@ def test_text_table(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[2].count("±") == 2
     assert lines[-1].startswith("sweep t: 24 completed runs of 24")
     assert text_table(aggregate(db, by=[MEAN]), HOG).splitlines()[2] == lines[2]
-    assert f"{g.ratios[HOG].mean:.4g}" in lines[2]
+    assert format_estimate(g.ratios[HOG]) in lines[2]  # rounded to the interval
     code, out, _ = cli(["sweep-report", str(db), "--metric", "sim_time_s"], capsys)
     assert code == 0 and "ratio" not in out.splitlines()[0]  # not a work rate: no ratio
 
@@ -294,11 +296,11 @@ def test_html_is_one_offline_page_with_the_line_plots(html: str) -> None:
     assert_offline_page(html, FIGURES)
     ratio = html.split('data-figure="sweep-ratio">', 1)[1].split("</figure>", 1)[0]
     assert "x86" in ratio and ">sync<" not in ratio  # the baseline is the dashed line
-    assert "(log scale)" in ratio and "one panel per host.memory_limit_mib" in ratio
+    assert ", log scale)" in ratio and "one panel per host.memory_limit_mib" in ratio
     for needle in (
         "apfsim sweep report: t",
         "a tiny sweep for the tests",
-        "kind.compute.work_rate / sync&#39;s, paired by point and seed",
+        "compute CPU s/s, ratio to sync, paired by point and seed",
         "host.swap.mean_us=55000, host.memory_limit_mib=128",
         "Point 2: host.swap.mean_us=55000, host.memory_limit_mib=171",
         "24 completed of 24",
@@ -329,7 +331,8 @@ def test_cli_writes_html_and_a_speedup_figure(
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     svg = speedup_figure(db, "t", MEAN, HOG, tmp_path / "s.svg", by=[MEAN])
     text = svg.read_text(encoding="utf-8")
-    assert "<svg" in text and "x86" in text and HOG in text
+    assert "<svg" in text and "x86" in text
+    assert "memory_hog work rate (CPU s/s), ratio to sync" in text
     with pytest.raises(SweepReportError, match="not a work rate"):
         speedup_figure(db, None, MEAN, "sim_time_s", tmp_path / "x.png")
     with pytest.raises(SweepReportError, match="not an axis"):

@@ -27,6 +27,7 @@ from apfsim.compare import (
     summary_table,
 )
 from apfsim.metrics.results import ProtocolResult, RunResult
+from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
 from apfsim.scenario import Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation
@@ -132,6 +133,20 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.3f}{unit}"
 
 
+def _rate(value: float) -> str:
+    """A rate with 3 significant digits, without exponent below a million."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _fault_rate(r: ProtocolResult) -> float:
+    """Stage-2 faults (zero-fill, minor, needing I/O) per simulated second."""
+    f = r.faults
+    total = f["zero_fill"] + f["minor"] + f["needs_io"]
+    return total / r.sim_time_s if r.sim_time_s > 0 else 0.0
+
+
 def compare_table(result: RunResult, baseline: str = "sync") -> str:
     """A plain-text side-by-side table (tasks, vCPU time, APF counters, latency, speedup)."""
     names = [r.protocol for r in result.results]
@@ -140,12 +155,16 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
     def section(title: str) -> None:
         rows.append((f"[{title}]", ["" for _ in names]))
 
-    section("tasks: work (s) / completion (s)")
+    section("tasks: work (s) or ops/s / completion (s)")
     for i, task in enumerate(result.results[0].tasks):
         cells = []
         for r in result.results:
             t = r.tasks[i]
-            cells.append(f"{t.work_s:.3f} / {_fmt(t.completion_s)}")
+            if ops_unit(t.kind) is None:
+                cells.append(f"{t.work_s:.3f} s / {_fmt(t.completion_s)}")
+            else:
+                rate = t.ops / r.sim_time_s if r.sim_time_s > 0 else 0.0
+                cells.append(f"{_rate(rate)} {rate_unit(t.kind)} / {_fmt(t.completion_s)}")
         rows.append((f"  {task.name} ({task.kind})", cells))
     section("vCPU time (s)")
     for v in range(len(result.results[0].vcpus)):
@@ -163,6 +182,7 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
     section("faults")
     for k in ("zero_fill", "minor", "needs_io", "async", "sync", "repeated"):
         rows.append((f"  {k}", [str(r.faults[k]) for r in result.results]))
+    rows.append(("  stage-2 faults/s", [_rate(_fault_rate(r)) for r in result.results]))
     for q in ("p50", "p99"):
         rows.append(
             (
@@ -182,6 +202,9 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
                 t = r.tasks[i]
                 if task.completion_s is not None and t.completion_s:
                     cells.append(f"x{task.completion_s / t.completion_s:.3f} (time)")
+                elif ops_unit(task.kind) is not None and task.ops > 0 and r.sim_time_s > 0:
+                    rate, base_rate = t.ops / r.sim_time_s, task.ops / base.sim_time_s
+                    cells.append(f"x{rate / base_rate:.3f} ({rate_unit(task.kind)})")
                 elif task.work_s > 0 and r.sim_time_s > 0:
                     rate, base_rate = t.work_s / r.sim_time_s, task.work_s / base.sim_time_s
                     cells.append(f"x{rate / base_rate:.3f} (work/s)")

@@ -27,6 +27,7 @@ from typing import Any
 
 from apfsim.checking import InvariantViolation
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.pool import new_pool, stop_workers
 from apfsim.scenario import Scenario, scenario_from_dict
 from apfsim.trace.hooks import traced_simulation
@@ -336,6 +337,23 @@ def run_metrics(result: ProtocolResult) -> dict[str, float | None]:
             m[f"apf.{key}"] = float(result.apf[key])
     for q in ("p50", "p99"):
         m[f"fault_in_latency_us.{q}"] = result.faults["fault_in_latency_us"][q]
+    m.update(_ops_rates(result))
+    sim = result.sim_time_s
+    f = result.faults
+    m["faults.per_s"] = (f["zero_fill"] + f["minor"] + f["needs_io"]) / sim if sim > 0 else None
+    return m
+
+
+def _ops_rates(result: ProtocolResult) -> dict[str, float | None]:
+    """Memory tasks' operations (writes, pages, accesses) per simulated second."""
+    sim = result.sim_time_s
+    m: dict[str, float | None] = {}
+    for t in result.tasks:
+        if ops_unit(t.kind) is not None:
+            m[f"task.{t.name}.ops_rate"] = t.ops / sim if sim > 0 else None
+    for kind, tasks in _kinds(result).items():
+        if ops_unit(kind) is not None:
+            m[f"kind.{kind}.ops_rate"] = sum(t.ops for t in tasks) / sim if sim > 0 else None
     return m
 
 
@@ -355,8 +373,8 @@ def _ratio_series(
 ) -> dict[str, list[float | None]]:
     """Per-seed ratios: work rate protocol / baseline, completion baseline / protocol."""
     series: dict[str, list[float | None]] = {}
-    rates = [_work_rates(r) for r in runs]
-    base_rates = [_work_rates(b) for b in base]
+    rates = [{**_work_rates(r), **_ops_rates(r)} for r in runs]
+    base_rates = [{**_work_rates(b), **_ops_rates(b)} for b in base]
     for key in rates[0]:
         series[key] = paired_ratios([r[key] for r in rates], [b[key] for b in base_rates])
     for i, t in enumerate(runs[0].tasks):
@@ -485,11 +503,17 @@ def summary_table(result: CompareResult) -> str:
         rows.append((f"  {label}", cells))
 
     kinds = _kinds(first)
-    section("tasks: work (s)")
+    section("tasks: work (s), or ops/s for memory tasks")
     for t in first.tasks:
-        metric(f"{t.name} ({t.kind})", f"task.{t.name}.work_s")
+        if ops_unit(t.kind) is None:
+            metric(f"{t.name} ({t.kind}), work (s)", f"task.{t.name}.work_s")
+        else:
+            metric(f"{t.name} ({t.kind}), {rate_unit(t.kind)}", f"task.{t.name}.ops_rate")
     for kind, tasks in kinds.items():
-        metric(f"all {kind} ({len(tasks)})", f"kind.{kind}.work_s")
+        if ops_unit(kind) is None:
+            metric(f"all {kind} ({len(tasks)}), work (s)", f"kind.{kind}.work_s")
+        else:
+            metric(f"all {kind} ({len(tasks)}), {rate_unit(kind)}", f"kind.{kind}.ops_rate")
     timed = {k for p in names for k in result.summary[p].metrics if k.endswith(".completion_s")}
     done = [t for t in first.tasks if f"task.{t.name}.completion_s" in timed]
     if done:
@@ -502,14 +526,18 @@ def summary_table(result: CompareResult) -> str:
     section("APF counters")
     for key in APF_COUNTERS:
         metric(key, f"apf.{key}")
+    section("faults")
+    metric("stage-2 faults/s", "faults.per_s")
     section("fault-in latency (us)")
     for q in ("p50", "p99"):
         metric(q, f"fault_in_latency_us.{q}")
-    section(f"work rate / {result.baseline}'s (paired by seed)")
+    section(f"throughput / {result.baseline}'s (paired by seed)")
     for t in first.tasks:
-        ratio(t.name, f"task.{t.name}.work_rate")
+        rate = "work_rate" if ops_unit(t.kind) is None else "ops_rate"
+        ratio(f"{t.name} ({rate_unit(t.kind)})", f"task.{t.name}.{rate}")
     for kind, tasks in kinds.items():
-        ratio(f"all {kind} ({len(tasks)})", f"kind.{kind}.work_rate")
+        rate = "work_rate" if ops_unit(kind) is None else "ops_rate"
+        ratio(f"all {kind} ({len(tasks)}) ({rate_unit(kind)})", f"kind.{kind}.{rate}")
     if done:
         section(f"completion speedup: {result.baseline}'s time / time (paired by seed)")
         for t in done:

@@ -10,6 +10,7 @@ from apfsim.host.backing import SwapDevice
 from apfsim.host.memory import GuestMemory
 from apfsim.metrics.accumulators import TIME_CATEGORIES, VcpuClock
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.metrics.units import ops_unit
 from apfsim.ports import RunCounters, SyncCause
 from apfsim.workloads.base import Workload
 
@@ -42,6 +43,7 @@ def collect(
     device: SwapDevice,
 ) -> ProtocolResult:
     """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters."""
+    sim_s = now / 1e9
     task_results = [
         TaskResult(
             name=task.name,
@@ -51,6 +53,10 @@ def collect(
             ops=workload.ops,
             completion_s=None if task.completion_ns is None else round(task.completion_ns / 1e9, 9),
             state=task.state.value,
+            ops_unit=ops_unit(kind),
+            ops_per_s=(
+                None if ops_unit(kind) is None or sim_s <= 0 else round(workload.ops / sim_s, 6)
+            ),
         )
         for task, workload, kind in zip(tasks, workloads, kinds, strict=True)
     ]
@@ -76,6 +82,11 @@ def collect(
         "async": counters.async_faults,
         "sync": syncs,
         "repeated": counters.repeated_spins,
+        "per_s": (
+            round((counters.zero_fill + counters.minor + counters.needs_io) / sim_s, 6)
+            if sim_s > 0
+            else 0.0
+        ),
         "fault_in_latency_us": counters.fault_latency.summary_us(),
         "not_present_to_ready_us": counters.ready_latency.summary_us(),
     }

@@ -17,6 +17,9 @@ class TaskResult:
     ops: int
     completion_s: float | None
     state: str
+    # Memory tasks only (None for compute): what ``ops`` count and ops per simulated second.
+    ops_unit: str | None = None
+    ops_per_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

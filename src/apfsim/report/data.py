@@ -22,6 +22,7 @@ from typing import Any
 
 from apfsim.compare import Estimate, estimate, paired_ratios, run_metrics
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.metrics.units import ops_unit, rate_unit
 
 __all__ = [
     "LATENCIES",
@@ -79,8 +80,19 @@ class RunRecord:
 class Group:
     """A bar group of the throughput figures: one task, or every task of one kind."""
 
-    key: str  # "task.<name>" or "kind.<kind>"; metrics add ".work_rate"
+    key: str  # "task.<name>" or "kind.<kind>"; metrics add ".work_rate" or ".ops_rate"
     label: str
+    kind: str = "compute"
+
+    @property
+    def rate_key(self) -> str:
+        """The throughput metric: ops/s for a memory task, CPU s/s for a compute one."""
+        return f"{self.key}.{'work_rate' if ops_unit(self.kind) is None else 'ops_rate'}"
+
+    @property
+    def unit(self) -> str:
+        """The throughput's unit: ``writes/s``, ``pages/s``, ``accesses/s``, ``CPU s/s``."""
+        return rate_unit(self.kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +117,12 @@ class ReportData:
         """Per task for a few tasks; per kind (the sum of its tasks) for many."""
         tasks = self.runs[0].result.tasks
         if len(tasks) <= MAX_TASK_GROUPS:
-            return [Group(f"task.{t.name}", f"{t.name} ({t.kind})") for t in tasks]
+            return [Group(f"task.{t.name}", f"{t.name} ({t.kind})", t.kind) for t in tasks]
         counts: dict[str, int] = {}
         for t in tasks:
             counts[t.kind] = counts.get(t.kind, 0) + 1
         return [
-            Group(f"kind.{kind}", f"all {kind} ({n} task{'s' if n > 1 else ''})")
+            Group(f"kind.{kind}", f"all {kind} ({n} task{'s' if n > 1 else ''})", kind)
             for kind, n in counts.items()
         ]
 
@@ -412,12 +424,13 @@ def run_estimates(runs: list[RunRecord]) -> dict[str, Estimate]:
 
 
 def run_ratios(runs: list[RunRecord], base: list[RunRecord]) -> dict[str, Estimate]:
-    """Per-seed work rate / the baseline's on the same seed, for the seeds both have."""
+    """Per-seed work and ops rates / the baseline's on the same seed, for the seeds both
+    have."""
     base_by_seed = {r.seed: _run_values(r.result) for r in base}
     paired = [(_run_values(r.result), base_by_seed[r.seed]) for r in runs if r.seed in base_by_seed]
     if not paired:
         return {}
-    keys = [k for k in paired[0][0] if k.endswith(".work_rate")]
+    keys = [k for k in paired[0][0] if k.endswith((".work_rate", ".ops_rate"))]
     return {
         k: estimate(paired_ratios([v.get(k) for v, _ in paired], [b.get(k) for _, b in paired]))
         for k in keys

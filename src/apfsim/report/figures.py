@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "FIGURE_WIDTH_IN",
     "FORMATS",
     "RenderedFigure",
     "inline_svg",
@@ -33,6 +34,13 @@ __all__ = [
 ]
 
 FORMATS = ("svg", "png")
+
+FIGURE_WIDTH_IN = 10.0
+"""Every figure's width: the page's text width, so that a figure fills it at a readable
+font size (the HTML scales each SVG to the full width)."""
+
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 # matplotlib's tab10, by protocol position: a protocol keeps its colour in every figure.
 PROTOCOL_COLOURS = (
@@ -100,6 +108,38 @@ def seed_note(data: ReportData) -> str:
     )
 
 
+def context_line(data: ReportData) -> str:
+    """Scenario, seeds and simulated time: the footer that keeps a pasted figure's context."""
+    seeds = sorted({r.seed for r in data.runs})
+    times = sorted({r.result.sim_time_s for r in data.runs})
+    sim = f"{times[0]:g} s" if len(times) == 1 else f"{times[0]:g} to {times[-1]:g} s"
+    return (
+        f"apfsim · scenario {data.scenario.get('name', '?')} · seeds "
+        f"{', '.join(map(str, seeds))} (n = {len(seeds)}) · {sim} simulated per run"
+    )
+
+
+def add_footer(fig: Figure, text: str) -> None:
+    """Write ``text`` under the figure (laid out with it, so nothing overlaps)."""
+    fig.supxlabel(text, fontsize=7.5, color="#555555")
+
+
+def crosses_zero(ests: Sequence[Estimate | None]) -> bool:
+    """Whether an interval of ``ests`` reaches 0 or below (a ratio the seeds cannot pin)."""
+    return any(
+        e is not None and e.mean is not None and e.ci95 is not None and e.mean - e.ci95 <= 0
+        for e in ests
+    )
+
+
+def small_n_text(n: int) -> str:
+    """The warning shown on a ratio figure whose interval crosses 0."""
+    return (
+        f"n = {n} seed{'s' if n != 1 else ''} is small: an interval crosses 0, "
+        "so the ratio is not pinned down; run more seeds"
+    )
+
+
 def _mean(e: Estimate | None) -> float:
     return math.nan if e is None or e.mean is None else e.mean
 
@@ -134,18 +174,18 @@ def _throughput(fig: Figure, data: ReportData) -> str:
     groups = data.groups()
     ncols = min(len(groups), 4)
     nrows = math.ceil(len(groups) / ncols)
-    fig.set_size_inches(max(4.5, 2.4 * ncols + 0.6), 2.9 * nrows + 0.3)
+    fig.set_size_inches(FIGURE_WIDTH_IN, 3.2 * nrows + 0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     xs = list(range(len(data.protocols)))
     for i, group in enumerate(groups):
         ax = axes[i // ncols][i % ncols]
         for x, p in zip(xs, data.protocols, strict=True):
-            _bars(ax, data, [x], 0.7, p, [data.metrics[p][f"{group.key}.work_rate"]])
+            est = data.metrics[p].get(group.rate_key, Estimate(None, None, 0))
+            _bars(ax, data, [x], 0.7, p, [est])
         ax.set_title(group.label)
         ax.set_xticks(xs, data.protocols, rotation=30, ha="right")
         ax.set_ylim(bottom=0)
-        if i % ncols == 0:
-            ax.set_ylabel("work (s) per simulated second")
+        ax.set_ylabel(_unit_label(group.unit))
     for j in range(len(groups), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     if data.per_task():
@@ -153,37 +193,56 @@ def _throughput(fig: Figure, data: ReportData) -> str:
     else:
         n = len(data.runs[0].result.tasks)
         shown = f"per task kind, summed over the kind's tasks (the scenario has {n} tasks)"
+    add_footer(fig, context_line(data))
     return (
-        "Throughput: work done per simulated second (work_s / sim_time_s, so runs that "
-        f"stop early compare fairly), {shown}; one bar per protocol. {seed_note(data)}"
+        "Throughput per simulated second (so runs that stop early compare fairly), "
+        f"{shown}: a memory task's operations (writes, pages or accesses) per second, a "
+        "compute task's CPU seconds per second; one bar per protocol. "
+        f"{seed_note(data)}"
     )
+
+
+def _unit_label(unit: str) -> str:
+    """An axis label for a throughput unit."""
+    return "CPU s per simulated s" if unit == "CPU s/s" else f"{unit} (simulated)"
 
 
 def _speedup(fig: Figure, data: ReportData) -> str:
     groups = data.groups()
     others = [p for p in data.protocols if p != data.baseline]
-    fig.set_size_inches(2.5 + len(groups) * (0.6 + 0.55 * len(others)), 3.4)
+    fig.set_size_inches(FIGURE_WIDTH_IN, 3.8)
     ax = fig.subplots()
     width = 0.8 / len(others)
+    shown: list[Estimate | None] = []
     for k, p in enumerate(others):
         xs = [g + (k - (len(others) - 1) / 2) * width for g in range(len(groups))]
-        ests = [data.ratios[p].get(f"{g.key}.work_rate", Estimate(None, None, 0)) for g in groups]
+        ests = [data.ratios[p].get(g.rate_key, Estimate(None, None, 0)) for g in groups]
+        shown += ests
         _bars(ax, data, xs, width * 0.9, p, ests)
     ax.axhline(1.0, color="#333333", linewidth=1.0, linestyle="--")
-    ax.set_xticks(list(range(len(groups))), [g.label.replace(" (", "\n(") for g in groups])
-    ax.set_ylabel(f"work rate / {data.baseline}'s")
+    ticks = [f"{g.label.replace(' (', chr(10) + '(')}\n{g.unit}" for g in groups]
+    ax.set_xticks(list(range(len(groups))), ticks)
+    ax.set_ylabel(f"throughput, ratio to {data.baseline}")
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return (
-        f"Speedup over {data.baseline}: each protocol's work rate divided by {data.baseline}'s "
-        "on the same seed, then averaged over seeds (above the dashed line at 1 is better "
-        f"than {data.baseline}); a seed where {data.baseline} did no work has no ratio. "
-        f"{seed_note(data)}"
+    text = (
+        f"Speedup over {data.baseline}: each protocol's throughput (a memory task's "
+        f"operations per second, a compute task's CPU seconds per second) divided by "
+        f"{data.baseline}'s on the same seed, then averaged over seeds (above the dashed line "
+        f"at 1 is better than {data.baseline}); a seed where {data.baseline} did no work has "
+        f"no ratio. {seed_note(data)}"
     )
+    n = min((len(data.seeds(p)) for p in others), default=0)
+    if crosses_zero(shown):
+        warning = small_n_text(n)
+        ax.set_title(warning, fontsize=8.5, color="#b22222")
+        text += f" Warning: {warning}."
+    add_footer(fig, context_line(data))
+    return text
 
 
 def _vcpu_time(fig: Figure, data: ReportData) -> str:
-    fig.set_size_inches(7.0, 0.45 * len(data.protocols) + 1.4)
+    fig.set_size_inches(FIGURE_WIDTH_IN, 0.45 * len(data.protocols) + 1.8)
     ax = fig.subplots()
     ys = list(range(len(data.protocols)))
     shares: dict[str, list[float]] = {cat: [] for cat in VCPU_CATEGORIES}
@@ -203,6 +262,7 @@ def _vcpu_time(fig: Figure, data: ReportData) -> str:
     ax.grid(axis="y", visible=False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     vcpus = len(data.runs[0].result.vcpus)
+    add_footer(fig, context_line(data))
     return (
         f"Where the vCPU time goes: each category's mean time over seeds, summed over the "
         f"{vcpus} vCPU{'s' if vcpus > 1 else ''}, as a share of their total. task: the guest "
@@ -214,7 +274,7 @@ def _vcpu_time(fig: Figure, data: ReportData) -> str:
 
 
 def _latency_cdf(fig: Figure, data: ReportData) -> str:
-    fig.set_size_inches(9.0, 3.4)
+    fig.set_size_inches(FIGURE_WIDTH_IN, 4.0)
     axes = fig.subplots(1, len(LATENCIES), squeeze=False)[0]
     notes = []
     for ax, lat in zip(axes, LATENCIES, strict=True):
@@ -226,7 +286,7 @@ def _latency_cdf(fig: Figure, data: ReportData) -> str:
                 empty.append(p)
                 continue
             levels = [i / (len(cdf) - 1) for i in range(len(cdf))]
-            ax.plot(cdf, levels, color=colour(data, p), label=p, marker="o", markersize=2.5)
+            ax.plot(cdf, levels, label=p, **cdf_style(data, p))
             values += cdf
         ax.set_title(_LATENCY_TITLES[lat])
         ax.set_xlabel("latency (µs)")
@@ -248,11 +308,14 @@ def _latency_cdf(fig: Figure, data: ReportData) -> str:
             )
     axes[0].set_ylabel("fraction of faults")
     several = any(len(data.seeds(p)) > 1 for p in data.protocols)
+    add_footer(fig, context_line(data))
     text = (
         "Latency CDFs, one line per protocol, through the 21 quantiles (0, 5, ..., 100 %) "
         "each run records: fault_in_latency_us is the I/O part of a fault (the synchronous "
         "stall or the worker's fault-in); not_present_to_ready_us is the time from the "
-        "not-present injection to the page-ready injection."
+        "not-present injection to the page-ready injection. Each protocol has its own line "
+        f"style and marker, and {data.baseline}'s solid line is drawn on top, so lines that "
+        "coincide stay visible; the x axis is logarithmic when every latency is positive."
     )
     if several:
         text += " With several seeds each quantile is averaged over the seeds with samples."
@@ -262,13 +325,31 @@ def _latency_cdf(fig: Figure, data: ReportData) -> str:
     return text
 
 
+def cdf_style(data: ReportData, protocol: str) -> dict[str, object]:
+    """A CDF line's look: the protocol's colour, its own line style and marker; the
+    baseline solid, thicker and on top, the others dashed, dotted... under it."""
+    i = data.protocols.index(protocol)
+    others = [p for p in data.protocols if p != data.baseline]
+    base = protocol == data.baseline
+    k = 0 if base else others.index(protocol) + 1
+    return {
+        "color": colour(data, protocol),
+        "linestyle": _LINESTYLES[k % len(_LINESTYLES)],
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "markersize": 4.0 if base else 3.0,
+        "linewidth": 2.2 if base else 1.3,
+        "markerfacecolor": colour(data, protocol) if base else "none",
+        "zorder": 4 if base else 2,
+    }
+
+
 def _has_speedup(data: ReportData) -> bool:
     return any(
         e.mean is not None
         for p in data.protocols
         if p != data.baseline
         for g in data.groups()
-        if (e := data.ratios[p].get(f"{g.key}.work_rate")) is not None
+        if (e := data.ratios[p].get(g.rate_key)) is not None
     )
 
 

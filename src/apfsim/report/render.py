@@ -8,6 +8,7 @@ in any browser. Numbers that the figures show are also in tables under them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ _FAULT_ROWS = (
     ("faults.minor", "minor (swap-cache hit)"),
     ("faults.zero_fill", "zero-fill"),
     ("faults.repeated", "repeated-fault spins"),
+    ("faults.per_s", "stage-2 faults per simulated second"),
     ("memory.pages_evicted", "pages evicted"),
     ("memory.swap_reads", "swap reads (requests)"),
     ("memory.swap_writes", "swap writes (requests)"),
@@ -75,13 +77,29 @@ def _number(x: float) -> str:
     return f"{x:.4g}"
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
 def format_estimate(e: Estimate | None) -> str:
-    """``mean ± ci95``, the mean alone with one seed, ``–`` when there is no value."""
+    """``mean ± ci95`` rounded to the interval's precision (2 significant digits of the
+    half-width), with a shared power of ten for tiny or huge values; the mean alone with one
+    seed, ``–`` when there is no value."""
     if e is None or e.mean is None:
         return "–"
     if e.ci95 is None:
         return _number(e.mean)
-    return f"{_number(e.mean)} ± {_number(e.ci95)}"
+    mean, ci = e.mean, abs(e.ci95)
+    if ci == 0 or not math.isfinite(ci):
+        return f"{_number(mean)} ± 0"
+    decimals = 1 - math.floor(math.log10(ci))
+    if not 1e-3 <= max(abs(mean), ci) < 1e6:
+        power = math.floor(math.log10(max(abs(mean), ci)))
+        m, c = mean / 10**power, ci / 10**power
+        d = max(0, 1 - math.floor(math.log10(c)))
+        return f"({m:.{d}f} ± {c:.{d}f}) × 10{str(power).translate(_SUPERSCRIPT)}"
+    if decimals >= 0:
+        return f"{mean:.{decimals}f} ± {ci:.{decimals}f}"
+    return f"{round(mean, decimals):.0f} ± {round(ci, decimals):.0f}"
 
 
 def _metric_table(
@@ -105,12 +123,12 @@ def _metric_table(
 
 
 def figure_tables(data: ReportData, name: str) -> list[Table]:
-    groups = [(f"{g.key}.work_rate", g.label) for g in data.groups()]
+    groups = [(g.rate_key, f"{g.label}, {g.unit}") for g in data.groups()]
     if name == "throughput":
-        return [_metric_table(data, "Work per simulated second", "task", groups)]
+        return [_metric_table(data, "Throughput per simulated second", "task", groups)]
     if name == "speedup":
         others = [p for p in data.protocols if p != data.baseline]
-        title = f"Work rate / {data.baseline}'s, paired by seed"
+        title = f"Throughput, ratio to {data.baseline}, paired by seed"
         return [_metric_table(data, title, "task", groups, ratios=True, protocols=others)]
     if name == "vcpu-time":
         rows = [(f"vcpu_time_s.{c}", c) for c in VCPU_CATEGORIES]

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apfsim.compare import Estimate, estimate, paired_ratios
+from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.report.data import (
     InvalidResults,
     ReportData,
@@ -53,11 +54,15 @@ from apfsim.report.data import (
     run_ratios,
 )
 from apfsim.report.figures import (
+    FIGURE_WIDTH_IN,
     PROTOCOL_COLOURS,
+    add_footer,
+    crosses_zero,
     draw_figure,
     inline_svg,
     render_figures,
     require,
+    small_n_text,
 )
 from apfsim.report.render import FigureView, Table, figure_tables, format_estimate
 from apfsim.sweep.store import SCHEMA_VERSION, StoredRun
@@ -94,6 +99,84 @@ MAX_PANELS = 12
 OUTPUT_SUFFIXES = (".html", ".csv", ".parquet")
 _FIGURE_SUFFIXES = (".png", ".svg")
 _LOG_SPAN = 20.0  # x values spanning more than this factor get a log scale
+_LOG_Y_SPAN = 100.0  # positive means spanning more than this factor get a log y axis
+
+_AXIS_LABELS = {
+    "host.swap.mean_us": "swap mean latency (µs)",
+    "host.memory_limit_mib": "host memory limit (MiB)",
+    "guest.memory_mib": "guest memory (MiB)",
+    "guest.vcpus": "vCPUs",
+    "initial_memory.resident_fraction": "initially resident fraction",
+    "initial_memory.swapped_fraction": "initially swapped fraction",
+}
+_UNIT_SUFFIXES = (("_us", "µs"), ("_ms", "ms"), ("_mib", "MiB"), ("_s", "s"), ("_pages", "pages"))
+
+
+def axis_label(axis: str) -> str:
+    """A sweep axis (a scenario key) as a reader names it: ``host.swap.mean_us`` ->
+    ``swap mean latency (µs)``; unknown keys lose dots and underscores and gain a unit."""
+    if axis in _AXIS_LABELS:
+        return _AXIS_LABELS[axis]
+    name = axis.split(".", 1)[-1] if "." in axis else axis
+    for suffix, unit in _UNIT_SUFFIXES:
+        if name.endswith(suffix):
+            return f"{name.removesuffix(suffix).replace('.', ' ').replace('_', ' ')} ({unit})"
+    return name.replace(".", " ").replace("_", " ")
+
+
+def metric_label(metric: str) -> str:
+    """A stored metric as a reader names it: ``kind.random_writer.ops_rate`` ->
+    ``random_writer writes/s``, ``fault_in_latency_us.p50`` -> ``fault-in latency p50 (µs)``."""
+    parts = metric.split(".")
+    head, last = parts[0], parts[-1]
+    name = ".".join(parts[1:-1])
+    if head == "kind" and len(parts) >= 3:
+        what = {
+            "ops_rate": rate_unit(name),
+            "work_rate": "CPU s/s" if ops_unit(name) is None else "work rate (CPU s/s)",
+            "work_s": "work (s)",
+        }.get(last, last.replace("_", " "))
+        return f"{name} {what}"
+    if head == "task" and len(parts) >= 3:
+        what = {
+            "ops_rate": "ops/s",
+            "work_rate": "throughput (CPU s/s)",
+            "work_s": "work (s)",
+            "completion_s": "completion time (s)",
+            "completion_speedup": "completion speedup",
+        }.get(last, last.replace("_", " "))
+        return f"task {name} {what}"
+    if head == "vcpu_time_s":
+        return f"vCPU time in {last} (s)"
+    if head == "apf":
+        return f"APF counter {last}"
+    if head in ("fault_in_latency_us", "not_present_to_ready_us"):
+        what = "fault-in latency" if head.startswith("fault") else "not-present to ready"
+        return f"{what} {last} (µs)"
+    if metric == "faults.per_s":
+        return "stage-2 faults/s"
+    if metric == "sim_time_s":
+        return "simulated time (s)"
+    return metric.replace("_", " ")
+
+
+def ratio_label(metric: str, baseline: str) -> str:
+    """The label of a metric's paired ratio: ``random_writer writes/s, ratio to sync``."""
+    return f"{metric_label(metric)}, ratio to {baseline}"
+
+
+def sweep_context(agg: SweepAggregate) -> str:
+    """Scenario, seeds and duration: the footer that keeps a pasted figure's context."""
+    info = agg.info
+    seeds = ", ".join(map(str, info.seeds))
+    duration = info.spec.get("duration_s")
+    sim = "" if duration is None else f" · {duration:g} s simulated per run"
+    return (
+        f"apfsim sweep {info.name} · scenario {info.spec.get('scenario', '?')} · seeds "
+        f"{seeds} (n = {len(info.seeds)}){sim}"
+    )
+
+
 _DUCKDB = "duckdb is not installed; pip install 'apfsim[parquet]' (or write .csv: no extra)"
 
 
@@ -336,7 +419,7 @@ def aggregate_runs(
     for run in runs:
         found.update(dict.fromkeys(k for k, v in run.metrics.items() if v is not None))
     metrics = tuple(sorted(found))
-    ratio_metrics = tuple(m for m in metrics if m.endswith(".work_rate"))
+    ratio_metrics = tuple(m for m in metrics if m.endswith((".work_rate", ".ops_rate")))
     baseline_runs = {(_value_key(r.params), r.seed): r for r in runs if r.protocol == base}
     members: dict[tuple[str, str], list[StoredRun]] = {}
     values: dict[str, tuple[Any, ...]] = {}
@@ -638,10 +721,12 @@ def _line_figure(
     n = len(layout.panels)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig.set_size_inches(max(5.0, 3.6 * ncols + 1.8), 3.0 * nrows + 0.6)
+    fig.set_size_inches(FIGURE_WIDTH_IN, 3.4 * nrows + 0.9)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     by_key = {(_value_key(g.values), g.protocol): g for g in agg.groups}
     positions = layout.xs if layout.numeric else list(range(len(layout.xs)))
+    estimates: list[Estimate | None] = []
+    plotted: list[float] = []
     for i, combo in enumerate(layout.panels):
         ax = axes[i // ncols][i % ncols]
         for protocol in protocols:
@@ -653,6 +738,8 @@ def _line_figure(
             ys = [_nan(None if e is None else e.mean) for e in ests]
             if all(math.isnan(y) for y in ys):
                 continue
+            estimates += ests
+            plotted += [y for y in ys if not math.isnan(y)]
             errs = [0.0 if e is None or e.ci95 is None else e.ci95 for e in ests]
             ax.errorbar(
                 positions,
@@ -675,9 +762,15 @@ def _line_figure(
         if layout.panel_axes:
             ax.set_title(_point_label(layout.panel_axes, combo), fontsize=8.5)
         if i + ncols >= n:  # no panel below this one
-            ax.set_xlabel(layout.x_axis)
+            ax.set_xlabel(axis_label(layout.x_axis))
         if i % ncols == 0:
-            ax.set_ylabel(f"{metric} / {agg.baseline}'s" if ratio else metric)
+            ax.set_ylabel(ratio_label(metric, agg.baseline) if ratio else metric_label(metric))
+    log_y = not ratio and bool(plotted) and min(plotted) > 0
+    log_y = log_y and max(plotted) / min(plotted) > _LOG_Y_SPAN
+    for row in axes:
+        for ax in row:
+            if log_y and ax.get_visible():
+                ax.set_yscale("log")
     for j in range(n, nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     legend: dict[str, Any] = {}  # label -> handle, from every panel (one may lack a line)
@@ -688,22 +781,29 @@ def _line_figure(
     if legend:
         shown = [p for p in protocols if p in legend]
         fig.legend([legend[p] for p in shown], shown, loc="outside right upper", frameon=False)
-    if title is not None:
-        fig.suptitle(title)
     pooled = [a for a in agg.info.axes if a not in agg.by]
     seeds = len(agg.info.seeds)
+    warning = small_n_text(seeds) if ratio and crosses_zero(estimates) else ""
+    if title is not None or warning:
+        heading = "\n".join(t for t in (title, warning) if t)
+        fig.suptitle(heading, color="#b22222" if warning and title is None else "black")
+    add_footer(fig, sweep_context(agg))
     parts = []
     if ratio:
         parts.append(
-            f"{metric} of each run divided by {agg.baseline}'s on the same point and seed, "
+            f"{metric_label(metric)} ({metric}) of each run divided by {agg.baseline}'s on "
+            "the same point and seed, "
             f"then the mean of those ratios over the group (above the dashed line at 1 is "
             f"better than {agg.baseline})"
         )
     else:
-        parts.append(f"Mean {metric} over the group's runs")
+        parts.append(f"Mean {metric_label(metric)} ({metric}) over the group's runs")
     parts.append(
-        f"along {layout.x_axis}{' (log scale)' if layout.log else ''}, one line per protocol"
+        f"along {axis_label(layout.x_axis)} ({layout.x_axis}"
+        f"{', log scale' if layout.log else ''}), one line per protocol"
     )
+    if log_y:
+        parts.append("log y axis: the means span more than two orders of magnitude")
     if layout.panel_axes:
         parts.append(f"one panel per {', '.join(layout.panel_axes)}")
     text = "; ".join(parts) + ". "
@@ -717,6 +817,8 @@ def _line_figure(
             f" Only the first {len(layout.panels)} of {layout.total_panels} panels are shown; "
             "choose fewer axes with --by."
         )
+    if warning:
+        text += f" Warning: {warning}."
     return text
 
 
@@ -834,6 +936,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def _small_n_note(agg: SweepAggregate, metric: str) -> str:
+    """A table note when a ratio's interval crosses 0 (too few seeds to pin it down)."""
+    ests = [g.ratios.get(metric) for g in agg.groups if g.protocol != agg.baseline]
+    if not crosses_zero(ests):
+        return ""
+    return f"Warning: {small_n_text(len(agg.info.seeds))}."
+
+
 def _sweep_figures(agg: SweepAggregate, metric: str) -> list[FigureView]:
     x_axis = agg.by[0]
     n_note = "n per cell: " + ", ".join(sorted({str(g.n) for g in agg.groups}, key=int)) + " runs."
@@ -844,14 +954,14 @@ def _sweep_figures(agg: SweepAggregate, metric: str) -> list[FigureView]:
         caption, outputs = _draw(
             "sweep-ratio", lambda fig: _line_figure(fig, agg, metric, ratio=True), ("svg",)
         )
-        table_title = f"{metric} / {agg.baseline}'s, paired by point and seed"
+        table_title = f"{ratio_label(metric, agg.baseline)}, paired by point and seed"
         out.append(
             FigureView(
                 "sweep-ratio",
-                f"Ratio to {agg.baseline} along {x_axis}",
+                f"Ratio to {agg.baseline} along {axis_label(x_axis)}",
                 caption,
                 inline_svg(outputs["svg"], "sweep-ratio-"),
-                [_estimate_table(agg, metric, True, table_title)],
+                [_estimate_table(agg, metric, True, table_title, _small_n_note(agg, metric))],
             )
         )
     caption, outputs = _draw(
@@ -860,10 +970,10 @@ def _sweep_figures(agg: SweepAggregate, metric: str) -> list[FigureView]:
     out.append(
         FigureView(
             "sweep-mean",
-            f"{metric} along {x_axis}",
+            f"{metric_label(metric)} along {axis_label(x_axis)}",
             caption,
             inline_svg(outputs["svg"], "sweep-mean-"),
-            [_estimate_table(agg, metric, False, f"Mean {metric}", n_note)],
+            [_estimate_table(agg, metric, False, f"Mean {metric_label(metric)}", n_note)],
         )
     )
     return out
