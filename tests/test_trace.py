@@ -313,7 +313,8 @@ def test_trace_stats_reads_trace_cmd_ftrace_and_perf_script_layouts(tmp_path: Pa
     # One thread whatever its comm column says ("<...>" once ftrace forgot the name).
     assert stats.latencies_ns == {41236: [500_000, 4_000_000, 1_000_000]}
     assert list(stats.latency_summary()) == ["CPU 1/KVM-41236"]
-    assert stats.unknown_lines == 3  # two header lines and sched_switch
+    assert stats.unknown_lines == 2  # two header lines
+    assert stats.other_events == 1  # sched_switch
     assert [m.line_no for m in stats.malformed] == [16, 17]
 
 

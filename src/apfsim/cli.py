@@ -780,7 +780,7 @@ def trace_stats_command(
         raise _fail(f"trace-stats: {str(trace_file)!r} is a directory; give a file") from None
     except OSError as err:
         raise _fail(f"trace-stats: cannot read {str(trace_file)!r} ({err.strerror})") from None
-    if sum(stats.events.values()) == 0:
+    if stats.kvm_events == 0:
         for bad in stats.malformed[:5]:
             print(f"apfsim: {trace_file}:{bad.line_no}: malformed: {bad.reason}", file=sys.stderr)
         if stats.malformed_count:
