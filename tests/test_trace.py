@@ -48,7 +48,8 @@ def small_scenario() -> apfsim.Scenario:
 def traced(
     tmp_path: Path, protocol: str, window: tuple[int, int] = (0, 1 << 62)
 ) -> tuple[apfsim.ProtocolResult, dict[str, Any], Path]:
-    options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt", window)
+    # ns timestamps (--ftrace-ns): the latencies parsed back are then exact.
+    options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt", window, ftrace_ns=True)
     result = traced_simulation(small_scenario(), protocol, 0, True, options).run()
     doc = json.loads((tmp_path / "t.json").read_text())
     return result, doc, tmp_path / "t.txt"
@@ -70,8 +71,8 @@ def test_tp_printk_formats_match_the_kernel_including_c_hex_of_zero() -> None:
         == "TRAP: HSR_EC: 0x0024 (DABT_LOW), PC: 0xffff800010200000"
     )
     assert tp.kvm_exit_arm64(ExitReason.IRQ, 0).startswith("IRQ: HSR_EC: 0x0000 (UNKNOWN)")
-    assert tp.kvm_entry_x86(1, 0x401000) == "vcpu 1, rip 0x401000"
-    assert tp.kvm_exit_x86(0, ExitReason.WFX, 0x10) == (
+    assert tp.kvm_entry_x86(1, 0x401000, (5, 10)) == "vcpu 1, rip 0x401000"
+    assert tp.kvm_exit_x86(0, ExitReason.WFX, 0x10, (5, 10)) == (
         "vcpu 0 reason HLT rip 0x10 info1 0x0000000000000000 info2 0x0000000000000000 "
         "intr_info 0x00000000 error_code 0x00000000"
     )
@@ -79,8 +80,11 @@ def test_tp_printk_formats_match_the_kernel_including_c_hex_of_zero() -> None:
 
 def test_line_layout_is_trace_cmd_report() -> None:
     line = tp.format_line("CPU 0/KVM", 4000, 0, 30_224_372_551, "kvm_async_pf_ready", "x")
-    assert line.startswith("       CPU 0/KVM-4000   [000]    30.224372551: kvm_async_pf_ready:")
-    assert line.endswith(" x\n")
+    assert line == "       CPU 0/KVM-4000  [000]    30.224373: kvm_async_pf_ready:   x\n"
+    line = tp.format_line("CPU 0/KVM", 4000, 0, 30_224_372_551, "kvm_entry", "x", ns=True)
+    assert line == "       CPU 0/KVM-4000  [000]    30.224372551: kvm_entry:            x\n"
+    # trace-cmd rounds to the nearest µs, carrying into the seconds.
+    assert "    31.000000: " in tp.format_line("c", 1, 0, 30_999_999_600, "e", "x")
 
 
 # -- our traces ------------------------------------------------------------------------------

@@ -4,12 +4,19 @@ every layout trace-cmd 3.1.6 and tracefs write, and the x86-tsc/counter clock.""
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from apfsim.cli import main
+from apfsim.trace import formats as tp
 from apfsim.trace import read_trace
+from apfsim.trace.formats import ExitReason
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_helpers import assert_one_line_error
 
 REAL = Path(__file__).parent / "data" / "real-traces"
 SECONDS_LAYOUTS = [
@@ -81,3 +88,106 @@ def test_mixed_clocks_in_one_file_are_malformed() -> None:
     stats = read_trace(text)
     assert stats.wake_all == 1 and [m.line_no for m in stats.malformed] == [2]
     assert "clock ticks, unlike the lines before" in stats.malformed[0].reason
+
+
+# -- our --ftrace lines against real trace-cmd report lines -----------------------------------
+
+_REPORT = re.compile(
+    r"^(?P<comm>.{16})-(?P<pid>\d+) +\[(?P<cpu>\d+)\] +(?P<ts>[\d.]+): (?P<rest>.*)$"
+)
+
+
+def _parsed(line: str) -> tuple[str, int, int, str, str, str]:
+    """comm, pid, cpu, timestamp text, event, fields: read without our layout's widths."""
+    m = _REPORT.match(line)
+    assert m is not None, line
+    event, _, fields = m["rest"].partition(":")
+    return m["comm"].strip(), int(m["pid"]), int(m["cpu"]), m["ts"], event, fields.lstrip(" ")
+
+
+def test_our_lines_match_real_trace_cmd_report_lines_byte_for_byte() -> None:
+    """Each real event line, re-made by format_line from its parts: µs as trace-cmd rounds
+    them (from the same event's ns in the -t report) and ns as -t prints them."""
+    us_lines, ns_lines = lines("trace-cmd-report.txt"), lines("trace-cmd-report-t.txt")
+    assert us_lines[0] == ns_lines[0] == "cpus=2"
+    compared = 0
+    for us_line, ns_line in zip(us_lines[1:], ns_lines[1:], strict=True):
+        comm, pid, cpu, ts, event, fields = _parsed(ns_line)
+        sec, frac = ts.split(".")
+        ts_ns = int(sec) * 1_000_000_000 + int(frac)
+        assert tp.format_line(comm, pid, cpu, ts_ns, event, fields, ns=True) == ns_line + "\n"
+        assert tp.format_line(comm, pid, cpu, ts_ns, event, fields) == us_line + "\n"
+        compared += 1
+    assert compared == 16  # long names (kvm_update_master_clock) and short (kvm_mmio) alike
+
+
+def _c_printf(fmt: str, *args: object) -> str:
+    """The TP_printk format of a format file, printed as the kernel does for these
+    conversions (%u %s %x with flags and widths; l/ll length modifiers dropped)."""
+    return re.sub(r"%(#?0?\d*)l{0,2}([uxs])", r"%\1\2", fmt).replace("%u", "%d") % args
+
+
+def _print_fmt(event: str) -> str:
+    text = (REAL / "formats-6.18" / f"{event}.format").read_text()
+    m = re.search(r'^print fmt: "(.*?)", REC', text, re.M)
+    assert m is not None
+    return m[1]
+
+
+def test_x86_entry_and_exit_follow_the_6_18_kernel_format() -> None:
+    rip = 0xFFFFFFFF81000000
+    entry = _c_printf(_print_fmt("kvm_entry"), 1, rip, 0, 0, "")
+    assert tp.kvm_entry_x86(1, rip, (6, 18)) == entry
+    assert tp.kvm_entry_x86(1, rip, (6, 10)) == entry
+    fields = (1, "EPT_VIOLATION", "", "", rip, 0x181, 0, 0, 0, 0)
+    exit_ = _c_printf(_print_fmt("kvm_exit"), *fields)
+    assert tp.kvm_exit_x86(1, ExitReason.DABT, rip) == exit_  # the default layout: newest
+    assert exit_.endswith(" requests 0x0000000000000000")
+
+
+def test_x86_entry_and_exit_before_6_10_have_no_injection_or_requests_fields() -> None:
+    assert tp.kvm_entry_x86(1, 0x401000, (6, 9)) == "vcpu 1, rip 0x401000"
+    assert tp.kvm_exit_x86(0, ExitReason.WFX, 0x10, (5, 10)).endswith("error_code 0x00000000")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("6.1", (6, 1)), ("6.1.0-13-amd64", (6, 1)), ("5.10", (5, 10))]
+)
+def test_parse_kernel(text: str, expected: tuple[int, int]) -> None:
+    assert tp.parse_kernel(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ftrace-kernel", "4.19"], "--ftrace-kernel: layouts cover kernels 5.10 and later"),
+        (["--ftrace-kernel", "six"], "--ftrace-kernel: expected a kernel version like 6.1"),
+        ([], "--ftrace-kernel: give --ftrace too"),
+    ],
+)
+def test_bad_ftrace_kernel_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    base = ["run", "-p", "x86", "--duration", "0.01", "-q"]
+    if args:
+        code = main([*base, "--ftrace", str(tmp_path / "t.txt"), *args])
+    else:
+        code = main([*base, "--ftrace-kernel", "6.1"])
+    assert_one_line_error(code, capsys.readouterr().err, message)
+
+
+def test_run_writes_the_chosen_layout(tmp_path: Path) -> None:
+    old, new, ns = tmp_path / "old.txt", tmp_path / "new.txt", tmp_path / "ns.txt"
+    base = ["run", "-p", "x86", "--duration", "0.05", "-q", "--ftrace"]
+    assert main([*base, str(old), "--ftrace-kernel", "6.1"]) == 0
+    assert main([*base, str(new)]) == 0
+    assert main([*base, str(ns), "--ftrace-ns"]) == 0
+    old_exit = next(x for x in old.read_text().splitlines() if "kvm_exit:" in x)
+    new_exit = next(x for x in new.read_text().splitlines() if "kvm_exit:" in x)
+    assert "requests" not in old_exit and new_exit.endswith(" requests 0x0000000000000000")
+    # µs by default, ns with --ftrace-ns; same events either way.
+    stamp = re.compile(r"\] +\d+\.(\d+): ")
+    new_lines, ns_lines = new.read_text().splitlines()[1:], ns.read_text().splitlines()[1:]
+    assert len(new_lines) == len(ns_lines) > 0
+    assert {len(m[1]) for x in new_lines if (m := stamp.search(x))} == {6}
+    assert {len(m[1]) for x in ns_lines if (m := stamp.search(x))} == {9}

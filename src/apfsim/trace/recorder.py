@@ -63,11 +63,15 @@ MAX_PENDING_FLOWS = 8192
 @dataclass(frozen=True, slots=True)
 class TraceOptions:
     """Where to write (a Chrome/Perfetto JSON file, a kernel-format text file, or both),
-    and the window ``[start_ns, end_ns)`` of simulated time to keep."""
+    the window ``[start_ns, end_ns)`` of simulated time to keep, and the text's layout:
+    µs timestamps as ``trace-cmd report`` prints them (``ftrace_ns``: ns, as ``-t``) and
+    the kernel version whose x86 ``kvm_entry``/``kvm_exit`` fields to write."""
 
     chrome: Path | None = None
     ftrace: Path | None = None
     window: tuple[int, int] = (0, 1 << 62)
+    ftrace_ns: bool = False
+    kernel: tuple[int, int] = formats.KERNEL_DEFAULT
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +127,7 @@ class TraceRecorder:
         self.arch = sim.arch  # the kvm_entry / kvm_exit layout of the run's arch
         self.vector_ctx = sim.contexts.vector
         self.window = options.window
+        self.ftrace_ns, self.kernel = options.ftrace_ns, options.kernel
         n = len(sim.vcpus)
         self._exit_label = [_HOST_LABEL] * n
         self._reason_label = {
@@ -211,7 +216,7 @@ class TraceRecorder:
                 if self.arch == "arm64":
                     fields = formats.kvm_exit_arm64(reason, self._pc(ctx))
                 else:
-                    fields = formats.kvm_exit_x86(vcpu, reason, self._pc(ctx))
+                    fields = formats.kvm_exit_x86(vcpu, reason, self._pc(ctx), self.kernel)
                 self._vcpu_line(vcpu, now, "kvm_exit", fields)
         if reason is ExitReason.DABT and self.chrome is not None:
             self.sample_counters()
@@ -225,7 +230,7 @@ class TraceRecorder:
             fields = (
                 formats.kvm_entry_arm64(pc)
                 if self.arch == "arm64"
-                else formats.kvm_entry_x86(vcpu, pc)
+                else formats.kvm_entry_x86(vcpu, pc, self.kernel)
             )
             self._vcpu_line(vcpu, now, "kvm_entry", fields)
 
@@ -448,7 +453,9 @@ class TraceRecorder:
         self.ftrace_line(f"CPU {vcpu}/KVM", 4000 + vcpu, vcpu, now, event, fields)
 
     def ftrace_line(self, comm: str, pid: int, cpu: int, now: int, event: str, fields: str) -> None:
-        self._ftrace_buf.append(formats.format_line(comm, pid, cpu, now, event, fields))
+        self._ftrace_buf.append(
+            formats.format_line(comm, pid, cpu, now, event, fields, self.ftrace_ns)
+        )
         if len(self._ftrace_buf) >= 4096 and self.ftrace is not None:
             self.ftrace.write("".join(self._ftrace_buf))
             self._ftrace_buf.clear()
