@@ -57,6 +57,10 @@ _CATEGORY_LABEL = {
 }
 _HOST_LABEL = json_str("host")
 _RUNNING, _RUNNABLE = json_str("running"), json_str("runnable")
+# Slice names carry no token (it is in args), so a viewer can sum a name's time.
+_ASLEEP_ON_APF, _HALTED_ON_APF = json_str("asleep on APF"), json_str("halted on APF")
+_NOT_PRESENT, _PAGE_READY = json_str("not-present"), json_str("page-ready")
+_REPEATED = json_str("repeated fault")
 MAX_PENDING_FLOWS = 8192
 
 
@@ -161,8 +165,8 @@ class TraceRecorder:
         self._open: dict[AsyncPf, tuple[int, int]] = {}  # work -> (serial, start)
         self._by_token: dict[tuple[int, int], int] = {}  # (vcpu, token) -> serial
         self._flows: dict[int, list[int]] = {}  # serial -> [vcpu, not-present ts, ready ts]
-        self._waits: dict[int, tuple[int, str]] = {}  # tid -> (serial or -1, label)
-        self._task_slice: list[tuple[str, int] | None] = [None] * len(sim.tasks)
+        self._waits: dict[int, tuple[int, str, str]] = {}  # tid -> (serial or -1, label, args)
+        self._task_slice: list[tuple[str, int, str] | None] = [None] * len(sim.tasks)
         self._counters: dict[str, int] = {}  # last written inside the window
         self._values: dict[str, tuple[str, int]] = {}  # last sampled: name -> (key, value)
         self._window_open = False
@@ -261,9 +265,7 @@ class TraceRecorder:
                     formats.kvm_async_pf_repeated_fault(gva, gfn),
                 )
             if self.chrome is not None:
-                self.chrome.marker(
-                    PID_VCPUS, 2 * vcpu + 2, json_str(f"repeated fault gfn {gfn:#x}"), now
-                )
+                self.chrome.marker(PID_VCPUS, 2 * vcpu + 2, _REPEATED, now, f'{{"gfn":"{gfn:#x}"}}')
 
     def spin_refaults(self, vcpu: int, gfn: int, since: int, count: int, every: int) -> None:
         """The re-faults of a repeated-fault loop (arm64 has no artificial halt), one pair of
@@ -299,9 +301,9 @@ class TraceRecorder:
         chrome.marker(
             PID_VCPUS,
             2 * vcpu + 2,
-            json_str(f"not-present token {c_hex(work.token)}"),
+            _NOT_PRESENT,
             now,
-            f'{{"gfn":"{work.gfn:#x}","serial":{serial}}}',
+            f'{{"token":"{c_hex(work.token)}","gfn":"{work.gfn:#x}","serial":{serial}}}',
         )
         self.sample_counters()
 
@@ -331,7 +333,7 @@ class TraceRecorder:
             chrome.marker(PID_VCPUS, 2 * vcpu + 2, json_str("page-ready: wake all"), now)
             return
         serial = self._end_async(work, now, "delivered")
-        chrome.marker(PID_VCPUS, 2 * vcpu + 2, json_str(f"page-ready token {c_hex(token)}"), now)
+        chrome.marker(PID_VCPUS, 2 * vcpu + 2, _PAGE_READY, now, f'{{"token":"{c_hex(token)}"}}')
         if serial is not None:
             flow = self._flows.get(serial)
             if flow is not None:
@@ -365,9 +367,9 @@ class TraceRecorder:
         """The guest parked ``task`` on ``token`` (``kvm_async_pf_wait``)."""
         if self.chrome is None:
             return
-        what = "halted on" if halted else "asleep on"
         serial = self._by_token.get((cpu, token), -1)
-        self._waits[task.tid] = (serial, json_str(f"{what} token {c_hex(token)}"))
+        label = _HALTED_ON_APF if halted else _ASLEEP_ON_APF
+        self._waits[task.tid] = (serial, label, f'{{"token":"{c_hex(token)}"}}')
         if halted:
             self.task_state(task)
 
@@ -377,6 +379,7 @@ class TraceRecorder:
             return
         now = self.now()
         state = task.state
+        args = ""
         if state is TaskState.RUNNING:
             label = _RUNNING
         elif state is TaskState.RUNNABLE:
@@ -385,13 +388,13 @@ class TraceRecorder:
             label = ""
         else:
             wait = self._waits.get(task.tid)
-            label = wait[1] if wait is not None else json_str(state.value)
+            label, args = (wait[1], wait[2]) if wait is not None else (json_str(state.value), "")
         current = self._task_slice[task.tid]
-        if current is not None and current[0] is label:
+        if current is not None and current[0] is label and current[2] == args:
             return
         if current is not None:
-            self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now)
-        self._task_slice[task.tid] = (label, now) if label else None
+            self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now, current[2])
+        self._task_slice[task.tid] = (label, now, args) if label else None
 
     def task_woken(self, task: Task) -> None:
         """The task's wait ended: a wake-up marker, and its flow from the not-present."""
@@ -415,20 +418,22 @@ class TraceRecorder:
 
     # -- counters -------------------------------------------------------------------------------
     def _queue_changed(self, now: int, depth: int) -> None:
-        self._counter("swap queue depth", "requests", depth, now)
-        self._counter("resident pages", "pages", int(self.sim.memory.resident), now)
+        self._counter("swap queue", "depth", depth, now)
+        self._counter("resident", "pages", int(self.sim.memory.resident), now)
 
     def sample_counters(self) -> None:
         sim = self.sim
         now = self.now()
-        self._counter("resident pages", "pages", int(sim.memory.resident), now)
-        self._counter("swap queue depth", "requests", sim.device.queue_length, now)
+        self._counter("resident", "pages", int(sim.memory.resident), now)
+        self._counter("swap queue", "depth", sim.device.queue_length, now)
         apf = getattr(sim.host_protocol, "apf", None)
         if apf is not None:
             for v, state in enumerate(apf):
-                self._counter(f"outstanding APFs vCPU {v}", "items", state.queued, now)
+                self._counter(f"vCPU {v} APFs", "outstanding", state.queued, now)
 
     def _counter(self, name: str, key: str, value: int, now: int) -> None:
+        """A counter track: Perfetto names it ``name key`` ("resident pages"), DevTools
+        ``name`` with a series ``key``; so the two read as one phrase, never a unit twice."""
         chrome = self.chrome
         if chrome is None:
             return
@@ -472,7 +477,9 @@ class TraceRecorder:
                 for task in self.sim.tasks:
                     current = self._task_slice[task.tid]
                     if current is not None:
-                        self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now)
+                        self.chrome.slice(
+                            PID_TASKS, task.tid + 1, current[0], current[1], now, current[2]
+                        )
                         self._task_slice[task.tid] = None
                 self.chrome.close()
             except TraceWriteError as err:
