@@ -1,21 +1,22 @@
 // The trace-event rules a viewer applies (Perfetto's JSON importer, chrome://tracing),
 // checked in the browser on a parsed trace: the same rules as trace_rules.py.
-// checkTrace(doc) returns {ok, error, tracks, slices, asyncPairs, flows, counters}.
+// Nesting uses DevTools' arithmetic (ts + dur in doubles, no tolerance), and async events
+// must carry process-scoped ids (id2.local).
+// checkTrace(doc) returns {ok, error, tracks, slices, touching, asyncPairs, flows, counters}.
 "use strict";
 
 function checkTrace(doc) {
   const NEEDS = {
     X: ["name", "cat", "pid", "tid", "ts", "dur"],
-    b: ["name", "cat", "id", "pid", "tid", "ts"],
-    e: ["name", "cat", "id", "pid", "tid", "ts"],
+    b: ["name", "cat", "id2", "pid", "tid", "ts"],
+    e: ["name", "cat", "id2", "pid", "tid", "ts"],
     s: ["cat", "id", "pid", "tid", "ts"],
     t: ["cat", "id", "pid", "tid", "ts"],
     f: ["cat", "id", "pid", "tid", "ts"],
     C: ["name", "pid", "ts", "args"],
     M: ["name", "pid", "args"],
   };
-  const TOL = 0.0004;
-  const out = { ok: false, error: null, tracks: [], slices: 0, asyncPairs: 0, flows: 0, counters: [] };
+  const out = { ok: false, error: null, tracks: [], slices: 0, touching: 0, asyncPairs: 0, flows: 0, counters: [] };
   const fail = (msg) => { out.error = msg; return out; };
   if (!doc || !Array.isArray(doc.traceEvents)) return fail("no traceEvents array");
   const named = new Set();
@@ -39,7 +40,10 @@ function checkTrace(doc) {
       if (!starts.has(key)) starts.set(key, new Set());
       starts.get(key).add(ev.ts);
     } else if (ev.ph === "b" || ev.ph === "e") {
-      const key = ev.cat + "|" + ev.id;  // viewers key async events on category and id
+      if ("id" in ev || ev.id2 === null || typeof ev.id2 !== "object" || !("local" in ev.id2)) {
+        return fail("async event without id2.local");
+      }
+      const key = ev.cat + "|" + ev.pid + "|" + ev.id2.local;  // process-scoped
       if (!asyncs.has(key)) asyncs.set(key, []);
       asyncs.get(key).push([ev.ph, ev.ts]);
     } else if (ev.ph === "s" || ev.ph === "t" || ev.ph === "f") {
@@ -56,8 +60,11 @@ function checkTrace(doc) {
     items.sort((a, b) => a[0] - b[0] || b[1] - a[1]);
     const stack = [];
     for (const [begin, end, name] of items) {
-      while (stack.length && stack[stack.length - 1][1] <= begin + TOL) stack.pop();
-      if (stack.length && end > stack[stack.length - 1][1] + TOL) {
+      while (stack.length && stack[stack.length - 1][1] <= begin) {
+        if (stack[stack.length - 1][1] === begin) out.touching++;
+        stack.pop();
+      }
+      if (stack.length && end > stack[stack.length - 1][1]) {
         return fail("slice " + name + " overlaps " + stack[stack.length - 1][2] + " on " + track);
       }
       stack.push([begin, end, name]);

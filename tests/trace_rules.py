@@ -1,17 +1,18 @@
 """The trace-event rules a viewer applies, checked in Python (the browser test checks the
 same rules in JavaScript): phases and fields, proper nesting of complete events per
-thread, every async ``b`` with its ``e``, every flow ``s`` ... ``f`` bound to slices."""
+thread with DevTools' arithmetic (``ts + dur`` in doubles, no tolerance: a slice that ends
+past the next one's ``ts`` nests it), async ``b``/``e`` pairs with process-scoped ids
+(``id2.local``), every flow ``s`` ... ``f`` bound to slices."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
 
-TOLERANCE_US = 0.0004  # float sums of µs with ns decimals: under half a nanosecond
 NEEDS = {
     "X": ("name", "cat", "pid", "tid", "ts", "dur"),
-    "b": ("name", "cat", "id", "pid", "tid", "ts"),
-    "e": ("name", "cat", "id", "pid", "tid", "ts"),
+    "b": ("name", "cat", "id2", "pid", "tid", "ts"),
+    "e": ("name", "cat", "id2", "pid", "tid", "ts"),
     "s": ("cat", "id", "pid", "tid", "ts"),
     "t": ("cat", "id", "pid", "tid", "ts"),
     "f": ("cat", "id", "pid", "tid", "ts"),
@@ -26,7 +27,7 @@ def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
     named: set[tuple[int, int]] = set()
     slices: dict[tuple[int, int], list[tuple[float, float, str]]] = defaultdict(list)
     starts: dict[tuple[int, int, str], set[float]] = defaultdict(set)
-    asyncs: dict[tuple[str, Any], list[tuple[str, float]]] = defaultdict(list)
+    asyncs: dict[tuple[str, int, Any], list[tuple[str, float]]] = defaultdict(list)
     flows: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     counters: set[str] = set()
     for ev in events:
@@ -42,22 +43,27 @@ def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
             slices[(ev["pid"], ev["tid"])].append((ev["ts"], ev["ts"] + ev["dur"], ev["name"]))
             starts[(ev["pid"], ev["tid"], ev["cat"])].add(ev["ts"])
         elif ph in "be":
-            asyncs[(ev["cat"], ev["id"])].append((ph, ev["ts"]))  # viewers key on cat + id
+            # Process-scoped: viewers key on cat, pid and the local id, and show the track
+            # under the process (a global "id" lands under "Global Legacy Events").
+            assert "id" not in ev and set(ev["id2"]) == {"local"}, f"async without id2.local: {ev}"
+            asyncs[(ev["cat"], ev["pid"], ev["id2"]["local"])].append((ph, ev["ts"]))
         elif ph in "stf":
             flows[(ev["cat"], ev["id"])].append(ev)
         elif ph == "C":
             for v in ev["args"].values():
                 assert isinstance(v, int | float), ev
             counters.add(ev["name"])
+    touching = 0
     for track, items in slices.items():
         assert track in named, f"slices on unnamed track {track}"
         items.sort(key=lambda s: (s[0], -s[1]))
         stack: list[tuple[float, float, str]] = []
         for begin, end, name in items:
-            while stack and stack[-1][1] <= begin + TOLERANCE_US:
+            while stack and stack[-1][1] <= begin:
+                touching += stack[-1][1] == begin
                 stack.pop()
             if stack:
-                assert end <= stack[-1][1] + TOLERANCE_US, (
+                assert end <= stack[-1][1], (
                     f"slice {name} [{begin}, {end}] overlaps {stack[-1]} on track {track}"
                 )
             stack.append((begin, end, name))
@@ -78,6 +84,7 @@ def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         "tracks": sorted(named),
         "slices": sum(len(v) for v in slices.values()),
+        "touching": touching,  # a slice whose end is exactly the next one's ts
         "async_pairs": len(asyncs),
         "flows": len(flows),
         "counters": sorted(counters),

@@ -52,6 +52,7 @@ from apfsim.sweep.spec import SweepError as SpecError
 from apfsim.sweep.spec import builtin_sweeps, load_sweep
 from apfsim.sweep.store import SweepStore
 from apfsim.trace import TraceOptions, read_trace
+from apfsim.trace.formats import KERNEL_DEFAULT, parse_kernel
 from apfsim.trace.output import TraceWriteError, check_output
 from apfsim.trace.stats import trace_stats_text
 
@@ -85,6 +86,18 @@ FtraceOption = Annotated[
     typer.Option(
         "--ftrace",
         help="Write the run as kernel tracepoints in trace-cmd report layout to this file.",
+    ),
+]
+FtraceNsOption = Annotated[
+    bool,
+    typer.Option("--ftrace-ns", help="--ftrace timestamps in ns, as trace-cmd report -t (not µs)."),
+]
+FtraceKernelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ftrace-kernel",
+        help="The kernel version whose x86 kvm_entry/kvm_exit layout --ftrace writes "
+        "(5.10 or later; default 6.18).",
     ),
 ]
 TraceWindowOption = Annotated[
@@ -202,12 +215,24 @@ def _check_json_path(json_path: Path | None) -> None:
 
 
 def _trace_options(
-    trace: Path | None, ftrace: Path | None, window: str | None
+    trace: Path | None,
+    ftrace: Path | None,
+    window: str | None,
+    ftrace_ns: bool = False,
+    ftrace_kernel: str | None = None,
 ) -> TraceOptions | None:
     """Check the tracing flags before running: a bad path or window fails at once."""
     for flag, path in (("--trace", trace), ("--ftrace", ftrace)):
         if path is not None and not path.parent.is_dir():
             raise _fail(f"{flag}: directory {str(path.parent)!r} does not exist; create it first")
+    if ftrace is None and (ftrace_ns or ftrace_kernel is not None):
+        raise _fail(f"{'--ftrace-ns' if ftrace_ns else '--ftrace-kernel'}: give --ftrace too")
+    kernel = KERNEL_DEFAULT
+    if ftrace_kernel is not None:
+        try:
+            kernel = parse_kernel(ftrace_kernel)
+        except ValueError as err:
+            raise _fail(f"--ftrace-kernel: {err}") from None
     if trace is None and ftrace is None:
         if window is not None:
             raise _fail("--trace-window: give --trace or --ftrace too")
@@ -229,7 +254,7 @@ def _trace_options(
         if not finite or start > MAX_DURATION_S or start < 0 or (end is not None and end <= start):
             raise _fail(f"--trace-window: need 0 <= START < END (got {window!r})")
         span = (round(start * 1e9), (1 << 62) if end is None else round(end * 1e9))
-    return TraceOptions(trace, ftrace, span)
+    return TraceOptions(trace, ftrace, span, ftrace_ns, kernel)
 
 
 def _check_trace_outputs(tracing: TraceOptions | None, runs: list[TraceOptions]) -> None:
@@ -282,6 +307,8 @@ def run_command(
     trace: TraceOption = None,
     ftrace: FtraceOption = None,
     trace_window: TraceWindowOption = None,
+    ftrace_ns: FtraceNsOption = False,
+    ftrace_kernel: FtraceKernelOption = None,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
     protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
@@ -296,7 +323,7 @@ def run_command(
         raise _fail(f"--seed: must be a non-negative integer (got {seed})")
     _check_duration_flag(duration)
     _check_json_path(json_path)
-    tracing = _trace_options(trace, ftrace, trace_window)
+    tracing = _trace_options(trace, ftrace, trace_window, ftrace_ns, ftrace_kernel)
     try:
         sc = load_scenario(scenario)
     except ScenarioError as err:
@@ -401,6 +428,8 @@ def compare_command(
     trace: TraceOption = None,
     ftrace: FtraceOption = None,
     trace_window: TraceWindowOption = None,
+    ftrace_ns: FtraceNsOption = False,
+    ftrace_kernel: FtraceKernelOption = None,
 ) -> None:
     """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
     protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
@@ -408,7 +437,7 @@ def compare_command(
         raise _fail(f"--seeds: must be at least 1 (got {seeds})")
     _check_duration_flag(duration)
     _check_json_path(json_path)
-    tracing = _trace_options(trace, ftrace, trace_window)
+    tracing = _trace_options(trace, ftrace, trace_window, ftrace_ns, ftrace_kernel)
     if tracing is not None:
         _check_trace_outputs(
             tracing, [tracing.for_run(p, s) for p in protocols for s in range(seeds)]
@@ -780,7 +809,7 @@ def trace_stats_command(
         raise _fail(f"trace-stats: {str(trace_file)!r} is a directory; give a file") from None
     except OSError as err:
         raise _fail(f"trace-stats: cannot read {str(trace_file)!r} ({err.strerror})") from None
-    if sum(stats.events.values()) == 0:
+    if stats.kvm_events == 0:
         for bad in stats.malformed[:5]:
             print(f"apfsim: {trace_file}:{bad.line_no}: malformed: {bad.reason}", file=sys.stderr)
         if stats.malformed_count:

@@ -2,8 +2,9 @@
 
 The APF events are ``include/trace/events/kvm.h`` (TRACE_SYSTEM ``kvm``, under
 ``CONFIG_KVM_ASYNC_PF``); ``kvm_entry``/``kvm_exit`` come from the architecture's trace
-header (``arch/arm64/kvm/trace_arm.h`` or ``arch/x86/kvm/trace.h``, 5.10 layout). C's
-``%#llx`` prints 0 as ``0`` (no ``0x``), which :func:`c_hex` keeps.
+header (``arch/arm64/kvm/trace_arm.h`` or ``arch/x86/kvm/trace.h``), whose x86 layout
+depends on the kernel version (:data:`KERNEL_VERSIONS`). C's ``%#llx`` prints 0 as ``0``
+(no ``0x``), which :func:`c_hex` keeps. :func:`format_line` is ``trace-cmd report``'s line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from enum import IntEnum
 
 __all__ = [
     "APF_EVENTS",
+    "KERNEL_DEFAULT",
+    "KERNEL_VERSIONS",
     "KVM_ARM_EXIT",
     "KVM_X86_EXIT",
     "WAKE_ALL_TOKEN",
@@ -27,6 +30,7 @@ __all__ = [
     "kvm_exit_arm64",
     "kvm_exit_x86",
     "kvm_try_async_get_page",
+    "parse_kernel",
 ]
 
 WAKE_ALL_TOKEN = 0xFFFF_FFFF
@@ -106,28 +110,78 @@ def kvm_exit_arm64(reason: ExitReason, pc: int) -> str:
     return f"{kind}: HSR_EC: 0x{ec:04x} ({ec_name}), PC: 0x{pc:016x}"
 
 
-def kvm_entry_x86(vcpu: int, rip: int) -> str:
-    """x86 ``kvm_entry`` (5.10): ``"vcpu %u, rip 0x%lx"``."""
-    return f"vcpu {vcpu}, rip 0x{rip:x}"
+# -- kernel versions --------------------------------------------------------------------------
+KERNEL_OLDEST = (5, 10)
+"""The oldest x86 layout offered: 5.10 gave ``kvm_exit`` its vcpu id, ``intr_info`` and
+``error_code``."""
+KERNEL_ENTRY_INTR = (6, 10)
+"""6.10 added ``intr_info``/``error_code`` to ``kvm_entry`` and ``requests`` to
+``kvm_exit``."""
+KERNEL_DEFAULT = (6, 18)
+"""The layout written unless another is asked for: that of the newest kernel checked
+(a 6.18 host's ``events/kvm/*/format``)."""
+KERNEL_VERSIONS = {
+    "5.10-6.9": "kvm_entry 'vcpu %u, rip 0x%lx'; kvm_exit '... intr_info 0x%08x error_code 0x%08x'",
+    "6.10+": "kvm_entry adds ' intr_info 0x%08x error_code 0x%08x'; kvm_exit adds "
+    "' requests 0x%016llx'",
+}
 
 
-def kvm_exit_x86(vcpu: int, reason: ExitReason, rip: int) -> str:
-    """x86 ``kvm_exit`` (5.10 to 6.9). ``info1`` is the exit qualification (an EPT
+def parse_kernel(text: str) -> tuple[int, int]:
+    """``"6.1"`` or ``"6.1.0-13-amd64"`` -> (6, 1); ValueError with a one-line reason."""
+    parts = text.strip().split(".")
+    try:
+        if len(parts) < 2:
+            raise ValueError
+        major, minor = int(parts[0]), int(parts[1].split("-")[0])
+    except ValueError:
+        raise ValueError(f"expected a kernel version like 6.1 (got {text!r})") from None
+    if (major, minor) < KERNEL_OLDEST:
+        raise ValueError(
+            f"layouts cover kernels {KERNEL_OLDEST[0]}.{KERNEL_OLDEST[1]} and later (got {text!r})"
+        )
+    return major, minor
+
+
+def kvm_entry_x86(vcpu: int, rip: int, kernel: tuple[int, int] = KERNEL_DEFAULT) -> str:
+    """x86 ``kvm_entry``: ``"vcpu %u, rip 0x%lx"`` (5.10); 6.10 adds ``" intr_info 0x%08x
+    error_code 0x%08x"`` (the event injected at entry: the model does not say which, so
+    0) and, in 6.18, a trailing ``%s`` for ``[immediate exit]``, which the model never asks
+    for."""
+    if kernel < KERNEL_ENTRY_INTR:
+        return f"vcpu {vcpu}, rip 0x{rip:x}"
+    return f"vcpu {vcpu}, rip 0x{rip:x} intr_info 0x{0:08x} error_code 0x{0:08x}"
+
+
+def kvm_exit_x86(
+    vcpu: int, reason: ExitReason, rip: int, kernel: tuple[int, int] = KERNEL_DEFAULT
+) -> str:
+    """x86 ``kvm_exit`` (5.10 to 6.9; 6.10 adds ``" requests 0x%016llx"``, the vCPU's
+    pending ``KVM_REQ_*`` bits, 0 here). ``info1`` is the exit qualification (an EPT
     violation: a read of a non-present page, 0x181), ``info2`` the IDT-vectoring info (0:
     nothing was being delivered), ``intr_info`` the external interrupt (the local timer
     vector 0xec, valid)."""
     info1 = 0x181 if reason is ExitReason.DABT else 0
     intr_info = 0x800000EC if reason is ExitReason.IRQ else 0
-    return (
+    text = (
         f"vcpu {vcpu} reason {KVM_X86_EXIT[reason]} rip 0x{rip:x} info1 0x{info1:016x} "
         f"info2 0x{0:016x} intr_info 0x{intr_info:08x} error_code 0x{0:08x}"
     )
+    return text if kernel < KERNEL_ENTRY_INTR else f"{text} requests 0x{0:016x}"
 
 
 # -- the line ----------------------------------------------------------------------------------
-def format_line(comm: str, pid: int, cpu: int, ts_ns: int, event: str, fields: str) -> str:
-    """One line in the layout of ``trace-cmd report`` (nanosecond timestamps)."""
-    return (
-        f"{comm:>16}-{pid:<6} [{cpu:03d}] {ts_ns // 1_000_000_000:5d}."
-        f"{ts_ns % 1_000_000_000:09d}: {event + ':':<28} {fields}\n"
-    )
+def format_line(
+    comm: str, pid: int, cpu: int, ts_ns: int, event: str, fields: str, ns: bool = False
+) -> str:
+    """One line as ``trace-cmd report`` prints it: comm right-aligned in 16, ``-pid``
+    left-aligned in 5, ``[%03d]`` CPU, seconds in 5, then µs rounded to the nearest (as
+    trace-cmd does; ``ns`` gives the 9 digits of ``report -t``), the event name and its
+    colon left-aligned in 21, a space, the fields."""
+    if ns:
+        sec, frac = divmod(ts_ns, 1_000_000_000)
+        stamp = f"{sec:5d}.{frac:09d}"
+    else:
+        sec, frac = divmod((ts_ns + 500) // 1000, 1_000_000)
+        stamp = f"{sec:5d}.{frac:06d}"
+    return f"{comm:>16}-{pid:<5} [{cpu:03d}] {stamp}: {event + ':':<21} {fields}\n"

@@ -57,17 +57,25 @@ _CATEGORY_LABEL = {
 }
 _HOST_LABEL = json_str("host")
 _RUNNING, _RUNNABLE = json_str("running"), json_str("runnable")
+# Slice names carry no token (it is in args), so a viewer can sum a name's time.
+_ASLEEP_ON_APF, _HALTED_ON_APF = json_str("asleep on APF"), json_str("halted on APF")
+_NOT_PRESENT, _PAGE_READY = json_str("not-present"), json_str("page-ready")
+_REPEATED = json_str("repeated fault")
 MAX_PENDING_FLOWS = 8192
 
 
 @dataclass(frozen=True, slots=True)
 class TraceOptions:
     """Where to write (a Chrome/Perfetto JSON file, a kernel-format text file, or both),
-    and the window ``[start_ns, end_ns)`` of simulated time to keep."""
+    the window ``[start_ns, end_ns)`` of simulated time to keep, and the text's layout:
+    µs timestamps as ``trace-cmd report`` prints them (``ftrace_ns``: ns, as ``-t``) and
+    the kernel version whose x86 ``kvm_entry``/``kvm_exit`` fields to write."""
 
     chrome: Path | None = None
     ftrace: Path | None = None
     window: tuple[int, int] = (0, 1 << 62)
+    ftrace_ns: bool = False
+    kernel: tuple[int, int] = formats.KERNEL_DEFAULT
 
     @property
     def enabled(self) -> bool:
@@ -123,6 +131,7 @@ class TraceRecorder:
         self.arch = sim.arch  # the kvm_entry / kvm_exit layout of the run's arch
         self.vector_ctx = sim.contexts.vector
         self.window = options.window
+        self.ftrace_ns, self.kernel = options.ftrace_ns, options.kernel
         n = len(sim.vcpus)
         self._exit_label = [_HOST_LABEL] * n
         self._reason_label = {
@@ -156,8 +165,8 @@ class TraceRecorder:
         self._open: dict[AsyncPf, tuple[int, int]] = {}  # work -> (serial, start)
         self._by_token: dict[tuple[int, int], int] = {}  # (vcpu, token) -> serial
         self._flows: dict[int, list[int]] = {}  # serial -> [vcpu, not-present ts, ready ts]
-        self._waits: dict[int, tuple[int, str]] = {}  # tid -> (serial or -1, label)
-        self._task_slice: list[tuple[str, int] | None] = [None] * len(sim.tasks)
+        self._waits: dict[int, tuple[int, str, str]] = {}  # tid -> (serial or -1, label, args)
+        self._task_slice: list[tuple[str, int, str] | None] = [None] * len(sim.tasks)
         self._counters: dict[str, int] = {}  # last written inside the window
         self._values: dict[str, tuple[str, int]] = {}  # last sampled: name -> (key, value)
         self._window_open = False
@@ -211,7 +220,7 @@ class TraceRecorder:
                 if self.arch == "arm64":
                     fields = formats.kvm_exit_arm64(reason, self._pc(ctx))
                 else:
-                    fields = formats.kvm_exit_x86(vcpu, reason, self._pc(ctx))
+                    fields = formats.kvm_exit_x86(vcpu, reason, self._pc(ctx), self.kernel)
                 self._vcpu_line(vcpu, now, "kvm_exit", fields)
         if reason is ExitReason.DABT and self.chrome is not None:
             self.sample_counters()
@@ -225,7 +234,7 @@ class TraceRecorder:
             fields = (
                 formats.kvm_entry_arm64(pc)
                 if self.arch == "arm64"
-                else formats.kvm_entry_x86(vcpu, pc)
+                else formats.kvm_entry_x86(vcpu, pc, self.kernel)
             )
             self._vcpu_line(vcpu, now, "kvm_entry", fields)
 
@@ -256,9 +265,7 @@ class TraceRecorder:
                     formats.kvm_async_pf_repeated_fault(gva, gfn),
                 )
             if self.chrome is not None:
-                self.chrome.marker(
-                    PID_VCPUS, 2 * vcpu + 2, json_str(f"repeated fault gfn {gfn:#x}"), now
-                )
+                self.chrome.marker(PID_VCPUS, 2 * vcpu + 2, _REPEATED, now, f'{{"gfn":"{gfn:#x}"}}')
 
     def spin_refaults(self, vcpu: int, gfn: int, since: int, count: int, every: int) -> None:
         """The re-faults of a repeated-fault loop (arm64 has no artificial halt), one pair of
@@ -294,9 +301,9 @@ class TraceRecorder:
         chrome.marker(
             PID_VCPUS,
             2 * vcpu + 2,
-            json_str(f"not-present token {c_hex(work.token)}"),
+            _NOT_PRESENT,
             now,
-            f'{{"gfn":"{work.gfn:#x}","serial":{serial}}}',
+            f'{{"token":"{c_hex(work.token)}","gfn":"{work.gfn:#x}","serial":{serial}}}',
         )
         self.sample_counters()
 
@@ -326,7 +333,7 @@ class TraceRecorder:
             chrome.marker(PID_VCPUS, 2 * vcpu + 2, json_str("page-ready: wake all"), now)
             return
         serial = self._end_async(work, now, "delivered")
-        chrome.marker(PID_VCPUS, 2 * vcpu + 2, json_str(f"page-ready token {c_hex(token)}"), now)
+        chrome.marker(PID_VCPUS, 2 * vcpu + 2, _PAGE_READY, now, f'{{"token":"{c_hex(token)}"}}')
         if serial is not None:
             flow = self._flows.get(serial)
             if flow is not None:
@@ -360,9 +367,9 @@ class TraceRecorder:
         """The guest parked ``task`` on ``token`` (``kvm_async_pf_wait``)."""
         if self.chrome is None:
             return
-        what = "halted on" if halted else "asleep on"
         serial = self._by_token.get((cpu, token), -1)
-        self._waits[task.tid] = (serial, json_str(f"{what} token {c_hex(token)}"))
+        label = _HALTED_ON_APF if halted else _ASLEEP_ON_APF
+        self._waits[task.tid] = (serial, label, f'{{"token":"{c_hex(token)}"}}')
         if halted:
             self.task_state(task)
 
@@ -372,6 +379,7 @@ class TraceRecorder:
             return
         now = self.now()
         state = task.state
+        args = ""
         if state is TaskState.RUNNING:
             label = _RUNNING
         elif state is TaskState.RUNNABLE:
@@ -380,13 +388,13 @@ class TraceRecorder:
             label = ""
         else:
             wait = self._waits.get(task.tid)
-            label = wait[1] if wait is not None else json_str(state.value)
+            label, args = (wait[1], wait[2]) if wait is not None else (json_str(state.value), "")
         current = self._task_slice[task.tid]
-        if current is not None and current[0] is label:
+        if current is not None and current[0] is label and current[2] == args:
             return
         if current is not None:
-            self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now)
-        self._task_slice[task.tid] = (label, now) if label else None
+            self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now, current[2])
+        self._task_slice[task.tid] = (label, now, args) if label else None
 
     def task_woken(self, task: Task) -> None:
         """The task's wait ended: a wake-up marker, and its flow from the not-present."""
@@ -410,20 +418,22 @@ class TraceRecorder:
 
     # -- counters -------------------------------------------------------------------------------
     def _queue_changed(self, now: int, depth: int) -> None:
-        self._counter("swap queue depth", "requests", depth, now)
-        self._counter("resident pages", "pages", int(self.sim.memory.resident), now)
+        self._counter("swap queue", "depth", depth, now)
+        self._counter("resident", "pages", int(self.sim.memory.resident), now)
 
     def sample_counters(self) -> None:
         sim = self.sim
         now = self.now()
-        self._counter("resident pages", "pages", int(sim.memory.resident), now)
-        self._counter("swap queue depth", "requests", sim.device.queue_length, now)
+        self._counter("resident", "pages", int(sim.memory.resident), now)
+        self._counter("swap queue", "depth", sim.device.queue_length, now)
         apf = getattr(sim.host_protocol, "apf", None)
         if apf is not None:
             for v, state in enumerate(apf):
-                self._counter(f"outstanding APFs vCPU {v}", "items", state.queued, now)
+                self._counter(f"vCPU {v} APFs", "outstanding", state.queued, now)
 
     def _counter(self, name: str, key: str, value: int, now: int) -> None:
+        """A counter track: Perfetto names it ``name key`` ("resident pages"), DevTools
+        ``name`` with a series ``key``; so the two read as one phrase, never a unit twice."""
         chrome = self.chrome
         if chrome is None:
             return
@@ -448,7 +458,9 @@ class TraceRecorder:
         self.ftrace_line(f"CPU {vcpu}/KVM", 4000 + vcpu, vcpu, now, event, fields)
 
     def ftrace_line(self, comm: str, pid: int, cpu: int, now: int, event: str, fields: str) -> None:
-        self._ftrace_buf.append(formats.format_line(comm, pid, cpu, now, event, fields))
+        self._ftrace_buf.append(
+            formats.format_line(comm, pid, cpu, now, event, fields, self.ftrace_ns)
+        )
         if len(self._ftrace_buf) >= 4096 and self.ftrace is not None:
             self.ftrace.write("".join(self._ftrace_buf))
             self._ftrace_buf.clear()
@@ -465,7 +477,9 @@ class TraceRecorder:
                 for task in self.sim.tasks:
                     current = self._task_slice[task.tid]
                     if current is not None:
-                        self.chrome.slice(PID_TASKS, task.tid + 1, current[0], current[1], now)
+                        self.chrome.slice(
+                            PID_TASKS, task.tid + 1, current[0], current[1], now, current[2]
+                        )
                         self._task_slice[task.tid] = None
                 self.chrome.close()
             except TraceWriteError as err:

@@ -1,10 +1,14 @@
 """``apfsim trace-stats``: read a kernel-format text trace (ours, or one recorded with
 ``trace-cmd record -e kvm`` / ``perf script`` on a real host) and summarise async PF.
 
-Accepted layouts: ``trace-cmd report`` (``comm-pid [cpu] ts: event: fields``), the raw
-ftrace buffer (with the irq-flags column) and ``perf script`` (``comm pid [cpu] ts:
-kvm:event: fields``). Lines that are not async-PF events are skipped and counted; an
-async-PF event whose fields do not parse is reported with its line number.
+Accepted layouts: ``trace-cmd report`` (``comm-pid [cpu] ts: event: fields``) with its
+``-t``, ``-l`` (latency: ``comm-pid cpu+flags ts:``, no brackets) and ``--ts-diff``
+(``ts: (+delta) event:``) variants, the raw ftrace buffer (with the irq-flags and tgid
+columns) and ``perf script`` (``comm pid [cpu] ts: kvm:event: fields``). A trace recorded
+with a counter clock (``trace_clock=x86-tsc`` or ``counter``) has integer timestamps, which
+are clock ticks, not ns; they are read as such and the summary says so. Other events are
+counted (kvm ones apart) and lines that are no event at all (headers) are counted as
+unknown; an async-PF event whose fields do not parse is reported with its line number.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ __all__ = ["Malformed", "TraceStats", "read_trace", "trace_stats_text"]
 
 # comm, then -pid (trace-cmd, ftrace) or " pid" / " pid/tid" (perf script), an optional
 # tgid column, [cpu], optional irq flags, the timestamp, [system:]event:, the fields.
+# The CPU is "[cpu]" then optional flags, or (trace-cmd report -l) the CPU number glued to
+# the flags ("0d..1."). The timestamp is sec.frac, or an integer count of a counter clock,
+# which trace-cmd prints glued to the bracket ("[001]2869274860595:"). --ts-diff adds
+# "(+delta)" after the timestamp.
 _LINE = re.compile(
     r"^\s*(?P<comm>.*?\S)(?:-|\s+)(?P<pid>\d+)(?:/(?P<tid>\d+))?\s+(?:\(\s*[\d-]+\)\s+)?"
-    r"\[(?P<cpu>\d+)\]\s+(?:[^\s:]+\s+)?(?P<ts>\d+\.\d+):\s+(?:(?P<sys>\w+):)?(?P<event>\w+):"
+    r"(?:\[(?P<cpu>\d+)\]\s*(?:[^\s:]+\s+)?|(?P<lcpu>\d+)[.a-zA-Z][^\s:]*\s+)"
+    r"(?P<ts>\d+(?:\.\d+)?):\s+(?:\(\+\d+\)\s+)?(?:(?P<sys>\w+):)?(?P<event>\w+):"
     r"(?P<fields>.*)$"
 )
 _HEX = r"(0x[0-9a-fA-F]+|0)"
@@ -58,7 +67,10 @@ class TraceStats:
 
     lines: int = 0
     events: Counter[str] = field(default_factory=Counter)
-    unknown_lines: int = 0
+    other_kvm_events: int = 0  # kvm events other than APF and entry/exit (kvm_msr, ...)
+    other_events: int = 0  # events of other systems (sched_switch, ...)
+    unknown_lines: int = 0  # not an event line: headers, blank lines
+    ticks: bool | None = None  # timestamps are counter-clock ticks (None: no timestamp yet)
     malformed: list[Malformed] = field(default_factory=list)
     malformed_count: int = 0
     wake_all: int = 0
@@ -66,48 +78,74 @@ class TraceStats:
     latencies_ns: dict[int, list[int]] = field(default_factory=dict)  # per vCPU thread id
     in_flight: dict[int, int] = field(default_factory=dict)  # not-present never ready
     thread_names: dict[int, str] = field(default_factory=dict)  # pid -> "comm-pid"
-    first_ts_ns: int | None = None
+    first_ts_ns: int | None = None  # of any event, not only APF ones (ticks if ``ticks``)
     last_ts_ns: int | None = None
+
+    @property
+    def kvm_events(self) -> int:
+        """Every kvm event read, async PF or not."""
+        return sum(self.events.values()) + self.other_kvm_events
+
+    @property
+    def unit(self) -> str:
+        """What the timestamps count: ``ns``, or ``ticks`` of an x86-tsc/counter clock."""
+        return "ticks" if self.ticks else "ns"
 
     @property
     def repeated_faults(self) -> int:
         return self.events["kvm_async_pf_repeated_fault"]
 
     def latency_summary(self) -> dict[str, dict[str, Any]]:
-        """Per vCPU thread: count and not-present -> ready percentiles in µs."""
+        """Per vCPU thread: count and not-present -> ready percentiles in µs (in clock
+        ticks for a counter-clock trace, which has no known frequency)."""
+        scale = 1.0 if self.ticks else 1000.0
         out: dict[str, dict[str, Any]] = {}
         for tid in sorted(self.latencies_ns):
             values = np.asarray(self.latencies_ns[tid], dtype=np.int64)
             row: dict[str, Any] = {"count": len(values)}
             if len(values):
-                qs = np.percentile(values, [0, 50, 90, 99, 100]) / 1000.0
+                qs = np.percentile(values, [0, 50, 90, 99, 100]) / scale
                 for name, v in zip(("min", "p50", "p90", "p99", "max"), qs, strict=True):
                     row[name] = round(float(v), 3)
-                row["mean"] = round(float(values.mean()) / 1000.0, 3)
+                row["mean"] = round(float(values.mean()) / scale, 3)
             row["in_flight_at_end"] = self.in_flight.get(tid, 0)
             out[self.thread_names.get(tid, str(tid))] = row
         return out
 
+    def span(self) -> int | float | None:
+        """From the first event to the last (of any kind): s, or ticks."""
+        if self.first_ts_ns is None or self.last_ts_ns is None:
+            return None
+        if self.ticks:
+            return self.last_ts_ns - self.first_ts_ns
+        return round((self.last_ts_ns - self.first_ts_ns) / 1e9, 9)
+
     def to_dict(self) -> dict[str, Any]:
+        span = self.span()
         return {
             "lines": self.lines,
             "events": {name: self.events[name] for name in (*APF_EVENTS, *_OTHER_KVM)},
             "wake_all": self.wake_all,
             "repeated_faults": self.repeated_faults,
             "ready_without_not_present": self.ready_without_not_present,
+            "other_kvm_events": self.other_kvm_events,
+            "other_events": self.other_events,
             "unknown_lines": self.unknown_lines,
             "malformed_lines": self.malformed_count,
-            "not_present_to_ready_us": self.latency_summary(),
-            "span_s": None
-            if self.first_ts_ns is None or self.last_ts_ns is None
-            else round((self.last_ts_ns - self.first_ts_ns) / 1e9, 9),
+            "timestamps": "clock ticks" if self.ticks else "seconds",
+            f"not_present_to_ready_{'ticks' if self.ticks else 'us'}": self.latency_summary(),
+            "span_s": None if self.ticks else span,
+            **({"span_ticks": span} if self.ticks else {}),
         }
 
 
 def _ts_ns(text: str) -> int | None:
     """The timestamp in ns, None past MAX_TS_NS (checked on the digits' count first, so a
-    number of any length costs no more than its scan)."""
-    sec, _, frac = text.partition(".")
+    number of any length costs no more than its scan). An integer (a counter clock's
+    ticks) is returned as it is."""
+    sec, dot, frac = text.partition(".")
+    if not dot:
+        return _bounded_int(sec, 10, MAX_TS_NS)
     sec = sec.lstrip("0")
     if len(sec) > len(str(MAX_TS_NS // 1_000_000_000)):
         return None
@@ -140,18 +178,27 @@ def read_trace(lines: Iterable[str]) -> TraceStats:
                 stats.unknown_lines += 1
             continue
         event = _ALIASES.get(m["event"], m["event"])
-        if event in _OTHER_KVM:
-            stats.events[event] += 1
-            continue
         pattern = _FIELDS.get(event)
+        ts = _ts_ns(m["ts"])
+        ticks = "." not in m["ts"]
+        if ts is not None and stats.ticks is not None and ticks != stats.ticks:
+            unit = "clock ticks" if ticks else "seconds"
+            _malformed(stats, line_no, f"timestamp in {unit}, unlike the lines before", line)
+            continue
         if pattern is None:
-            stats.unknown_lines += 1
+            if event in _OTHER_KVM:
+                stats.events[event] += 1
+            elif (m["sys"] or "kvm") == "kvm" and event.startswith("kvm"):
+                stats.other_kvm_events += 1
+            else:
+                stats.other_events += 1
+            if ts is not None:
+                _span(stats, ts, ticks)
             continue
         fm = pattern.match(m["fields"].strip())
         if fm is None:
             _malformed(stats, line_no, f"{event}: fields do not match its TP_printk", line)
             continue
-        ts = _ts_ns(m["ts"])
         if ts is None:
             _malformed(stats, line_no, f"timestamp {_clip(m['ts'])} is out of range", line)
             continue
@@ -180,9 +227,7 @@ def read_trace(lines: Iterable[str]) -> TraceStats:
                     line,
                 )
                 continue
-        if stats.first_ts_ns is None:
-            stats.first_ts_ns = ts
-        stats.last_ts_ns = ts
+        _span(stats, ts, ticks)
         stats.events[event] += 1
         if tid not in stats.thread_names or stats.thread_names[tid].startswith("<...>"):
             stats.thread_names[tid] = f"{m['comm']}-{tid}"
@@ -204,6 +249,16 @@ def read_trace(lines: Iterable[str]) -> TraceStats:
     return stats
 
 
+def _span(stats: TraceStats, ts: int, ticks: bool) -> None:
+    """Widen the trace's span to ``ts`` (trace-cmd merges the per-CPU buffers in time
+    order; the raw buffer of one CPU need not be, so min and max)."""
+    stats.ticks = ticks
+    if stats.first_ts_ns is None or ts < stats.first_ts_ns:
+        stats.first_ts_ns = ts
+    if stats.last_ts_ns is None or ts > stats.last_ts_ns:
+        stats.last_ts_ns = ts
+
+
 def _clip(digits: str) -> str:
     """A number as a message shows it: at most 20 characters, then how long it was."""
     return digits if len(digits) <= 20 else f"{digits[:12]}... ({len(digits)} characters)"
@@ -222,19 +277,30 @@ def _malformed(stats: TraceStats, line_no: int, reason: str, line: str) -> None:
 def trace_stats_text(stats: TraceStats) -> str:
     """The human-readable summary ``apfsim trace-stats`` prints."""
     d = stats.to_dict()
-    lines = [f"{stats.lines} lines, span {d['span_s'] if d['span_s'] is not None else '-'} s"]
+    span = stats.span()
+    if stats.ticks:
+        lines = [
+            f"{stats.lines} lines, span {span} clock ticks",
+            "timestamps are clock ticks (trace_clock x86-tsc or counter), not seconds: "
+            "latencies below are in ticks",
+        ]
+    else:
+        lines = [f"{stats.lines} lines, span {span if span is not None else '-'} s"]
     lines.append("[events]")
     for name, count in d["events"].items():
         lines.append(f"  {name:<32}{count:>12}")
     lines.append(f"  {'wake-all (ready, token ~0)':<32}{stats.wake_all:>12}")
     lines.append(f"  {'repeated faults':<32}{stats.repeated_faults:>12}")
     lines.append(f"  {'ready without its not-present':<32}{stats.ready_without_not_present:>12}")
-    lines.append(f"  {'unknown lines (skipped)':<32}{stats.unknown_lines:>12}")
+    lines.append(f"  {'other kvm events':<32}{stats.other_kvm_events:>12}")
+    lines.append(f"  {'other events':<32}{stats.other_events:>12}")
+    lines.append(f"  {'not event lines (headers)':<32}{stats.unknown_lines:>12}")
     lines.append(f"  {'malformed lines':<32}{stats.malformed_count:>12}")
-    lines.append("[not-present -> ready latency per vCPU thread (us)]")
+    unit = "clock ticks" if stats.ticks else "us"
+    lines.append(f"[not-present -> ready latency per vCPU thread ({unit})]")
     header = ("thread", "count", "min", "p50", "p90", "p99", "max", "in flight")
     lines.append(f"  {header[0]:<24}" + "".join(f"{h:>11}" for h in header[1:]))
-    for thread, row in d["not_present_to_ready_us"].items():
+    for thread, row in stats.latency_summary().items():
         cells = [str(row["count"])]
         cells += [f"{row[k]:.3f}" if k in row else "-" for k in ("min", "p50", "p90", "p99", "max")]
         cells.append(str(row["in_flight_at_end"]))
