@@ -138,15 +138,16 @@ def test_x86_entry_and_exit_follow_the_6_18_kernel_format() -> None:
     rip = 0xFFFFFFFF81000000
     entry = _c_printf(_print_fmt("kvm_entry"), 1, rip, 0, 0, "")
     assert tp.kvm_entry_x86(1, rip, (6, 18)) == entry
-    assert tp.kvm_entry_x86(1, rip, (6, 10)) == entry
+    assert tp.kvm_entry_x86(1, rip, (6, 14)) == entry
     fields = (1, "EPT_VIOLATION", "", "", rip, 0x181, 0, 0, 0, 0)
     exit_ = _c_printf(_print_fmt("kvm_exit"), *fields)
     assert tp.kvm_exit_x86(1, ExitReason.DABT, rip) == exit_  # the default layout: newest
     assert exit_.endswith(" requests 0x0000000000000000")
 
 
-def test_x86_entry_and_exit_before_6_10_have_no_injection_or_requests_fields() -> None:
-    assert tp.kvm_entry_x86(1, 0x401000, (6, 9)) == "vcpu 1, rip 0x401000"
+def test_x86_entry_and_exit_before_6_14_have_no_injection_or_requests_fields() -> None:
+    assert tp.kvm_entry_x86(1, 0x401000, (6, 13)) == "vcpu 1, rip 0x401000"
+    assert not tp.kvm_exit_x86(0, ExitReason.WFX, 0x10, (6, 13)).endswith("0000000000000000")
     assert tp.kvm_exit_x86(0, ExitReason.WFX, 0x10, (5, 10)).endswith("error_code 0x00000000")
 
 

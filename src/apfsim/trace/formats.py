@@ -114,15 +114,17 @@ def kvm_exit_arm64(reason: ExitReason, pc: int) -> str:
 KERNEL_OLDEST = (5, 10)
 """The oldest x86 layout offered: 5.10 gave ``kvm_exit`` its vcpu id, ``intr_info`` and
 ``error_code``."""
-KERNEL_ENTRY_INTR = (6, 10)
-"""6.10 added ``intr_info``/``error_code`` to ``kvm_entry`` and ``requests`` to
-``kvm_exit``."""
+KERNEL_ENTRY_INTR = (6, 14)
+"""6.14 added ``intr_info``/``error_code`` to ``kvm_entry`` and ``requests`` to ``kvm_exit``
+(commits 3e633e7e7d07 and 0e77b324110c, in the KVM pull for 6.14,
+<20250124163741.101568-1-pbonzini@redhat.com>)."""
 KERNEL_DEFAULT = (6, 18)
 """The layout written unless another is asked for: that of the newest kernel checked
 (a 6.18 host's ``events/kvm/*/format``)."""
 KERNEL_VERSIONS = {
-    "5.10-6.9": "kvm_entry 'vcpu %u, rip 0x%lx'; kvm_exit '... intr_info 0x%08x error_code 0x%08x'",
-    "6.10+": "kvm_entry adds ' intr_info 0x%08x error_code 0x%08x'; kvm_exit adds "
+    "5.10-6.13": "kvm_entry 'vcpu %u, rip 0x%lx'; "
+    "kvm_exit '... intr_info 0x%08x error_code 0x%08x'",
+    "6.14+": "kvm_entry adds ' intr_info 0x%08x error_code 0x%08x'; kvm_exit adds "
     "' requests 0x%016llx'",
 }
 
@@ -144,7 +146,7 @@ def parse_kernel(text: str) -> tuple[int, int]:
 
 
 def kvm_entry_x86(vcpu: int, rip: int, kernel: tuple[int, int] = KERNEL_DEFAULT) -> str:
-    """x86 ``kvm_entry``: ``"vcpu %u, rip 0x%lx"`` (5.10); 6.10 adds ``" intr_info 0x%08x
+    """x86 ``kvm_entry``: ``"vcpu %u, rip 0x%lx"`` (5.10); 6.14 adds ``" intr_info 0x%08x
     error_code 0x%08x"`` (the event injected at entry: the model does not say which, so
     0) and, in 6.18, a trailing ``%s`` for ``[immediate exit]``, which the model never asks
     for."""
@@ -156,7 +158,7 @@ def kvm_entry_x86(vcpu: int, rip: int, kernel: tuple[int, int] = KERNEL_DEFAULT)
 def kvm_exit_x86(
     vcpu: int, reason: ExitReason, rip: int, kernel: tuple[int, int] = KERNEL_DEFAULT
 ) -> str:
-    """x86 ``kvm_exit`` (5.10 to 6.9; 6.10 adds ``" requests 0x%016llx"``, the vCPU's
+    """x86 ``kvm_exit`` (5.10 to 6.13; 6.14 adds ``" requests 0x%016llx"``, the vCPU's
     pending ``KVM_REQ_*`` bits, 0 here). ``info1`` is the exit qualification (an EPT
     violation: a read of a non-present page, 0x181), ``info2`` the IDT-vectoring info (0:
     nothing was being delivered), ``intr_info`` the external interrupt (the local timer
