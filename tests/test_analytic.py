@@ -142,8 +142,9 @@ def utilisation_samples(p: Point, protocol: str) -> list[float]:
     return out
 
 
-# arm64-rfcv2 needs the longer runs (12 s each): the full tier.
-@pytest.mark.parametrize("protocol", ["sync", pytest.param("arm64-rfcv2", marks=pytest.mark.slow)])
+# Each point is several simulations (sync 2-6 s, arm64-rfcv2 12 s): the full tier.
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["sync", "arm64-rfcv2"])
 @pytest.mark.parametrize("point", POINTS, ids=str)
 def test_utilisation_matches_the_formula(point: Point, protocol: str) -> None:
     samples = utilisation_samples(point, protocol)

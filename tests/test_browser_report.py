@@ -18,10 +18,13 @@ from apfsim.report import render_report
 from browser import chromium_or_skip, instrument, page_summary, render_dom
 from browser import figure_problems as problems
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2")),
-    reason="the report extra is not installed: pip install -e '.[report]'",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2")),
+        reason="the report extra is not installed: pip install -e '.[report]'",
+    ),
+]
 
 FIGURES = ["throughput", "speedup", "vcpu-time", "latency-cdf"]
 

@@ -13,8 +13,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from apfsim.cli import main
 from browser import chromium_or_skip, instrument, page_summary, render_dom
+
+pytestmark = pytest.mark.slow  # the browser: the full tier
 
 RULES = (Path(__file__).parent / "trace_rules.js").read_text(encoding="utf-8")
 CHECK_ID = "apfsim-trace-check"

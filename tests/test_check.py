@@ -276,6 +276,7 @@ def test_a_reboot_does_not_hide_a_task_asleep_forever() -> None:
     assert found.violation.prop == "live: halted waiter never woken"
 
 
+@pytest.mark.slow
 def test_token_ids_do_not_wrap_in_a_world_that_could_hold_more_live_faults() -> None:
     """The narrow apf.id of a small world must not make fixed x86 reuse a live token."""
     world = World(WorldConfig(protocol="x86", vcpus=1, tasks=4, pages=4, modes=("user",)))

@@ -65,6 +65,7 @@ def test_thaw_is_freeze_inverse_at_the_root() -> None:
         assert other.key() == world.key()
 
 
+@pytest.mark.slow
 def test_keys_agree_on_a_bounded_prefix_of_every_world() -> None:
     for name in PROTOCOLS:
         crosscheck(WorldConfig(protocol=name), limit=1500)

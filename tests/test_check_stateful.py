@@ -63,6 +63,7 @@ class Interleavings(RuleBasedStateMachine):
 
 
 TestInterleavings = Interleavings.TestCase
+TestInterleavings.pytestmark = [pytest.mark.slow]  # 60 walks of 60 steps: the full tier
 TestInterleavings.settings = settings(
     max_examples=60,
     stateful_step_count=60,

@@ -270,6 +270,7 @@ def test_natapov_2010_places_one_writer_and_one_counter_per_vcpu() -> None:
         assert sorted(type(w).__name__ for w in on_cpu) == ["ComputeTask", "RandomWriterTask"]
 
 
+@pytest.mark.slow
 def test_every_protocol_compared_on_the_default_scenario_from_the_cli(tmp_path: Path) -> None:
     """Issue 3 acceptance: all designs side by side; the JSON lists every protocol."""
     from apfsim.registry import PROTOCOLS

@@ -8,11 +8,14 @@ seconds for about 20 live events.
 
 from __future__ import annotations
 
+import pytest
+
 from apfsim.engine import COMPACT_MIN
 from apfsim.scenario import load_scenario
 from apfsim.simulation import Simulation
 
 
+@pytest.mark.slow
 def test_the_heap_is_bounded_by_the_live_events_in_a_long_run() -> None:
     sim = Simulation(load_scenario("natapov-2010"), "x86", seed=0, check=False)
     samples: list[tuple[int, int]] = []

@@ -305,6 +305,7 @@ clock_case = st.integers(1, 120).flatmap(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(case=clock_case, chunk=st.sampled_from([(1, 1), (2, 1), (5, 2), (1024, 8)]))
 def test_vectorised_clock_equals_reference(

@@ -216,6 +216,7 @@ def test_html_is_one_self_contained_page_with_every_figure(report_html: str) -> 
         assert needle in html, needle
 
 
+@pytest.mark.slow
 @needs_plotting
 def test_html_is_deterministic(two_seeds: list[Path], report_html: str, tmp_path: Path) -> None:
     assert render_report(two_seeds) == report_html
@@ -267,6 +268,7 @@ def test_write_report(two_seeds: list[Path], report_html: str, tmp_path: Path) -
 # ------------------------------------------------------------------------------ plot files
 
 
+@pytest.mark.slow
 @needs_plotting
 def test_write_plots_writes_png_and_svg(two_seeds: list[Path], tmp_path: Path) -> None:
     out_dir = tmp_path / "new" / "plots"  # created
@@ -300,6 +302,7 @@ def test_one_protocol_has_no_speedup_figure(inputs: dict[str, Path], tmp_path: P
 # ---------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 @needs_plotting
 def test_cli_report_and_plot(
     two_seeds: list[Path], report_html: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -637,11 +637,13 @@ def test_checker_default_world_with_the_idle_tick_holds_every_invariant() -> Non
     assert result.goal_states > 0
 
 
+@pytest.mark.slow
 def test_checker_small_world_holds_every_invariant() -> None:
     result = check(WorldConfig(protocol="s390-pfault", pages=1, modes=("user",), idle_tick=True))
     assert result.complete and result.violation is None, _trace(result)
 
 
+@pytest.mark.slow
 def test_checker_default_world_without_the_idle_tick() -> None:
     """A DONE taken on vCPU1 wakes task0 while vCPU0 is still in __schedule's switch to idle:
     check_preempt_curr() looks at rq->curr, already idle, and preempts it (this world found

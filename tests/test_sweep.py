@@ -143,6 +143,7 @@ def test_bad_sweep_flags_exit_2(
 # -- executors and the store ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serial_process_and_dask_give_identical_rows(tmp_path: Path) -> None:
     pytest.importorskip("distributed")
     spec = parse_sweep(TINY, "tiny")
@@ -202,6 +203,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_then_retried(
     assert store.count("tiny") == {"ok": len(spec.runs)}
 
 
+@pytest.mark.slow
 def test_process_pool_survives_a_killed_worker(tmp_path: Path) -> None:
     spec = parse_sweep(TINY, "tiny")
     crash = functools.partial(sweep_helpers.crash_once, tmp_path / "crashed")
@@ -212,6 +214,7 @@ def test_process_pool_survives_a_killed_worker(tmp_path: Path) -> None:
     assert all(o.error is None for o in outcomes)
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_and_every_run_is_present_once(tmp_path: Path) -> None:
     data = {**TINY, "seeds": 3, "duration_s": 0.5}
     path = write_sweep(tmp_path / "s.toml", data)
@@ -240,6 +243,7 @@ def test_killed_sweep_resumes_and_every_run_is_present_once(tmp_path: Path) -> N
     assert sorted(keys) == sorted(r.key for r in parse_sweep(data, "s").runs)
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_runs_and_says_how_to_finish(tmp_path: Path) -> None:
     # Far more runs than the two waited for: the interrupt must land with work left, however
     # fast the runs are on this machine (with 3 seeds a quick one finished them first).

@@ -40,6 +40,8 @@ from apfsim.sweep.store import StoredRun, SweepStore
 from cli_helpers import assert_one_line_error, cli
 from page_checks import assert_offline_page
 
+pytestmark = pytest.mark.slow  # every test reads a sweep run for it: the full tier
+
 PLOTTING = all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2"))
 needs_plotting = pytest.mark.skipif(
     not PLOTTING, reason="the report extra is not installed: pip install -e '.[report]'"

@@ -90,7 +90,9 @@ def test_line_layout_is_trace_cmd_report() -> None:
 # -- our traces ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+@pytest.mark.parametrize(
+    "protocol", [p if p == "x86" else pytest.param(p, marks=pytest.mark.slow) for p in PROTOCOLS]
+)
 def test_tracing_changes_no_result_and_both_outputs_are_consistent(
     tmp_path: Path, protocol: str
 ) -> None:
@@ -216,6 +218,7 @@ def test_an_aborted_run_still_leaves_valid_trace_files(tmp_path: Path) -> None:
     assert stats.events["kvm_async_pf_not_present"] > 0 and stats.malformed_count == 0
 
 
+@pytest.mark.slow
 def test_window_keeps_only_its_slice_of_time(tmp_path: Path) -> None:
     window = (1_000_000_000, 1_500_000_000)
     (tmp_path / "full").mkdir()
@@ -255,6 +258,7 @@ def test_trace_is_written_while_the_run_goes_on(tmp_path: Path) -> None:
     assert sum(growing) >= len(growing) // 2 and sizes[-1] > sizes[0]
 
 
+@pytest.mark.slow
 def test_default_scenario_trace_has_every_track_async_pairs_flows_and_counters(
     tmp_path: Path,
 ) -> None:

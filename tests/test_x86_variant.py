@@ -898,6 +898,7 @@ def test_e2e_sync_fallback_irqs_off_is_reported(protocol: str) -> None:
     assert r.apf["sync_fallback_irqs_off"] == r.faults["sync"] > 0
 
 
+@pytest.mark.slow
 def test_e2e_x86_ready_latency_counts_ack_deliveries() -> None:
     """Every delivered completion (run loop or ACK) has a not-present → ready sample."""
     sim = Simulation(scenario(writers=4), "x86", seed=1)
