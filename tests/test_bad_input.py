@@ -4,6 +4,7 @@ traceback, and a sweep or a guest never takes memory or time without bound (item
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from apfsim.host.backing import LognormalServiceTime
-from apfsim.scenario import MAX_MEMORY_MIB, Scenario
+from apfsim.scenario import MAX_MEMORY_MIB, Scenario, load_scenario, scenario_to_toml
 from cli_helpers import assert_one_line_error, cli
 
 # A small valid scenario; each case below changes one thing in it.
@@ -249,3 +250,67 @@ def test_the_extremes_the_bounds_allow_run(
     path = scenario_file(tmp_path, extremes)
     code, _, err = cli(["run", str(path), "-q", "-p", "sync", "-p", "x86"], capsys)
     assert code == 0, err
+
+
+# -- item 13: a file name longer than 255 characters ------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "show", "compare", "sweep"])
+@pytest.mark.parametrize("name", ["a" * 300, "a" * 300 + ".toml", "dir/" + "a" * 300])
+def test_a_file_name_too_long_is_one_line(
+    command: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = cli([command, name], capsys)
+    assert_one_line_error(code, err, "a" * 100)
+    assert out == ""
+
+
+def test_a_json_path_too_long_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(["run", "--json", "/tmp/" + "a" * 300 + "/r.json", "-q"], capsys)
+    assert_one_line_error(code, err, "--json")
+
+
+# -- item 14: TOML nested too deeply -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "show", "compare", "sweep"])
+@pytest.mark.parametrize("nesting", ["[" * 5000 + "]" * 5000, "{a = " * 5000 + "1" + "}" * 5000])
+def test_toml_nested_5000_deep_is_one_line(
+    command: str, nesting: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(f"x = {nesting}\n")
+    code, _, err = cli([command, str(path)], capsys)
+    assert_one_line_error(code, err, "not valid TOML", "nested too deeply")
+
+
+# -- item 16: show writes valid TOML for any name ----------------------------------------------
+
+NAMES = ["a\nb", "tab\there", "nul\x00", "bell\x07", "del\x7f", 'quote" back\\slash', "é ü 漢"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_show_writes_toml_that_reads_back_for_any_name(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    escaped = json.dumps(name).replace("\x7f", "\\u007f")  # a TOML basic string
+    path = scenario_file(
+        tmp_path,
+        BASE.replace('name = "small"', f"name = {escaped}\ndescription = {escaped}").replace(
+            'kind = "compute"', f'kind = "compute"\nname = {escaped}'
+        ),
+    )
+    code, out, err = cli(["show", str(path)], capsys)
+    assert code == 0 and err == ""
+    again = Scenario.model_validate(tomllib.loads(out))
+    assert again == load_scenario(path)
+    assert again.name == again.description == again.tasks[1].name == name
+    assert scenario_to_toml(again) == out
+
+
+def test_an_error_naming_a_control_character_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = scenario_file(tmp_path, BASE + '[guest.costs]\n"bad\\nkey" = 1\n')
+    code, _, err = cli(["run", str(path), "-q"], capsys)
+    assert_one_line_error(code, err, "guest.costs.bad\\nkey")

@@ -8,6 +8,7 @@ allowed.
 
 from __future__ import annotations
 
+import json
 import math
 import reprlib
 import tomllib
@@ -29,6 +30,7 @@ __all__ = [
     "builtin_scenarios",
     "load_scenario",
     "one_line",
+    "parse_toml",
     "scenario_to_toml",
     "short_repr",
     "with_overrides",
@@ -366,24 +368,45 @@ def builtin_scenarios() -> dict[str, str]:
 BUILTIN_SCENARIOS = builtin_scenarios
 
 
+def _builtin_names() -> set[str]:
+    return {
+        e.name[:-5]
+        for e in resources.files("apfsim.scenarios").iterdir()
+        if e.name.endswith(".toml")
+    }
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``, with what the parser raises besides a syntax error (nesting too
+    deep for its recursion, an integer of over 4300 digits) raised as one too."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise
+    except RecursionError:
+        raise tomllib.TOMLDecodeError("arrays or tables nested too deeply") from None
+    except ValueError as err:
+        raise tomllib.TOMLDecodeError(str(err)) from None
+
+
 def load_scenario(name_or_path: str | Path) -> Scenario:
     """Load a built-in scenario by name, or a TOML file by path."""
-    text: str
-    source = str(name_or_path)
-    builtin = resources.files("apfsim.scenarios") / f"{name_or_path}.toml"
-    path = Path(name_or_path)
-    if builtin.is_file():
-        text = builtin.read_text()
-    elif path.is_file():
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ScenarioError(f"{source}: cannot read the file ({err})") from None
+    source = one_line(str(name_or_path))
+    if str(name_or_path) in _builtin_names():
+        text = (resources.files("apfsim.scenarios") / f"{name_or_path}.toml").read_text()
     else:
-        known = ", ".join(builtin_scenarios())
-        raise ScenarioError(f"{source}: no such built-in scenario or file; built-ins are: {known}")
+        try:
+            text = Path(name_or_path).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            known = ", ".join(builtin_scenarios())
+            raise ScenarioError(
+                f"{source}: no such built-in scenario or file; built-ins are: {known}"
+            ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise ScenarioError(f"{source}: cannot read the file ({reason})") from None
     try:
-        data = tomllib.loads(text)
+        data = parse_toml(text)
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{source}: not valid TOML ({err})") from None
     return scenario_from_dict(data, source)
@@ -395,7 +418,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # A TOML basic string: JSON's escapes are TOML's, and TOML escapes DEL too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

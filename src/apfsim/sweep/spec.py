@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from apfsim.registry import PROTOCOLS
-from apfsim.scenario import Scenario, ScenarioError, load_scenario, with_overrides
+from apfsim.scenario import (
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    one_line,
+    parse_toml,
+    with_overrides,
+)
 
 __all__ = ["RunSpec", "SweepError", "SweepSpec", "builtin_sweeps", "load_sweep"]
 
@@ -76,6 +83,12 @@ class SweepSpec:
         return len({r.point for r in self.runs})
 
 
+def _builtin_names() -> set[str]:
+    return {
+        e.name[:-5] for e in resources.files("apfsim.sweeps").iterdir() if e.name.endswith(".toml")
+    }
+
+
 def builtin_sweeps() -> dict[str, str]:
     """Built-in sweep names mapped to their descriptions."""
     out: dict[str, str] = {}
@@ -88,26 +101,25 @@ def builtin_sweeps() -> dict[str, str]:
 
 def load_sweep(name_or_path: str | Path) -> SweepSpec:
     """A built-in sweep by name, or a sweep file by path; raises :class:`SweepError`."""
-    builtin = resources.files("apfsim.sweeps") / f"{name_or_path}.toml"
     base_dir = Path(".")
-    if "/" not in str(name_or_path) and builtin.is_file():
-        text = builtin.read_text()
-        source = str(name_or_path)
+    source = one_line(str(name_or_path))
+    if str(name_or_path) in _builtin_names():
+        text = (resources.files("apfsim.sweeps") / f"{name_or_path}.toml").read_text()
     else:
         path = Path(name_or_path)
         try:
             text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             known = ", ".join(builtin_sweeps())
             raise SweepError(
-                f"{path}: no such sweep file or built-in sweep (built-in: {known})"
+                f"{source}: no such sweep file or built-in sweep (built-in: {known})"
             ) from None
         except (OSError, UnicodeDecodeError) as err:
-            raise SweepError(f"{path}: cannot read the sweep file ({err})") from None
-        source = str(path)
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise SweepError(f"{source}: cannot read the sweep file ({reason})") from None
         base_dir = path.parent
     try:
-        data = tomllib.loads(text)
+        data = parse_toml(text)
     except tomllib.TOMLDecodeError as err:
         raise SweepError(f"{source}: not valid TOML ({err})") from None
     return parse_sweep(data, source, base_dir)
