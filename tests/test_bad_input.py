@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import pytest
 
 from apfsim.host.backing import LognormalServiceTime
 from apfsim.scenario import MAX_MEMORY_MIB, Scenario, load_scenario, scenario_to_toml
+from apfsim.sweep import SweepError, SweepStore, parse_sweep, run_sweep
+from apfsim.sweep.spec import MAX_POINTS
 from cli_helpers import assert_one_line_error, cli
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sweep import TINY, write_sweep
 
 # A small valid scenario; each case below changes one thing in it.
 BASE = """\
@@ -58,6 +64,119 @@ def run_cli(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess
 def test_the_base_scenario_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(["run", str(scenario_file(tmp_path, BASE)), "-q", "-p", "sync"], capsys)
     assert code == 0, err
+
+
+# -- item 1: a sweep's size is counted before anything is built -----------------------------
+
+HUGE_SWEEPS = {
+    "two billion seeds": ({"seeds": 2_000_000_000}, "seeds"),
+    "a logspace of two billion": (
+        {"grid": {"host.swap.mean_us": {"logspace": [1.0, 100.0], "num": 2_000_000_000}}},
+        "num",
+    ),
+    "three axes of 2000": (
+        {
+            "grid": {
+                "host.swap.mean_us": {"linspace": [100.0, 200.0], "num": 2000},
+                "host.swap.queue_depth": {"linspace": [1, 2000], "num": 2000, "integer": True},
+                "host.exit_ns": {"linspace": [1, 2000], "num": 2000, "integer": True},
+            }
+        },
+        "runs is more than 1000000",
+    ),
+    "a million points": (
+        {"grid": {"host.exit_ns": list(range(1, MAX_POINTS + 2))}},
+        f"{MAX_POINTS + 1} points",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_SWEEPS))
+def test_a_sweep_over_the_limits_is_refused_at_once(case: str, tmp_path: Path) -> None:
+    change, needle = HUGE_SWEEPS[case]
+    data = {"scenario": "rfcv2-2020", "protocols": ["sync"], **change}
+    data.setdefault("set", {"host.swap.distribution": "exponential"})
+    path = write_sweep(tmp_path / "huge.toml", data)
+    t0 = time.monotonic()
+    proc = run_cli(["sweep", str(path), "--db", str(tmp_path / "x.sqlite")])
+    assert_one_line_error(proc.returncode, proc.stderr, needle)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_999999_run_sweep_starts_in_seconds_in_bounded_memory(tmp_path: Path) -> None:
+    """The runs are made on demand: nothing per run exists before the first one starts."""
+    path = write_sweep(
+        tmp_path / "big.toml",
+        {
+            "scenario": "rfcv2-2020",
+            "protocols": ["sync"],
+            "seeds": 99_999 * 10 + 9,
+            "set": {"host.swap.distribution": "exponential"},
+        },
+    )
+    probe = textwrap.dedent(
+        f"""
+        import resource, time
+        t0 = time.perf_counter()
+        from apfsim.sweep import load_sweep
+        spec = load_sweep({str(path)!r})
+        first, last = spec.runs[0], spec.runs[-1]
+        started = time.perf_counter() - t0
+        print(len(spec.runs), first.seed, last.seed, started,
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs, first, last, started, rss_kib = proc.stdout.split()
+    assert (int(runs), int(first), int(last)) == (999_999, 0, 999_998)
+    assert float(started) < 10 and int(rss_kib) < 500 * 1024
+
+
+def test_run_keys_are_those_of_earlier_versions() -> None:
+    """A sweep stored before the runs were made lazily resumes: the keys did not change."""
+    spec = parse_sweep(TINY, "tiny")
+    keys = [r.key for r in spec.runs]
+    assert keys[:3] == [
+        "744a913f55748d616cd07b4ba1815f59",
+        "4fec76ca25f2385195f77a7b92ff9c26",
+        "cabec7a7b190a0e7a16e39ad15a73e53",
+    ]
+    assert keys[23] == "244899777c9a0b4608b6816c53bd8d9c"
+    assert list(spec.runs.run_keys()) == keys
+    assert [spec.runs[i].key for i in (-1, 5)] == [keys[-1], keys[5]]
+
+
+def test_a_resumed_sweep_skips_what_is_stored(tmp_path: Path) -> None:
+    data = {**TINY, "duration_s": 0.05, "protocols": ["sync"], "seeds": 1}
+    spec = parse_sweep(data, "tiny")
+    store = SweepStore(tmp_path / "s.sqlite")
+    first = run_sweep(spec, store, "serial")
+    again = run_sweep(parse_sweep({**data, "seeds": [0, 1]}, "tiny"), store, "serial")
+    assert (first.total, first.skipped, first.done) == (6, 0, 6)
+    assert (again.total, again.skipped, again.done) == (12, 6, 6)
+
+
+def test_each_grid_value_once(tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match=r"grid\.host\.swap\.mean_us: 100\.0 is given twice"):
+        parse_sweep({**TINY, "grid": {"host.swap.mean_us": [100, 100.0]}}, "t")
+    zipped = {"host.memory_limit_mib": [128, 128], "initial_memory.resident_fraction": [0.5, 0.5]}
+    with pytest.raises(SweepError, match=r"zip: the values \(128, 0.5\) are given twice"):
+        parse_sweep({**TINY, "zip": zipped}, "t")
+
+
+# -- item 2: a sweep's duration_s is bounded like a scenario's --------------------------------
+
+
+@pytest.mark.parametrize("value", ["1e12", "nan", "inf", "0", "86401", "true"])
+def test_a_sweep_duration_out_of_bounds_is_refused(value: str, tmp_path: Path) -> None:
+    path = tmp_path / "d.toml"
+    path.write_text(f'scenario = "rfcv2-2020"\nprotocols = ["sync"]\nduration_s = {value}\n')
+    proc = run_cli(["sweep", str(path), "--db", str(tmp_path / "x.sqlite")])
+    assert_one_line_error(proc.returncode, proc.stderr, "duration_s", "86400")
+    assert not (tmp_path / "x.sqlite").exists()
 
 
 # -- item 3: guest and host memory are bounded ------------------------------------------------
@@ -250,6 +369,67 @@ def test_the_extremes_the_bounds_allow_run(
     path = scenario_file(tmp_path, extremes)
     code, _, err = cli(["run", str(path), "-q", "-p", "sync", "-p", "x86"], capsys)
     assert code == 0, err
+
+
+# -- item 12: bad sweep files ------------------------------------------------------------------
+
+BAD_SWEEPS = {
+    "a path into a string": ("", '[set]\n"name.r" = 1', "set: name.r: no such scenario key"),
+    "an infinite linspace end": (
+        "",
+        '[grid]\n"host.swap.queue_depth" = {linspace = [1.0, inf], num = 3, integer = true}',
+        "grid.host.swap.queue_depth: linspace needs two finite numbers",
+    ),
+    "a logspace that overflows": (
+        "",
+        '[grid]\n"host.swap.mean_us" = {logspace = [1e-300, 1e300], num = 3}',
+        "grid.host.swap.mean_us: logspace overflows",
+    ),
+    "a linspace end of 400 digits": (
+        "",
+        '[grid]\n"host.exit_ns" = {linspace = [1, ' + "9" * 400 + "], num = 3}",
+        "grid.host.exit_ns: linspace needs two finite numbers",
+    ),
+    "a list of protocol lists": ('protocols = [["sync"]]', "", "protocols: unknown protocol"),
+    "a negative task index": (
+        "",
+        '[grid]\n"tasks.-1.count" = [1, 2]',
+        "grid.tasks.-1.count: tasks.-1.count: no such scenario key",
+    ),
+    "a task index with an underscore": (
+        "",
+        '[grid]\n"tasks.0_1.count" = [1, 2]',
+        "grid.tasks.0_1.count: tasks.0_1.count: no such scenario key",
+    ),
+    "a number as the name": ("name = 3", "", "name: must be a non-empty string"),
+    "an empty name": ('name = ""', "", "name: must be a non-empty string"),
+    "a table as the description": ("description = {a = 1}", "", "description: must be a string"),
+    "a baseline list": ('baseline = ["sync"]', "", "baseline:"),
+    "integer not a boolean": (
+        "",
+        '[grid]\n"host.exit_ns" = {linspace = [1, 3], num = 3, integer = 1}',
+        "integer must be true or false",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+def test_bad_sweep_files_exit_2_in_one_line(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    top, tables, needle = BAD_SWEEPS[case]
+    protocols = "" if "protocols" in top else 'protocols = ["sync"]'
+    path = tmp_path / "bad.toml"
+    path.write_text(f'scenario = "rfcv2-2020"\n{protocols}\n{top}\n{tables}\n')
+    code, out, err = cli(["sweep", str(path), "--db", str(tmp_path / "x.sqlite")], capsys)
+    assert_one_line_error(code, err, needle)
+    assert out == ""
+
+
+def test_a_seed_beyond_sqlite_integers_is_refused() -> None:
+    """TOML cannot write one, the Python API can: a seed is stored as an SQLite INTEGER."""
+    with pytest.raises(SweepError, match="seeds: a count >= 1 or a list of distinct seeds"):
+        parse_sweep({**TINY, "seeds": [1 << 63]}, "t")
 
 
 # -- item 13: a file name longer than 255 characters ------------------------------------------

@@ -26,7 +26,7 @@ from apfsim.compare import (
 )
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.registry import PROTOCOLS
-from apfsim.scenario import Scenario, ScenarioError, load_scenario
+from apfsim.scenario import MAX_DURATION_S, Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions
@@ -34,6 +34,7 @@ from apfsim.trace.recorder import TraceOptions
 __all__ = [
     "DEFAULT_PROTOCOLS",
     "DEFAULT_SEEDS",
+    "MAX_DURATION_S",
     "CompareResult",
     "compare",
     "compare_summary_table",
@@ -52,9 +53,6 @@ def _resolve(scenario: Scenario | str | Path) -> Scenario:
     if isinstance(scenario, Scenario):
         return scenario
     return load_scenario(scenario)
-
-
-MAX_DURATION_S = 86_400.0  # the scenario schema's bound on duration_s
 
 
 def _check_duration(duration_s: float | None) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "one_line",
     "parse_toml",
     "scenario_to_toml",
+    "set_path",
     "short_repr",
     "with_overrides",
 ]
@@ -335,23 +336,51 @@ def scenario_from_dict(data: dict[str, Any], source: str = "scenario") -> Scenar
         raise ScenarioError(_format_error(err, source)) from None
 
 
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of the scenario dict ``data`` with the existing key ``dotted``
+    (``host.swap.mean_us``, ``tasks.0.count``) set to ``value``; only the tables on the path
+    are copied. A path that is not a key of ``data`` raises :class:`ScenarioError`."""
+    *parents, leaf = dotted.split(".")
+    top: dict[str, Any] = dict(data)
+    node: Any = top
+    try:
+        for key in parents:
+            if isinstance(node, list):
+                # A list index is plain digits: no sign ("-1"), no "_", no spaces.
+                if not (key.isascii() and key.isdigit()):
+                    raise KeyError(key)
+                index = int(key)
+                node[index] = child = _copy(node[index])
+            elif isinstance(node, dict):
+                node[key] = child = _copy(node[key])
+            else:
+                raise KeyError(key)
+            node = child
+        if not isinstance(node, dict) or leaf not in node:
+            raise KeyError(leaf)
+    except (KeyError, IndexError):
+        raise ScenarioError(
+            one_line(f"{dotted}: no such scenario key; `apfsim show` prints every valid key")
+        ) from None
+    node[leaf] = value
+    return top
+
+
+def _copy(node: Any) -> Any:
+    """A shallow copy of a table or list; anything else as it is."""
+    if isinstance(node, dict):
+        return dict(node)
+    if isinstance(node, list):
+        return list(node)
+    return node
+
+
 def with_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
     """``scenario`` with dotted keys replaced (``host.swap.mean_us``, ``tasks.0.count``),
     validated again; a bad key or value raises :class:`ScenarioError` naming it."""
     data = scenario.model_dump(mode="python")
     for dotted, value in overrides.items():
-        node: Any = data
-        *parents, leaf = dotted.split(".")
-        try:
-            for key in parents:
-                node = node[int(key)] if isinstance(node, list) else node[key]
-            if isinstance(node, list) or leaf not in node:
-                raise KeyError(leaf)
-        except (KeyError, IndexError, ValueError, TypeError):
-            raise ScenarioError(
-                f"{dotted}: no such scenario key; `apfsim show` prints every valid key"
-            ) from None
-        node[leaf] = value
+        data = set_path(data, dotted, value)
     return scenario_from_dict(data, "override")
 
 

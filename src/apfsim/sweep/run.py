@@ -14,6 +14,7 @@ resubmitted.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ __all__ = [
 
 EXECUTORS = ("serial", "process", "dask")
 MAX_POOL_RESTARTS = 3
+CHUNK_RUNS = 10_000
 
 
 class SweepError(RuntimeError):
@@ -102,16 +104,24 @@ def run_sweep(
     t0 = time.perf_counter()
     store.register(spec)
     done_keys = store.completed(spec.name)
-    todo = [r for r in spec.runs if r.key not in done_keys]
-    by_key = {r.key: r for r in todo}
-    total, skipped = len(spec.runs), len(spec.runs) - len(todo)
+    total = len(spec.runs)
+    # The runs are made as they are handed out (spec.runs keeps no list of them).
+    skipped = sum(k in done_keys for k in spec.runs.run_keys()) if done_keys else 0
+    by_key: dict[str, RunSpec] = {}  # handed out, not yet stored
+
+    def todo() -> Iterator[RunSpec]:
+        for run in spec.runs:
+            if run.key not in done_keys:
+                by_key[run.key] = run
+                yield run
+
     finished = failed = 0
     if progress is not None:
         progress(skipped, total)
 
     def store_outcome(outcome: RunOutcome) -> None:
         nonlocal finished, failed
-        run = by_key[outcome.key]
+        run = by_key.pop(outcome.key)
         metrics = None if outcome.result is None else row_metrics(outcome.result)
         store.record(
             spec.name, run, outcome.result, metrics, outcome.error, outcome.wall_s, executor
@@ -122,15 +132,25 @@ def run_sweep(
             progress(skipped + finished, total)
 
     n_workers = workers if workers is not None else default_jobs()
-    if executor == "serial" or not todo:
-        outcomes: Iterator[RunOutcome] = (execute_run(r) for r in todo)
-    elif executor == "process":
-        outcomes = _process_outcomes(todo, n_workers)
+    if executor == "serial":
+        outcomes: Iterator[RunOutcome] = (execute_run(r) for r in todo())
     else:
-        outcomes = _dask_outcomes(todo, n_workers, scheduler)
+        outcomes = _in_chunks(todo(), executor, n_workers, scheduler)
     for outcome in outcomes:
         store_outcome(outcome)
     return SweepSummary(total, skipped, finished, failed, time.perf_counter() - t0, executor)
+
+
+def _in_chunks(
+    runs: Iterator[RunSpec], executor: str, workers: int, scheduler: str | None
+) -> Iterator[RunOutcome]:
+    """The runs handed to a pool or cluster CHUNK_RUNS at a time, so that a sweep of a
+    million runs holds no more than that many futures; no runs, no pool."""
+    while chunk := list(itertools.islice(runs, CHUNK_RUNS)):
+        if executor == "process":
+            yield from _process_outcomes(chunk, workers)
+        else:
+            yield from _dask_outcomes(chunk, workers, scheduler)
 
 
 def _process_outcomes(
