@@ -17,7 +17,7 @@ import pytest
 
 from apfsim.host.backing import LognormalServiceTime
 from apfsim.scenario import MAX_MEMORY_MIB, Scenario, load_scenario, scenario_to_toml
-from apfsim.sweep import SweepError, SweepStore, parse_sweep, run_sweep
+from apfsim.sweep import SweepError, SweepStore, load_sweep, parse_sweep, run_sweep
 from apfsim.sweep.spec import MAX_POINTS
 from cli_helpers import assert_one_line_error, cli
 
@@ -443,6 +443,18 @@ def test_a_file_name_too_long_is_one_line(
     code, out, err = cli([command, name], capsys)
     assert_one_line_error(code, err, "a" * 100)
     assert out == ""
+
+
+def test_a_nul_in_a_file_name_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by tests/test_fuzz.py: a NUL byte in a sweep's scenario path raised ValueError."""
+    path = tmp_path / "nul.toml"
+    path.write_text('scenario = "a\\nb\\u0000"\nprotocols = ["sync"]\n')
+    code, _, err = cli(["sweep", str(path), "--db", str(tmp_path / "x.sqlite")], capsys)
+    assert_one_line_error(code, err, "scenario: a\\nb\\x00: cannot read the file")
+    with pytest.raises(SweepError, match="cannot read the sweep file"):
+        load_sweep("nul\x00.toml")
 
 
 def test_a_json_path_too_long_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -431,7 +431,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
             raise ScenarioError(
                 f"{source}: no such built-in scenario or file; built-ins are: {known}"
             ) from None
-        except (OSError, UnicodeDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8, a NUL in the name
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise ScenarioError(f"{source}: cannot read the file ({reason})") from None
     try:

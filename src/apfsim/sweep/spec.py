@@ -258,7 +258,7 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
             raise SweepError(
                 f"{source}: no such sweep file or built-in sweep (built-in: {known})"
             ) from None
-        except (OSError, UnicodeDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8, a NUL in the name
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise SweepError(f"{source}: cannot read the sweep file ({reason})") from None
         base_dir = path.parent
