@@ -29,7 +29,7 @@ from apfsim.compare import (
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
-from apfsim.scenario import Scenario, ScenarioError, load_scenario
+from apfsim.scenario import MAX_DURATION_S, Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
@@ -37,6 +37,7 @@ from apfsim.trace.recorder import TraceOptions, TraceWriteError
 __all__ = [
     "DEFAULT_PROTOCOLS",
     "DEFAULT_SEEDS",
+    "MAX_DURATION_S",
     "CompareResult",
     "Interrupted",
     "compare",
@@ -56,9 +57,6 @@ def _resolve(scenario: Scenario | str | Path) -> Scenario:
     if isinstance(scenario, Scenario):
         return scenario
     return load_scenario(scenario)
-
-
-MAX_DURATION_S = 86_400.0  # the scenario schema's bound on duration_s
 
 
 def _check_duration(duration_s: float | None) -> None:

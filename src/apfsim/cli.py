@@ -43,6 +43,7 @@ from apfsim.scenario import (
     ScenarioError,
     builtin_scenarios,
     load_scenario,
+    one_line,
     scenario_to_toml,
 )
 from apfsim.simulation import InvariantViolation
@@ -188,7 +189,7 @@ def _split_protocols(values: list[str]) -> list[str]:
 
 
 def _fail(message: str) -> typer.Exit:
-    print(f"apfsim: error: {message}", file=sys.stderr)
+    print(f"apfsim: error: {one_line(message)}", file=sys.stderr)
     return typer.Exit(2)
 
 
@@ -201,6 +202,14 @@ class _Exit(Exception):
         self.code = code
 
 
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where the path cannot even be looked up (a name too long)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _check_duration_flag(duration: float | None) -> None:
     if duration is not None and not 0 < duration <= MAX_DURATION_S:
         raise _fail(
@@ -210,7 +219,7 @@ def _check_duration_flag(duration: float | None) -> None:
 
 def _check_json_path(json_path: Path | None) -> None:
     """Fail before running, not after: results must not be lost to a bad --json path."""
-    if json_path is not None and not json_path.parent.is_dir():
+    if json_path is not None and not _is_dir(json_path.parent):
         raise _fail(f"--json: directory {str(json_path.parent)!r} does not exist; create it first")
 
 
@@ -723,7 +732,7 @@ def sweep_command(
     except SpecError as err:
         raise _fail(str(err)) from None
     path = db if db is not None else Path(f"{spec.name}.sqlite")
-    if not path.parent.is_dir():
+    if not _is_dir(path.parent):
         raise _fail(f"--db: directory {str(path.parent)!r} does not exist; create it first")
     try:
         store = SweepStore(path)

@@ -8,10 +8,14 @@ allowed.
 
 from __future__ import annotations
 
+import json
+import math
+import reprlib
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from statistics import NormalDist
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,16 +23,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "BUILTIN_SCENARIOS",
     "DEFAULT_SCENARIO",
+    "MAX_DURATION_S",
+    "MAX_MEMORY_MIB",
     "Scenario",
     "ScenarioError",
     "builtin_scenarios",
     "load_scenario",
+    "one_line",
+    "parse_toml",
     "scenario_to_toml",
+    "set_path",
+    "short_repr",
     "with_overrides",
 ]
 
 DEFAULT_SCENARIO = "rfcv2-2020"
 MIB_PAGES = 256  # 4 KiB pages per MiB
+# The largest guest: its per-page host state is dense (4 bytes per 4 KiB page, plus a 4-byte
+# shuffle at start-up), so 64 GiB costs about 250 MB of RSS per run (docs/model.md).
+MAX_MEMORY_MIB = 65_536
+MAX_DURATION_S = 86_400.0  # one day of simulated time
+DAY_NS = 86_400 * 10**9  # bound of every time in ns: nothing in a run takes longer
+DAY_US = 86_400 * 10**6
+MAX_OFFSET = 1 << 32  # bound of the code-address offsets (a 4 GiB text is plenty)
 
 
 class ScenarioError(ValueError):
@@ -36,15 +53,20 @@ class ScenarioError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no bool for an int, no "1" for a number; no inf or NaN in any float.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+Ns = Annotated[int, Field(ge=0, le=DAY_NS)]
+"""A CPU cost or time in ns: at most a day."""
 
 
 class SchedConfig(_Model):
     """CFS tunables before log scaling by CPU count (Linux defaults)."""
 
-    latency_ns: int = Field(6_000_000, gt=0)
-    min_granularity_ns: int = Field(750_000, gt=0)
-    wakeup_granularity_ns: int = Field(1_000_000, ge=0)
+    latency_ns: int = Field(6_000_000, gt=0, le=DAY_NS)
+    min_granularity_ns: int = Field(750_000, gt=0, le=DAY_NS)
+    wakeup_granularity_ns: Ns = 1_000_000
     gentle_fair_sleepers: bool = True
     wakeup_preemption: bool = True
 
@@ -52,14 +74,14 @@ class SchedConfig(_Model):
 class GuestCosts(_Model):
     """Guest-side CPU costs in ns (assumptions, see docs/model.md)."""
 
-    vector_ns: int = Field(50, ge=0)
-    kernel_entry_ns: int = Field(150, ge=0)
-    apf_handler_ns: int = Field(1_000, ge=0)
-    apf_wait_tail_ns: int = Field(200, ge=0)
-    tick_handler_ns: int = Field(2_000, ge=0)
-    ipi_handler_ns: int = Field(1_000, ge=0)
-    context_switch_ns: int = Field(3_000, ge=0)
-    guest_fault_ns: int = Field(1_000, ge=0)
+    vector_ns: Ns = 50
+    kernel_entry_ns: Ns = 150
+    apf_handler_ns: Ns = 1_000
+    apf_wait_tail_ns: Ns = 200
+    tick_handler_ns: Ns = 2_000
+    ipi_handler_ns: Ns = 1_000
+    context_switch_ns: Ns = 3_000
+    guest_fault_ns: Ns = 1_000
 
 
 class GuestConfig(_Model):
@@ -67,17 +89,17 @@ class GuestConfig(_Model):
     # entry code and return-path preemption. A protocol of an arch always runs on that arch.
     arch: Literal["arm64", "x86", "s390"] = "arm64"
     vcpus: int = Field(1, ge=1, le=64)
-    memory_mib: int = Field(4096, ge=16)
-    reserved_mib: int = Field(256, ge=0)
+    memory_mib: int = Field(4096, ge=16, le=MAX_MEMORY_MIB)
+    reserved_mib: int = Field(256, ge=0, le=MAX_MEMORY_MIB)
     hz: int = Field(250, ge=10, le=10_000)
     preempt: Literal["full", "voluntary"] = "full"
     steal_time_accounting: bool = False
     no_kvmapf: bool = False
     send_always: bool = False
     preempt_count_config: bool = True
-    handler_offsets_max: int = Field(0x1000, ge=0)
-    vector_pc_offset: int = Field(0x200, ge=0)
-    kernel_entry_pc_offset: int = Field(0xC00, ge=0)
+    handler_offsets_max: int = Field(0x1000, ge=0, le=MAX_OFFSET)
+    vector_pc_offset: int = Field(0x200, ge=0, le=MAX_OFFSET)
+    kernel_entry_pc_offset: int = Field(0xC00, ge=0, le=MAX_OFFSET)
     dummy_alloc_fail_probability: float = Field(0.0, ge=0.0, lt=1.0)
     sched: SchedConfig = SchedConfig()
     costs: GuestCosts = GuestCosts()
@@ -87,18 +109,30 @@ class SwapConfig(_Model):
     """Swap device: service time per request and how many are served at once."""
 
     distribution: Literal["lognormal", "exponential", "constant"] = "lognormal"
-    mean_us: float = Field(1680.0, gt=0)
-    min_us: float = Field(36.2, gt=0)
-    max_us: float = Field(55_700.0, gt=0)
-    fit_samples: int = Field(7555, ge=2)
-    write_mean_scale: float = Field(1.0, gt=0)
+    # Service times from 1 ns (the engine's resolution) to a day.
+    mean_us: float = Field(1680.0, ge=0.001, le=DAY_US)
+    min_us: float = Field(36.2, ge=0.001, le=DAY_US)
+    max_us: float = Field(55_700.0, ge=0.001, le=DAY_US)
+    fit_samples: int = Field(7555, ge=2, le=10**9)
+    write_mean_scale: float = Field(1.0, ge=0.001, le=1000.0)
     queue_depth: int = Field(32, ge=1, le=4096)
-    transfer_ns_per_page: int = Field(4_000, ge=0)
+    transfer_ns_per_page: Ns = 4_000
 
     @model_validator(mode="after")
     def _ordered(self) -> SwapConfig:
-        if self.distribution == "lognormal" and not self.min_us < self.mean_us < self.max_us:
+        if self.distribution != "lognormal":
+            return self
+        if not self.min_us < self.mean_us < self.max_us:
             raise ValueError("need min_us < mean_us < max_us for the lognormal fit")
+        # host.backing.fit_lognormal's sigma; its median mean / exp(sigma**2 / 2) must stay
+        # at least 1 ns, or the fit under- and overflows.
+        z = NormalDist().inv_cdf(1 - 1 / (self.fit_samples + 1))
+        sigma = math.log(self.max_us / self.min_us) / (2 * z)
+        if sigma**2 / 2 > math.log(self.mean_us * 1000.0):
+            raise ValueError(
+                f"max_us / min_us = {self.max_us / self.min_us:.3g} is too wide for mean_us "
+                f"{self.mean_us:g}: the lognormal fit's median is under 1 ns; narrow it"
+            )
         return self
 
 
@@ -106,27 +140,27 @@ class HostCosts(_Model):
     """Host CPU time per protocol operation in ns, on top of the exit and entry themselves
     (assumptions, see docs/model.md)."""
 
-    exception_inject_ns: int = Field(500, ge=0)  # kvm_inject_dabt / kvm_inject_page_fault
-    interrupt_inject_ns: int = Field(300, ge=0)  # a vGIC list register / APIC IRR bit
-    sdei_deliver_ns: int = Field(1_500, ge=0)  # save the interrupted context, enter the handler
-    sdei_complete_ns: int = Field(1_000, ge=0)  # SDEI_EVENT_COMPLETE: restore that context
-    hypercall_ns: int = Field(500, ge=0)  # an HVC / VMCALL / PV-MSR write's dispatch
-    ack_exit_ns: int = Field(300, ge=0)  # the page-ready ACK and its completion re-check
-    ipi_send_ns: int = Field(1_000, ge=0)  # the sender's trapped ICR / ICC_SGI1R_EL1 write
+    exception_inject_ns: Ns = 500  # kvm_inject_dabt / kvm_inject_page_fault
+    interrupt_inject_ns: Ns = 300  # a vGIC list register / APIC IRR bit
+    sdei_deliver_ns: Ns = 1_500  # save the interrupted context, enter the handler
+    sdei_complete_ns: Ns = 1_000  # SDEI_EVENT_COMPLETE: restore that context
+    hypercall_ns: Ns = 500  # an HVC / VMCALL / PV-MSR write's dispatch
+    ack_exit_ns: Ns = 300  # the page-ready ACK and its completion re-check
+    ipi_send_ns: Ns = 1_000  # the sender's trapped ICR / ICC_SGI1R_EL1 write
 
 
 class HostConfig(_Model):
-    memory_limit_mib: int = Field(2048, ge=1)
+    memory_limit_mib: int = Field(2048, ge=1, le=MAX_MEMORY_MIB)
     tick_hz: int = Field(250, ge=0, le=10_000)  # host scheduler tick: an exit while in guest
     page_cluster: int = Field(3, ge=0, le=6)
-    reclaim_batch: int = Field(32, ge=1)
-    exit_ns: int = Field(1_000, ge=0)
-    entry_ns: int = Field(1_000, ge=0)
-    stage2_fault_ns: int = Field(2_000, ge=0)
-    zero_fill_ns: int = Field(1_500, ge=0)
-    minor_fault_ns: int = Field(1_000, ge=0)
-    worker_start_ns: int = Field(10_000, ge=0)
-    no_fault_inst_range: int = Field(0x800, ge=0)
+    reclaim_batch: int = Field(32, ge=1, le=MAX_MEMORY_MIB * MIB_PAGES)
+    exit_ns: Ns = 1_000
+    entry_ns: Ns = 1_000
+    stage2_fault_ns: Ns = 2_000
+    zero_fill_ns: Ns = 1_500
+    minor_fault_ns: Ns = 1_000
+    worker_start_ns: Ns = 10_000
+    no_fault_inst_range: int = Field(0x800, ge=0, le=MAX_OFFSET)
     costs: HostCosts = HostCosts()
     swap: SwapConfig = SwapConfig()
 
@@ -151,7 +185,7 @@ class _TaskBase(_Model):
     """Keys every task entry has: ``count`` threads, optionally pinned to one ``cpu``."""
 
     count: int = Field(1, ge=1, le=256)
-    cpu: int | None = Field(None, ge=0)
+    cpu: int | None = Field(None, ge=0, le=63)
 
     def claimed_mib(self) -> int:
         """Guest memory this entry claims (shared by its ``count`` threads)."""
@@ -161,14 +195,14 @@ class _TaskBase(_Model):
 class ComputeSpec(_TaskBase):
     kind: Literal["compute"]
     name: str = "compute"
-    work_s: float | None = Field(None, gt=0)
+    work_s: float | None = Field(None, ge=1e-9, le=MAX_DURATION_S)
 
 
 class RandomWriterSpec(_TaskBase):
     kind: Literal["random_writer"]
     name: str = "writer"
-    buffer_mib: int = Field(1024, ge=1)
-    access_ns: int = Field(200, ge=1)
+    buffer_mib: int = Field(1024, ge=1, le=MAX_MEMORY_MIB)
+    access_ns: int = Field(200, ge=1, le=DAY_NS)
     kernel_fraction: float = Field(0.0, ge=0.0, le=1.0)
     kernel_mode: Mode = "kernel"
 
@@ -180,10 +214,11 @@ class MemoryHogSpec(_TaskBase):
     kind: Literal["memory_hog"]
     name: str = "memhog"
     count: int = Field(1, ge=1, le=1)
-    memory_mib: int | None = Field(None, ge=1)  # unset: all memory the other tasks leave
-    passes: int = Field(2, ge=1)
-    iterations: int | None = Field(None, ge=1)  # unset: repeat for the whole run
-    page_write_ns: int = Field(600, ge=1)
+    # unset: all memory the other tasks leave
+    memory_mib: int | None = Field(None, ge=1, le=MAX_MEMORY_MIB)
+    passes: int = Field(2, ge=1, le=10**9)
+    iterations: int | None = Field(None, ge=1, le=10**9)  # unset: repeat for the whole run
+    page_write_ns: int = Field(600, ge=1, le=DAY_NS)
 
     def claimed_mib(self) -> int:
         return self.memory_mib or 0
@@ -194,8 +229,10 @@ class FaultLoopSpec(_TaskBase):
 
     kind: Literal["fault_loop"]
     name: str = "faulter"
-    region_mib: int = Field(64, ge=1)
-    burst_mean_us: float = Field(1000.0, gt=0)
+    region_mib: int = Field(64, ge=1, le=MAX_MEMORY_MIB)
+    # At least 1 µs: shorter bursts are a fault per few instructions and millions of events
+    # per simulated 50 ms; at most a day.
+    burst_mean_us: float = Field(1000.0, ge=1.0, le=DAY_US)
 
     def claimed_mib(self) -> int:
         return self.region_mib * self.count
@@ -211,21 +248,42 @@ class Scenario(_Model):
 
     name: str = "custom"
     description: str = ""
-    duration_s: float = Field(10.0, gt=0, le=86_400)
+    duration_s: float = Field(10.0, gt=0, le=MAX_DURATION_S)
     stop_when_done: bool = True
     guest: GuestConfig = GuestConfig()
     host: HostConfig = HostConfig()
     initial_memory: InitialMemory = InitialMemory()
-    tasks: list[TaskSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _fits(self) -> Scenario:
         g = self.guest
+        if self.host.memory_limit_mib > g.memory_mib:
+            raise ValueError(
+                f"host.memory_limit_mib: {self.host.memory_limit_mib} MiB is more than "
+                f"guest.memory_mib ({g.memory_mib}); a limit above the guest never reclaims, "
+                f"give at most {g.memory_mib}"
+            )
         fixed = sum(t.claimed_mib() for t in self.tasks)
         if g.reserved_mib + fixed > g.memory_mib:
             raise ValueError(
                 f"tasks: buffers need {fixed} MiB + reserved {g.reserved_mib} MiB but "
                 f"guest.memory_mib is {g.memory_mib}"
+            )
+        # A memory_hog without memory_mib takes what the others leave: there must be some,
+        # and only one such hog can take it.
+        sizeless = [i for i, t in enumerate(self.tasks) if isinstance(t, MemoryHogSpec)]
+        sizeless = [i for i in sizeless if self.tasks[i].claimed_mib() == 0]
+        if len(sizeless) > 1:
+            raise ValueError(
+                f"tasks.{sizeless[1]}: a second memory_hog without memory_mib; give every "
+                "memory_hog but one its memory_mib"
+            )
+        if sizeless and g.reserved_mib + fixed == g.memory_mib:
+            raise ValueError(
+                f"tasks.{sizeless[0]}: the memory_hog without memory_mib would get the 0 MiB "
+                f"the other tasks and reserved_mib leave of guest.memory_mib ({g.memory_mib}); "
+                "give it memory_mib or free some memory"
             )
         for t in self.tasks:
             if t.cpu is not None and t.cpu >= g.vcpus:
@@ -241,19 +299,34 @@ class Scenario(_Model):
         return self
 
 
+_SHOW = reprlib.Repr()  # a bad value as the error shows it: long ones cut short
+_SHOW.maxstring = _SHOW.maxother = 80
+_SHOW.maxlong = 40
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: one printable line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for an error message: on one line, long values cut short."""
+    return one_line(_SHOW.repr(value))
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
-    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {short_repr(value)})"
     hint = ""
     if first["type"] == "extra_forbidden":
         hint = "; remove it or check the spelling (`apfsim show` prints every valid key)"
     elif first["type"] == "missing":
         hint = "; add it (`apfsim show rfcv2-2020` prints a complete example)"
     where = f"{loc}: " if loc else ""
-    return f"{source}: {where}{msg}{shown}{hint}"
+    return one_line(f"{source}: {where}{msg}{shown}{hint}")
 
 
 def scenario_from_dict(data: dict[str, Any], source: str = "scenario") -> Scenario:
@@ -263,23 +336,51 @@ def scenario_from_dict(data: dict[str, Any], source: str = "scenario") -> Scenar
         raise ScenarioError(_format_error(err, source)) from None
 
 
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of the scenario dict ``data`` with the existing key ``dotted``
+    (``host.swap.mean_us``, ``tasks.0.count``) set to ``value``; only the tables on the path
+    are copied. A path that is not a key of ``data`` raises :class:`ScenarioError`."""
+    *parents, leaf = dotted.split(".")
+    top: dict[str, Any] = dict(data)
+    node: Any = top
+    try:
+        for key in parents:
+            if isinstance(node, list):
+                # A list index is plain digits: no sign ("-1"), no "_", no spaces.
+                if not (key.isascii() and key.isdigit()):
+                    raise KeyError(key)
+                index = int(key)
+                node[index] = child = _copy(node[index])
+            elif isinstance(node, dict):
+                node[key] = child = _copy(node[key])
+            else:
+                raise KeyError(key)
+            node = child
+        if not isinstance(node, dict) or leaf not in node:
+            raise KeyError(leaf)
+    except (KeyError, IndexError):
+        raise ScenarioError(
+            one_line(f"{dotted}: no such scenario key; `apfsim show` prints every valid key")
+        ) from None
+    node[leaf] = value
+    return top
+
+
+def _copy(node: Any) -> Any:
+    """A shallow copy of a table or list; anything else as it is."""
+    if isinstance(node, dict):
+        return dict(node)
+    if isinstance(node, list):
+        return list(node)
+    return node
+
+
 def with_overrides(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
     """``scenario`` with dotted keys replaced (``host.swap.mean_us``, ``tasks.0.count``),
     validated again; a bad key or value raises :class:`ScenarioError` naming it."""
     data = scenario.model_dump(mode="python")
     for dotted, value in overrides.items():
-        node: Any = data
-        *parents, leaf = dotted.split(".")
-        try:
-            for key in parents:
-                node = node[int(key)] if isinstance(node, list) else node[key]
-            if isinstance(node, list) or leaf not in node:
-                raise KeyError(leaf)
-        except (KeyError, IndexError, ValueError, TypeError):
-            raise ScenarioError(
-                f"{dotted}: no such scenario key; `apfsim show` prints every valid key"
-            ) from None
-        node[leaf] = value
+        data = set_path(data, dotted, value)
     return scenario_from_dict(data, "override")
 
 
@@ -296,24 +397,45 @@ def builtin_scenarios() -> dict[str, str]:
 BUILTIN_SCENARIOS = builtin_scenarios
 
 
+def _builtin_names() -> set[str]:
+    return {
+        e.name[:-5]
+        for e in resources.files("apfsim.scenarios").iterdir()
+        if e.name.endswith(".toml")
+    }
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``, with what the parser raises besides a syntax error (nesting too
+    deep for its recursion, an integer of over 4300 digits) raised as one too."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise
+    except RecursionError:
+        raise tomllib.TOMLDecodeError("arrays or tables nested too deeply") from None
+    except ValueError as err:
+        raise tomllib.TOMLDecodeError(str(err)) from None
+
+
 def load_scenario(name_or_path: str | Path) -> Scenario:
     """Load a built-in scenario by name, or a TOML file by path."""
-    text: str
-    source = str(name_or_path)
-    builtin = resources.files("apfsim.scenarios") / f"{name_or_path}.toml"
-    path = Path(name_or_path)
-    if builtin.is_file():
-        text = builtin.read_text()
-    elif path.is_file():
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ScenarioError(f"{source}: cannot read the file ({err})") from None
+    source = one_line(str(name_or_path))
+    if str(name_or_path) in _builtin_names():
+        text = (resources.files("apfsim.scenarios") / f"{name_or_path}.toml").read_text()
     else:
-        known = ", ".join(builtin_scenarios())
-        raise ScenarioError(f"{source}: no such built-in scenario or file; built-ins are: {known}")
+        try:
+            text = Path(name_or_path).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            known = ", ".join(builtin_scenarios())
+            raise ScenarioError(
+                f"{source}: no such built-in scenario or file; built-ins are: {known}"
+            ) from None
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8, a NUL in the name
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise ScenarioError(f"{source}: cannot read the file ({reason})") from None
     try:
-        data = tomllib.loads(text)
+        data = parse_toml(text)
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{source}: not valid TOML ({err})") from None
     return scenario_from_dict(data, source)
@@ -325,7 +447,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # A TOML basic string: JSON's escapes are TOML's, and TOML escapes DEL too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

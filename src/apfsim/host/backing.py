@@ -58,6 +58,7 @@ RFCV2_SWAPIN_MEAN_NS = 12.7e9 / RFCV2_APF_COUNT  # total swap-in time / APFs = 1
 # NOTE: samplers draw this many values per numpy call and hand them out one by one,
 # for performance (one numpy call costs about as much as a thousand list lookups).
 _BATCH = 4096
+_MAX_SERVICE_NS = float(1 << 62)
 
 
 class IoKind(Enum):
@@ -130,7 +131,9 @@ class _BatchedServiceTime(ServiceTime):
         if pos == len(self._buf):
             # NOTE: a list of Python ints, not an array, for performance: indexing it is
             # cheaper than extracting numpy scalars and already yields an int.
-            self._buf = np.rint(self._draw(_BATCH)).astype(np.int64).tolist()
+            # Clipped at 2**62 ns (146 years): a heavy tail's rare huge draw stays an int64.
+            draws = np.minimum(self._draw(_BATCH), _MAX_SERVICE_NS)
+            self._buf = np.rint(draws).astype(np.int64).tolist()
             pos = 0
         self._pos = pos + 1
         return self._buf[pos]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -48,6 +49,9 @@ WORKER_TIMEOUT_S = 60.0
 """dask: how long a cluster may have no worker at all before the sweep gives up."""
 _DASK_POLL_S = 0.1  # how often the dask loop looks for finished runs when none is ready
 _DASK_CHECK_S = 1.0  # how often it asks the scheduler how many workers it has
+CHUNK_RUNS = 10_000
+"""Runs handed to a pool or cluster at a time: a sweep of a million runs holds no more
+futures than this."""
 
 
 class SweepError(RuntimeError):
@@ -112,16 +116,24 @@ def run_sweep(
     t0 = time.perf_counter()
     store.register(spec)
     done_keys = store.completed(spec.name)
-    todo = [r for r in spec.runs if r.key not in done_keys]
-    by_key = {r.key: r for r in todo}
-    total, skipped = len(spec.runs), len(spec.runs) - len(todo)
+    total = len(spec.runs)
+    # The runs are made as they are handed out (spec.runs keeps no list of them).
+    skipped = sum(k in done_keys for k in spec.runs.run_keys()) if done_keys else 0
+    by_key: dict[str, RunSpec] = {}  # handed out, not yet stored
+
+    def todo() -> Iterator[RunSpec]:
+        for run in spec.runs:
+            if run.key not in done_keys:
+                by_key[run.key] = run
+                yield run
+
     finished = failed = 0
     if progress is not None:
         progress(skipped, total)
 
     def store_outcome(outcome: RunOutcome) -> None:
         nonlocal finished, failed
-        run = by_key[outcome.key]
+        run = by_key.pop(outcome.key)
         metrics = None if outcome.result is None else row_metrics(outcome.result)
         store.record(
             spec.name, run, outcome.result, metrics, outcome.error, outcome.wall_s, executor
@@ -132,18 +144,36 @@ def run_sweep(
             progress(skipped + finished, total)
 
     n_workers = workers if workers is not None else default_jobs()
-    if executor == "serial" or not todo:
-        outcomes: Generator[RunOutcome, None, None] = (execute_run(r) for r in todo)
-    elif executor == "process":
-        outcomes = _process_outcomes(todo, n_workers)
+    if executor == "serial":
+        outcomes: Generator[RunOutcome, None, None] = (execute_run(r) for r in todo())
     else:
-        outcomes = _dask_outcomes(todo, n_workers, scheduler, worker_timeout_s)
+        outcomes = _in_chunks(todo(), executor, n_workers, scheduler, worker_timeout_s)
     try:
         for outcome in outcomes:
             store_outcome(outcome)
     finally:
         outcomes.close()  # a failed store (a full disk) ends the workers now, not at exit
     return SweepSummary(total, skipped, finished, failed, time.perf_counter() - t0, executor)
+
+
+def _in_chunks(
+    runs: Iterator[RunSpec],
+    executor: str,
+    workers: int,
+    scheduler: str | None,
+    worker_timeout_s: float,
+) -> Generator[RunOutcome, None, None]:
+    """The runs handed to a pool or cluster CHUNK_RUNS at a time; no runs, no pool. Closing
+    it closes the chunk's pool or cluster (and its workers) at once."""
+    while chunk := list(itertools.islice(runs, CHUNK_RUNS)):
+        if executor == "process":
+            part = _process_outcomes(chunk, workers)
+        else:
+            part = _dask_outcomes(chunk, workers, scheduler, worker_timeout_s)
+        try:
+            yield from part
+        finally:
+            part.close()
 
 
 def _process_outcomes(
