@@ -56,6 +56,7 @@ from apfsim.trace import TraceOptions, read_trace
 from apfsim.trace.formats import KERNEL_DEFAULT, parse_kernel
 from apfsim.trace.output import TraceWriteError, check_output
 from apfsim.trace.stats import trace_stats_text
+from apfsim.version import __version__
 
 __all__ = ["app", "cli", "main"]
 
@@ -63,7 +64,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Simulate KVM asynchronous page faults and compare protocol designs.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"apfsim {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Simulate KVM asynchronous page faults and compare protocol designs."""
+
 
 _PROGRESS_AFTER_S = 2.0
 
@@ -303,7 +324,10 @@ def run_command(
     protocol: Annotated[
         list[str] | None,
         typer.Option(
-            "--protocol", "-p", help="Protocol to run (repeatable). Default: sync and arm64-rfcv2."
+            "--protocol",
+            "-p",
+            help="Protocols, comma-separated (the flag may repeat; see apfsim protocols). "
+            "Default: sync and arm64-rfcv2.",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same results).")] = 0,
@@ -320,7 +344,7 @@ def run_command(
     ftrace_kernel: FtraceKernelOption = None,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
-    protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
+    protocols = _split_protocols(protocol) if protocol else list(DEFAULT_PROTOCOLS)
     for name in protocols:
         if name not in PROTOCOLS:
             raise _fail(
@@ -413,7 +437,8 @@ def compare_command(
         typer.Option(
             "--protocol",
             "-p",
-            help="Protocols, comma-separated (the flag may repeat). Default: all of them.",
+            help="Protocols, comma-separated (the flag may repeat; see apfsim protocols). "
+            "Default: all of them.",
         ),
     ] = None,
     baseline: Annotated[
@@ -909,6 +934,14 @@ def scenarios_command() -> None:
         print(f"{name.ljust(width)}  {description}{marker}")
 
 
+@app.command("protocols")
+def protocols_command() -> None:
+    """List the protocol designs: name, arch, what it does, and the code or series it follows."""
+    width = max(len(name) for name in PROTOCOLS)
+    for v in PROTOCOLS.values():
+        print(f"{v.name.ljust(width)}  {v.arch:<5}  {v.summary}  [{v.source}]")
+
+
 @app.command("show")
 def show_command(
     scenario: Annotated[str, typer.Argument(help="Built-in scenario name or TOML path.")],
@@ -921,9 +954,28 @@ def show_command(
     sys.stdout.write(scenario_to_toml(sc))
 
 
+def _hide_flag_metavars(command: Any) -> None:
+    """A boolean flag takes no value: show no type (``<bool>``) in its help line."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        _hide_flag_metavars(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: turns every usage error into one line and exit code 2."""
     command = typer.main.get_command(app)
+    _hide_flag_metavars(command)
     try:
         rv = command.main(args=argv, prog_name="apfsim", standalone_mode=False)
     except _Exit as done:
