@@ -5,6 +5,7 @@ progress with elapsed time and ETA, and the note when a protocol injected nothin
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,25 @@ def test_flags_show_no_type_in_help(command: str, capsys: pytest.CaptureFixture[
     assert code == 0
     assert "<bool>" not in out
     assert re.search(r"--seeds?\s+<int>", out) or command in ("check", "sweep")
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_trace_window_past_the_run_is_refused(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "t.txt"
+    extra = ["rfcv2-2020", "--seeds", "1"] if command == "compare" else []
+    args = [command, *extra, "-p", "sync", "--duration", "2", "--ftrace", str(out_file)]
+    code, _, err = cli([*args, "--trace-window", "30:31"], capsys)
+    assert_one_line_error(code, err, "--trace-window", "30 s", "lasts 2 s")
+    assert not out_file.exists()
+
+
+def test_trace_stats_on_an_empty_trace_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("cpus=1\n")  # what --ftrace writes for a window with no events
+    code, _, err = cli(["trace-stats", str(empty)], capsys)
+    assert_one_line_error(code, err, "no events at all", "--trace-window")
+    assert "trace-cmd record" not in err

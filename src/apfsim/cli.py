@@ -307,6 +307,18 @@ def _check_trace_outputs(tracing: TraceOptions | None, runs: list[TraceOptions])
         raise _fail(str(err)) from None
 
 
+def _check_window(tracing: TraceOptions | None, duration_s: float) -> None:
+    """A --trace-window starting at or after the run's end would write an empty trace."""
+    if tracing is None:
+        return
+    start_s = tracing.window[0] / 1e9
+    if start_s >= duration_s:
+        raise _fail(
+            f"--trace-window: starts at {start_s:g} s but the run lasts {duration_s:g} s "
+            f"(--duration or the scenario's duration_s); give a window within 0:{duration_s:g}"
+        )
+
+
 def _write_json(json_path: Path, data: dict[str, Any]) -> None:
     """Sorted keys, two-space indent: the same run gives the same bytes."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -361,6 +373,7 @@ def run_command(
         sc = load_scenario(scenario)
     except ScenarioError as err:
         raise _fail(str(err)) from None
+    _check_window(tracing, duration if duration is not None else sc.duration_s)
     if tracing is not None:
         tagged = [tracing] if len(protocols) == 1 else [tracing.for_run(p) for p in protocols]
         _check_trace_outputs(tracing, tagged)
@@ -473,6 +486,11 @@ def compare_command(
     _check_json_path(json_path)
     tracing = _trace_options(trace, ftrace, trace_window, ftrace_ns, ftrace_kernel)
     if tracing is not None:
+        try:
+            sc = load_scenario(scenario)
+        except ScenarioError as err:
+            raise _fail(str(err)) from None
+        _check_window(tracing, duration if duration is not None else sc.duration_s)
         _check_trace_outputs(
             tracing, [tracing.for_run(p, s) for p in protocols for s in range(seeds)]
         )
@@ -851,6 +869,12 @@ def trace_stats_command(
                 f"trace-stats: all {stats.malformed_count} kvm async-PF lines of "
                 f"{str(trace_file)!r} are malformed (see above); is it a trace-cmd report?"
             )
+        if _only_headers(trace_file):
+            raise _fail(
+                f"trace-stats: {str(trace_file)!r} has no events at all, only its header; an "
+                "apfsim --ftrace file is empty when its --trace-window held no events (a "
+                "window after the run's end): give a window inside the run"
+            )
         raise _fail(
             f"trace-stats: {str(trace_file)!r} has no kvm events in trace-cmd, ftrace or "
             "perf-script layout; record with: trace-cmd record -e kvm"
@@ -865,6 +889,13 @@ def trace_stats_command(
         )
     if json_path is not None:
         _write_json(json_path, stats.to_dict())
+
+
+def _only_headers(path: Path) -> bool:
+    """The file holds nothing but a ``cpus=N`` header and blank lines: the text trace of a
+    window without events (ours, or a ``trace-cmd report`` of an empty recording)."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        return all(not line.strip() or line.startswith("cpus=") for line in lines)
 
 
 @app.command("sweep-report")
