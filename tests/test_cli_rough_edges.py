@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from apfsim.cli import main
 from apfsim.registry import PROTOCOLS
 from apfsim.version import __version__
 from cli_helpers import assert_one_line_error, cli
@@ -76,3 +77,25 @@ def test_trace_stats_on_an_empty_trace_says_so(
     code, _, err = cli(["trace-stats", str(empty)], capsys)
     assert_one_line_error(code, err, "no events at all", "--trace-window")
     assert "trace-cmd record" not in err
+
+
+def test_report_names_the_setting_that_differs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["run", "-p", "sync", "--duration", "0.3", "--json", str(a), "-q"]) == 0
+    args = ["run", "-p", "sync", "--duration", "0.5", "--seed", "1", "--json", str(b), "-q"]
+    assert main(args) == 0
+    capsys.readouterr()
+    code, _, err = cli(["report", str(a), str(b), "-o", str(tmp_path / "r.html")], capsys)
+    assert_one_line_error(code, err, "duration_s: 0.3 vs 0.5")
+
+
+def test_setting_differences_walks_nested_settings() -> None:
+    from apfsim.report.data import setting_differences
+
+    a = {"name": "x", "guest": {"vcpus": 1, "memory_mib": 256}, "tasks": [{"passes": 2}]}
+    b = {"name": "x", "guest": {"vcpus": 2, "memory_mib": 256}, "tasks": [{"passes": 1}]}
+    assert setting_differences(a, b) == ["guest.vcpus: 1 vs 2", "tasks[0].passes: 2 vs 1"]
+    many = setting_differences({"a": 1, "b": 1, "c": 1, "d": 1}, {"a": 2, "b": 2, "c": 2, "d": 2})
+    assert many == ["a: 1 vs 2", "b: 1 vs 2", "c: 1 vs 2", "..."]
