@@ -99,3 +99,30 @@ def test_setting_differences_walks_nested_settings() -> None:
     assert setting_differences(a, b) == ["guest.vcpus: 1 vs 2", "tasks[0].passes: 2 vs 1"]
     many = setting_differences({"a": 1, "b": 1, "c": 1, "d": 1}, {"a": 2, "b": 2, "c": 2, "d": 2})
     assert many == ["a: 1 vs 2", "b: 1 vs 2", "c: 1 vs 2", "..."]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "-p", "sync,x86", "--duration", "0.3"], r"run: \d+% \((sync|x86) \(\d/2\)\)"),
+        (
+            ["compare", "rfcv2-2020", "-p", "sync", "--seeds", "2", "-j", "1", "--duration", "0.2"],
+            r"compare: \d/2 runs",
+        ),
+    ],
+)
+def test_progress_lines_give_elapsed_time_and_eta(
+    args: list[str],
+    needle: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("apfsim.cli._PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr("apfsim.cli._LINE_EVERY_S", 0.0)
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "elapsed" in line]
+    assert lines, err
+    assert all(re.search(needle + r".*, \d+ s elapsed, ETA (\d+ s|-)", line) for line in lines)
+    code, _, err = cli([*args, "-q"], capsys)
+    assert code == 0 and "elapsed" not in err

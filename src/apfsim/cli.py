@@ -18,7 +18,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from apfsim.api import (
     DEFAULT_PROTOCOLS,
@@ -87,6 +93,7 @@ def _app_options(
 
 
 _PROGRESS_AFTER_S = 2.0
+_LINE_EVERY_S = 10.0  # off a terminal: one progress line this often
 
 DurationOption = Annotated[
     float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
@@ -131,18 +138,32 @@ TraceWindowOption = Annotated[
 ]
 
 
-class _Progress:
-    """A rich progress bar on a terminal, shown only once the work has taken ~2 s; one bar
-    per key. Off a terminal (CI logs) it prints a line to stderr every 10 s instead."""
+def _seconds_text(seconds: float) -> str:
+    """``42 s`` or ``3 min 05 s``: elapsed times and ETAs in progress lines."""
+    whole = max(0, round(seconds))
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60:02d} s"
 
-    def __init__(self, quiet: bool) -> None:
+
+class _Progress:
+    """Progress with elapsed time and ETA on stderr, shown once the work has taken ~2 s: a
+    rich bar updated in place on a terminal, one bar per key; off a terminal (CI logs) a
+    plain line every 10 s instead. ``quiet`` silences it."""
+
+    def __init__(self, quiet: bool, protocols: list[str] | None = None) -> None:
         self.quiet = quiet
+        self.protocols = protocols or []
         self.console = Console(stderr=True)
         self.start = time.monotonic()
         self.bar: Progress | None = None
         self.task_ids: dict[str, Any] = {}
         self.last_line = self.start
         self.sweep_first: tuple[float, int] | None = None
+
+    def _timing(self, fraction: float) -> str:
+        """``12 s elapsed, ETA 30 s`` from the fraction done so far."""
+        elapsed = time.monotonic() - self.start
+        eta = _seconds_text(elapsed * (1 - fraction) / fraction) if fraction > 0 else "-"
+        return f"{_seconds_text(elapsed)} elapsed, ETA {eta}"
 
     def show(self, key: str, completed: float, total: float, line: str, detail: str = "") -> None:
         if self.quiet:
@@ -151,7 +172,7 @@ class _Progress:
         if now - self.start < _PROGRESS_AFTER_S:
             return
         if not self.console.is_terminal:
-            if now - self.last_line >= 10.0:
+            if now - self.last_line >= _LINE_EVERY_S:
                 self.last_line = now
                 print(f"apfsim: {line}", file=sys.stderr)
             return
@@ -161,6 +182,8 @@ class _Progress:
                 TextColumn("{task.fields[detail]}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>5.1f}%"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
@@ -171,12 +194,25 @@ class _Progress:
         self.bar.update(self.task_ids[key], completed=completed, detail=detail)
 
     def protocol_fraction(self, protocol: str, fraction: float) -> None:
-        """For ``run``: one bar per protocol, in simulated time."""
-        self.show(protocol, fraction, 1.0, f"{protocol}: {fraction:.0%}")
+        """For ``run``: one bar over the protocols, each taking its share, in simulated
+        time."""
+        n = len(self.protocols) or 1
+        i = self.protocols.index(protocol) if protocol in self.protocols else 0
+        overall = (i + fraction) / n
+        detail = f"{protocol} ({i + 1}/{n})"
+        line = f"run: {overall:.0%} ({detail}), {self._timing(overall)}"
+        self.show("run", overall, 1.0, line, detail)
 
     def runs_done(self, completed: float, total: int) -> None:
         """For ``compare``: one bar of finished runs out of the total."""
-        self.show("compare", completed, total, f"compare: {int(completed)}/{total} runs")
+        detail = f"{int(completed)}/{total} runs"
+        self.show(
+            "compare",
+            completed,
+            total,
+            f"compare: {detail}, {self._timing(completed / total)}",
+            detail,
+        )
 
     def sweep_done(self, completed: int, total: int) -> None:
         """For ``sweep``: runs done (stored earlier ones included) of the total, the rate of
@@ -186,9 +222,10 @@ class _Progress:
         t0, c0 = self.sweep_first
         elapsed = time.monotonic() - t0
         rate = (completed - c0) / elapsed if elapsed > 0 else 0.0
-        eta = f"{(total - completed) / rate:.0f} s" if rate > 0 else "-"
-        detail = f"{completed}/{total} runs, {rate:.2f} runs/s, ETA {eta}"
-        self.show("sweep", completed, total, f"sweep: {detail}", detail)
+        eta = _seconds_text((total - completed) / rate) if rate > 0 else "-"
+        detail = f"{completed}/{total} runs, {rate:.2f} runs/s"
+        line = f"sweep: {detail}, {_seconds_text(elapsed)} elapsed, ETA {eta}"
+        self.show("sweep", completed, total, line, detail)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -377,7 +414,7 @@ def run_command(
     if tracing is not None:
         tagged = [tracing] if len(protocols) == 1 else [tracing.for_run(p) for p in protocols]
         _check_trace_outputs(tracing, tagged)
-    progress = _Progress(quiet)
+    progress = _Progress(quiet, protocols)
     try:
         result = run(
             sc,
