@@ -126,3 +126,30 @@ def test_progress_lines_give_elapsed_time_and_eta(
     assert all(re.search(needle + r".*, \d+ s elapsed, ETA (\d+ s|-)", line) for line in lines)
     code, _, err = cli([*args, "-q"], capsys)
     assert code == 0 and "elapsed" not in err
+
+
+def test_a_protocol_that_injected_nothing_gets_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(["run", "-p", "sync,arm64-rfcv2,x86-legacy", "--duration", "0.5"], capsys)
+    assert code == 0
+    notes = err.splitlines()
+    assert len(notes) == 1, err  # not sync (no APF by design), not x86-legacy (it injected)
+    assert notes[0].startswith("apfsim: note: arm64-rfcv2 injected no async PF: all ")
+    assert "in kernel mode" in notes[0] and "run longer (--duration)" in notes[0]
+    args = ["compare", "rfcv2-2020", "-p", "sync,arm64-rfcv2", "--seeds", "2", "-j", "1"]
+    code, _, err = cli([*args, "--duration", "0.3"], capsys)
+    assert code == 0
+    assert err.startswith("apfsim: note: arm64-rfcv2 injected no async PF") and err.count("\n") == 1
+    code, _, err = cli(["run", "-p", "arm64-rfcv2", "--duration", "0.5", "-q"], capsys)
+    assert code == 0 and err == ""
+
+
+def test_no_note_once_user_mode_faults_are_injected() -> None:
+    from apfsim.api import run
+    from apfsim.metrics.notes import no_injection_note
+
+    result = run("rfcv2-2020", ["arm64-rfcv2"], duration_s=0.5)
+    r = result.results[0]
+    assert no_injection_note([r], result.scenario) is not None
+    apf = dict(r.apf, not_present_injected=1)
+    injected = type(r)(**{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "apf": apf})
+    assert no_injection_note([injected], result.scenario) is None

@@ -42,6 +42,7 @@ from apfsim.check.mutants import MUTANTS
 from apfsim.check.report import mutants_text, result_dict, result_text, world_line
 from apfsim.check.search import CheckResult
 from apfsim.check.world import MODES, has_lifecycle
+from apfsim.metrics.notes import no_injection_note
 from apfsim.metrics.results import RunResult
 from apfsim.registry import PROTOCOLS
 from apfsim.scenario import (
@@ -443,8 +444,16 @@ def run_command(
         progress.close()
     if not quiet:
         print(compare_table(result))
+        for r in result.results:
+            _note(no_injection_note([r], result.scenario))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
+
+
+def _note(note: str | None) -> None:
+    """A one-line note on stderr (after the table), if there is one."""
+    if note is not None:
+        print(f"apfsim: note: {note}", file=sys.stderr)
 
 
 def _keep_partial_run(partial: RunResult | None, quiet: bool, json_path: Path | None) -> str:
@@ -564,6 +573,9 @@ def compare_command(
         progress.close()
     if not quiet:
         print(compare_summary_table(result))
+        for name in result.protocols:
+            runs = [r.result for r in result.runs if r.result.protocol == name]
+            _note(no_injection_note(runs, result.scenario))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
 
