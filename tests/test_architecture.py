@@ -20,6 +20,7 @@ LAYERS: list[tuple[int, str]] = [
     (0, "apfsim.sweeps.*"),
     (0, "apfsim.version"),
     (0, "apfsim.snapshot"),
+    (0, "apfsim.metrics.frames"),  # pandas, imported lazily (the analysis extra)
     (0, "apfsim.pool"),  # process pools whose workers die with their coordinator
     (0, "apfsim.host"),  # the package's __init__: a docstring
     (0, "apfsim.guest"),
@@ -28,6 +29,7 @@ LAYERS: list[tuple[int, str]] = [
     (1, "apfsim.metrics.accumulators"),
     (1, "apfsim.metrics.results"),
     (1, "apfsim.metrics.units"),
+    (1, "apfsim.metrics.notes"),
     (1, "apfsim.metrics"),
     # 2: ports: Protocols and plain data only, the seams between the components
     (2, "apfsim.ports"),
@@ -60,6 +62,7 @@ LAYERS: list[tuple[int, str]] = [
     # 9: library front ends: API, comparison, sweeps, reports, statistics
     (9, "apfsim.api"),
     (9, "apfsim.compare"),
+    (9, "apfsim.analysis"),
     (9, "apfsim.sweep.*"),
     (9, "apfsim.report.*"),
     (9, "apfsim.stats.*"),

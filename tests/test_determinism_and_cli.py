@@ -322,7 +322,9 @@ def test_run_with_no_arguments_compares_the_default_under_both_protocols(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, err = cli(["run", "--duration", "2"], capsys)
-    assert code == 0 and err == ""
+    # 2 s is all kernel-mode faults under arm64-rfcv2: a note on stderr says so (issue 14).
+    assert code == 0 and err.startswith("apfsim: note: arm64-rfcv2 injected no async PF")
+    assert err.count("\n") == 1
     lines = out.splitlines()
     assert lines[0].startswith("scenario rfcv2-2020 ")
     header = lines[1].split()

@@ -381,7 +381,7 @@ def test_cli_inputs_that_do_not_go_together(
     other["scenario"]["duration_s"] = 9.0
     path = write_json(tmp_path / "longer.json", other)
     code, _, err = cli(["report", str(inputs["seed0"]), str(path), "-o", out], capsys)
-    assert_one_line_error(code, err, "both 'tiny-report' but with different settings")
+    assert_one_line_error(code, err, "both 'tiny-report' but duration_s: 0.3 vs 9)")
 
 
 def test_cli_missing_inputs_and_bad_outputs(

@@ -18,7 +18,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from apfsim.api import (
     DEFAULT_PROTOCOLS,
@@ -36,6 +42,7 @@ from apfsim.check.mutants import MUTANTS
 from apfsim.check.report import mutants_text, result_dict, result_text, world_line
 from apfsim.check.search import CheckResult
 from apfsim.check.world import MODES, has_lifecycle
+from apfsim.metrics.notes import no_injection_note
 from apfsim.metrics.results import RunResult
 from apfsim.registry import PROTOCOLS
 from apfsim.scenario import (
@@ -56,6 +63,7 @@ from apfsim.trace import TraceOptions, read_trace
 from apfsim.trace.formats import KERNEL_DEFAULT, parse_kernel
 from apfsim.trace.output import TraceWriteError, check_output
 from apfsim.trace.stats import trace_stats_text
+from apfsim.version import __version__
 
 __all__ = ["app", "cli", "main"]
 
@@ -63,9 +71,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Simulate KVM asynchronous page faults and compare protocol designs.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"apfsim {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Simulate KVM asynchronous page faults and compare protocol designs."""
+
+
 _PROGRESS_AFTER_S = 2.0
+_LINE_EVERY_S = 10.0  # off a terminal: one progress line this often
 
 DurationOption = Annotated[
     float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
@@ -110,18 +139,32 @@ TraceWindowOption = Annotated[
 ]
 
 
-class _Progress:
-    """A rich progress bar on a terminal, shown only once the work has taken ~2 s; one bar
-    per key. Off a terminal (CI logs) it prints a line to stderr every 10 s instead."""
+def _seconds_text(seconds: float) -> str:
+    """``42 s`` or ``3 min 05 s``: elapsed times and ETAs in progress lines."""
+    whole = max(0, round(seconds))
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60:02d} s"
 
-    def __init__(self, quiet: bool) -> None:
+
+class _Progress:
+    """Progress with elapsed time and ETA on stderr, shown once the work has taken ~2 s: a
+    rich bar updated in place on a terminal, one bar per key; off a terminal (CI logs) a
+    plain line every 10 s instead. ``quiet`` silences it."""
+
+    def __init__(self, quiet: bool, protocols: list[str] | None = None) -> None:
         self.quiet = quiet
+        self.protocols = protocols or []
         self.console = Console(stderr=True)
         self.start = time.monotonic()
         self.bar: Progress | None = None
         self.task_ids: dict[str, Any] = {}
         self.last_line = self.start
         self.sweep_first: tuple[float, int] | None = None
+
+    def _timing(self, fraction: float) -> str:
+        """``12 s elapsed, ETA 30 s`` from the fraction done so far."""
+        elapsed = time.monotonic() - self.start
+        eta = _seconds_text(elapsed * (1 - fraction) / fraction) if fraction > 0 else "-"
+        return f"{_seconds_text(elapsed)} elapsed, ETA {eta}"
 
     def show(self, key: str, completed: float, total: float, line: str, detail: str = "") -> None:
         if self.quiet:
@@ -130,7 +173,7 @@ class _Progress:
         if now - self.start < _PROGRESS_AFTER_S:
             return
         if not self.console.is_terminal:
-            if now - self.last_line >= 10.0:
+            if now - self.last_line >= _LINE_EVERY_S:
                 self.last_line = now
                 print(f"apfsim: {line}", file=sys.stderr)
             return
@@ -140,6 +183,8 @@ class _Progress:
                 TextColumn("{task.fields[detail]}"),
                 BarColumn(),
                 TextColumn("{task.percentage:>5.1f}%"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
@@ -150,12 +195,25 @@ class _Progress:
         self.bar.update(self.task_ids[key], completed=completed, detail=detail)
 
     def protocol_fraction(self, protocol: str, fraction: float) -> None:
-        """For ``run``: one bar per protocol, in simulated time."""
-        self.show(protocol, fraction, 1.0, f"{protocol}: {fraction:.0%}")
+        """For ``run``: one bar over the protocols, each taking its share, in simulated
+        time."""
+        n = len(self.protocols) or 1
+        i = self.protocols.index(protocol) if protocol in self.protocols else 0
+        overall = (i + fraction) / n
+        detail = f"{protocol} ({i + 1}/{n})"
+        line = f"run: {overall:.0%} ({detail}), {self._timing(overall)}"
+        self.show("run", overall, 1.0, line, detail)
 
     def runs_done(self, completed: float, total: int) -> None:
         """For ``compare``: one bar of finished runs out of the total."""
-        self.show("compare", completed, total, f"compare: {int(completed)}/{total} runs")
+        detail = f"{int(completed)}/{total} runs"
+        self.show(
+            "compare",
+            completed,
+            total,
+            f"compare: {detail}, {self._timing(completed / total)}",
+            detail,
+        )
 
     def sweep_done(self, completed: int, total: int) -> None:
         """For ``sweep``: runs done (stored earlier ones included) of the total, the rate of
@@ -165,9 +223,10 @@ class _Progress:
         t0, c0 = self.sweep_first
         elapsed = time.monotonic() - t0
         rate = (completed - c0) / elapsed if elapsed > 0 else 0.0
-        eta = f"{(total - completed) / rate:.0f} s" if rate > 0 else "-"
-        detail = f"{completed}/{total} runs, {rate:.2f} runs/s, ETA {eta}"
-        self.show("sweep", completed, total, f"sweep: {detail}", detail)
+        eta = _seconds_text((total - completed) / rate) if rate > 0 else "-"
+        detail = f"{completed}/{total} runs, {rate:.2f} runs/s"
+        line = f"sweep: {detail}, {_seconds_text(elapsed)} elapsed, ETA {eta}"
+        self.show("sweep", completed, total, line, detail)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -286,6 +345,18 @@ def _check_trace_outputs(tracing: TraceOptions | None, runs: list[TraceOptions])
         raise _fail(str(err)) from None
 
 
+def _check_window(tracing: TraceOptions | None, duration_s: float) -> None:
+    """A --trace-window starting at or after the run's end would write an empty trace."""
+    if tracing is None:
+        return
+    start_s = tracing.window[0] / 1e9
+    if start_s >= duration_s:
+        raise _fail(
+            f"--trace-window: starts at {start_s:g} s but the run lasts {duration_s:g} s "
+            f"(--duration or the scenario's duration_s); give a window within 0:{duration_s:g}"
+        )
+
+
 def _write_json(json_path: Path, data: dict[str, Any]) -> None:
     """Sorted keys, two-space indent: the same run gives the same bytes."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -303,7 +374,10 @@ def run_command(
     protocol: Annotated[
         list[str] | None,
         typer.Option(
-            "--protocol", "-p", help="Protocol to run (repeatable). Default: sync and arm64-rfcv2."
+            "--protocol",
+            "-p",
+            help="Protocols, comma-separated (the flag may repeat; see apfsim protocols). "
+            "Default: sync and arm64-rfcv2.",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same results).")] = 0,
@@ -320,7 +394,7 @@ def run_command(
     ftrace_kernel: FtraceKernelOption = None,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
-    protocols = list(protocol) if protocol else list(DEFAULT_PROTOCOLS)
+    protocols = _split_protocols(protocol) if protocol else list(DEFAULT_PROTOCOLS)
     for name in protocols:
         if name not in PROTOCOLS:
             raise _fail(
@@ -337,10 +411,11 @@ def run_command(
         sc = load_scenario(scenario)
     except ScenarioError as err:
         raise _fail(str(err)) from None
+    _check_window(tracing, duration if duration is not None else sc.duration_s)
     if tracing is not None:
         tagged = [tracing] if len(protocols) == 1 else [tracing.for_run(p) for p in protocols]
         _check_trace_outputs(tracing, tagged)
-    progress = _Progress(quiet)
+    progress = _Progress(quiet, protocols)
     try:
         result = run(
             sc,
@@ -369,8 +444,16 @@ def run_command(
         progress.close()
     if not quiet:
         print(compare_table(result))
+        for r in result.results:
+            _note(no_injection_note([r], result.scenario))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
+
+
+def _note(note: str | None) -> None:
+    """A one-line note on stderr (after the table), if there is one."""
+    if note is not None:
+        print(f"apfsim: note: {note}", file=sys.stderr)
 
 
 def _keep_partial_run(partial: RunResult | None, quiet: bool, json_path: Path | None) -> str:
@@ -413,7 +496,8 @@ def compare_command(
         typer.Option(
             "--protocol",
             "-p",
-            help="Protocols, comma-separated (the flag may repeat). Default: all of them.",
+            help="Protocols, comma-separated (the flag may repeat; see apfsim protocols). "
+            "Default: all of them.",
         ),
     ] = None,
     baseline: Annotated[
@@ -448,6 +532,11 @@ def compare_command(
     _check_json_path(json_path)
     tracing = _trace_options(trace, ftrace, trace_window, ftrace_ns, ftrace_kernel)
     if tracing is not None:
+        try:
+            sc = load_scenario(scenario)
+        except ScenarioError as err:
+            raise _fail(str(err)) from None
+        _check_window(tracing, duration if duration is not None else sc.duration_s)
         _check_trace_outputs(
             tracing, [tracing.for_run(p, s) for p in protocols for s in range(seeds)]
         )
@@ -484,6 +573,9 @@ def compare_command(
         progress.close()
     if not quiet:
         print(compare_summary_table(result))
+        for name in result.protocols:
+            runs = [r.result for r in result.runs if r.result.protocol == name]
+            _note(no_injection_note(runs, result.scenario))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
 
@@ -826,6 +918,12 @@ def trace_stats_command(
                 f"trace-stats: all {stats.malformed_count} kvm async-PF lines of "
                 f"{str(trace_file)!r} are malformed (see above); is it a trace-cmd report?"
             )
+        if _only_headers(trace_file):
+            raise _fail(
+                f"trace-stats: {str(trace_file)!r} has no events at all, only its header; an "
+                "apfsim --ftrace file is empty when its --trace-window held no events (a "
+                "window after the run's end): give a window inside the run"
+            )
         raise _fail(
             f"trace-stats: {str(trace_file)!r} has no kvm events in trace-cmd, ftrace or "
             "perf-script layout; record with: trace-cmd record -e kvm"
@@ -840,6 +938,13 @@ def trace_stats_command(
         )
     if json_path is not None:
         _write_json(json_path, stats.to_dict())
+
+
+def _only_headers(path: Path) -> bool:
+    """The file holds nothing but a ``cpus=N`` header and blank lines: the text trace of a
+    window without events (ours, or a ``trace-cmd report`` of an empty recording)."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        return all(not line.strip() or line.startswith("cpus=") for line in lines)
 
 
 @app.command("sweep-report")
@@ -909,6 +1014,14 @@ def scenarios_command() -> None:
         print(f"{name.ljust(width)}  {description}{marker}")
 
 
+@app.command("protocols")
+def protocols_command() -> None:
+    """List the protocol designs: name, arch, what it does, and the code or series it follows."""
+    width = max(len(name) for name in PROTOCOLS)
+    for v in PROTOCOLS.values():
+        print(f"{v.name.ljust(width)}  {v.arch:<5}  {v.summary}  [{v.source}]")
+
+
 @app.command("show")
 def show_command(
     scenario: Annotated[str, typer.Argument(help="Built-in scenario name or TOML path.")],
@@ -921,9 +1034,28 @@ def show_command(
     sys.stdout.write(scenario_to_toml(sc))
 
 
+def _hide_flag_metavars(command: Any) -> None:
+    """A boolean flag takes no value: show no type (``<bool>``) in its help line."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    make_help_option = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        _hide_flag_metavars(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: turns every usage error into one line and exit code 2."""
     command = typer.main.get_command(app)
+    _hide_flag_metavars(command)
     try:
         rv = command.main(args=argv, prog_name="apfsim", standalone_mode=False)
     except _Exit as done:

@@ -297,6 +297,13 @@ class CompareResult:
                 return r.result
         raise KeyError((protocol, seed))
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per (protocol, seed) run, columns as
+        :meth:`ProtocolResult.flat`; needs the ``analysis`` extra."""
+        from apfsim.metrics.frames import frame
+
+        return frame((r.result.flat(r.seed) for r in self.runs), ["protocol", "seed"])
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document; no wall-clock figure, so equal inputs give equal bytes.
         ``"partial": true`` only in a comparison cut short."""

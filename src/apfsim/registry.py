@@ -25,14 +25,75 @@ from apfsim.protocols.x86_legacy import X86LegacyHost
 __all__ = ["PROTOCOLS", "ProtocolOptions", "Variant", "build_protocol", "variant"]
 
 VARIANTS = (
-    Variant("sync", "any", SyncHost, NoApfGuest),  # the scenario's guest.arch
-    Variant("arm64-rfcv2", "arm64", Arm64Rfcv2Host, Arm64ApfGuest, lifecycle=True),
-    Variant("x86", "x86", X86Host, X86ApfGuest, lifecycle=True),
-    Variant("x86-legacy", "x86", X86LegacyHost, X86LegacyApfGuest, lifecycle=True),
-    Variant("halt-only", "x86", X86Host, NoApfGuest),  # a guest without the PV driver
-    Variant("arm64-sdei-ppi", "arm64", Arm64SdeiPpiHost, Arm64SdeiPpiGuest),
-    Variant("guest-initiated", "x86", GuestInitiatedHost, GuestInitiatedGuest, lifecycle=True),
-    Variant("s390-pfault", "s390", S390PfaultHost, S390PfaultGuest, lifecycle=True),
+    Variant(
+        "sync",
+        "any",  # the scenario's guest.arch
+        SyncHost,
+        NoApfGuest,
+        summary="no async PF: a fault that needs I/O blocks the vCPU thread (the baseline)",
+        source="blocking GUP in user_mem_abort / the x86 MMU fault path",
+    ),
+    Variant(
+        "arm64-rfcv2",
+        "arm64",
+        Arm64Rfcv2Host,
+        Arm64ApfGuest,
+        lifecycle=True,
+        summary="both signals an injected data abort; not-present at EL0 only; never merged",
+        source='Gavin Shan, "[RFCv2 0/9] kvm/arm64: Support Async Page Fault", kvmarm, May 2020',
+    ),
+    Variant(
+        "x86",
+        "x86",
+        X86Host,
+        X86ApfGuest,
+        lifecycle=True,
+        summary="not-present as a #PF, page-ready as an interrupt vector; upstream since 5.10",
+        source="arch/x86/kvm/x86.c, arch/x86/kernel/kvm.c (Linux 5.10+)",
+    ),
+    Variant(
+        "x86-legacy",
+        "x86",
+        X86LegacyHost,
+        X86LegacyApfGuest,
+        lifecycle=True,
+        summary="both signals a #PF announced by a reason word; Linux 2.6.38 to 5.7",
+        source="arch/x86/kvm/x86.c, arch/x86/kernel/kvm.c (Linux 2.6.38-5.7)",
+    ),
+    Variant(
+        "halt-only",
+        "x86",
+        X86Host,
+        NoApfGuest,  # a guest without the PV driver
+        summary="x86 host, guest without the PV driver: a fault that needs I/O halts the vCPU",
+        source="arch/x86/kvm/x86.c with the guest never enabling async PF",
+    ),
+    Variant(
+        "arm64-sdei-ppi",
+        "arm64",
+        Arm64SdeiPpiHost,
+        Arm64SdeiPpiGuest,
+        summary="not-present as an SDEI event, page-ready as a PPI; never merged",
+        source='Gavin Shan, "[PATCH v4 00/15] Support Asynchronous Page Fault", 2021',
+    ),
+    Variant(
+        "guest-initiated",
+        "x86",
+        GuestInitiatedHost,
+        GuestInitiatedGuest,
+        lifecycle=True,
+        summary="the guest is told first and asks the host by hypercall to fetch the page",
+        source="Paolo Bonzini's reply to the arm64 RFCv2 series (kvmarm, 2020)",
+    ),
+    Variant(
+        "s390-pfault",
+        "s390",
+        S390PfaultHost,
+        S390PfaultGuest,
+        lifecycle=True,
+        summary="pfault: DIAG 0x258 handshake, both signals external interrupts",
+        source="arch/s390/mm/pfault.c, arch/s390/kvm",
+    ),
 )
 
 PROTOCOLS: dict[str, Variant] = {v.name: v for v in VARIANTS}

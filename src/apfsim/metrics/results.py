@@ -47,6 +47,29 @@ class ProtocolResult:
                 return t
         raise KeyError(name)
 
+    def flat(self, seed: int) -> dict[str, Any]:
+        """One flat row of this run, for tables and DataFrames: protocol, seed,
+        ``sim_time_s``, ``task.NAME.FIELD`` (work_s, ops, ops_per_s, completion_s),
+        ``vcpu_time_s.STATE`` summed over vCPUs, ``apf.COUNTER``, ``faults.KEY`` (counts,
+        ``per_s``, latency p50/p99 in µs) and ``tracepoints.EVENT``."""
+        row: dict[str, Any] = {"protocol": self.protocol, "seed": seed}
+        row["sim_time_s"] = self.sim_time_s
+        for t in self.tasks:
+            for name in ("work_s", "ops", "ops_per_s", "completion_s"):
+                row[f"task.{t.name}.{name}"] = getattr(t, name)
+        for state in self.vcpus[0].time_s if self.vcpus else ():
+            row[f"vcpu_time_s.{state}"] = sum(v.time_s.get(state, 0.0) for v in self.vcpus)
+        row.update({f"apf.{k}": v for k, v in self.apf.items()})
+        for key, value in self.faults.items():
+            if isinstance(value, dict):
+                for q in ("p50", "p99"):
+                    if q in value:
+                        row[f"faults.{key}.{q}"] = value[q]
+            else:
+                row[f"faults.{key}"] = value
+        row.update({f"tracepoints.{k}": v for k, v in self.tracepoints.items()})
+        return row
+
     def to_dict(self, include_wall: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not include_wall:
@@ -67,6 +90,13 @@ class RunResult:
             if r.protocol == name:
                 return r
         raise KeyError(name)
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per protocol (index: protocol, seed), columns as
+        :meth:`ProtocolResult.flat`; needs the ``analysis`` extra."""
+        from apfsim.metrics.frames import frame
+
+        return frame((r.flat(self.seed) for r in self.results), ["protocol", "seed"])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document; ``"partial": true`` only in a run cut short."""

@@ -447,7 +447,8 @@ class Variant:
 
     ``arch`` picks the exception-entry rule and the trace layout (``arm64``, ``x86``,
     ``s390``, or ``any``: the scenario's ``guest.arch``); ``lifecycle``: the guest driver
-    models CPU hotplug and reboot callbacks.
+    models CPU hotplug and reboot callbacks. ``summary`` (one line) and ``source`` (the public
+    code or patch series it follows) are what ``apfsim protocols`` lists.
     """
 
     def arch_in(self, scenario_arch: str) -> str:
@@ -459,3 +460,5 @@ class Variant:
     host: HostFactory
     guest: GuestFactory
     lifecycle: bool = False
+    summary: str = ""
+    source: str = ""

@@ -437,6 +437,35 @@ def run_ratios(runs: list[RunRecord], base: list[RunRecord]) -> dict[str, Estima
     }
 
 
+def setting_differences(a: Any, b: Any, prefix: str = "", limit: int = 3) -> list[str]:
+    """The scenario settings that differ, as ``key: A vs B`` (dotted keys, list items by
+    index), at most ``limit`` of them and then ``...``."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, key: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                walk(x.get(k), y.get(k), f"{key}.{k}" if key else str(k))
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{key}[{i}]")
+        elif x != y:
+            out.append(f"{key or 'scenario'}: {_setting(x)} vs {_setting(y)}")
+
+    walk(a, b, prefix)
+    return out if len(out) <= limit else [*out[:limit], "..."]
+
+
+def _setting(value: Any) -> str:
+    """A setting as TOML-ish text; a missing one is "unset"."""
+    if value is None:
+        return "unset"
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def load_results(paths: list[Path]) -> ReportData:
     """Read, check and merge results files of one scenario (raises ReportError)."""
     if not paths:
@@ -446,7 +475,8 @@ def load_results(paths: list[Path]) -> ReportData:
     for f in files[1:]:
         if f.scenario != first.scenario:
             a, b = first.scenario["name"], f.scenario["name"]
-            what = f"{a!r} and {b!r}" if a != b else f"both {a!r} but with different settings"
+            diff = ", ".join(setting_differences(first.scenario, f.scenario))
+            what = f"{a!r} and {b!r}" if a != b else f"both {a!r} but {diff}"
             raise ReportError(
                 f"{first.path!r} and {f.path!r} hold different scenarios ({what}); "
                 "make one report per scenario"
