@@ -462,6 +462,15 @@ def test_a_json_path_too_long_is_one_line(capsys: pytest.CaptureFixture[str]) ->
     assert_one_line_error(code, err, "--json")
 
 
+@pytest.mark.parametrize("flag", ["--trace", "--ftrace"])
+def test_a_trace_directory_name_too_long_is_one_line(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = "/tmp/" + "b" * 300 + "/t.txt"
+    code, _, err = cli(["run", "writer-compute", "--duration", "0.1", flag, path, "-q"], capsys)
+    assert_one_line_error(code, err, flag)
+
+
 # -- item 14: TOML nested too deeply -----------------------------------------------------------
 
 

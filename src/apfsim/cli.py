@@ -291,8 +291,11 @@ def _trace_options(
 ) -> TraceOptions | None:
     """Check the tracing flags before running: a bad path or window fails at once."""
     for flag, path in (("--trace", trace), ("--ftrace", ftrace)):
-        if path is not None and not path.parent.is_dir():
-            raise _fail(f"{flag}: directory {str(path.parent)!r} does not exist; create it first")
+        if path is not None and not _is_dir(path.parent):
+            raise _fail(
+                f"{flag}: directory {str(path.parent)!r} does not exist or cannot be looked up "
+                "(a name too long?); give an existing directory"
+            )
     if ftrace is None and (ftrace_ns or ftrace_kernel is not None):
         raise _fail(f"{'--ftrace-ns' if ftrace_ns else '--ftrace-kernel'}: give --ftrace too")
     kernel = KERNEL_DEFAULT
