@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -272,6 +273,7 @@ def check_outcome(code: int, err: str, text: str) -> None:
     assert "Traceback" not in err, err
 
 
+@pytest.mark.slow  # 50 runs and 50 sweeps, about 20 s: the full tier
 @FUZZ
 @given(data=st.data())
 def test_random_scenarios_run_or_exit_2(data: st.DataObject) -> None:
@@ -315,6 +317,7 @@ def sweeps(draw: st.DrawFn) -> dict[str, Any]:
     return {"sweep": draw(mutated(sweep)), "base": base}
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_random_sweeps_run_or_exit_2(data: st.DataObject) -> None:
