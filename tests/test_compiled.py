@@ -100,6 +100,7 @@ def compiled_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     assert len(list(site.glob("apfsim/**/*.so"))) >= 30
+    assert (site / "apfsim" / "py.typed").is_file()  # users' type checkers read our hints
     return site
 
 
