@@ -12,6 +12,7 @@ import math
 import sqlite3
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -419,7 +420,7 @@ def run_command(
         tagged = [tracing] if len(protocols) == 1 else [tracing.for_run(p) for p in protocols]
         _check_trace_outputs(tracing, tagged)
     progress = _Progress(quiet, protocols)
-    try:
+    with _keeping_what_finished(progress, lambda p: _keep_partial_run(p, quiet, json_path)):
         result = run(
             sc,
             protocols,
@@ -429,22 +430,6 @@ def run_command(
             check=not no_check,
             trace=tracing,
         )
-    except InvariantViolation as err:
-        progress.close()
-        _keep_partial_run(err.partial, quiet, json_path)
-        print(f"apfsim: invariant violated: {err}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    except TraceWriteError as err:
-        progress.close()
-        _keep_partial_run(err.partial, quiet, json_path)
-        raise _fail(str(err)) from None
-    except Interrupted as err:
-        progress.close()
-        kept = _keep_partial_run(err.partial, quiet, json_path)
-        print(f"apfsim: interrupted: {kept}", file=sys.stderr)
-        raise _Exit(130) from None
-    finally:
-        progress.close()
     if not quiet:
         print(compare_table(result))
         for r in result.results:
@@ -457,6 +442,29 @@ def _note(note: str | None) -> None:
     """A one-line note on stderr (after the table), if there is one."""
     if note is not None:
         print(f"apfsim: note: {note}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _keeping_what_finished(progress: _Progress, keep: Callable[[Any], str]) -> Iterator[None]:
+    """Around a command's runs: cut short by an invariant, a failed trace write or ^C, what
+    finished is printed and written by ``keep(partial)`` before the one-line exit."""
+    try:
+        yield
+    except InvariantViolation as err:
+        progress.close()
+        keep(err.partial)
+        print(f"apfsim: invariant violated: {err}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except TraceWriteError as err:
+        progress.close()
+        keep(err.partial)
+        raise _fail(str(err)) from None
+    except Interrupted as err:
+        progress.close()
+        print(f"apfsim: interrupted: {keep(err.partial)}", file=sys.stderr)
+        raise _Exit(130) from None
+    finally:
+        progress.close()
 
 
 def _keep_partial_run(partial: RunResult | None, quiet: bool, json_path: Path | None) -> str:
@@ -545,35 +553,20 @@ def compare_command(
         )
     progress = _Progress(quiet)
     try:
-        result = compare(
-            scenario,
-            protocols,
-            seeds,
-            baseline,
-            duration,
-            jobs,
-            progress=progress.runs_done,
-            check=not no_check,
-            trace=tracing,
-        )
+        with _keeping_what_finished(progress, lambda p: _keep_partial_compare(p, quiet, json_path)):
+            result = compare(
+                scenario,
+                protocols,
+                seeds,
+                baseline,
+                duration,
+                jobs,
+                progress=progress.runs_done,
+                check=not no_check,
+                trace=tracing,
+            )
     except ScenarioError as err:
         raise _fail(str(err)) from None
-    except InvariantViolation as err:
-        progress.close()
-        _keep_partial_compare(err.partial, quiet, json_path)
-        print(f"apfsim: invariant violated: {err}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    except TraceWriteError as err:
-        progress.close()
-        _keep_partial_compare(err.partial, quiet, json_path)
-        raise _fail(str(err)) from None
-    except Interrupted as err:
-        progress.close()
-        kept = _keep_partial_compare(err.partial, quiet, json_path)
-        print(f"apfsim: interrupted: {kept}", file=sys.stderr)
-        raise _Exit(130) from None
-    finally:
-        progress.close()
     if not quiet:
         print(compare_summary_table(result))
         for name in result.protocols:
