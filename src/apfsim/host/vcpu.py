@@ -173,8 +173,8 @@ class Vcpu:
             if self.checker is not None:
                 self.checker.note(self.index, _INJECT_LABEL, injection.payload, injection.kind)
         engine = self.engine
-        if last and engine.next_is(engine.now + cost):
-            engine.advance_to(engine.now + cost)
+        if last and engine.next_is(at := engine.now + cost):
+            engine.advance_to(at)
             self._entered(injections)
             return
         self._host_event = engine.after(cost, self._entered, injections)

@@ -72,7 +72,7 @@ class LatencySamples:
         if self._n == len(buf):
             # x1.5: less slack than doubling at the same amortised cost per sample.
             buf = self._buf = np.concatenate([buf, np.empty(len(buf) // 2 + 1, dtype=buf.dtype)])
-        if buf.dtype == _NARROW and not _NARROW_MIN <= value_ns <= _NARROW_MAX:
+        if not _NARROW_MIN <= value_ns <= _NARROW_MAX and buf.dtype == _NARROW:
             buf = self._buf = buf.astype(np.int64)
         buf[self._n] = value_ns
         self._n += 1
