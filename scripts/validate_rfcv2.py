@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from apfsim.api import run_protocol
-from apfsim.compare import t_quantile_975
+from apfsim.stats import t_quantile_975
 from apfsim.scenario import Scenario, load_scenario, with_overrides
 
 

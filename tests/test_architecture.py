@@ -30,6 +30,8 @@ LAYERS: list[tuple[int, str]] = [
     (1, "apfsim.metrics.results"),
     (1, "apfsim.metrics.units"),
     (1, "apfsim.metrics.notes"),
+    (1, "apfsim.metrics.summary"),
+    (1, "apfsim.stats"),  # estimates and paired ratios: plain statistics
     (1, "apfsim.metrics"),
     # 2: ports: Protocols and plain data only, the seams between the components
     (2, "apfsim.ports"),
@@ -59,13 +61,12 @@ LAYERS: list[tuple[int, str]] = [
     (8, "apfsim.metrics.collect"),
     (8, "apfsim.check.*"),
     (8, "apfsim.trace.*"),
-    # 9: library front ends: API, comparison, sweeps, reports, statistics
+    # 9: library front ends: API, comparison, sweeps, reports
     (9, "apfsim.api"),
     (9, "apfsim.compare"),
     (9, "apfsim.analysis"),
     (9, "apfsim.sweep.*"),
     (9, "apfsim.report.*"),
-    (9, "apfsim.stats.*"),
     # 10: entry points: the CLI, python -m apfsim, the top package
     (10, "apfsim.cli"),
     (10, "apfsim.__main__"),
@@ -219,6 +220,48 @@ def test_simulation_does_not_import_the_checker_or_tracer() -> None:
         if m.split(".")[:2] in (["apfsim", "check"], ["apfsim", "trace"])
     ]
     assert not bad, "apfsim.simulation reaches:\n" + "\n".join(bad)
+
+
+def private_imports(modules: dict[str, Path], root: Path = SRC.parent) -> list[str]:
+    """Every ``from M import _name`` where M lies outside the importing module's package: a
+    private name crossing a package boundary (a public one belongs in M's API)."""
+    bad = []
+    for src, path in modules.items():
+        package = src if path.name == "__init__.py" else src.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or node.module is None:
+                continue
+            owner = node.module if node.module in modules else None
+            if owner is None or not owner.startswith("apfsim"):
+                continue
+            owner_package = (
+                owner if modules[owner].name == "__init__.py" else owner.rpartition(".")[0]
+            )
+            if owner_package == package:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    bad.append(
+                        f"{path.relative_to(root)}:{node.lineno}: {src} imports {owner}.{alias.name}"
+                    )
+    return bad
+
+
+def test_no_private_name_crosses_a_package() -> None:
+    bad = private_imports(module_files())
+    assert not bad, "private names imported from another package:\n" + "\n".join(bad)
+
+
+def test_private_imports_are_found(tmp_path: Path) -> None:
+    pkg = tmp_path / "apfsim"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core.py").write_text("_hidden = 1\nshown = 2\n")
+    (pkg / "sibling.py").write_text("from apfsim.core import _hidden\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "user.py").write_text("from apfsim.core import _hidden, shown\n")
+    found = private_imports(module_files(tmp_path), tmp_path)
+    assert found == ["apfsim/sub/user.py:1: apfsim.sub.user imports apfsim.core._hidden"]
 
 
 def test_graph_helpers_on_a_synthetic_graph() -> None:

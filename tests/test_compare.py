@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 import pytest
 
 import apfsim.compare
+import apfsim.stats
 import apfsim.pool
 from apfsim.api import compare
 from apfsim.cli import main
-from apfsim.compare import estimate, paired_ratios, t_quantile_975
+from apfsim.stats import estimate, paired_ratios, t_quantile_975
 from apfsim.scenario import ScenarioError, load_scenario
 from apfsim.simulation import Simulation
 from cli_helpers import assert_one_line_error, cli
@@ -215,8 +216,8 @@ def test_ci_matches_a_hand_computed_example() -> None:
     assert e.mean == 2.5 and e.n == 4
     assert e.ci95 == pytest.approx(2.054261, abs=1e-6)
     assert estimate([2.0, None, 2.0]).ci95 == 0.0
-    assert estimate([7.0]) == apfsim.compare.Estimate(7.0, None, 1)
-    assert estimate([None]) == apfsim.compare.Estimate(None, None, 0)
+    assert estimate([7.0]) == apfsim.stats.Estimate(7.0, None, 1)
+    assert estimate([None]) == apfsim.stats.Estimate(None, None, 0)
 
 
 @pytest.mark.parametrize(

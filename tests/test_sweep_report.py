@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from apfsim.compare import estimate, t_quantile_975
+from apfsim.stats import estimate, t_quantile_975
 from apfsim.report.render import format_estimate
 from apfsim.sweep.report import (
     SweepInfo,

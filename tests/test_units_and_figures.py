@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from apfsim.api import compare, compare_table, run
-from apfsim.compare import Estimate, summary_table
+from apfsim.compare import summary_table
+from apfsim.stats import Estimate
 from apfsim.report import load_results, render_report
 from apfsim.report.data import ReportData
 from apfsim.report.render import format_estimate

@@ -26,28 +26,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from apfsim.checking import InvariantViolation
-from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from apfsim.metrics.results import ProtocolResult
+from apfsim.metrics.summary import APF_COUNTERS, ops_rates, run_metrics, work_rates
+from apfsim.metrics.summary import kinds as task_kinds
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.pool import new_pool, stop_workers
 from apfsim.scenario import Scenario, scenario_from_dict
+from apfsim.stats import Estimate, estimate, paired_ratios
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
 __all__ = [
-    "APF_COUNTERS",
     "CompareProgressFn",
     "CompareResult",
     "CompareRun",
-    "Estimate",
     "Interrupted",
     "ProtocolSummary",
     "default_jobs",
-    "estimate",
-    "paired_ratios",
     "run_compare",
     "run_one",
     "summary_table",
-    "t_quantile_975",
 ]
 
 CompareProgressFn = Callable[[float, int], None]
@@ -61,92 +59,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, partial: Any) -> None:
         super().__init__("interrupted")
         self.partial = partial
-
-
-APF_COUNTERS = ("not_present_injected", "page_ready_injected", "sync_fallbacks")
-
-# Two-sided 95 % Student t quantiles t(0.975, dof) for dof 1..30 (standard tables).
-_T975 = (
-    12.706204736,
-    4.302652730,
-    3.182446305,
-    2.776445105,
-    2.570581836,
-    2.446911851,
-    2.364624252,
-    2.306004135,
-    2.262157163,
-    2.228138852,
-    2.200985160,
-    2.178812830,
-    2.160368656,
-    2.144786688,
-    2.131449546,
-    2.119905299,
-    2.109815578,
-    2.100922040,
-    2.093024054,
-    2.085963447,
-    2.079613845,
-    2.073873068,
-    2.068657610,
-    2.063898562,
-    2.059538553,
-    2.055529439,
-    2.051830516,
-    2.048407142,
-    2.045229642,
-    2.042272456,
-)
-_Z975 = statistics.NormalDist().inv_cdf(0.975)
-
-
-def t_quantile_975(dof: int) -> float:
-    """The 0.975 quantile of Student's t with ``dof`` degrees of freedom (>= 1).
-
-    Exact table up to 30 dof; beyond, the normal quantile with the Cornish-Fisher correction
-    for t (error below 1e-4 there, where the bare normal 1.960 would be ~4 % too small).
-    """
-    if dof < 1:
-        raise ValueError(f"dof must be at least 1 (got {dof})")
-    if dof <= len(_T975):
-        return _T975[dof - 1]
-    z = _Z975
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """Mean and 95 % CI half-width of ``n`` values; ``ci95`` is None below 2 values."""
-
-    mean: float | None
-    ci95: float | None
-    n: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "ci95": self.ci95, "n": self.n}
-
-
-def estimate(values: Sequence[float | None]) -> Estimate:
-    """Mean ± t(0.975, n-1) · s / sqrt(n) over the values that are not None."""
-    xs = [v for v in values if v is not None]
-    n = len(xs)
-    if n == 0:
-        return Estimate(None, None, 0)
-    mean = statistics.fmean(xs)
-    if n == 1:
-        return Estimate(mean, None, 1)
-    return Estimate(mean, t_quantile_975(n - 1) * statistics.stdev(xs) / math.sqrt(n), n)
-
-
-def paired_ratios(
-    values: Sequence[float | None], base: Sequence[float | None]
-) -> list[float | None]:
-    """Per-seed ``value / base``; None where either is missing or the base is 0."""
-    return [
-        None if v is None or b is None or b == 0 else v / b
-        for v, b in zip(values, base, strict=True)
-    ]
 
 
 # ------------------------------------------------------------------------------- running
@@ -239,17 +151,6 @@ def _harvest(index: dict[Future[dict[str, Any]], int], results: _Results) -> Non
             results[i] = future.result()
 
 
-def _protocol_result(data: dict[str, Any]) -> ProtocolResult:
-    """Rebuild the typed result from :meth:`ProtocolResult.to_dict` (``include_wall=True``)."""
-    return ProtocolResult(
-        **{
-            **data,
-            "tasks": [TaskResult(**t) for t in data["tasks"]],
-            "vcpus": [VcpuResult(**v) for v in data["vcpus"]],
-        }
-    )
-
-
 # ------------------------------------------------------------------------------- results
 
 
@@ -322,66 +223,13 @@ class CompareResult:
         return out
 
 
-def _kinds(result: ProtocolResult) -> dict[str, list[TaskResult]]:
-    out: dict[str, list[TaskResult]] = {}
-    for t in result.tasks:
-        out.setdefault(t.kind, []).append(t)
-    return out
-
-
-def run_metrics(result: ProtocolResult) -> dict[str, float | None]:
-    """The summarised metrics of one run (a counter the protocol lacks is left out)."""
-    m: dict[str, float | None] = {}
-    for t in result.tasks:
-        m[f"task.{t.name}.work_s"] = t.work_s
-        m[f"task.{t.name}.completion_s"] = t.completion_s
-    for kind, tasks in _kinds(result).items():
-        m[f"kind.{kind}.work_s"] = math.fsum(t.work_s for t in tasks)
-    for cat in result.vcpus[0].time_s:
-        m[f"vcpu_time_s.{cat}"] = math.fsum(v.time_s[cat] for v in result.vcpus)
-    for key in APF_COUNTERS:
-        if key in result.apf:
-            m[f"apf.{key}"] = float(result.apf[key])
-    for q in ("p50", "p99"):
-        m[f"fault_in_latency_us.{q}"] = result.faults["fault_in_latency_us"][q]
-    m.update(_ops_rates(result))
-    sim = result.sim_time_s
-    f = result.faults
-    m["faults.per_s"] = (f["zero_fill"] + f["minor"] + f["needs_io"]) / sim if sim > 0 else None
-    return m
-
-
-def _ops_rates(result: ProtocolResult) -> dict[str, float | None]:
-    """Memory tasks' operations (writes, pages, accesses) per simulated second."""
-    sim = result.sim_time_s
-    m: dict[str, float | None] = {}
-    for t in result.tasks:
-        if ops_unit(t.kind) is not None:
-            m[f"task.{t.name}.ops_rate"] = t.ops / sim if sim > 0 else None
-    for kind, tasks in _kinds(result).items():
-        if ops_unit(kind) is not None:
-            m[f"kind.{kind}.ops_rate"] = sum(t.ops for t in tasks) / sim if sim > 0 else None
-    return m
-
-
-def _work_rates(result: ProtocolResult) -> dict[str, float | None]:
-    """Work per simulated second (runs that stop early are compared fairly)."""
-    sim = result.sim_time_s
-    m: dict[str, float | None] = {}
-    for t in result.tasks:
-        m[f"task.{t.name}.work_rate"] = t.work_s / sim if sim > 0 else None
-    for kind, tasks in _kinds(result).items():
-        m[f"kind.{kind}.work_rate"] = math.fsum(t.work_s for t in tasks) / sim if sim else None
-    return m
-
-
 def _ratio_series(
     runs: list[ProtocolResult], base: list[ProtocolResult]
 ) -> dict[str, list[float | None]]:
     """Per-seed ratios: work rate protocol / baseline, completion baseline / protocol."""
     series: dict[str, list[float | None]] = {}
-    rates = [{**_work_rates(r), **_ops_rates(r)} for r in runs]
-    base_rates = [{**_work_rates(b), **_ops_rates(b)} for b in base]
+    rates = [{**work_rates(r), **ops_rates(r)} for r in runs]
+    base_rates = [{**work_rates(b), **ops_rates(b)} for b in base]
     for key in rates[0]:
         series[key] = paired_ratios([r[key] for r in rates], [b[key] for b in base_rates])
     for i, t in enumerate(runs[0].tasks):
@@ -446,7 +294,7 @@ def run_compare(
 
     def summarised(partial: bool) -> CompareResult:
         runs = [
-            CompareRun(spec[2], _protocol_result(d))
+            CompareRun(spec[2], ProtocolResult.from_dict(d))
             for spec, d in zip(specs, results, strict=True)
             if d is not None
         ]
@@ -509,7 +357,7 @@ def summary_table(result: CompareResult) -> str:
         cells = [_cell(result.summary[p].ratio_to_baseline.get(key), 3, "x") for p in names]
         rows.append((f"  {label}", cells))
 
-    kinds = _kinds(first)
+    kinds = task_kinds(first)
     section("tasks: work (s), or ops/s for memory tasks")
     for t in first.tasks:
         if ops_unit(t.kind) is None:

@@ -3,7 +3,7 @@
 Two inputs are accepted (docs/report.md): the file of ``apfsim run --json`` (one seed, every
 protocol) and the file of ``apfsim compare --json`` (several seeds). Files of one scenario are
 merged run by run, keyed by (protocol, seed); the statistics are those of ``apfsim compare``
-(:func:`apfsim.compare.estimate`, seed-paired ratios). A lone compare file's own summary is
+(:func:`apfsim.stats.estimate`, seed-paired ratios). A lone compare file's own summary is
 used as it is for the metrics it holds; the rest (absolute work rates, every counter, the
 latency CDFs) is computed from its runs.
 
@@ -12,17 +12,26 @@ Nothing here imports matplotlib or jinja2.
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from apfsim.compare import Estimate, estimate, paired_ratios, run_metrics
-from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
+from pydantic import TypeAdapter, with_config
+from typing_extensions import TypedDict
+
+from apfsim.metrics.results import (
+    LATENCIES,
+    SCHEMA_CONFIG,
+    VCPU_CATEGORIES,
+    InvalidResults,
+    ProtocolResult,
+    decode,
+)
+from apfsim.metrics.summary import run_metrics
 from apfsim.metrics.units import ops_unit, rate_unit
+from apfsim.stats import Estimate, estimate, paired_ratios
 
 __all__ = [
     "LATENCIES",
@@ -35,12 +44,6 @@ __all__ = [
     "Source",
     "load_results",
 ]
-
-VCPU_CATEGORIES = ("task", "guest_kernel", "idle", "apf_halt", "sync_fault", "host")
-"""The vCPU time categories, in the order they are stacked (docs/results-schema.md)."""
-
-LATENCIES = ("fault_in_latency_us", "not_present_to_ready_us")
-"""The two latency distributions of ``faults``."""
 
 MAX_TASK_GROUPS = 4
 """Up to this many tasks, throughput is shown per task; beyond, per task kind (summed)."""
@@ -152,164 +155,73 @@ class ReportData:
 # ----------------------------------------------------------------------------- validation
 
 
-class InvalidResults(Exception):
-    """A structural problem at a JSON location; turned into a ReportError naming the file."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidResults(where, f"expected an object, got {_type_name(value)}")
-    return value
-
-
-def _get(obj: dict[str, Any], key: str, where: str) -> Any:
-    if key not in obj:
-        raise InvalidResults(where, f"missing {key!r}")
-    return obj[key]
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise InvalidResults(where, f"expected a list, got {_type_name(value)}")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidResults(where, f"expected a string, got {_type_name(value)}")
-    return value
-
-
-def _int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidResults(where, f"expected an integer, got {_type_name(value)}")
-    return value
-
-
-def _num(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidResults(where, f"expected a finite number, got {_type_name(value)}")
-    return float(value)
-
-
-def _opt_num(value: Any, where: str) -> float | None:
-    return None if value is None else _num(value, where)
-
-
-def _task(data: Any, where: str) -> TaskResult:
-    t = _obj(data, where)
-    completion = _get(t, "completion_s", where)
-    return TaskResult(
-        name=_str(_get(t, "name", where), f"{where}.name"),
-        kind=_str(_get(t, "kind", where), f"{where}.kind"),
-        cpu=_int(_get(t, "cpu", where), f"{where}.cpu"),
-        work_s=_num(_get(t, "work_s", where), f"{where}.work_s"),
-        ops=_int(_get(t, "ops", where), f"{where}.ops"),
-        completion_s=_opt_num(completion, f"{where}.completion_s"),
-        state=_str(_get(t, "state", where), f"{where}.state"),
-    )
-
-
-def _vcpu(data: Any, where: str) -> VcpuResult:
-    v = _obj(data, where)
-    time_s = _obj(_get(v, "time_s", where), f"{where}.time_s")
-    for cat in VCPU_CATEGORIES:
-        _get(time_s, cat, f"{where}.time_s")
-    return VcpuResult(
-        vcpu=_int(_get(v, "vcpu", where), f"{where}.vcpu"),
-        time_s={k: _num(x, f"{where}.time_s.{k}") for k, x in time_s.items()},
-    )
-
-
-def _latency(data: Any, where: str) -> tuple[dict[str, Any], list[float] | None]:
-    lat = _obj(data, where)
-    count = _int(_get(lat, "count", where), f"{where}.count")
-    p50 = _opt_num(_get(lat, "p50", where), f"{where}.p50")
-    p99 = _opt_num(_get(lat, "p99", where), f"{where}.p99")
-    cdf: list[float] | None = None
-    if "cdf_us" in lat:
-        raw = _list(lat["cdf_us"], f"{where}.cdf_us")
-        cdf = [_num(x, f"{where}.cdf_us[{i}]") for i, x in enumerate(raw)]
-        if count > 0 and len(cdf) < 2:
-            raise InvalidResults(f"{where}.cdf_us", f"{count} samples but {len(cdf)} quantiles")
-        if any(b < a for a, b in itertools.pairwise(cdf)):
-            raise InvalidResults(f"{where}.cdf_us", "quantiles not in increasing order")
-    return {"count": count, "p50": p50, "p99": p99}, cdf
-
-
 def parse_protocol_result(
     data: Any, where: str
 ) -> tuple[ProtocolResult, dict[str, list[float] | None]]:
-    r = _obj(data, where)
-    tasks = _list(_get(r, "tasks", where), f"{where}.tasks")
-    vcpus = _list(_get(r, "vcpus", where), f"{where}.vcpus")
-    if not tasks:
-        raise InvalidResults(f"{where}.tasks", "no task")
-    if not vcpus:
-        raise InvalidResults(f"{where}.vcpus", "no vCPU")
-    checked_vcpus = [_vcpu(v, f"{where}.vcpus[{i}]") for i, v in enumerate(vcpus)]
-    if any(v.time_s.keys() != checked_vcpus[0].time_s.keys() for v in checked_vcpus):
-        raise InvalidResults(f"{where}.vcpus", "the vCPUs have different time categories")
-    apf = _obj(_get(r, "apf", where), f"{where}.apf")
-    faults = _obj(_get(r, "faults", where), f"{where}.faults")
-    memory = _obj(_get(r, "memory", where), f"{where}.memory")
-    checked_faults: dict[str, Any] = {}
-    for key in _FAULT_COUNTS:
-        checked_faults[key] = _int(_get(faults, key, f"{where}.faults"), f"{where}.faults.{key}")
-    cdfs: dict[str, list[float] | None] = {}
-    for key in LATENCIES:
-        lat, cdfs[key] = _latency(_get(faults, key, f"{where}.faults"), f"{where}.faults.{key}")
-        checked_faults[key] = lat
-    checked_memory: dict[str, Any] = {}
-    for key in _MEMORY_KEYS:
-        checked_memory[key] = _num(_get(memory, key, f"{where}.memory"), f"{where}.memory.{key}")
-    sim_time_s = _num(_get(r, "sim_time_s", where), f"{where}.sim_time_s")
-    if sim_time_s <= 0:
-        raise InvalidResults(f"{where}.sim_time_s", f"must be positive (got {sim_time_s})")
-    result = ProtocolResult(
-        protocol=_str(_get(r, "protocol", where), f"{where}.protocol"),
-        sim_time_s=sim_time_s,
-        wall_time_s=0.0,  # never in the JSON
-        events=_int(_get(r, "events", where), f"{where}.events"),
-        tasks=[_task(t, f"{where}.tasks[{i}]") for i, t in enumerate(tasks)],
-        vcpus=checked_vcpus,
-        apf={k: _int(v, f"{where}.apf.{k}") for k, v in apf.items()},
-        faults=checked_faults,
-        memory=checked_memory,
-    )
-    return result, cdfs
+    """One protocol's result (:meth:`ProtocolResult.from_dict`) and its latency quantiles
+    (None for a distribution the file holds none of)."""
+    result = ProtocolResult.from_dict(data, where)
+    return result, {key: result.faults[key].get("cdf_us") for key in LATENCIES}
 
 
-def _summary(data: Any, where: str) -> dict[str, dict[str, Any]]:
+@with_config(SCHEMA_CONFIG)
+class _EstimateJson(TypedDict):
+    mean: float | None
+    ci95: float | None
+    n: int
+
+
+@with_config(SCHEMA_CONFIG)
+class _Header(TypedDict):
+    schema_version: int
+    scenario: _ScenarioJson
+
+
+@with_config(SCHEMA_CONFIG)
+class _ScenarioJson(TypedDict):
+    name: str
+
+
+@with_config(SCHEMA_CONFIG)
+class _CompareJson(TypedDict):
+    runs: list[dict[str, Any]]
+    protocols: list[str]
+    baseline: str
+    summary: dict[str, dict[str, Any]]
+
+
+@with_config(SCHEMA_CONFIG)
+class _RunJson(TypedDict):
+    seed: int
+    results: list[Any]
+
+
+@with_config(SCHEMA_CONFIG)
+class _Seed(TypedDict):
+    seed: int
+
+
+_ESTIMATES = TypeAdapter(dict[str, _EstimateJson])
+_HEADER = TypeAdapter(_Header)
+_COMPARE = TypeAdapter(_CompareJson)
+_RUN = TypeAdapter(_RunJson)
+_SEED = TypeAdapter(_Seed)
+_OBJECT = TypeAdapter(dict[str, Any])
+
+
+def _summary(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """compare's ``summary``: protocol -> metric -> Estimate, and ``ratio_to_baseline``."""
     out: dict[str, dict[str, Any]] = {}
-    for protocol, metrics in _obj(data, where).items():
-        here = f"{where}.{protocol}"
-        table: dict[str, Any] = {}
-        for key, value in _obj(metrics, here).items():
-            if key == "ratio_to_baseline":
-                ratios = _obj(value, f"{here}.{key}")
-                table[key] = {k: _estimate(v, f"{here}.{key}.{k}") for k, v in ratios.items()}
-            else:
-                table[key] = _estimate(value, f"{here}.{key}")
+    for protocol, metrics in data.items():
+        here = f"summary.{protocol}"
+        own = dict(metrics)
+        ratios = own.pop("ratio_to_baseline", None)
+        table: dict[str, Any] = {k: Estimate(**e) for k, e in decode(_ESTIMATES, own, here).items()}
+        if ratios is not None:
+            checked = decode(_ESTIMATES, ratios, f"{here}.ratio_to_baseline")
+            table["ratio_to_baseline"] = {k: Estimate(**e) for k, e in checked.items()}
         out[protocol] = table
     return out
-
-
-def _estimate(data: Any, where: str) -> Estimate:
-    e = _obj(data, where)
-    return Estimate(
-        mean=_opt_num(_get(e, "mean", where), f"{where}.mean"),
-        ci95=_opt_num(_get(e, "ci95", where), f"{where}.ci95"),
-        n=_int(_get(e, "n", where), f"{where}.n"),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,35 +237,31 @@ class _File:
 
 
 def _parse(name: str, data: Any) -> _File:
-    doc = _obj(data, "top level")
+    doc = decode(_OBJECT, data, "top level")
     if "schema_version" not in doc:
         raise InvalidResults("top level", "no 'schema_version'")
     version = doc["schema_version"]
     if version != 1:
         raise InvalidResults("schema_version", f"{version!r}, but this apfsim reads version 1")
-    scenario = _obj(_get(doc, "scenario", "top level"), "scenario")
-    _str(_get(scenario, "name", "scenario"), "scenario.name")
+    decode(_HEADER, doc, "top level")
+    scenario = doc["scenario"]
     kind = doc.get("kind", "run")
     runs: list[RunRecord] = []
     if kind == "compare":
-        for i, item in enumerate(_list(_get(doc, "runs", "top level"), "runs")):
+        compare = decode(_COMPARE, doc, "top level")
+        for i, item in enumerate(compare["runs"]):
             where = f"runs[{i}]"
-            seed = _int(_get(_obj(item, where), "seed", where), f"{where}.seed")
+            seed = decode(_SEED, item, where)["seed"]
             result, cdfs = parse_protocol_result(item, where)
             runs.append(RunRecord(seed, result, cdfs, name))
-        protocols = [
-            _str(p, f"protocols[{i}]")
-            for i, p in enumerate(_list(_get(doc, "protocols", "top level"), "protocols"))
-        ]
-        baseline: str | None = _str(_get(doc, "baseline", "top level"), "baseline")
-        summary: dict[str, dict[str, Any]] | None = _summary(
-            _get(doc, "summary", "top level"), "summary"
-        )
+        protocols = list(compare["protocols"])
+        baseline: str | None = compare["baseline"]
+        summary: dict[str, dict[str, Any]] | None = _summary(compare["summary"])
     elif kind == "run":
-        seed = _int(_get(doc, "seed", "top level"), "seed")
-        for i, item in enumerate(_list(_get(doc, "results", "top level"), "results")):
+        run = decode(_RUN, doc, "top level")
+        for i, item in enumerate(run["results"]):
             result, cdfs = parse_protocol_result(item, f"results[{i}]")
-            runs.append(RunRecord(seed, result, cdfs, name))
+            runs.append(RunRecord(run["seed"], result, cdfs, name))
         protocols = [r.result.protocol for r in runs]
         baseline, summary = None, None
     else:

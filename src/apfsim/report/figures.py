@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from apfsim.compare import Estimate
 from apfsim.report.data import LATENCIES, VCPU_CATEGORIES, ReportData, ReportError
+from apfsim.stats import Estimate
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apfsim.compare import Estimate
 from apfsim.report.data import (
     LATENCIES,
     VCPU_CATEGORIES,
@@ -23,6 +22,7 @@ from apfsim.report.data import (
     load_results,
 )
 from apfsim.report.figures import FORMATS, inline_svg, render_figures, require
+from apfsim.stats import Estimate
 
 __all__ = ["format_estimate", "render_report", "write_plots", "write_report"]
 

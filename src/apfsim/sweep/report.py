@@ -2,9 +2,9 @@
 
 Runs are grouped by the values of the chosen axes (``by``; default every axis of the sweep)
 and the protocol. In each group every metric gets its mean and 95 % confidence half-width
-(:func:`apfsim.compare.estimate`), and every work rate (``*.work_rate``) its ratio to the
+(:func:`apfsim.stats.estimate`), and every work rate (``*.work_rate``) its ratio to the
 baseline protocol, paired run by run: a run is divided by the baseline's run of the same
-point (every axis value equal) and the same seed (:func:`apfsim.compare.paired_ratios`),
+point (every axis value equal) and the same seed (:func:`apfsim.stats.paired_ratios`),
 then those ratios are estimated the same way. Axes left out of ``by`` pool their runs as
 extra samples; the pairing stays by full point and seed. See docs/sweep-report.md.
 
@@ -41,10 +41,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apfsim.compare import Estimate, estimate, paired_ratios
+from apfsim.metrics.results import InvalidResults
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.report.data import (
-    InvalidResults,
     ReportData,
     ReportError,
     RunRecord,
@@ -65,6 +64,7 @@ from apfsim.report.figures import (
     small_n_text,
 )
 from apfsim.report.render import FigureView, Table, figure_tables, format_estimate
+from apfsim.stats import Estimate, estimate, paired_ratios
 from apfsim.sweep.store import SCHEMA_VERSION, StoredRun
 
 if TYPE_CHECKING:

@@ -26,7 +26,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from apfsim.compare import _protocol_result, _work_rates, default_jobs, run_metrics
+from apfsim.compare import default_jobs
+from apfsim.metrics.results import ProtocolResult
+from apfsim.metrics.summary import stored_metrics
 from apfsim.pool import new_pool, stop_workers
 from apfsim.scenario import scenario_from_dict
 from apfsim.simulation import Simulation
@@ -90,11 +92,7 @@ def execute_run(run: RunSpec) -> RunOutcome:
 
 def row_metrics(result: dict[str, Any]) -> dict[str, float | None]:
     """The metrics stored with a run: compare's per-run metrics and the work rates."""
-    typed = _protocol_result({**result, "wall_time_s": 0.0})
-    metrics = dict(run_metrics(typed))
-    metrics.update(_work_rates(typed))
-    metrics["sim_time_s"] = typed.sim_time_s
-    return metrics
+    return stored_metrics(ProtocolResult.from_dict(result))
 
 
 ProgressFn = Callable[[int, int], None]
