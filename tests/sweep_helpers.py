@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from apfsim.sweep.run import RunOutcome, execute_run
+from apfsim.runner import RunOutcome, execute_run
 from apfsim.sweep.spec import RunSpec
 
 

@@ -63,6 +63,7 @@ LAYERS: list[tuple[int, str]] = [
     (8, "apfsim.trace.*"),
     # 9: library front ends: API, comparison, sweeps, reports
     (9, "apfsim.api"),
+    (9, "apfsim.runner"),  # serial, process and dask executors of every command
     (9, "apfsim.compare"),
     (9, "apfsim.analysis"),
     (9, "apfsim.sweep.*"),

@@ -215,7 +215,7 @@ def test_a_dask_sweep_that_loses_its_workers_or_scheduler_ends_with_one_line(
     assert stdout == "" and "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
     if lost == "workers":
         why = r"the dask scheduler '[^']+' has had no worker for \d+ s \(\d+ runs not done\); "
-        why += r"start workers \(or raise --worker-timeout\) and run the sweep again"
+        why += r"start workers \(or raise --worker-timeout\) and run the command again"
     else:
         why = r"lost the dask scheduler '[^']+' \([^\n]+\)"
     match = re.fullmatch(

@@ -54,3 +54,13 @@ def test_figures_and_html_identical(made: Path) -> None:
         if hashlib.sha256((made / name).read_bytes()).hexdigest() != digest
     ]
     assert not wrong, f"differ from the fixture: {wrong}"
+
+
+@pytest.mark.parametrize("executor", ["process", "dask"])
+def test_compare_on_every_executor_gives_the_fixture(executor: str, tmp_path: Path) -> None:
+    """compare is a sweep of one point on the runner: a process pool and a dask LocalCluster
+    give the bytes the serial run gave before issue 15."""
+    maker = _maker()
+    args = ["compare", *maker.COMPARE, "-j", "2", "--executor", executor]
+    maker.apfsim(tmp_path, *args, "--json", "compare.json", "-q")
+    assert (tmp_path / "compare.json").read_text() == (DATA / "compare.json").read_text()

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-import apfsim.sweep.run as sweep_run
+import apfsim.runner as runner
 from apfsim.cli import main
 from apfsim.sweep import SweepError, SweepStore, load_sweep, parse_sweep, run_sweep
-from apfsim.sweep.run import _process_outcomes
+from apfsim.runner import Execution
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sweep_helpers
@@ -181,7 +181,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_then_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = parse_sweep(TINY, "tiny")
-    real = sweep_run.Simulation
+    real = runner.Simulation
 
     class Failing(real):  # type: ignore[misc, valid-type]
         def run(self, *args: Any, **kwargs: Any) -> Any:
@@ -189,7 +189,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_then_retried(
                 raise RuntimeError("injected failure\nsecond line")
             return super().run(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_run, "Simulation", Failing)
+    monkeypatch.setattr(runner, "Simulation", Failing)
     store = SweepStore(tmp_path / "s.sqlite")
     summary = run_sweep(spec, store, "serial")
     failing = [r for r in spec.runs if r.protocol == "arm64-rfcv2" and r.seed == 1]
@@ -197,7 +197,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_then_retried(
     errors = store.runs("tiny", status="error")
     assert {e.key for e in errors} == {r.key for r in failing}
     assert errors[0].error == "RuntimeError: injected failure second line"
-    monkeypatch.setattr(sweep_run, "Simulation", real)
+    monkeypatch.setattr(runner, "Simulation", real)
     again = run_sweep(spec, store, "serial")
     assert again.skipped == len(spec.runs) - len(failing) and again.failed == 0
     assert store.count("tiny") == {"ok": len(spec.runs)}
@@ -207,7 +207,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on_then_retried(
 def test_process_pool_survives_a_killed_worker(tmp_path: Path) -> None:
     spec = parse_sweep(TINY, "tiny")
     crash = functools.partial(sweep_helpers.crash_once, tmp_path / "crashed")
-    outcomes = list(_process_outcomes(spec.runs, 2, crash))
+    outcomes = list(Execution(spec.runs, "process", 2, execute=crash))
     assert (tmp_path / "crashed").exists()  # a worker really died
     keys = [o.key for o in outcomes]
     assert sorted(keys) == sorted(r.key for r in spec.runs) and len(set(keys)) == len(keys)

@@ -29,6 +29,7 @@ from apfsim.compare import (
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
+from apfsim.runner import EXECUTORS
 from apfsim.scenario import MAX_DURATION_S, Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation
 from apfsim.trace.hooks import traced_simulation
@@ -231,7 +232,12 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
 
 
 def _check_compare(
-    protocols: Sequence[str], seeds: Sequence[int], baseline: str, jobs: int | None
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    baseline: str,
+    jobs: int | None,
+    executor: str | None = None,
+    scheduler: str | None = None,
 ) -> None:
     """Raise :class:`ScenarioError` naming the CLI flag of the first bad argument."""
     if not protocols:
@@ -254,6 +260,10 @@ def _check_compare(
         raise ScenarioError(f"--seeds: seeds must be distinct and non-negative (got {seeds})")
     if jobs is not None and jobs < 1:
         raise ScenarioError(f"--jobs: must be at least 1 (got {jobs})")
+    if executor is not None and executor not in EXECUTORS:
+        raise ScenarioError(f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if scheduler is not None and executor != "dask":
+        raise ScenarioError("--scheduler: only with --executor dask")
 
 
 def compare(
@@ -266,12 +276,16 @@ def compare(
     progress: CompareProgressFn | None = None,
     check: bool = True,
     trace: TraceOptions | None = None,
+    executor: str | None = None,
+    scheduler: str | None = None,
 ) -> CompareResult:
     """Run each protocol on each seed and compare them with ``baseline``, paired by seed.
 
     ``protocols`` defaults to every registered protocol; ``seeds`` is a count N (seeds
     0..N-1) or the seeds themselves; ``jobs`` worker processes (default: the CPUs this
-    process may use; 1 runs in this process). The result does not depend on ``jobs``.
+    process may use; 1 runs in this process). ``executor`` is the runner's (serial, process
+    or dask; default serial for one job, else process) and ``scheduler`` a dask scheduler's
+    address (none: a LocalCluster of ``jobs`` workers). The result depends on neither.
     Worker processes re-import the calling script: call this under
     ``if __name__ == "__main__":`` in a script.
 
@@ -287,11 +301,23 @@ def compare(
         seed_list = list(range(seeds))
     else:
         seed_list = sorted(seeds)
-    _check_compare(names, seed_list, baseline, jobs)
+    _check_compare(names, seed_list, baseline, jobs, executor, scheduler)
     _check_duration(duration_s)
     sc = _resolve(scenario)
     n_jobs = default_jobs() if jobs is None else jobs
-    return run_compare(sc, names, seed_list, baseline, duration_s, n_jobs, progress, check, trace)
+    return run_compare(
+        sc,
+        names,
+        seed_list,
+        baseline,
+        duration_s,
+        n_jobs,
+        progress,
+        check,
+        trace,
+        executor,
+        scheduler,
+    )
 
 
 def compare_summary_table(result: CompareResult) -> str:

@@ -46,6 +46,7 @@ from apfsim.check.world import MODES, has_lifecycle
 from apfsim.metrics.notes import no_injection_note
 from apfsim.metrics.results import RunResult
 from apfsim.registry import PROTOCOLS
+from apfsim.runner import EXECUTORS, WORKER_TIMEOUT_S, RunnerError
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,
@@ -55,8 +56,8 @@ from apfsim.scenario import (
     scenario_to_toml,
 )
 from apfsim.simulation import InvariantViolation
-from apfsim.sweep.run import EXECUTORS, WORKER_TIMEOUT_S, run_sweep
 from apfsim.sweep.run import SweepError as SweepRunError
+from apfsim.sweep.run import run_sweep
 from apfsim.sweep.spec import SweepError as SpecError
 from apfsim.sweep.spec import builtin_sweeps, load_sweep
 from apfsim.sweep.store import SweepStore
@@ -534,6 +535,14 @@ def compare_command(
     trace_window: TraceWindowOption = None,
     ftrace_ns: FtraceNsOption = False,
     ftrace_kernel: FtraceKernelOption = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(help="serial, process or dask (default: process; serial with -j 1)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="dask scheduler ADDRESS (tcp://host:8786); none: a LocalCluster."),
+    ] = None,
 ) -> None:
     """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
     protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
@@ -564,8 +573,10 @@ def compare_command(
                 progress=progress.runs_done,
                 check=not no_check,
                 trace=tracing,
+                executor=executor,
+                scheduler=scheduler,
             )
-    except ScenarioError as err:
+    except (ScenarioError, RunnerError) as err:
         raise _fail(str(err)) from None
     if not quiet:
         print(compare_summary_table(result))

@@ -17,12 +17,10 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from apfsim.checking import InvariantViolation
@@ -30,9 +28,18 @@ from apfsim.metrics.results import ProtocolResult
 from apfsim.metrics.summary import APF_COUNTERS, ops_rates, run_metrics, work_rates
 from apfsim.metrics.summary import kinds as task_kinds
 from apfsim.metrics.units import ops_unit, rate_unit
-from apfsim.pool import new_pool, stop_workers
+from apfsim.runner import (
+    Execution,
+    RunnerError,
+    RunOutcome,
+    RunProgress,
+    RunSpec,
+    default_jobs,
+    one_line,
+)
 from apfsim.scenario import Scenario, scenario_from_dict
 from apfsim.stats import Estimate, estimate, paired_ratios
+from apfsim.sweep.spec import SweepRuns
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
@@ -82,73 +89,32 @@ def run_one(
     return result.to_dict(include_wall=True)
 
 
-def default_jobs() -> int:
-    """The CPUs this process may run on (``os.sched_getaffinity``)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1  # pragma: no cover - platforms without affinity
-
-
-_Spec = tuple[dict[str, Any], str, int, float | None, bool, TraceOptions | None]
-_Results = list[dict[str, Any] | None]
-
-
-def _execute(
-    specs: list[_Spec], jobs: int, progress: CompareProgressFn | None, results: _Results
-) -> None:
-    """Run every spec into ``results[i]`` (so an exception leaves every finished run there).
-    One worker (or one run): in this process."""
-    if min(jobs, len(specs)) <= 1:
-        _execute_serial(specs, progress, results)
-    else:
-        _execute_pool(specs, min(jobs, len(specs)), progress, results)
-
-
-def _execute_serial(
-    specs: list[_Spec], progress: CompareProgressFn | None, results: _Results
-) -> None:
-    total = len(specs)
-    for i, spec in enumerate(specs):
-        cb = None if progress is None else (lambda f, i=i: progress(i + f, total))
-        results[i] = run_one(*spec, progress=cb)
-
-
-def _execute_pool(
-    specs: list[_Spec], workers: int, progress: CompareProgressFn | None, results: _Results
-) -> None:
-    total = len(specs)
-    pool = new_pool(workers)  # its workers die with this process and leave ^C to it
-    index: dict[Future[dict[str, Any]], int] = {
-        pool.submit(run_one, *spec): i for i, spec in enumerate(specs)
-    }
-    pending = set(index)
+def _compare_run(run: RunSpec, progress: RunProgress | None = None, /) -> RunOutcome:
+    """The runner's unit of work for compare: :func:`run_one`; an invariant violation or a
+    trace write error comes back whole (its message is a report), to end the comparison."""
+    t0 = time.perf_counter()
     try:
-        while pending:
-            # The timeout keeps the progress display alive while long runs are in flight.
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                # Stored by submission index, never in completion order.
-                results[index[future]] = future.result()
-            if progress is not None:
-                progress(float(total - len(pending)), total)
-    except KeyboardInterrupt:
-        stop_workers(pool)  # the running runs are given up: ^C means now
-        _harvest(index, results)  # the runs that ended before it are kept
-        raise
-    except BaseException:
-        # A failed run: drop the queued runs, let the running ones end and keep them.
-        pool.shutdown(wait=True, cancel_futures=True)
-        _harvest(index, results)
-        raise
-    finally:
-        pool.shutdown(wait=True)
+        args = (run.scenario, run.protocol, run.seed, run.duration_s, run.check, run.trace)
+        result = run_one(*args, progress=progress)
+    except (InvariantViolation, TraceWriteError) as err:
+        return RunOutcome(run.key, None, one_line(err), 0.0, raised=err)
+    return RunOutcome(run.key, result, None, time.perf_counter() - t0)
 
 
-def _harvest(index: dict[Future[dict[str, Any]], int], results: _Results) -> None:
-    """Every future that finished without error, into ``results``."""
-    for future, i in index.items():
-        if future.done() and not future.cancelled() and future.exception() is None:
-            results[i] = future.result()
+def _runs(
+    scenario: Scenario,
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    duration_s: float | None,
+    check: bool,
+    trace: TraceOptions | None,
+) -> list[RunSpec]:
+    """The comparison as a sweep of one point: every protocol on every seed, in that order
+    (the keys a sweep of the same scenario would give these runs)."""
+    point = SweepRuns(scenario.model_dump(), (), (), protocols, seeds, duration_s, check)
+    if trace is None:
+        return list(point)
+    return [replace(r, trace=trace.for_run(r.protocol, r.seed)) for r in point]
 
 
 # ------------------------------------------------------------------------------- results
@@ -273,28 +239,34 @@ def run_compare(
     progress: CompareProgressFn | None = None,
     check: bool = True,
     trace: TraceOptions | None = None,
+    executor: str | None = None,
+    scheduler: str | None = None,
 ) -> CompareResult:
     """Run every protocol on every seed (arguments already checked) and summarise; with
     ``trace``, every run writes its own files, tagged with protocol and seed.
+
+    The runs go to the runner (:mod:`apfsim.runner`): ``executor`` serial, process or dask
+    (default: serial for one job or one run, else a process pool of ``jobs`` workers);
+    ``scheduler`` is dask's address (none: a LocalCluster of ``jobs`` workers).
 
     If a run fails (an invariant, a trace write) or ^C comes, the runs that had finished are
     summarised into a partial result: ``partial`` of the InvariantViolation or
     TraceWriteError, or of the :class:`Interrupted` raised for ^C."""
     start = time.monotonic()
-    scenario_dict = scenario.model_dump(mode="json")
-    specs: list[_Spec] = [
-        (scenario_dict, p, s, duration_s, check, None if trace is None else trace.for_run(p, s))
-        for p in protocols
-        for s in seeds
-    ]
-    results: _Results = [None] * len(specs)
-    shown = dict(scenario_dict)
+    specs = _runs(scenario, protocols, seeds, duration_s, check, trace)
+    index = {run.key: i for i, run in enumerate(specs)}
+    results: list[dict[str, Any] | None] = [None] * len(specs)
+    shown = scenario.model_dump(mode="json")
     if duration_s is not None:
         shown["duration_s"] = duration_s
+    total = len(specs)
+    if executor is None:
+        executor = "serial" if min(jobs, total) <= 1 else "process"
+    workers = min(jobs, total) if executor == "process" else jobs
 
     def summarised(partial: bool) -> CompareResult:
         runs = [
-            CompareRun(spec[2], ProtocolResult.from_dict(d))
+            CompareRun(spec.seed, ProtocolResult.from_dict(d))
             for spec, d in zip(specs, results, strict=True)
             if d is not None
         ]
@@ -311,13 +283,38 @@ def run_compare(
             partial=partial,
         )
 
+    done = 0
+
+    def fraction(f: float) -> None:
+        if progress is not None:
+            progress(done + f, total)
+
+    failure: BaseException | None = None
+    execution = Execution(specs, executor, workers, scheduler, execute=_compare_run)
+    execution.run_progress = fraction if progress is not None else None
     try:
-        _execute(specs, jobs, progress, results)
+        with execution:
+            for outcome in execution:
+                done += 1
+                if outcome.raised is not None:
+                    # The first failure ends the comparison: no further run starts, and
+                    # those in progress end and are kept.
+                    failure = failure or outcome.raised
+                    execution.cancel()
+                elif outcome.error is not None:  # a run dask gave up on (KilledWorker)
+                    failure = failure or RunnerError(outcome.error)
+                    execution.cancel()
+                else:
+                    results[index[outcome.key]] = outcome.result
+                if progress is not None:
+                    progress(float(done), total)
     except KeyboardInterrupt:
         raise Interrupted(summarised(True) if any(results) else None) from None
-    except (InvariantViolation, TraceWriteError) as err:
-        err.partial = summarised(True) if any(results) else None
-        raise
+    if isinstance(failure, InvariantViolation | TraceWriteError):
+        failure.partial = summarised(True) if any(results) else None
+        raise failure
+    if failure is not None:
+        raise failure
     return summarised(False)
 
 

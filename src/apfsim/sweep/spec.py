@@ -40,6 +40,7 @@ from typing import Any, overload
 from pydantic import ValidationError
 
 from apfsim.registry import PROTOCOLS
+from apfsim.runner import RunSpec
 from apfsim.scenario import (
     MAX_DURATION_S,
     Scenario,
@@ -76,20 +77,6 @@ _KEYS |= {"check", "set", "grid", "zip"}
 
 class SweepError(ValueError):
     """A sweep file that cannot be run; the message is one line naming the field."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunSpec:
-    """One run of a sweep: a point of the axes, a protocol and a seed."""
-
-    key: str  # content hash: the resolved scenario, protocol, seed, duration, check
-    point: int
-    params: tuple[tuple[str, Any], ...]  # the axis values of this point, in axis order
-    protocol: str
-    seed: int
-    scenario: dict[str, Any]  # resolved (JSON-able) scenario with every override applied
-    duration_s: float | None
-    check: bool
 
 
 Params = tuple[tuple[str, Any], ...]
