@@ -17,23 +17,25 @@ import pytest
 
 import apfsim.api
 import apfsim.cli
-import apfsim.compare
+import apfsim.runner
 from apfsim.check.search import CheckResult
 from apfsim.check.world import WorldConfig
+from apfsim.runner import RunSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_helpers import cli
 from proc_helpers import descendants, wait_gone
 
 
-def _interrupt_when(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
-    """``real``, except that a call whose arguments include ``name`` raises
-    KeyboardInterrupt, as ^C during that run would."""
+def _interrupt_when(protocol: str, seed: int | None = None) -> Callable[..., Any]:
+    """The runner's ``simulate``, except that the run of ``protocol`` (on ``seed``, if
+    given) raises KeyboardInterrupt, as ^C during that run would."""
+    real = apfsim.runner.simulate
 
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if name in args:
+    def wrapped(run: RunSpec, *args: Any, **kwargs: Any) -> Any:
+        if run.protocol == protocol and seed in (None, run.seed):
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(run, *args, **kwargs)
 
     return wrapped
 
@@ -41,8 +43,7 @@ def _interrupt_when(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
 def test_run_interrupted_prints_and_writes_the_protocols_that_finished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    interrupted = _interrupt_when("x86", apfsim.api.run_protocol)
-    monkeypatch.setattr(apfsim.api, "run_protocol", interrupted)
+    monkeypatch.setattr(apfsim.runner, "simulate", _interrupt_when("x86"))
     out = tmp_path / "out.json"
     args = ["run", "natapov-2010", "-p", "sync", "-p", "x86", "--duration", "0.05"]
     code, stdout, stderr = cli([*args, "--json", str(out)], capsys)
@@ -59,8 +60,7 @@ def test_run_interrupted_prints_and_writes_the_protocols_that_finished(
 def test_run_interrupted_before_anything_finished_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    interrupted = _interrupt_when("sync", apfsim.api.run_protocol)
-    monkeypatch.setattr(apfsim.api, "run_protocol", interrupted)
+    monkeypatch.setattr(apfsim.runner, "simulate", _interrupt_when("sync"))
     code, stdout, stderr = cli(["run", "natapov-2010", "-p", "sync", "--duration", "0.05"], capsys)
     assert code == 130 and stdout == ""
     assert stderr == "apfsim: interrupted: no protocol had finished; nothing to keep\n"
@@ -80,14 +80,7 @@ def test_compare_interrupted_summarises_the_runs_that_finished(
 ) -> None:
     """Serial runs, ^C during x86 on seed 1: sync's two seeds and x86's seed 0 are kept, and
     the ratios pair the seeds both protocols ran."""
-    real = apfsim.compare.run_one
-
-    def run_one(scenario: dict[str, Any], protocol: str, seed: int, *args: Any, **kw: Any) -> Any:
-        if (protocol, seed) == ("x86", 1):
-            raise KeyboardInterrupt
-        return real(scenario, protocol, seed, *args, **kw)
-
-    monkeypatch.setattr(apfsim.compare, "run_one", run_one)
+    monkeypatch.setattr(apfsim.runner, "simulate", _interrupt_when("x86", 1))
     out = tmp_path / "c.json"
     args = ["compare", "natapov-2010", "-p", "sync,x86", "--seeds", "2", "-j", "1"]
     code, stdout, stderr = cli([*args, "--duration", "0.05", "--json", str(out)], capsys)

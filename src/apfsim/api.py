@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from apfsim.compare import (
     CompareProgressFn,
@@ -29,9 +30,10 @@ from apfsim.compare import (
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
-from apfsim.runner import EXECUTORS
+from apfsim.runner import EXECUTORS, execute_all
 from apfsim.scenario import MAX_DURATION_S, Scenario, ScenarioError, load_scenario
 from apfsim.simulation import InvariantViolation
+from apfsim.sweep.spec import one_point
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
@@ -109,21 +111,42 @@ def run(
             raise ScenarioError(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
             )
+    if len(set(protocols)) != len(protocols):
+        raise ScenarioError("--protocol: each protocol may be given once")
     scenario_dict = sc.model_dump(mode="json")
     if duration_s is not None:
         scenario_dict["duration_s"] = duration_s
-    out = RunResult(scenario=scenario_dict, seed=seed)
-    for name in protocols:
-        cb = None if progress is None else (lambda f, n=name: progress(n, f))
-        try:
-            tr = trace if trace is None or len(protocols) == 1 else trace.for_run(name)
-            out.results.append(run_protocol(sc, name, seed, duration_s, cb, check, tr))
-        except KeyboardInterrupt:
-            raise Interrupted(replace(out, partial=True) if out.results else None) from None
-        except (InvariantViolation, TraceWriteError) as err:
-            err.partial = replace(out, partial=True)
-            raise
-    return out
+    specs = one_point(sc, protocols, [seed], duration_s, check)
+    if trace is not None:
+        specs = [
+            replace(r, trace=trace if len(protocols) == 1 else trace.for_run(r.protocol))
+            for r in specs
+        ]
+    results: list[dict[str, Any] | None] = [None] * len(specs)
+
+    def partial() -> RunResult:
+        done = [ProtocolResult.from_dict(r) for r in results if r is not None]
+        return RunResult(scenario=scenario_dict, seed=seed, results=done, partial=True)
+
+    def each(done: float, total: int) -> None:
+        """The batch's progress as the protocol's own: a whole number ends a protocol."""
+        assert progress is not None
+        i = int(done)
+        if done == i:
+            if i:
+                progress(protocols[i - 1], 1.0)
+        else:
+            progress(protocols[i], done - i)
+
+    try:
+        execute_all(specs, results, progress=each if progress is not None else None)
+    except KeyboardInterrupt:
+        raise Interrupted(partial() if any(results) else None) from None
+    except (InvariantViolation, TraceWriteError) as err:
+        err.partial = partial()
+        raise
+    done = [ProtocolResult.from_dict(r) for r in results if r is not None]
+    return RunResult(scenario=scenario_dict, seed=seed, results=done)
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

@@ -28,19 +28,10 @@ from apfsim.metrics.results import ProtocolResult
 from apfsim.metrics.summary import APF_COUNTERS, ops_rates, run_metrics, work_rates
 from apfsim.metrics.summary import kinds as task_kinds
 from apfsim.metrics.units import ops_unit, rate_unit
-from apfsim.runner import (
-    Execution,
-    RunnerError,
-    RunOutcome,
-    RunProgress,
-    RunSpec,
-    default_jobs,
-    one_line,
-)
-from apfsim.scenario import Scenario, scenario_from_dict
+from apfsim.runner import default_jobs, execute_all
+from apfsim.scenario import Scenario
 from apfsim.stats import Estimate, estimate, paired_ratios
-from apfsim.sweep.spec import SweepRuns
-from apfsim.trace.hooks import traced_simulation
+from apfsim.sweep.spec import one_point
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
 __all__ = [
@@ -51,7 +42,6 @@ __all__ = [
     "ProtocolSummary",
     "default_jobs",
     "run_compare",
-    "run_one",
     "summary_table",
 ]
 
@@ -69,52 +59,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 # ------------------------------------------------------------------------------- running
-
-
-def run_one(
-    scenario_dict: dict[str, Any],
-    protocol: str,
-    seed: int,
-    duration_s: float | None,
-    check: bool = True,
-    trace: TraceOptions | None = None,
-    progress: Callable[[float], None] | None = None,
-) -> dict[str, Any]:
-    """Run one (protocol, seed): the process pool's picklable unit of work.
-
-    Returns the ProtocolResult's dict with ``wall_time_s`` (dropped again from the JSON).
-    """
-    scenario = scenario_from_dict(scenario_dict)
-    result = traced_simulation(scenario, protocol, seed, check, trace).run(duration_s, progress)
-    return result.to_dict(include_wall=True)
-
-
-def _compare_run(run: RunSpec, progress: RunProgress | None = None, /) -> RunOutcome:
-    """The runner's unit of work for compare: :func:`run_one`; an invariant violation or a
-    trace write error comes back whole (its message is a report), to end the comparison."""
-    t0 = time.perf_counter()
-    try:
-        args = (run.scenario, run.protocol, run.seed, run.duration_s, run.check, run.trace)
-        result = run_one(*args, progress=progress)
-    except (InvariantViolation, TraceWriteError) as err:
-        return RunOutcome(run.key, None, one_line(err), 0.0, raised=err)
-    return RunOutcome(run.key, result, None, time.perf_counter() - t0)
-
-
-def _runs(
-    scenario: Scenario,
-    protocols: Sequence[str],
-    seeds: Sequence[int],
-    duration_s: float | None,
-    check: bool,
-    trace: TraceOptions | None,
-) -> list[RunSpec]:
-    """The comparison as a sweep of one point: every protocol on every seed, in that order
-    (the keys a sweep of the same scenario would give these runs)."""
-    point = SweepRuns(scenario.model_dump(), (), (), protocols, seeds, duration_s, check)
-    if trace is None:
-        return list(point)
-    return [replace(r, trace=trace.for_run(r.protocol, r.seed)) for r in point]
 
 
 # ------------------------------------------------------------------------------- results
@@ -253,8 +197,9 @@ def run_compare(
     summarised into a partial result: ``partial`` of the InvariantViolation or
     TraceWriteError, or of the :class:`Interrupted` raised for ^C."""
     start = time.monotonic()
-    specs = _runs(scenario, protocols, seeds, duration_s, check, trace)
-    index = {run.key: i for i, run in enumerate(specs)}
+    specs = one_point(scenario, protocols, seeds, duration_s, check)
+    if trace is not None:
+        specs = [replace(r, trace=trace.for_run(r.protocol, r.seed)) for r in specs]
     results: list[dict[str, Any] | None] = [None] * len(specs)
     shown = scenario.model_dump(mode="json")
     if duration_s is not None:
@@ -283,38 +228,13 @@ def run_compare(
             partial=partial,
         )
 
-    done = 0
-
-    def fraction(f: float) -> None:
-        if progress is not None:
-            progress(done + f, total)
-
-    failure: BaseException | None = None
-    execution = Execution(specs, executor, workers, scheduler, execute=_compare_run)
-    execution.run_progress = fraction if progress is not None else None
     try:
-        with execution:
-            for outcome in execution:
-                done += 1
-                if outcome.raised is not None:
-                    # The first failure ends the comparison: no further run starts, and
-                    # those in progress end and are kept.
-                    failure = failure or outcome.raised
-                    execution.cancel()
-                elif outcome.error is not None:  # a run dask gave up on (KilledWorker)
-                    failure = failure or RunnerError(outcome.error)
-                    execution.cancel()
-                else:
-                    results[index[outcome.key]] = outcome.result
-                if progress is not None:
-                    progress(float(done), total)
+        execute_all(specs, results, executor, workers, scheduler, progress)
     except KeyboardInterrupt:
         raise Interrupted(summarised(True) if any(results) else None) from None
-    if isinstance(failure, InvariantViolation | TraceWriteError):
-        failure.partial = summarised(True) if any(results) else None
-        raise failure
-    if failure is not None:
-        raise failure
+    except (InvariantViolation, TraceWriteError) as err:
+        err.partial = summarised(True) if any(results) else None
+        raise
     return summarised(False)
 
 

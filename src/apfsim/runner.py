@@ -31,11 +31,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from apfsim.checking import InvariantViolation
+from apfsim.metrics.results import ProtocolResult
 from apfsim.pool import new_pool, stop_workers
 from apfsim.scenario import scenario_from_dict
 from apfsim.simulation import Simulation
 from apfsim.trace.hooks import traced_simulation
-from apfsim.trace.recorder import TraceOptions
+from apfsim.trace.recorder import TraceOptions, TraceWriteError
 
 __all__ = [
     "CHUNK_RUNS",
@@ -48,7 +50,11 @@ __all__ = [
     "RunSpec",
     "RunnerError",
     "default_jobs",
+    "execute_all",
     "execute_run",
+    "execute_whole",
+    "one_line",
+    "simulate",
 ]
 
 EXECUTORS = ("serial", "process", "dask")
@@ -112,25 +118,85 @@ def default_jobs() -> int:
     return os.cpu_count() or 1  # pragma: no cover - platforms without affinity
 
 
+def simulate(run: RunSpec, progress: RunProgress | None = None) -> ProtocolResult:
+    """One run's simulation, traced if the run has trace files."""
+    scenario = scenario_from_dict(run.scenario)
+    if run.trace is None:
+        sim = Simulation(scenario, run.protocol, run.seed, run.check)
+    else:
+        sim = traced_simulation(scenario, run.protocol, run.seed, run.check, run.trace)
+    return sim.run(run.duration_s, progress)
+
+
 def execute_run(run: RunSpec, progress: RunProgress | None = None, /) -> RunOutcome:
-    """Simulate one run; any error is the outcome's one-line ``error`` (the batch goes on)."""
+    """A sweep's unit of work: any error is the outcome's one-line ``error`` (the sweep
+    stores it and goes on)."""
     t0 = time.perf_counter()
     try:
-        scenario = scenario_from_dict(run.scenario)
-        if run.trace is None:
-            sim = Simulation(scenario, run.protocol, run.seed, run.check)
-        else:
-            sim = traced_simulation(scenario, run.protocol, run.seed, run.check, run.trace)
-        result = sim.run(run.duration_s, progress)
-        return RunOutcome(run.key, result.to_dict(), None, time.perf_counter() - t0)
+        result = simulate(run, progress)
     except Exception as err:  # recorded with the run; the batch goes on
         return RunOutcome(run.key, None, one_line(err), 0.0)
+    return RunOutcome(run.key, result.to_dict(), None, time.perf_counter() - t0)
+
+
+def execute_whole(run: RunSpec, progress: RunProgress | None = None, /) -> RunOutcome:
+    """``run`` and ``compare``'s unit of work: the result with its wall time; an invariant
+    violation or a trace write error comes back whole (``raised``: its message is a
+    report, and it ends the command); any other error propagates."""
+    t0 = time.perf_counter()
+    try:
+        result = simulate(run, progress)
+    except (InvariantViolation, TraceWriteError) as err:
+        return RunOutcome(run.key, None, one_line(err), 0.0, raised=err)
+    return RunOutcome(run.key, result.to_dict(include_wall=True), None, time.perf_counter() - t0)
 
 
 def one_line(err: BaseException) -> str:
     """An error as one line of at most 2,000 characters: ``Type: message``."""
     message = " ".join(str(err).split()) or type(err).__name__
     return f"{type(err).__name__}: {message}"[:2000]
+
+
+BatchProgress = Callable[[float, int], None]
+"""Called with (runs done, fractional in a serial batch; runs in all)."""
+
+
+def execute_all(
+    runs: Sequence[RunSpec],
+    results: list[dict[str, Any] | None],
+    executor: str = "serial",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: BatchProgress | None = None,
+) -> None:
+    """Every run (:func:`execute_whole`) into ``results[i]``, so whatever ends the batch
+    leaves every finished run there. The first failed run ends it: no further run starts,
+    those in progress end and are kept, then its error is raised (an invariant violation
+    or a trace write error whole; a run dask gave up on as :class:`RunnerError`). ^C
+    propagates at once."""
+    index = {run.key: i for i, run in enumerate(runs)}
+    total = len(runs)
+    done = 0
+
+    def fraction(f: float) -> None:
+        if progress is not None:
+            progress(done + f, total)
+
+    failure: BaseException | None = None
+    execution = Execution(runs, executor, workers, scheduler, execute=execute_whole)
+    execution.run_progress = fraction if progress is not None else None
+    with execution:
+        for outcome in execution:
+            done += 1
+            if outcome.raised is not None or outcome.error is not None:
+                failure = failure or outcome.raised or RunnerError(str(outcome.error))
+                execution.cancel()
+            else:
+                results[index[outcome.key]] = outcome.result
+            if progress is not None:
+                progress(float(done), total)
+    if failure is not None:
+        raise failure
 
 
 class Execution:

@@ -63,6 +63,7 @@ __all__ = [
     "SweepSpec",
     "builtin_sweeps",
     "load_sweep",
+    "one_point",
     "parse_sweep",
 ]
 
@@ -196,6 +197,18 @@ class SweepRuns(Sequence[RunSpec]):
             None if self._duration is None else float(self._duration),
             self._check,
         )
+
+
+def one_point(
+    scenario: Scenario,
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    duration_s: float | None,
+    check: bool,
+) -> list[RunSpec]:
+    """A sweep of one point, the scenario as it is: every protocol on every seed, in that
+    order, with the keys a sweep of that scenario gives them (``run`` and ``compare``)."""
+    return list(SweepRuns(scenario.model_dump(), (), (), protocols, seeds, duration_s, check))
 
 
 @dataclass(frozen=True)
