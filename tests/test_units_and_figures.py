@@ -207,7 +207,7 @@ def test_labels_are_human_readable() -> None:
 def test_sweep_figures_have_readable_labels_small_n_warning_log_y_and_footer() -> None:
     from matplotlib.figure import Figure
 
-    from apfsim.sweep.report import _line_figure
+    from apfsim.sweep.report.figures import line_figure
 
     # Two seeds disagreeing wildly at 55 ms: x86's ratio interval crosses 0.
     values = {}
@@ -217,7 +217,7 @@ def test_sweep_figures_have_readable_labels_small_n_warning_log_y_and_footer() -
             values[(x, "x86", s)] = base * (2.0 if x == 36 else (0.1 if s == 0 else 5.0))
     agg = fake_sweep(values)
     fig = Figure(layout="constrained")
-    caption = _line_figure(fig, agg, OPS, ratio=True)
+    caption = line_figure(fig, agg, OPS, ratio=True)
     ax = fig.axes[0]
     assert ax.get_ylabel() == "random_writer writes/s, ratio to sync"
     assert ax.get_xlabel() == "swap mean latency (µs)"
@@ -227,17 +227,17 @@ def test_sweep_figures_have_readable_labels_small_n_warning_log_y_and_footer() -
     assert "scenario writer-compute" in footer and "seeds 0, 1 (n = 2)" in footer
     assert "5 s simulated" in footer
     mean = Figure(layout="constrained")
-    _line_figure(mean, agg, OPS, ratio=False)
+    line_figure(mean, agg, OPS, ratio=False)
     assert mean.axes[0].get_yscale() == "log"  # 10 to 20000 writes/s
     assert mean.axes[0].get_ylabel() == "random_writer writes/s"
     calm = fake_sweep(
         {(x, p, s): 1.0 + s for x in (36, 55000) for p in ("sync", "x86") for s in (0, 1)}
     )
     flat = Figure(layout="constrained")
-    _line_figure(flat, calm, OPS, ratio=False)
+    line_figure(flat, calm, OPS, ratio=False)
     assert flat.axes[0].get_yscale() == "linear"
     ok = Figure(layout="constrained")
-    _line_figure(ok, calm, OPS, ratio=True)
+    line_figure(ok, calm, OPS, ratio=True)
     assert ok.get_suptitle() == ""
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from apfsim.sweep.spec import RunSpec, SweepSpec
 
-__all__ = ["SCHEMA_VERSION", "StoredRun", "SweepStore"]
+__all__ = ["SCHEMA_VERSION", "StoreError", "StoredRun", "SweepStore"]
 
 SCHEMA_VERSION = 1
 
@@ -52,6 +52,11 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+class StoreError(ValueError):
+    """A file that is not a readable apfsim sweep database; the message is one line naming
+    the problem and the fix."""
+
+
 class StoredRun:
     """One row of ``runs``, decoded."""
 
@@ -66,6 +71,11 @@ class StoredRun:
         self.error: str | None = row["error"]
         self.metrics: dict[str, float | None] = json.loads(row["metrics"] or "{}")
         self.result: dict[str, Any] | None = json.loads(row["result"]) if row["result"] else None
+
+
+_FIX = "give the --db file of 'apfsim sweep'"
+# The columns of ``runs`` but the full result (read on demand: SweepStore.point_results).
+_RUN_COLUMNS = "key, point, params, protocol, seed, error, metrics, NULL AS result"
 
 
 class SweepStore:
@@ -83,8 +93,58 @@ class SweepStore:
         )
         self._db.commit()
 
+    @classmethod
+    def reader(cls, path: Path) -> SweepStore:
+        """Open ``path`` read-only (``PRAGMA query_only``): a report never changes the
+        database, works on a file it may not write, and can read a sweep still running.
+        Raises :class:`StoreError` for a file that is no apfsim sweep database of this
+        schema version."""
+        shown = repr(str(path))
+        if not path.exists():
+            raise StoreError(f"sweep database {shown} does not exist; {_FIX}")
+        if path.is_dir():
+            raise StoreError(f"{shown} is a directory, not a sweep database; {_FIX}")
+        try:
+            # Not mode=ro: a read-only connection leaves -wal and -shm files behind. SQLite
+            # falls back to read-only by itself for a file it may not write.
+            db = sqlite3.connect(path)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open {shown} ({err}); {_FIX}") from None
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA query_only = ON")
+            tables = {r["name"] for r in db.execute("SELECT name FROM sqlite_master")}
+            if not {"meta", "sweeps", "runs"} <= tables:
+                raise StoreError(
+                    f"{shown} is not an apfsim sweep database (no sweeps and runs tables); {_FIX}"
+                )
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as err:
+            db.close()
+            raise StoreError(f"{shown} is not an apfsim sweep database ({err}); {_FIX}") from None
+        except StoreError:
+            db.close()
+            raise
+        if row is None or row["value"] != str(SCHEMA_VERSION):
+            version = "none" if row is None else repr(row["value"])
+            db.close()
+            raise StoreError(
+                f"{shown} has sweep schema version {version}, but this apfsim reads "
+                f"{SCHEMA_VERSION}; run the sweep again with this apfsim"
+            )
+        store = cls.__new__(cls)
+        store.path = path
+        store._db = db
+        return store
+
     def close(self) -> None:
         self._db.close()
+
+    def __enter__(self) -> SweepStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def register(self, spec: SweepSpec) -> None:
         self._db.execute(
@@ -152,12 +212,25 @@ class SweepStore:
             )
         return out
 
-    def runs(self, sweep: str, status: str = "ok") -> list[StoredRun]:
+    def runs(self, sweep: str, status: str = "ok", results: bool = True) -> list[StoredRun]:
+        """The runs of ``sweep`` with ``status``, by (point, protocol, seed); without
+        ``results`` their full results are left unread (``result`` None: they take memory)."""
+        columns = "*" if results else _RUN_COLUMNS
         rows = self._db.execute(
-            "SELECT * FROM runs WHERE sweep = ? AND status = ? ORDER BY point, protocol, seed",
+            f"SELECT {columns} FROM runs WHERE sweep = ? AND status = ? "
+            "ORDER BY point, protocol, seed",
             (sweep, status),
         )
         return [StoredRun(r) for r in rows]
+
+    def point_results(self, sweep: str, point: int) -> dict[str, dict[str, Any]]:
+        """The full results of a point's completed runs, by run key."""
+        rows = self._db.execute(
+            "SELECT key, result FROM runs WHERE sweep = ? AND point = ? AND status = 'ok' "
+            "AND result IS NOT NULL",
+            (sweep, point),
+        ).fetchall()
+        return {r["key"]: json.loads(r["result"]) for r in rows}
 
     def count(self, sweep: str) -> dict[str, int]:
         rows = self._db.execute(
