@@ -1,13 +1,13 @@
 """How the natapov-2010 ratios move when one assumption changes (issue 3's sensitivity study).
 
-    python scripts/natapov_sensitivity.py latency [--seeds N] [--duration SECONDS]
-    python scripts/natapov_sensitivity.py params  [--seeds N] [--duration SECONDS]
+    python scripts/natapov_sensitivity.py params [--seeds N] [--duration SECONDS]
 
-``latency`` scales the fitted swap-in distribution (min 36.2 us, mean 1.68 ms, max 55.7 ms)
-as a whole to each mean. ``params`` changes one unstated parameter at a time (scheduler,
-ticks, preemption, stall accounting, per-operation costs, the swap device). Each prints a
-markdown table of the paired work-rate ratios of the counting threads to sync (mean ± 95 %
-CI over the seeds).
+``params`` changes one unstated parameter at a time (scheduler, ticks, preemption, stall
+accounting, per-operation costs, the swap device): rows no sweep file can express, since
+each changes another key (or, for the costs, every cost at once). Each row is a ``compare``
+on the runner; the table holds the paired work-rate ratios of the counting threads to sync
+(mean ± 95 % CI over the seeds, ``apfsim.stats``). The latency study is the built-in sweep
+``natapov-swap-latency`` (docs/validation.md).
 """
 
 from __future__ import annotations
@@ -20,22 +20,7 @@ from apfsim.api import compare
 from apfsim.scenario import Scenario, load_scenario, with_overrides
 
 Overrides = Callable[[Scenario], dict[str, Any]]
-MEANS_MS = (0.1, 0.3, 1.0, 3.0, 10.0)
 PROTOCOLS = ("halt-only", "x86")
-
-
-def swap_mean(mean_ms: float) -> Overrides:
-    """The whole fitted distribution scaled so that its mean is ``mean_ms``."""
-
-    def overrides(base: Scenario) -> dict[str, Any]:
-        swap = base.host.swap
-        factor = mean_ms * 1000.0 / swap.mean_us
-        return {
-            f"host.swap.{key}": getattr(swap, key) * factor
-            for key in ("min_us", "mean_us", "max_us")
-        }
-
-    return overrides
 
 
 def setting(key: str, value: Any) -> Overrides:
@@ -66,7 +51,6 @@ def unchanged(base: Scenario) -> dict[str, Any]:
 
 
 STUDIES: dict[str, list[tuple[str, Overrides]]] = {
-    "latency": [(f"mean swap-in {m:g} ms", swap_mean(m)) for m in MEANS_MS],
     "params": [
         ("none (as shipped)", unchanged),
         ("guest.hz = 250", setting("guest.hz", 250)),

@@ -16,6 +16,7 @@ import pytest
 
 import apfsim.runner as runner
 from apfsim.cli import main
+from apfsim.scenario import load_scenario
 from apfsim.sweep import SweepError, SweepStore, load_sweep, parse_sweep, run_sweep
 from apfsim.runner import Execution
 
@@ -93,6 +94,19 @@ def test_builtin_latency_map_expands() -> None:
     assert spec.points == 7 * 3 and len(spec.protocols) == 5 and len(spec.runs) == 7 * 3 * 5 * 3
     means = sorted({dict(r.params)["host.swap.mean_us"] for r in spec.runs})
     assert means[0] == 36.0 and means[-1] == 55000.0
+
+
+def test_builtin_natapov_swap_latency_scales_the_fitted_distribution() -> None:
+    """The sweep that replaced natapov_sensitivity.py's latency study: each point is the
+    shipped lognormal scaled as a whole (min, mean and max by mean / 1680 µs)."""
+    spec = load_sweep("natapov-swap-latency")
+    base = load_scenario("natapov-2010").host.swap
+    assert spec.points == 5 and len(spec.runs) == 5 * 3
+    for point in range(spec.points):
+        swap = spec.runs[point * 3].scenario["host"]["swap"]
+        factor = swap["mean_us"] / base.mean_us
+        assert swap["min_us"] == base.min_us * factor and swap["max_us"] == base.max_us * factor
+        assert swap["distribution"] == base.distribution
 
 
 @pytest.mark.parametrize(
