@@ -242,9 +242,8 @@ def private_imports(modules: dict[str, Path], root: Path = SRC.parent) -> list[s
                 continue
             for alias in node.names:
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
-                    bad.append(
-                        f"{path.relative_to(root)}:{node.lineno}: {src} imports {owner}.{alias.name}"
-                    )
+                    where = f"{path.relative_to(root)}:{node.lineno}"
+                    bad.append(f"{where}: {src} imports {owner}.{alias.name}")
     return bad
 
 

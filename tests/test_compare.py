@@ -12,13 +12,13 @@ from typing import Any, ClassVar
 import pytest
 
 import apfsim.compare
-import apfsim.stats
 import apfsim.pool
+import apfsim.stats
 from apfsim.api import compare
 from apfsim.cli import main
-from apfsim.stats import estimate, paired_ratios, t_quantile_975
 from apfsim.scenario import ScenarioError, load_scenario
 from apfsim.simulation import Simulation
+from apfsim.stats import estimate, paired_ratios, t_quantile_975
 from cli_helpers import assert_one_line_error, cli
 
 # Two vCPUs, a shared random-writer buffer twice the host limit, a compute task per vCPU and

@@ -16,9 +16,9 @@ import pytest
 
 import apfsim.runner as runner
 from apfsim.cli import main
+from apfsim.runner import Execution
 from apfsim.scenario import load_scenario
 from apfsim.sweep import SweepError, SweepStore, load_sweep, parse_sweep, run_sweep
-from apfsim.runner import Execution
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sweep_helpers

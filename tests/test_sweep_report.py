@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from apfsim.stats import estimate, t_quantile_975
 from apfsim.report.render import format_estimate
+from apfsim.stats import estimate, t_quantile_975
 from apfsim.sweep.report import (
     SweepInfo,
     SweepReportError,

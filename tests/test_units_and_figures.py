@@ -14,11 +14,11 @@ import pytest
 
 from apfsim.api import compare, compare_table, run
 from apfsim.compare import summary_table
-from apfsim.stats import Estimate
 from apfsim.report import load_results, render_report
 from apfsim.report.data import ReportData
 from apfsim.report.render import format_estimate
 from apfsim.scenario import load_scenario
+from apfsim.stats import Estimate
 from apfsim.sweep.report import SweepInfo, aggregate_runs
 from apfsim.sweep.store import StoredRun
 
