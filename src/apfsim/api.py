@@ -29,7 +29,13 @@ from apfsim.compare import (
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
-from apfsim.scenario import MAX_DURATION_S, Scenario, ScenarioError, load_scenario
+from apfsim.scenario import (
+    MAX_DURATION_S,
+    Scenario,
+    ScenarioError,
+    did_you_mean,
+    load_scenario,
+)
 from apfsim.simulation import InvariantViolation
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
@@ -83,6 +89,7 @@ def run_protocol(
     if protocol not in PROTOCOLS:
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
+            f"{did_you_mean(protocol, PROTOCOLS)}"
         )
     return traced_simulation(sc, protocol, seed, check, trace).run(duration_s, progress)
 
@@ -107,6 +114,7 @@ def run(
         if name not in PROTOCOLS:
             raise ScenarioError(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(name, PROTOCOLS)}"
             )
     scenario_dict = sc.model_dump(mode="json")
     if duration_s is not None:
@@ -240,6 +248,7 @@ def _check_compare(
         if name not in PROTOCOLS:
             raise ScenarioError(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(name, PROTOCOLS)}"
             )
     if len(set(protocols)) != len(protocols):
         raise ScenarioError("--protocol: each protocol may be given once")

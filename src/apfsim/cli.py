@@ -50,6 +50,7 @@ from apfsim.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,
     builtin_scenarios,
+    did_you_mean,
     load_scenario,
     one_line,
     scenario_to_toml,
@@ -403,6 +404,7 @@ def run_command(
         if name not in PROTOCOLS:
             raise _fail(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(name, PROTOCOLS)}"
             )
     if len(set(protocols)) != len(protocols):
         raise _fail("--protocol: each protocol may be given once")
