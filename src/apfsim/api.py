@@ -86,6 +86,8 @@ def run_protocol(
     ``trace`` writes a Perfetto timeline and/or a kernel-format text trace of the run."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
+    if trace is not None:
+        trace.check_duration(sc.duration_s if duration_s is None else duration_s)
     if protocol not in PROTOCOLS:
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
@@ -299,6 +301,8 @@ def compare(
     _check_compare(names, seed_list, baseline, jobs)
     _check_duration(duration_s)
     sc = _resolve(scenario)
+    if trace is not None:
+        trace.check_duration(sc.duration_s if duration_s is None else duration_s)
     n_jobs = default_jobs() if jobs is None else jobs
     return run_compare(sc, names, seed_list, baseline, duration_s, n_jobs, progress, check, trace)
 
