@@ -700,13 +700,7 @@ def report_command(
     ] = Path("report.html"),
 ) -> None:
     """Write one self-contained HTML report (figures, tables, scenario) of results files."""
-    from apfsim.report import ReportError, write_report
-
-    try:
-        written = write_report(results, output)
-    except ReportError as err:
-        raise _fail(str(err)) from None
-    print(written)
+    _write_report(results, output, plots=False)
 
 
 @app.command("plot")
@@ -717,10 +711,15 @@ def plot_command(
     ] = Path("plots"),
 ) -> None:
     """Write the report's figures as PNG and SVG files into a directory."""
-    from apfsim.report import ReportError, write_plots
+    _write_report(results, output, plots=True)
+
+
+def _write_report(results: list[Path], output: Path, plots: bool) -> None:
+    """``report`` (one HTML file) and ``plot`` (the figures' files): print what was written."""
+    from apfsim.report import ReportError, write_plots, write_report
 
     try:
-        written = write_plots(results, output)
+        written = write_plots(results, output) if plots else [write_report(results, output)]
     except ReportError as err:
         raise _fail(str(err)) from None
     for path in written:
