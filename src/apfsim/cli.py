@@ -605,7 +605,7 @@ def check_command(
         "tasks": tasks,
         "pages": pages,
         "modes": None if modes is None else tuple(m.strip() for m in modes.split(",")),
-        "hotplug": hotplug,
+        "hotplug": hotplug or None,  # 0 keeps the mutant world's
         "stay_offline": stay_offline,
         "syscalls": syscalls,
         "reboot": reboot,
