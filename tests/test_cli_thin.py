@@ -117,7 +117,7 @@ def test_the_window_is_parsed_by_the_trace_options() -> None:
     assert TraceOptions.parse_window(":0.5") == (0, 5 * 10**8)
     assert TraceOptions.parse_window("30:") == (30 * 10**9, 1 << 62)
     assert TraceOptions.parse_window("0:1e300") == (0, 1 << 62)  # no overflow
-    for text in ("abc", "1", "nan:1", "0:inf", "1e300:"):
+    for text in ("abc", "1", "nan:1", "0:inf", "0:-inf", "1e300:", "-1e300:", "-1:1"):
         with pytest.raises(TraceOptionsError, match="--trace-window"):
             TraceOptions.parse_window(text)
 

@@ -157,8 +157,8 @@ class TraceOptions:
                 "--trace-window: expected START:END in simulated seconds, like 30:31 or 30: "
                 f"(got {short_repr(text)})"
             ) from None
-        explicit_inf = end == math.inf and end_text.strip()
-        if not math.isfinite(start) or start > MAX_DURATION_S or math.isnan(end) or explicit_inf:
+        bad_end = end_text.strip() and not math.isfinite(end)  # an empty END is open
+        if not (math.isfinite(start) and 0 <= start <= MAX_DURATION_S) or bad_end:
             raise TraceOptionsError(f"--trace-window: need 0 <= START < END (got {one_line(text)})")
         return round(start * 1e9), round(min(end * 1e9, OPEN_END_NS))
 
