@@ -143,7 +143,7 @@ class WorldConfig:
                     f"--mutant: unknown {self.mutant!r}; known: {', '.join(MUTANTS)}"
                     f"{did_you_mean(self.mutant, MUTANTS)}"
                 )
-            if self.protocol not in (m.protocol, *m.also):
+            if self.protocol != m.protocol and self.protocol not in m.also:
                 raise fail(f"--mutant: {m.name} is a bug of {m.protocol}, not of {self.protocol}")
         if self.protocol not in PROTOCOLS:
             raise fail(
