@@ -11,6 +11,7 @@ import textwrap
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_the_base_scenario_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 # -- item 1: a sweep's size is counted before anything is built -----------------------------
 
-HUGE_SWEEPS = {
+HUGE_SWEEPS: dict[str, tuple[dict[str, Any], str]] = {
     "two billion seeds": ({"seeds": 2_000_000_000}, "seeds"),
     "a logspace of two billion": (
         {"grid": {"host.swap.mean_us": {"logspace": [1.0, 100.0], "num": 2_000_000_000}}},
@@ -94,7 +95,7 @@ HUGE_SWEEPS = {
 @pytest.mark.parametrize("case", sorted(HUGE_SWEEPS))
 def test_a_sweep_over_the_limits_is_refused_at_once(case: str, tmp_path: Path) -> None:
     change, needle = HUGE_SWEEPS[case]
-    data = {"scenario": "rfcv2-2020", "protocols": ["sync"], **change}
+    data: dict[str, Any] = {"scenario": "rfcv2-2020", "protocols": ["sync"], **change}
     data.setdefault("set", {"host.swap.distribution": "exponential"})
     path = write_sweep(tmp_path / "huge.toml", data)
     t0 = time.monotonic()

@@ -12,6 +12,8 @@ from apfsim.check import WorldConfig, check
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import Step, TaskState, World
 from apfsim.cli import main
+from apfsim.protocols.common import HostBase
+from apfsim.protocols.x86 import X86Host
 
 # The seed with its SEND_ALWAYS FIXME set, where an atomic kernel fault takes the halted wait.
 SEED_HALTED_WAIT_WORLD = WorldConfig(
@@ -72,7 +74,7 @@ def test_safety_counterexample_is_a_shortest_one(name: str) -> None:
 def test_liveness_trace_marks_where_the_run_is_doomed() -> None:
     found = check(replace(mutant_world("B5"), mutant="B5"))
     assert found.violation is not None and found.violation.doomed_after is not None
-    world = World(found.violation and mutant_world("B5"))
+    world = World(mutant_world("B5"))
     del world
     assert 0 < found.violation.doomed_after <= len(found.violation.trace)
 
@@ -232,7 +234,9 @@ def test_simulation_stops_on_a_broken_invariant_with_the_last_events() -> None:
     checker = sim.checker
     assert checker is not None
     assert len(checker.recent) == checker.recent.maxlen  # events were recorded as it ran
-    sim.host_protocol.apf[0].queued += 1  # type: ignore[attr-defined]
+    host = sim.host_protocol
+    assert isinstance(host, HostBase)
+    host.apf[0].queued += 1
     with pytest.raises(InvariantViolation) as err:
         checker.check_vcpu(0, False)
     report = str(err.value)
@@ -244,10 +248,12 @@ def test_cli_keeps_finished_results_when_a_later_protocol_breaks_an_invariant(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import apfsim.checking as checking
+    from apfsim.invariants import check_vcpu as real
+    from apfsim.ports import HostProtocol
 
-    real = checking.check_vcpu
+    assert checking.__dict__["check_vcpu"] is real  # the function the run checks call
 
-    def broken_for_rfcv2(host: object, v: int, in_guest: bool) -> tuple[str, str] | None:
+    def broken_for_rfcv2(host: HostProtocol, v: int, in_guest: bool) -> tuple[str, str] | None:
         if getattr(host, "name", "") == "arm64-rfcv2":
             return "I2", "forced by the test"
         return real(host, v, in_guest)
@@ -280,7 +286,8 @@ def test_a_reboot_does_not_hide_a_task_asleep_forever() -> None:
 def test_token_ids_do_not_wrap_in_a_world_that_could_hold_more_live_faults() -> None:
     """The narrow apf.id of a small world must not make fixed x86 reuse a live token."""
     world = World(WorldConfig(protocol="x86", vcpus=1, tasks=4, pages=4, modes=("user",)))
-    assert world.host.token_id_mask >= 4 * 4 + 2  # type: ignore[attr-defined]
+    assert isinstance(world.host, X86Host)
+    assert world.host.token_id_mask >= 4 * 4 + 2
     r = check(
         WorldConfig(protocol="x86", vcpus=1, tasks=4, pages=4, modes=("user",)), max_states=15_000
     )

@@ -18,6 +18,7 @@ import pytest
 from apfsim.check import WorldConfig, check
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.world import Violation, World
+from apfsim.protocols.common import GuestBase
 from apfsim.registry import PROTOCOLS
 
 
@@ -128,6 +129,7 @@ def test_every_attribute_is_frozen_or_named_as_not_state() -> None:
         assert not extra, f"{name} host: {sorted(extra)} neither frozen nor named here"
         guest = world.guest
         if hasattr(guest, "__dataclass_fields__"):
+            assert isinstance(guest, GuestBase), name  # scalar_fields is GuestBase's
             frozen = set(guest.scalar_fields().names) | set(type(guest).not_state())
             unnamed = set(vars(guest)) - frozen - {"mutant"}
             assert not unnamed, f"{name} guest: {sorted(unnamed)}"

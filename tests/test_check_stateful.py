@@ -62,8 +62,7 @@ class Interleavings(RuleBasedStateMachine):
             assert self.world.broken() is None, self.steps
 
 
-TestInterleavings = Interleavings.TestCase
-TestInterleavings.pytestmark = [pytest.mark.slow]  # 60 walks of 60 steps: the full tier
+TestInterleavings = pytest.mark.slow(Interleavings.TestCase)  # 60 walks of 60 steps: full tier
 TestInterleavings.settings = settings(
     max_examples=60,
     stateful_step_count=60,

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,7 +105,7 @@ def compiled_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-def _results(src: Path | None, script: str = _RUN) -> dict[str, object]:
+def _results(src: Path | None, script: str = _RUN) -> dict[str, Any]:
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
@@ -112,7 +113,7 @@ def _results(src: Path | None, script: str = _RUN) -> dict[str, object]:
         [sys.executable, "-c", script, *PROTOCOLS], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
-    result: dict[str, object] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
     return result
 
 

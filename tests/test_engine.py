@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -141,7 +142,11 @@ def test_negative_delay_raises() -> None:
 def test_a_rejected_schedule_leaves_the_queue_untouched() -> None:
     eng = Engine()
     eng.run(until=10)
-    for bad in (lambda: eng.at(0, print), lambda: eng.after(-5, print)):
+    bads: tuple[Callable[[], EventHandle], ...] = (
+        lambda: eng.at(0, print),
+        lambda: eng.after(-5, print),
+    )
+    for bad in bads:
         with pytest.raises(ValueError):
             bad()
     assert eng.pending() == 0
@@ -275,7 +280,8 @@ def test_cancelled_events_do_not_advance_now_past_until() -> None:
 
 
 def _draws(streams: RandomStreams, name: str, n: int = 8) -> list[float]:
-    return streams.stream(name).random(n).tolist()
+    draws: list[float] = streams.stream(name).random(n).tolist()
+    return draws
 
 
 def test_same_name_same_sequence_across_instances() -> None:
@@ -352,7 +358,12 @@ def _inline_chain(eng: Engine, ends: list[int], seen: list[tuple[str, int]]) -> 
         seen.append(("inline", eng.now))
         _inline_chain(eng, ends, seen)
     else:
-        eng.at(t, lambda _: (seen.append(("heap", eng.now)), _inline_chain(eng, ends, seen)))
+
+        def from_the_heap(_: object) -> None:
+            seen.append(("heap", eng.now))
+            _inline_chain(eng, ends, seen)
+
+        eng.at(t, from_the_heap)
 
 
 def test_next_is_only_before_every_queued_event_and_within_the_horizon() -> None:

@@ -221,7 +221,9 @@ def mutated(draw: st.DrawFn, data: dict[str, Any]) -> dict[str, Any]:
     elif choice == "unknown key":
         data["bogus"] = 1
     else:
-        del data[keys[0]]
+        top = keys[0]
+        assert isinstance(top, str)  # a path into a table starts with a key, not an index
+        del data[top]
     return data
 
 

@@ -110,6 +110,15 @@ class FakeKernelPort:
             return SMCCC_RET_NOT_SUPPORTED
         return self.host.smccc_apf(cpu, val)
 
+    def smccc(self, cpu: int, function: int, val: int) -> int:
+        raise AssertionError("the arm64 driver calls only smccc_apf")
+
+    def wrmsr(self, cpu: int, msr: int, val: int) -> None:
+        raise AssertionError("no MSR on arm64")
+
+    def hypercall(self, cpu: int, nr: int, arg: int) -> int:
+        raise AssertionError("no hypercall on arm64")
+
     def forget(self) -> None:
         """Drop the records (after boot), keeping the configuration."""
         self.swoken.clear()

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def _kill_all(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[Any], timeout: float) -> None:
     """Poll ``predicate`` while ``proc`` runs; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -205,7 +206,7 @@ def test_a_dask_sweep_that_loses_its_workers_or_scheduler_ends_with_one_line(
         cmd += ["--executor", "dask", "--scheduler", address, "--worker-timeout", "2"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for(lambda: _stored(db) >= 2, proc, 120)  # type: ignore[arg-type]
+            _wait_for(lambda: _stored(db) >= 2, proc, 120)
             os.killpg(worker_session if lost == "workers" else scheduler_pid, signal.SIGKILL)
             stdout, stderr = proc.communicate(timeout=90)
         finally:

@@ -170,10 +170,11 @@ class Replay:
             for t, s in zip(self.tasks, world.scripts, strict=True)
         ]
         counters = RunCounters()
+        workloads: list[Workload] = [*self.workloads]  # the kernel's list holds any Workload
         self.kernel = SimKernel(
             self.memory,
             self.tasks,
-            self.workloads,
+            workloads,
             [True] * len(self.tasks),
             counters,
             np.random.default_rng(0),

@@ -341,7 +341,8 @@ def test_page_ready_waits_for_guest_to_clear_reason() -> None:
     assert arch.pending_abort == work.token
     assert not arch.gfns.find(0x42)
     assert host.apf[0].queued == 0 and host.apf[0].queue == []
-    assert work.state is WorkState.DELIVERED
+    state: WorkState = work.state  # read again: mypy keeps the narrowing above
+    assert state is WorkState.DELIVERED
     assert prefault.gfns == [0x42]
     assert host.stats.page_ready_injected == 1 and host.stats.prefaults == 1
 

@@ -249,9 +249,11 @@ def test_halted_waiter_halted_only_for_rcu_is_preempted_on_an_irq_return(
     other.vruntime = 100_000_000  # it has run its share
     schedule(cpu, ARM64, cpu)
     cpu.finish_switch(ARM64)
-    assert cpu.current is waiter and waiter.state is TaskState.HALTED_APF
+    state: TaskState = waiter.state  # read again: mypy keeps the narrowing above
+    assert cpu.current is waiter and state is TaskState.HALTED_APF
     assert resume(cpu, ARM64, cpu) is Next.TASK
-    assert waiter.state is TaskState.RUNNING and waiter.halt_ctx is None
+    resumed: TaskState = waiter.state  # read again: mypy keeps the narrowing above
+    assert resumed is TaskState.RUNNING and waiter.halt_ctx is None
 
 
 def test_the_context_switch_is_charged_to_the_task_switched_to() -> None:
@@ -259,12 +261,8 @@ def test_the_context_switch_is_charged_to_the_task_switched_to() -> None:
     switch itself is charged to that task (the simulator's GuestCpu.picked)."""
     from apfsim.guest.cpu import GuestCpu
 
-    now = [0]
-
     class Clock:
-        @property
-        def now(self) -> int:
-            return now[0]
+        now = 0
 
         def after(self, delay: int, cb: Any, arg: Any = None) -> None:
             return None
@@ -284,38 +282,48 @@ def test_the_context_switch_is_charged_to_the_task_switched_to() -> None:
     class Vcpu:
         clock: Any = None
 
+        def stage2_fault(self, gfn: int, ctx: Any) -> None:
+            raise AssertionError("no stage-2 fault in this test")
+
+        def wfi(self, halt: bool) -> None:
+            raise AssertionError("no WFI in this test")
+
+        def exit_for_guest_call(self, exits: int, handling_ns: int, ctx: Any = None) -> None:
+            raise AssertionError("no guest call in this test")
+
     costs = FrameCosts(context_switch_ns=3_000)
     rules = RunLoopRules.for_arch("arm64", CTX.vector, CTX.entry, costs)
     from apfsim.ports import RunCounters
 
     class Services:
+        memory: Any = None
         workloads: tuple[Any, ...] = ()
+
+        def workload_of(self, task: Any) -> Any:
+            raise AssertionError("no workload in this test")
 
         def run_driver(self, cpu: int, fn: Callable[..., Any], *args: Any) -> Any:
             return fn(*args)
 
-    cpu = GuestCpu(
-        0,
-        Clock(),
-        Vcpu(),
-        Driver(),
-        Services(),
-        CfsParams(),
-        rules,
-        False,
-        RunCounters(),  # type: ignore[arg-type]
-    )
+        def send_ipi(self, cpu: int, sender: int) -> None:
+            raise AssertionError("no IPI in this test")
+
+        def task_finished(self, task: Any) -> None:
+            raise AssertionError("no task finishes in this test")
+
+    clock = Clock()
+    cpu = GuestCpu(0, clock, Vcpu(), Driver(), Services(), CfsParams(), rules, False, RunCounters())
     prev, nxt = Task(0, "prev", 0), Task(1, "next", 0)
     cpu.rq.enqueue(nxt, wakeup=False)
     prev.state = TaskState.RUNNING
     cpu.rq.curr, cpu.current = prev, prev
-    now[0] = 10_000
+    clock.now = 10_000
     cpu.schedule()  # prev is charged up to the pick
     assert prev.sum_exec_runtime == 10_000
-    now[0] = 13_000  # the switch frame ran for 3 us
+    clock.now = 13_000  # the switch frame ran for 3 us
     frame = cpu.frames.pop()
     frame_end(cpu, rules, frame, cpu)
-    now[0] = 20_000
+    clock.now = 20_000
     cpu.update_curr()
     assert nxt.sum_exec_runtime == 10_000  # 3 us of switch + 7 us of its own
 
@@ -354,6 +362,18 @@ def test_disable_waits_in_cancel_work_sync_for_a_running_gup() -> None:
     running = [AsyncPf(vcpu_id=0, gfn=7, token=1, state=WorkState.CANCELLED)]
 
     class Io:
+        def resolve_nowait(self, gfn: int) -> int:
+            raise AssertionError("no fault in this test")
+
+        def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+            raise AssertionError("no fault in this test")
+
+        def map_after_read(self, gfn: int) -> None:
+            raise AssertionError("no fault in this test")
+
+        def start_worker(self, work: AsyncPf) -> None:
+            raise AssertionError("no fault in this test")
+
         def running_workers(self) -> list[AsyncPf]:
             return running
 
@@ -362,19 +382,30 @@ def test_disable_waits_in_cancel_work_sync_for_a_running_gup() -> None:
 
     class Guest:
         timer_pending = ipi_pending = False
+        stolen_ns = 0
+
+        def interrupt(self, now: int) -> None:
+            raise AssertionError("no interrupt in this test")
 
         def context(self) -> GuestContext:
             return Contexts.KERNEL
 
-    vcpu = Vcpu(0, Clock(), SyncHost(), Io(), VcpuParams(0, 0, 0, 0, 0, 0, 0, 0), RunCounters())  # type: ignore[arg-type]
-    vcpu.guest = Guest()  # type: ignore[assignment]
+        def take_events(self, injections: list[Injection], lapic_enabled: bool) -> None:
+            raise AssertionError("no injection in this test")
+
+        def resume(self) -> None:
+            raise AssertionError("the guest is not resumed in this test")
+
+    vcpu = Vcpu(0, Clock(), SyncHost(), Io(), VcpuParams(0, 0, 0, 0, 0, 0, 0, 0), RunCounters())
+    vcpu.guest = Guest()
     vcpu.exit_for_guest_call(1, 0)
     cb, arg = events.pop()
     cb(arg)  # the calls are handled: a cancelled item is mid-GUP
     assert vcpu.mode is VcpuMode.SYNC_FAULT and not events and len(waiting) == 1
     running.clear()
     waiting.pop()()  # its GUP returned: the loop goes on with an entry
-    assert vcpu.mode is VcpuMode.HOST
+    mode: VcpuMode = vcpu.mode  # read again: mypy keeps the narrowing above
+    assert mode is VcpuMode.HOST
     assert [cb.__name__ for cb, _ in events] == ["_entered"]
     # Nothing cancelled mid-GUP: no wait.
     events.clear()

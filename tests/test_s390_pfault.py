@@ -319,7 +319,8 @@ def test_done_is_floating_and_taken_by_another_vcpu() -> None:
     assert host.apf[0].queued == 1 and work.state is WorkState.DONE
     assert host.run_loop_iteration(1, USER) == []
     assert host.run_loop_iteration(0, USER) == [work]
-    assert host.apf[0].queued == 0 and work.state is WorkState.DELIVERED
+    state: WorkState = work.state  # read again: mypy keeps the narrowing above
+    assert host.apf[0].queued == 0 and state is WorkState.DELIVERED
 
 
 def test_a_floating_done_waits_while_external_interrupts_are_masked() -> None:
@@ -334,7 +335,12 @@ def test_a_floating_done_waits_while_external_interrupts_are_masked() -> None:
 def test_reaping_does_not_present_again_and_has_no_prefault() -> None:
     prefaults: list[int] = []
     kernel = Kernel(1)
-    ports = replace(kernel.ports(), prefault=lambda gfn: prefaults.append(gfn) or True)
+
+    def prefault(gfn: int) -> bool:
+        prefaults.append(gfn)
+        return True
+
+    ports = replace(kernel.ports(), prefault=prefault)
     host, guest = build_protocol("s390-pfault", 1, kernel, ports, ProtocolOptions())
     assert isinstance(host, S390PfaultHost)
     kernel.host = host

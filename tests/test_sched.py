@@ -166,7 +166,8 @@ def test_check_preempt_tick_min_granularity_guard() -> None:
     """``delta_exec < sysctl_sched_min_granularity`` → no preemption, however far ahead."""
     rq = rq_with(0, 0)
     run_curr(rq, 749_999)
-    rq.curr.vruntime = 50 * MS  # type: ignore[union-attr]
+    assert rq.curr is not None
+    rq.curr.vruntime = 50 * MS
     assert not rq.check_preempt_tick()
 
 
@@ -180,7 +181,8 @@ def test_check_preempt_tick_ahead_of_leftmost_by_more_than_a_slice(
     rq = rq_with(0, 30 * MS, 20 * MS)  # 3 tasks: slice 2 ms; leftmost is at 20 ms
     assert rq.sched_slice() == 2 * MS
     run_curr(rq, 1 * MS)  # past min_granularity, within the slice
-    rq.curr.vruntime = 20 * MS + lead  # type: ignore[union-attr]
+    assert rq.curr is not None
+    rq.curr.vruntime = 20 * MS + lead
     assert rq.check_preempt_tick() is preempt
 
 
@@ -214,5 +216,6 @@ def test_pick_next_takes_leftmost_and_min_vruntime_never_decreases() -> None:
     assert rq.min_vruntime == 5 * MS
     b.sum_exec_runtime = 7
     rq.put_prev(b)
-    assert rq.curr is None and b.state is TaskState.RUNNABLE
+    state: TaskState = b.state  # read again: mypy keeps the narrowing above
+    assert rq.curr is None and state is TaskState.RUNNABLE
     assert rq.pick_next() is b and b.prev_sum_exec_runtime == 7

@@ -16,6 +16,7 @@ import pytest
 
 import apfsim
 from apfsim.cli import main
+from apfsim.metrics.results import ProtocolResult
 from apfsim.registry import PROTOCOLS
 from apfsim.simulation import Simulation
 from apfsim.trace import TraceOptions, read_trace
@@ -47,7 +48,7 @@ def small_scenario() -> apfsim.Scenario:
 
 def traced(
     tmp_path: Path, protocol: str, window: tuple[int, int] = (0, 1 << 62)
-) -> tuple[apfsim.ProtocolResult, dict[str, Any], Path]:
+) -> tuple[ProtocolResult, dict[str, Any], Path]:
     # ns timestamps (--ftrace-ns): the latencies parsed back are then exact.
     options = TraceOptions(tmp_path / "t.json", tmp_path / "t.txt", window, ftrace_ns=True)
     result = traced_simulation(small_scenario(), protocol, 0, True, options).run()

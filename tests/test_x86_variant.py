@@ -458,7 +458,8 @@ def test_only_one_page_ready_in_flight_until_ack() -> None:
     # The guest's handler: wake task 1, token = 0, ACK → b is delivered inside the WRMSR.
     assert vm.guest.on_injection(0, IRQ, IRQ_REGS) is AbortOutcome.WOKE
     assert vm.port.swoken == [1] and vm.host.stats.acks == 1
-    assert b.state is WorkState.DELIVERED and arch.block.token == b.token
+    state: WorkState = b.state  # read again: mypy keeps the narrowing above
+    assert state is WorkState.DELIVERED and arch.block.token == b.token
     assert arch.pageready_pending and not apf.done
     assert vm.take(0) is AbortOutcome.WOKE
     assert vm.port.swoken == [1, 2] and arch.block.token == 0 and not arch.pageready_pending
@@ -515,7 +516,8 @@ def test_freed_slot_without_ack_waits_for_the_ack() -> None:
     vm.host.guest_call(0, MSR_KVM_ASYNC_PF_ACK, 0)  # bit 0 clear: not an ACK
     assert vm.host.stats.acks == 0 and b.state is WorkState.DONE
     vm.host.guest_call(0, MSR_KVM_ASYNC_PF_ACK, 1)
-    assert b.state is WorkState.DELIVERED and arch.block.token == b.token
+    state: WorkState = b.state  # read again: mypy keeps the narrowing above
+    assert state is WorkState.DELIVERED and arch.block.token == b.token
 
 
 def test_ack_with_token_not_zeroed_delivers_nothing() -> None:

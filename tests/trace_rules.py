@@ -67,20 +67,20 @@ def check_trace(doc: dict[str, Any]) -> dict[str, Any]:
                     f"slice {name} [{begin}, {end}] overlaps {stack[-1]} on track {track}"
                 )
             stack.append((begin, end, name))
-    for key, items in asyncs.items():
-        phases = [p for p, _ in items]
-        assert phases == ["b", "e"], f"async {key}: phases {phases}"
-        assert items[1][1] >= items[0][1], f"async {key} ends before it begins"
-    for key, items in flows.items():
-        phases = "".join(ev["ph"] for ev in items)
-        assert phases[0] == "s" and phases[-1] == "f" and set(phases[1:-1]) <= {"t"}, (
-            f"flow {key}: phases {phases}"
-        )
-        ts = [ev["ts"] for ev in items]
-        assert ts == sorted(ts), f"flow {key} goes back in time"
-        for ev in items:
+    for async_key, pair in asyncs.items():
+        phases = [p for p, _ in pair]
+        assert phases == ["b", "e"], f"async {async_key}: phases {phases}"
+        assert pair[1][1] >= pair[0][1], f"async {async_key} ends before it begins"
+    for flow_key, points in flows.items():
+        flow_phases = "".join(ev["ph"] for ev in points)
+        assert (
+            flow_phases[0] == "s" and flow_phases[-1] == "f" and set(flow_phases[1:-1]) <= {"t"}
+        ), f"flow {flow_key}: phases {flow_phases}"
+        ts = [ev["ts"] for ev in points]
+        assert ts == sorted(ts), f"flow {flow_key} goes back in time"
+        for ev in points:
             bound = starts.get((ev["pid"], ev["tid"], ev["cat"]), set())
-            assert ev["ts"] in bound, f"flow {key} point {ev} binds to no slice"
+            assert ev["ts"] in bound, f"flow {flow_key} point {ev} binds to no slice"
     return {
         "tracks": sorted(named),
         "slices": sum(len(v) for v in slices.values()),

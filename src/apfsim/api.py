@@ -31,7 +31,13 @@ from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
 from apfsim.runner import EXECUTORS, execute_all
-from apfsim.scenario import MAX_DURATION_S, Scenario, ScenarioError, load_scenario
+from apfsim.scenario import (
+    MAX_DURATION_S,
+    Scenario,
+    ScenarioError,
+    did_you_mean,
+    load_scenario,
+)
 from apfsim.simulation import InvariantViolation
 from apfsim.sweep.spec import one_point
 from apfsim.trace.hooks import traced_simulation
@@ -83,9 +89,12 @@ def run_protocol(
     ``trace`` writes a Perfetto timeline and/or a kernel-format text trace of the run."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
+    if trace is not None:
+        trace.check_duration(sc.duration_s if duration_s is None else duration_s)
     if protocol not in PROTOCOLS:
         raise ScenarioError(
             f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
+            f"{did_you_mean(protocol, PROTOCOLS)}"
         )
     return traced_simulation(sc, protocol, seed, check, trace).run(duration_s, progress)
 
@@ -110,9 +119,12 @@ def run(
         if name not in PROTOCOLS:
             raise ScenarioError(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(name, PROTOCOLS)}"
             )
     if len(set(protocols)) != len(protocols):
         raise ScenarioError("--protocol: each protocol may be given once")
+    if trace is not None:
+        trace.check_duration(sc.duration_s if duration_s is None else duration_s)
     scenario_dict = sc.model_dump(mode="json")
     if duration_s is not None:
         scenario_dict["duration_s"] = duration_s
@@ -269,6 +281,7 @@ def _check_compare(
         if name not in PROTOCOLS:
             raise ScenarioError(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(name, PROTOCOLS)}"
             )
     if len(set(protocols)) != len(protocols):
         raise ScenarioError("--protocol: each protocol may be given once")
@@ -327,6 +340,8 @@ def compare(
     _check_compare(names, seed_list, baseline, jobs, executor, scheduler)
     _check_duration(duration_s)
     sc = _resolve(scenario)
+    if trace is not None:
+        trace.check_duration(sc.duration_s if duration_s is None else duration_s)
     n_jobs = default_jobs() if jobs is None else jobs
     return run_compare(
         sc,

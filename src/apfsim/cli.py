@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,11 +36,10 @@ from apfsim.api import (
     compare_table,
     run,
 )
-from apfsim.check import WorldConfig, check
+from apfsim.check import WorldConfig, WorldConfigError, check
 from apfsim.check.mutants import MUTANTS
 from apfsim.check.report import mutants_text, result_dict, result_text, world_line
 from apfsim.check.search import CheckResult
-from apfsim.check.world import MODES, has_lifecycle
 from apfsim.metrics.notes import no_injection_note
 from apfsim.metrics.results import RunResult
 from apfsim.registry import PROTOCOLS
@@ -51,6 +48,7 @@ from apfsim.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,
     builtin_scenarios,
+    did_you_mean,
     load_scenario,
     one_line,
     scenario_to_toml,
@@ -61,8 +59,7 @@ from apfsim.sweep.run import run_sweep
 from apfsim.sweep.spec import SweepError as SpecError
 from apfsim.sweep.spec import builtin_sweeps, load_sweep
 from apfsim.sweep.store import SweepStore
-from apfsim.trace import TraceOptions, read_trace
-from apfsim.trace.formats import KERNEL_DEFAULT, parse_kernel
+from apfsim.trace import TraceOptions, TraceOptionsError, read_trace
 from apfsim.trace.output import TraceWriteError, check_output
 from apfsim.trace.stats import trace_stats_text
 from apfsim.version import __version__
@@ -298,36 +295,11 @@ def _trace_options(
                 f"{flag}: directory {str(path.parent)!r} does not exist or cannot be looked up "
                 "(a name too long?); give an existing directory"
             )
-    if ftrace is None and (ftrace_ns or ftrace_kernel is not None):
-        raise _fail(f"{'--ftrace-ns' if ftrace_ns else '--ftrace-kernel'}: give --ftrace too")
-    kernel = KERNEL_DEFAULT
-    if ftrace_kernel is not None:
-        try:
-            kernel = parse_kernel(ftrace_kernel)
-        except ValueError as err:
-            raise _fail(f"--ftrace-kernel: {err}") from None
-    if trace is None and ftrace is None:
-        if window is not None:
-            raise _fail("--trace-window: give --trace or --ftrace too")
-        return None
-    span = (0, 1 << 62)
-    if window is not None:
-        start_text, sep, end_text = window.partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            start = float(start_text) if start_text.strip() else 0.0
-            end = float(end_text) if end_text.strip() else None
-        except ValueError:
-            raise _fail(
-                f"--trace-window: expected START:END in simulated seconds, like 30:31 or 30: "
-                f"(got {window!r})"
-            ) from None
-        finite = math.isfinite(start) and (end is None or math.isfinite(end))
-        if not finite or start > MAX_DURATION_S or start < 0 or (end is not None and end <= start):
-            raise _fail(f"--trace-window: need 0 <= START < END (got {window!r})")
-        span = (round(start * 1e9), (1 << 62) if end is None else round(end * 1e9))
-    return TraceOptions(trace, ftrace, span, ftrace_ns, kernel)
+    try:
+        options = TraceOptions.from_flags(trace, ftrace, window, ftrace_ns, ftrace_kernel)
+    except TraceOptionsError as err:
+        raise _fail(str(err)) from None
+    return options if options.enabled else None
 
 
 def _check_trace_outputs(tracing: TraceOptions | None, runs: list[TraceOptions]) -> None:
@@ -352,14 +324,11 @@ def _check_trace_outputs(tracing: TraceOptions | None, runs: list[TraceOptions])
 
 def _check_window(tracing: TraceOptions | None, duration_s: float) -> None:
     """A --trace-window starting at or after the run's end would write an empty trace."""
-    if tracing is None:
-        return
-    start_s = tracing.window[0] / 1e9
-    if start_s >= duration_s:
-        raise _fail(
-            f"--trace-window: starts at {start_s:g} s but the run lasts {duration_s:g} s "
-            f"(--duration or the scenario's duration_s); give a window within 0:{duration_s:g}"
-        )
+    try:
+        if tracing is not None:
+            tracing.check_duration(duration_s)
+    except TraceOptionsError as err:
+        raise _fail(str(err)) from None
 
 
 def _write_json(json_path: Path, data: dict[str, Any]) -> None:
@@ -404,6 +373,7 @@ def run_command(
         if name not in PROTOCOLS:
             raise _fail(
                 f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(name, PROTOCOLS)}"
             )
     if len(set(protocols)) != len(protocols):
         raise _fail("--protocol: each protocol may be given once")
@@ -641,18 +611,20 @@ def check_command(
     if list_mutants:
         print(mutants_text())
         return 0
-    config = _check_config(protocol, vcpus, tasks, pages, mutant, modes, hotplug)
-    config = replace(config, reboot=config.reboot or reboot)
-    config = replace(config, send_always=config.send_always or send_always)
-    config = replace(config, stay_offline=stay_offline, idle_tick=idle_tick, preempt=preempt)
-    if syscalls is not None:
-        config = replace(config, syscalls=syscalls)
-    if (config.hotplug or config.reboot) and not has_lifecycle(config.protocol):
-        with_hooks = ", ".join(p for p in PROTOCOLS if has_lifecycle(p))
-        raise _fail(
-            f"--hotplug/--reboot: {config.protocol}'s guest driver models no CPU hotplug or "
-            f"reboot callbacks; use one of {with_hooks}"
-        )
+    flags = {
+        "vcpus": vcpus,
+        "tasks": tasks,
+        "pages": pages,
+        "modes": None if modes is None else tuple(m.strip() for m in modes.split(",")),
+        "hotplug": hotplug or None,  # 0 keeps the mutant world's
+        "stay_offline": stay_offline,
+        "syscalls": syscalls,
+        "reboot": reboot,
+        "send_always": send_always,
+        "idle_tick": idle_tick,
+        "preempt": preempt,
+    }
+    config = _check_config(protocol, mutant, flags)
     if depth is not None and depth < 1:
         raise _fail(f"--depth: must be at least 1 (got {depth})")
     if max_states < 1:
@@ -700,46 +672,25 @@ def _keep_partial_check(
     print(f"apfsim: interrupted: check incomplete{where}", file=sys.stderr)
 
 
-def _check_config(
-    protocol: str | None,
-    vcpus: int | None,
-    tasks: int | None,
-    pages: int | None,
-    mutant: str | None,
-    modes: str | None,
-    hotplug: int,
-) -> WorldConfig:
-    """The world to check: the mutant's own world unless sizes are given."""
+def _check_config(protocol: str | None, mutant: str | None, flags: dict[str, Any]) -> WorldConfig:
+    """The world to check: the mutant's own world, changed by the flags given (not None);
+    :class:`WorldConfig` refuses a bad one."""
     world: dict[str, Any] = {}
     if mutant is not None:
-        if mutant not in MUTANTS:
-            raise _fail(f"--mutant: unknown {mutant!r}; known: {', '.join(MUTANTS)}")
-        m = MUTANTS[mutant]
-        if protocol is not None and protocol not in (m.protocol, *m.also):
-            raise _fail(f"--mutant: {mutant} is a bug of {m.protocol}, not of {protocol}")
-        protocol = protocol or m.protocol
-        world = dict(m.world)
-        world["mutant"] = mutant
-    if protocol is None:
+        m = MUTANTS.get(mutant)
+        world = {} if m is None else dict(m.world)
+        protocol = protocol or (m.protocol if m else "")  # "": WorldConfig names the mutant
+    elif protocol is None:
         raise _fail("missing PROTOCOL; give one of " + ", ".join(PROTOCOLS))
-    if protocol not in PROTOCOLS:
-        raise _fail(f"PROTOCOL: unknown {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    for name, value in (("vcpus", vcpus), ("tasks", tasks), ("pages", pages)):
+    for name, value in flags.items():
+        if name in ("reboot", "send_always"):
+            value = value or world.get(name, False)
         if value is not None:
-            if not 1 <= value <= 4:
-                raise _fail(f"--{name}: must be 1 to 4 in a checked world (got {value})")
             world[name] = value
-    if modes is not None:
-        names = tuple(m.strip() for m in modes.split(","))
-        bad = [m for m in names if m not in MODES]
-        if bad or not names:
-            raise _fail(f"--modes: unknown {bad[0]!r}; known: {', '.join(MODES)}")
-        world["modes"] = names
-    if not 0 <= hotplug <= 2:
-        raise _fail(f"--hotplug: must be 0 to 2 (got {hotplug})")
-    if hotplug:
-        world["hotplug"] = hotplug
-    return WorldConfig(protocol=protocol, **world)
+    try:
+        return WorldConfig(protocol=protocol, mutant=mutant, **world)
+    except WorldConfigError as err:
+        raise _fail(str(err)) from None
 
 
 ResultsArgument = Annotated[
@@ -760,13 +711,7 @@ def report_command(
     ] = Path("report.html"),
 ) -> None:
     """Write one self-contained HTML report (figures, tables, scenario) of results files."""
-    from apfsim.report import ReportError, write_report
-
-    try:
-        written = write_report(results, output)
-    except ReportError as err:
-        raise _fail(str(err)) from None
-    print(written)
+    _write_report(results, output, plots=False)
 
 
 @app.command("plot")
@@ -777,10 +722,15 @@ def plot_command(
     ] = Path("plots"),
 ) -> None:
     """Write the report's figures as PNG and SVG files into a directory."""
-    from apfsim.report import ReportError, write_plots
+    _write_report(results, output, plots=True)
+
+
+def _write_report(results: list[Path], output: Path, plots: bool) -> None:
+    """``report`` (one HTML file) and ``plot`` (the figures' files): print what was written."""
+    from apfsim.report import ReportError, write_plots, write_report
 
     try:
-        written = write_plots(results, output)
+        written = write_plots(results, output) if plots else [write_report(results, output)]
     except ReportError as err:
         raise _fail(str(err)) from None
     for path in written:

@@ -21,6 +21,7 @@ from apfsim.protocols.s390_pfault import S390PfaultHost
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import X86Host
 from apfsim.protocols.x86_legacy import X86LegacyHost
+from apfsim.scenario import did_you_mean
 
 __all__ = ["PROTOCOLS", "ProtocolOptions", "Variant", "build_protocol", "variant"]
 
@@ -106,7 +107,10 @@ def variant(name: str) -> Variant:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
+        raise ValueError(
+            f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}"
+            f"{did_you_mean(name, PROTOCOLS)}"
+        ) from None
 
 
 def build_protocol(

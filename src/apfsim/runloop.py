@@ -220,7 +220,10 @@ class Kernel(Protocol):
     """What the run loop needs around one CPU (the driver's call site, the runqueue's
     clock, the tracepoints): each driver of the run loop implements it."""
 
-    driver: GuestProtocol
+    @property
+    def driver(self) -> GuestProtocol:
+        """The guest's async PF driver (read only: a kernel may hold a subclass)."""
+        ...
 
     def call_driver(self, cpu: CpuState, fn: Callable[..., Any], *args: Any) -> Any: ...
 

@@ -8,15 +8,17 @@ allowed.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import reprlib
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,6 +30,7 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "builtin_scenarios",
+    "did_you_mean",
     "load_scenario",
     "one_line",
     "parse_toml",
@@ -314,6 +317,38 @@ def short_repr(value: Any) -> str:
     return one_line(_SHOW.repr(value))
 
 
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` naming the choice closest to ``name`` (difflib), or ``""``."""
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {short_repr(close[0])}?" if close else ""
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation may hold (through unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType, list, tuple, dict, Annotated):
+        return [m for arg in get_args(annotation) for m in _models(arg)]
+    return []
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> set[str]:
+    """The keys a scenario table at ``loc`` allows (a list index or union tag is passed over)."""
+    models: list[type[BaseModel]] = [Scenario]
+    for part in loc:
+        inner = [
+            m
+            for model in models
+            if isinstance(part, str) and part in model.model_fields
+            for m in _models(model.model_fields[part].annotation)
+        ]
+        models = inner or models
+    return {name for model in models for name in model.model_fields}
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -322,7 +357,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     shown = "" if isinstance(value, dict | list) or value is None else f" (got {short_repr(value)})"
     hint = ""
     if first["type"] == "extra_forbidden":
+        *parents, key = first["loc"]
         hint = "; remove it or check the spelling (`apfsim show` prints every valid key)"
+        hint += did_you_mean(key, _keys_at(tuple(parents)))
     elif first["type"] == "missing":
         hint = "; add it (`apfsim show rfcv2-2020` prints a complete example)"
     where = f"{loc}: " if loc else ""
@@ -343,6 +380,7 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     *parents, leaf = dotted.split(".")
     top: dict[str, Any] = dict(data)
     node: Any = top
+    found: list[str] = []  # the parts of the path found so far
     try:
         for key in parents:
             if isinstance(node, list):
@@ -356,11 +394,18 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
             else:
                 raise KeyError(key)
             node = child
+            found.append(key)
         if not isinstance(node, dict) or leaf not in node:
             raise KeyError(leaf)
     except (KeyError, IndexError):
+        hint = ""
+        if isinstance(node, dict):
+            bad, *rest = dotted.split(".")[len(found) :]
+            close = difflib.get_close_matches(bad, [str(k) for k in node], n=1)
+            if close:
+                hint = f"; did you mean {'.'.join([*found, close[0], *rest])!r}?"
         raise ScenarioError(
-            one_line(f"{dotted}: no such scenario key; `apfsim show` prints every valid key")
+            one_line(f"{dotted}: no such scenario key; `apfsim show` prints every valid key{hint}")
         ) from None
     node[leaf] = value
     return top
@@ -428,8 +473,9 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
             text = Path(name_or_path).read_text(encoding="utf-8")
         except (FileNotFoundError, NotADirectoryError):
             known = ", ".join(builtin_scenarios())
+            hint = did_you_mean(str(name_or_path), _builtin_names())
             raise ScenarioError(
-                f"{source}: no such built-in scenario or file; built-ins are: {known}"
+                f"{source}: no such built-in scenario or file; built-ins are: {known}{hint}"
             ) from None
         except (OSError, ValueError) as err:  # ValueError: not UTF-8, a NUL in the name
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err

@@ -35,6 +35,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 import apfsim.runloop as runloop
+from apfsim.check.mutants import MUTANTS
 from apfsim.guest.context import Contexts, GuestContext
 from apfsim.guest.kernel import GuestCalls
 from apfsim.guest.sched import Task, TaskState
@@ -50,9 +51,19 @@ from apfsim.ports import (
 )
 from apfsim.registry import PROTOCOLS, ProtocolOptions, build_protocol, variant
 from apfsim.runloop import CpuState, FaultOutcome, Frame, FrameKind, Next, RunLoopRules
+from apfsim.scenario import did_you_mean, one_line
 from apfsim.snapshot import Fields
 
-__all__ = ["MODES", "Action", "Mode", "TaskState", "World", "WorldConfig", "has_lifecycle"]
+__all__ = [
+    "MODES",
+    "Action",
+    "Mode",
+    "TaskState",
+    "World",
+    "WorldConfig",
+    "WorldConfigError",
+    "has_lifecycle",
+]
 
 
 class Mode:
@@ -93,9 +104,15 @@ _EVENT = "event_pending"  # a user access whose exit has an event awaiting reinj
 _BLANK_VIEW = GuestView(privileged=False)
 
 
+class WorldConfigError(ValueError):
+    """A world that cannot be checked; the one-line message names the ``apfsim check`` flag
+    (or the field) and what is allowed."""
+
+
 @dataclass(frozen=True)
 class WorldConfig:
-    """The world's size and what it may do; the defaults are the acceptance world."""
+    """The world's size and what it may do; the defaults are the acceptance world. A bad
+    value raises :class:`WorldConfigError` (the message ``apfsim check`` prints)."""
 
     protocol: str
     vcpus: int = 2
@@ -114,6 +131,51 @@ class WorldConfig:
     idle_tick: bool = False  # the tick keeps running in idle (no NO_HZ_IDLE)
     preempt: bool = True  # CONFIG_PREEMPT: kernel code is preempted on IRQ return
     mutant: str | None = None
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> WorldConfigError:
+            return WorldConfigError(one_line(message))
+
+        if self.mutant is not None:
+            m = MUTANTS.get(self.mutant)
+            if m is None:
+                raise fail(
+                    f"--mutant: unknown {self.mutant!r}; known: {', '.join(MUTANTS)}"
+                    f"{did_you_mean(self.mutant, MUTANTS)}"
+                )
+            if self.protocol != m.protocol and self.protocol not in m.also:
+                raise fail(f"--mutant: {m.name} is a bug of {m.protocol}, not of {self.protocol}")
+        if self.protocol not in PROTOCOLS:
+            raise fail(
+                f"PROTOCOL: unknown {self.protocol!r}; known: {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(self.protocol, PROTOCOLS)}"
+            )
+        for name in ("vcpus", "tasks", "pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4:
+                raise fail(f"--{name}: must be 1 to 4 in a checked world (got {value!r})")
+        if not self.modes:
+            raise fail(f"--modes: give at least one of {', '.join(MODES)}")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise fail(
+                    f"--modes: unknown {mode!r}; known: {', '.join(MODES)}"
+                    f"{did_you_mean(mode, MODES)}"
+                )
+        if not isinstance(self.hotplug, int) or not 0 <= self.hotplug <= 2:
+            raise fail(f"--hotplug: must be 0 to 2 (got {self.hotplug!r})")
+        if self.placement not in ("spread", "one"):
+            raise fail(f"placement: 'spread' or 'one' (got {self.placement!r})")
+        if self.token_id_bits is not None and not (
+            isinstance(self.token_id_bits, int) and self.token_id_bits >= 1
+        ):
+            raise fail(f"token_id_bits: None or at least 1 (got {self.token_id_bits!r})")
+        if (self.hotplug or self.reboot) and not variant(self.protocol).lifecycle:
+            with_hooks = ", ".join(p for p, v in PROTOCOLS.items() if v.lifecycle)
+            raise fail(
+                f"--hotplug/--reboot: {self.protocol}'s guest driver models no CPU hotplug or "
+                f"reboot callbacks; use one of {with_hooks}"
+            )
 
 
 class Script:

@@ -45,6 +45,7 @@ from apfsim.scenario import (
     MAX_DURATION_S,
     Scenario,
     ScenarioError,
+    did_you_mean,
     load_scenario,
     one_line,
     parse_toml,
@@ -255,8 +256,9 @@ def load_sweep(name_or_path: str | Path) -> SweepSpec:
             text = path.read_text(encoding="utf-8")
         except (FileNotFoundError, NotADirectoryError):
             known = ", ".join(builtin_sweeps())
+            hint = did_you_mean(str(name_or_path), _builtin_names())
             raise SweepError(
-                f"{source}: no such sweep file or built-in sweep (built-in: {known})"
+                f"{source}: no such sweep file or built-in sweep (built-in: {known}){hint}"
             ) from None
         except (OSError, ValueError) as err:  # ValueError: not UTF-8, a NUL in the name
             reason = err.strerror if isinstance(err, OSError) and err.strerror else err
@@ -373,7 +375,11 @@ def parse_sweep(data: dict[str, Any], source: str, base_dir: Path = Path(".")) -
     """Validate ``data``, count its runs, and check every point's scenario once."""
     unknown = sorted(set(data) - _KEYS)
     if unknown:
-        raise _fail(source, unknown[0], f"unknown key; allowed: {', '.join(sorted(_KEYS))}")
+        raise _fail(
+            source,
+            unknown[0],
+            f"unknown key; allowed: {', '.join(sorted(_KEYS))}{did_you_mean(unknown[0], _KEYS)}",
+        )
     name = data.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise _fail(source, "name", f"must be a non-empty string (got {short_repr(name)})")
@@ -405,7 +411,8 @@ def parse_sweep(data: dict[str, Any], source: str, base_dir: Path = Path(".")) -
             raise _fail(
                 source,
                 "protocols",
-                f"unknown protocol {short_repr(p)}; choose from {', '.join(PROTOCOLS)}",
+                f"unknown protocol {short_repr(p)}; choose from {', '.join(PROTOCOLS)}"
+                f"{did_you_mean(p, PROTOCOLS)}",
             )
     if len(set(protocols)) != len(protocols):
         raise _fail(source, "protocols", "each protocol may be given once")

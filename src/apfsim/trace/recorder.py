@@ -16,6 +16,7 @@ where the kernel emits them:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ import apfsim.trace.formats as formats
 from apfsim.guest.sched import CfsRq, Task, TaskState
 from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
+from apfsim.scenario import MAX_DURATION_S, one_line, short_repr
 from apfsim.trace.chrome import ChromeTraceWriter, json_str
 from apfsim.trace.formats import ExitReason, c_hex
 from apfsim.trace.output import TraceFile, TraceWriteError
@@ -33,7 +35,14 @@ if TYPE_CHECKING:
     from apfsim.guest.context import GuestContext
     from apfsim.simulation import Simulation
 
-__all__ = ["TraceOptions", "TraceRecorder", "TraceWriteError", "TracedClock"]
+__all__ = [
+    "OPEN_END_NS",
+    "TraceOptions",
+    "TraceOptionsError",
+    "TraceRecorder",
+    "TraceWriteError",
+    "TracedClock",
+]
 
 # Chrome trace processes.
 PID_VCPUS, PID_TASKS, PID_HOST = 1, 2, 3
@@ -64,22 +73,108 @@ _REPEATED = json_str("repeated fault")
 MAX_PENDING_FLOWS = 8192
 
 
+OPEN_END_NS = 1 << 62  # a window without an END
+_MAX_START_NS = round(MAX_DURATION_S * 1e9)
+
+
+class TraceOptionsError(ValueError):
+    """Tracing options that cannot be used; the one-line message names the flag (as
+    ``apfsim run`` prints it) and what is allowed."""
+
+
+def _window_text(window: tuple[int, int]) -> str:
+    """``(30e9, 31e9)`` -> ``"30:31"``; an open end is left empty (``"30:"``)."""
+    start, end = window
+    return f"{start / 1e9:g}:" + ("" if end >= OPEN_END_NS else f"{end / 1e9:g}")
+
+
 @dataclass(frozen=True, slots=True)
 class TraceOptions:
     """Where to write (a Chrome/Perfetto JSON file, a kernel-format text file, or both),
     the window ``[start_ns, end_ns)`` of simulated time to keep, and the text's layout:
     µs timestamps as ``trace-cmd report`` prints them (``ftrace_ns``: ns, as ``-t``) and
-    the kernel version whose x86 ``kvm_entry``/``kvm_exit`` fields to write."""
+    the kernel version whose x86 ``kvm_entry``/``kvm_exit`` fields to write. Options that
+    cannot be used raise :class:`TraceOptionsError` (the message ``apfsim run`` prints)."""
 
     chrome: Path | None = None
     ftrace: Path | None = None
-    window: tuple[int, int] = (0, 1 << 62)
+    window: tuple[int, int] = (0, OPEN_END_NS)
     ftrace_ns: bool = False
     kernel: tuple[int, int] = formats.KERNEL_DEFAULT
+
+    def __post_init__(self) -> None:
+        start, end = self.window
+        if not 0 <= start < end or start > _MAX_START_NS:
+            raise TraceOptionsError(
+                f"--trace-window: need 0 <= START < END (got {_window_text(self.window)})"
+            )
+        if not self.enabled and self.window != (0, OPEN_END_NS):
+            raise TraceOptionsError("--trace-window: give --trace or --ftrace too")
+        if self.ftrace is None and (self.ftrace_ns or self.kernel != formats.KERNEL_DEFAULT):
+            flag = "--ftrace-ns" if self.ftrace_ns else "--ftrace-kernel"
+            raise TraceOptionsError(f"{flag}: give --ftrace too")
+        try:
+            formats.parse_kernel(".".join(map(str, self.kernel)))
+        except ValueError as err:
+            raise TraceOptionsError(f"--ftrace-kernel: {err}") from None
+
+    @classmethod
+    def from_flags(
+        cls,
+        chrome: Path | None = None,
+        ftrace: Path | None = None,
+        window: str | None = None,
+        ftrace_ns: bool = False,
+        kernel: str | None = None,
+    ) -> TraceOptions:
+        """The options of ``apfsim run``'s flags: ``window`` as ``START:END`` in simulated
+        seconds (either side may be empty), ``kernel`` as ``6.1``."""
+        if ftrace is None and (ftrace_ns or kernel is not None):
+            flag = "--ftrace-ns" if ftrace_ns else "--ftrace-kernel"
+            raise TraceOptionsError(f"{flag}: give --ftrace too")
+        if chrome is None and ftrace is None and window is not None:
+            raise TraceOptionsError("--trace-window: give --trace or --ftrace too")
+        layout = formats.KERNEL_DEFAULT
+        if kernel is not None:
+            try:
+                layout = formats.parse_kernel(kernel)
+            except ValueError as err:
+                raise TraceOptionsError(f"--ftrace-kernel: {err}") from None
+        span = (0, OPEN_END_NS) if window is None else cls.parse_window(window)
+        return cls(chrome, ftrace, span, ftrace_ns, layout)
+
+    @staticmethod
+    def parse_window(text: str) -> tuple[int, int]:
+        """``"30:31"`` -> ``(30e9, 31e9)`` ns, ``"30:"`` -> ``(30e9, OPEN_END_NS)``."""
+        start_text, sep, end_text = text.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            start = float(start_text) if start_text.strip() else 0.0
+            end = float(end_text) if end_text.strip() else math.inf
+        except ValueError:
+            raise TraceOptionsError(
+                "--trace-window: expected START:END in simulated seconds, like 30:31 or 30: "
+                f"(got {short_repr(text)})"
+            ) from None
+        bad_end = end_text.strip() and not math.isfinite(end)  # an empty END is open
+        if not (math.isfinite(start) and 0 <= start <= MAX_DURATION_S) or bad_end:
+            raise TraceOptionsError(f"--trace-window: need 0 <= START < END (got {one_line(text)})")
+        return round(start * 1e9), round(min(end * 1e9, OPEN_END_NS))
 
     @property
     def enabled(self) -> bool:
         return self.chrome is not None or self.ftrace is not None
+
+    def check_duration(self, duration_s: float) -> None:
+        """Refuse a window that starts at or after the run's end: its trace would be empty."""
+        start_s = self.window[0] / 1e9
+        if self.enabled and start_s >= duration_s:
+            raise TraceOptionsError(
+                f"--trace-window: starts at {start_s:g} s but the run lasts {duration_s:g} s "
+                f"(--duration or the scenario's duration_s); give a window within "
+                f"0:{duration_s:g}"
+            )
 
     def for_run(self, protocol: str, seed: int | None = None) -> TraceOptions:
         """The files of one run among several: ``t.json`` -> ``t.x86.json`` (and
