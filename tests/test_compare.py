@@ -101,6 +101,8 @@ def test_protocol_takes_comma_lists_and_repeats(
         (["-p", "sync", "--jobs", "0"], ["--jobs", "got 0"]),
         (["-p", "sync", "--duration", "0"], ["--duration"]),
         (["-p", "sync", "--seeds", "many"], ["--seeds"]),
+        (["-p", "sync", "--executor", "proces"], ["--executor", "did you mean 'process'?"]),
+        (["-p", "sync", "--scheduler", "tcp://x:1"], ["--scheduler", "only with --executor dask"]),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(

@@ -19,7 +19,7 @@ from apfsim.report.data import ReportData
 from apfsim.report.render import format_estimate
 from apfsim.scenario import load_scenario
 from apfsim.stats import Estimate
-from apfsim.sweep.report import SweepInfo, aggregate_runs
+from apfsim.sweep.report import SweepInfo, SweepReportError, aggregate_runs, choose_metric
 from apfsim.sweep.store import StoredRun
 
 PLOTTING = all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2"))
@@ -288,3 +288,18 @@ def test_speedup_figure_says_when_n_is_too_small(data: ReportData) -> None:
     caption = _speedup(fig, replace(data, ratios=wide))
     assert "n = 2 seeds is small" in fig.axes[0].get_title()
     assert "n = 2 seeds is small" in caption
+
+
+def test_sweep_report_names_the_closest_axis_protocol_and_metric() -> None:
+    """Unknown names in sweep-report's --by, --baseline and --metric end with a "did you
+    mean" (issue 15)."""
+    agg = fake_sweep({(100, "sync", 0): 1.0, (100, "x86", 0): 2.0})
+    info, runs = agg.info, list(agg.runs)
+    with pytest.raises(SweepReportError, match=r"did you mean 'host\.swap\.mean_us'\?$"):
+        aggregate_runs(info, runs, by=["host.swap.mean_usx"])
+    with pytest.raises(SweepReportError, match=r"did you mean 'x86'\?$"):
+        aggregate_runs(info, runs, baseline="x68")
+    with pytest.raises(SweepReportError, match=r"did you mean 'kind\.compute\.work_rate'\?$"):
+        choose_metric(agg, "kind.compute.work_rat")
+    with pytest.raises(SweepReportError, match=r"it has: [^;]*$"):
+        choose_metric(agg, "nothing-like-it")

@@ -297,7 +297,10 @@ def _check_compare(
     if jobs is not None and jobs < 1:
         raise ScenarioError(f"--jobs: must be at least 1 (got {jobs})")
     if executor is not None and executor not in EXECUTORS:
-        raise ScenarioError(f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}")
+        raise ScenarioError(
+            f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
+            f"{did_you_mean(executor, EXECUTORS)}"
+        )
     if scheduler is not None and executor != "dask":
         raise ScenarioError("--scheduler: only with --executor dask")
 

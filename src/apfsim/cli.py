@@ -766,7 +766,10 @@ def sweep_command(
 ) -> None:
     """Run a parameter sweep into SQLite, skipping runs already stored."""
     if executor not in EXECUTORS:
-        raise _fail(f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}")
+        raise _fail(
+            f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
+            f"{did_you_mean(executor, EXECUTORS)}"
+        )
     if scheduler is not None and executor != "dask":
         raise _fail("--scheduler: only with --executor dask")
     if workers is not None and workers < 1:

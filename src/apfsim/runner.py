@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from apfsim.checking import InvariantViolation
 from apfsim.metrics.results import ProtocolResult
 from apfsim.pool import new_pool, stop_workers
-from apfsim.scenario import scenario_from_dict
+from apfsim.scenario import did_you_mean, scenario_from_dict
 from apfsim.simulation import Simulation
 from apfsim.trace.hooks import traced_simulation
 from apfsim.trace.recorder import TraceOptions, TraceWriteError
@@ -216,7 +216,10 @@ class Execution:
         run_progress: RunProgress | None = None,
     ) -> None:
         if executor not in EXECUTORS:
-            raise RunnerError(f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}")
+            raise RunnerError(
+                f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
+                f"{did_you_mean(executor, EXECUTORS)}"
+            )
         self.executor = executor
         self.workers = workers if workers is not None else default_jobs()
         self.scheduler = scheduler

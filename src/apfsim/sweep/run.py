@@ -25,6 +25,7 @@ from apfsim.runner import (
     RunnerError,
     execute_run,
 )
+from apfsim.scenario import did_you_mean
 from apfsim.sweep.spec import RunSpec, SweepSpec
 
 __all__ = [
@@ -91,7 +92,10 @@ def run_sweep(
     """Run every run of ``spec`` not yet in ``store``; returns what happened. With dask, a
     cluster without any worker for ``worker_timeout_s`` seconds is an error."""
     if executor not in EXECUTORS:
-        raise SweepError(f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}")
+        raise SweepError(
+            f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
+            f"{did_you_mean(executor, EXECUTORS)}"
+        )
     t0 = time.perf_counter()
     store.register(spec)
     done_keys = store.completed(spec.name)

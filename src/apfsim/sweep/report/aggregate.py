@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from apfsim.scenario import did_you_mean
 from apfsim.stats import Estimate, estimate, paired_ratios
 from apfsim.sweep.report.files import SweepInfo, SweepReportError, load_sweep_db
 from apfsim.sweep.store import StoredRun
@@ -84,6 +85,7 @@ def aggregate_runs(
             known = ", ".join(info.axes) if info.axes else "none (the sweep has no axis)"
             raise SweepReportError(
                 f"--by: {axis!r} is not an axis of sweep {info.name!r}; its axes: {known}"
+                f"{did_you_mean(axis, info.axes)}"
             )
     repeated = sorted({a for a in axes if axes.count(a) > 1})
     if repeated:
@@ -92,7 +94,7 @@ def aggregate_runs(
     if base not in info.protocols:
         raise SweepReportError(
             f"--baseline: {base!r} is not a protocol of sweep {info.name!r}; "
-            f"its protocols: {', '.join(info.protocols)}"
+            f"its protocols: {', '.join(info.protocols)}{did_you_mean(base, info.protocols)}"
         )
     if not runs:
         failed = info.counts.get("error", 0)
@@ -175,6 +177,6 @@ def choose_metric(agg: SweepAggregate, metric: str | None) -> str:
     if metric not in agg.metrics:
         raise SweepReportError(
             f"--metric: sweep {agg.info.name!r} has no metric {metric!r}; it has: "
-            f"{', '.join(agg.metrics)}"
+            f"{', '.join(agg.metrics)}{did_you_mean(metric, agg.metrics)}"
         )
     return metric

@@ -15,6 +15,7 @@ from typing import Any
 
 from apfsim.report.data import ReportError
 from apfsim.report.figures import require
+from apfsim.scenario import did_you_mean
 from apfsim.sweep.store import StoredRun, StoreError, SweepStore
 
 OUTPUT_SUFFIXES = (".html", ".csv", ".parquet")
@@ -71,7 +72,8 @@ def load_sweep_db(db_path: Path, sweep: str | None = None) -> tuple[SweepInfo, l
                 sweep = names[0]
             if sweep not in names:
                 raise SweepReportError(
-                    f"--sweep: no sweep {sweep!r} in {str(db_path)!r}; it holds: {', '.join(names)}"
+                    f"--sweep: no sweep {sweep!r} in {str(db_path)!r}; it holds: "
+                    f"{', '.join(names)}{did_you_mean(sweep, names)}"
                 )
             r = sweeps[names.index(sweep)]
             spec = r["spec"]
