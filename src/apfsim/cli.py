@@ -98,6 +98,10 @@ _LINE_EVERY_S = 10.0  # off a terminal: one progress line this often
 DurationOption = Annotated[
     float | None, typer.Option(help="Simulated seconds (overrides the scenario).")
 ]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(help="dask scheduler ADDRESS (tcp://host:8786); none: a LocalCluster."),
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No table, no progress.")]
 NoCheckOption = Annotated[
     bool, typer.Option("--no-check", help="Do not check protocol invariants as it runs.")
@@ -509,10 +513,7 @@ def compare_command(
         str | None,
         typer.Option(help="serial, process or dask (default: process; serial with -j 1)."),
     ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(help="dask scheduler ADDRESS (tcp://host:8786); none: a LocalCluster."),
-    ] = None,
+    scheduler: SchedulerOption = None,
 ) -> None:
     """Run protocols on several seeds; mean ± 95 % CI and paired ratios to a baseline."""
     protocols = _split_protocols(protocol) if protocol else list(PROTOCOLS)
@@ -745,10 +746,7 @@ def sweep_command(
     executor: Annotated[
         str, typer.Option(help="serial, process (a local pool: default) or dask.")
     ] = "process",
-    scheduler: Annotated[
-        str | None,
-        typer.Option(help="dask scheduler ADDRESS (tcp://host:8786); none: a LocalCluster."),
-    ] = None,
+    scheduler: SchedulerOption = None,
     workers: Annotated[
         int | None, typer.Option(help="Worker processes (default: the usable CPUs).")
     ] = None,
