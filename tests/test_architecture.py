@@ -69,7 +69,7 @@ LAYERS: list[tuple[int, str]] = [
     (9, "apfsim.sweep.*"),
     (9, "apfsim.report.*"),
     # 10: entry points: the CLI, python -m apfsim, the top package
-    (10, "apfsim.cli"),
+    (10, "apfsim.cli.*"),
     (10, "apfsim.__main__"),
     (10, "apfsim"),
 ]

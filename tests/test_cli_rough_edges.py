@@ -117,8 +117,8 @@ def test_progress_lines_give_elapsed_time_and_eta(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr("apfsim.cli._PROGRESS_AFTER_S", 0.0)
-    monkeypatch.setattr("apfsim.cli._LINE_EVERY_S", 0.0)
+    monkeypatch.setattr("apfsim.cli.common._PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr("apfsim.cli.common._LINE_EVERY_S", 0.0)
     code, _, err = cli(args, capsys)
     assert code == 0, err
     lines = [line for line in err.splitlines() if "elapsed" in line]

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 import apfsim.api
-import apfsim.cli
+import apfsim.cli.catalog
+import apfsim.cli.explore
 import apfsim.runner
 from apfsim.check.search import CheckResult
 from apfsim.check.world import WorldConfig
@@ -110,7 +111,7 @@ def test_check_interrupted_prints_the_states_explored_so_far(
         kwargs["progress"](30_000, 8)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(apfsim.cli, "check", check)
+    monkeypatch.setattr(apfsim.cli.explore, "check", check)
     out = tmp_path / "check.json"
     code, stdout, stderr = cli(["check", "x86", "-q", "--json", str(out)], capsys)
     assert code == 130
@@ -129,7 +130,7 @@ def test_an_interrupt_no_command_handles_is_reported(
     def interrupted(*args: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(apfsim.cli, "load_scenario", interrupted)
+    monkeypatch.setattr(apfsim.cli.catalog, "load_scenario", interrupted)
     assert cli(["show", "natapov-2010"], capsys) == (130, "", "apfsim: interrupted\n")
 
 
