@@ -49,6 +49,7 @@ __all__ = [
     "MAX_DURATION_S",
     "CompareResult",
     "Interrupted",
+    "check_protocols",
     "compare",
     "compare_summary_table",
     "compare_table",
@@ -115,14 +116,7 @@ def run(
     several protocols, each protocol's files are tagged with its name."""
     sc = _resolve(scenario)
     _check_duration(duration_s)
-    for name in protocols:
-        if name not in PROTOCOLS:
-            raise ScenarioError(
-                f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
-                f"{did_you_mean(name, PROTOCOLS)}"
-            )
-    if len(set(protocols)) != len(protocols):
-        raise ScenarioError("--protocol: each protocol may be given once")
+    check_protocols(protocols)
     if trace is not None:
         trace.check_duration(sc.duration_s if duration_s is None else duration_s)
     scenario_dict = sc.model_dump(mode="json")
@@ -266,15 +260,9 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
     return table
 
 
-def _check_compare(
-    protocols: Sequence[str],
-    seeds: Sequence[int],
-    baseline: str,
-    jobs: int | None,
-    executor: str | None = None,
-    scheduler: str | None = None,
-) -> None:
-    """Raise :class:`ScenarioError` naming the CLI flag of the first bad argument."""
+def check_protocols(protocols: Sequence[str]) -> None:
+    """Raise :class:`ScenarioError` unless ``protocols`` names registered designs, each once
+    (the message names ``--protocol``: the CLI prints it as it is)."""
     if not protocols:
         raise ScenarioError(f"--protocol: give at least one; choose from {', '.join(PROTOCOLS)}")
     for name in protocols:
@@ -285,6 +273,18 @@ def _check_compare(
             )
     if len(set(protocols)) != len(protocols):
         raise ScenarioError("--protocol: each protocol may be given once")
+
+
+def _check_compare(
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    baseline: str,
+    jobs: int | None,
+    executor: str | None = None,
+    scheduler: str | None = None,
+) -> None:
+    """Raise :class:`ScenarioError` naming the CLI flag of the first bad argument."""
+    check_protocols(protocols)
     if baseline not in protocols:
         raise ScenarioError(
             f"--baseline: {baseline!r} is not among the protocols ({', '.join(protocols)}); "

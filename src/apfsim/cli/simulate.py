@@ -16,6 +16,7 @@ from apfsim.api import (
     DEFAULT_SEEDS,
     CompareResult,
     Interrupted,
+    check_protocols,
     compare,
     compare_summary_table,
     compare_table,
@@ -50,7 +51,6 @@ from apfsim.runner import RunnerError
 from apfsim.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,
-    did_you_mean,
     load_scenario,
 )
 from apfsim.simulation import InvariantViolation
@@ -86,14 +86,10 @@ def run_command(
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
     protocols = _split_protocols(protocol) if protocol else list(DEFAULT_PROTOCOLS)
-    for name in protocols:
-        if name not in PROTOCOLS:
-            raise _fail(
-                f"--protocol: unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}"
-                f"{did_you_mean(name, PROTOCOLS)}"
-            )
-    if len(set(protocols)) != len(protocols):
-        raise _fail("--protocol: each protocol may be given once")
+    try:
+        check_protocols(protocols)
+    except ScenarioError as err:
+        raise _fail(str(err)) from None
     if seed < 0:
         raise _fail(f"--seed: must be a non-negative integer (got {seed})")
     _check_duration_flag(duration)
