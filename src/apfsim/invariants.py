@@ -16,7 +16,7 @@ from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, WorkState
 from apfsim.ports import Broken, GuestProtocol, HostProtocol
 from apfsim.protocols.common import HostBase
 
-__all__ = ["INVARIANTS", "Broken", "check_guest", "check_vcpu"]
+__all__ = ["INVARIANTS", "Broken", "SleepLedger", "check_guest", "check_vcpu"]
 
 INVARIANTS: dict[str, str] = {
     "I1": "tokens of live items are unique per vCPU; x86: never 0 or ~0 (B9)",
@@ -115,3 +115,82 @@ def check_guest(guest: GuestProtocol, waiting: list[tuple[int, int]], all_done: 
     if dummies and all_done:
         return "I6", f"{dummies} dummy node(s) left in the sleep table: never consumed (leak)"
     return None
+
+
+class SleepLedger:
+    """I6's counts of the guest driver's sleep records, kept as the driver links and
+    unlinks each one (its ``hlist_add_head`` / ``hlist_del_init`` on the sleep lists, the
+    s390 ``list_add`` / ``list_del`` on ``pfault_list``): an :class:`~apfsim.ports.SleepLog`.
+
+    What :func:`check_guest` counts by walking every record, here at O(1) per change:
+    ``(scope, token)`` keys held by two records or more, dummies, records in the global scope,
+    and each ``(scope, task)``'s real (non-dummy) records. ``unlinked`` collects the tasks that
+    lost their last real record in a scope since the checker last cleared it."""
+
+    __slots__ = (
+        "_per_task",
+        "_per_token",
+        "dummies",
+        "global_nodes",
+        "nodes",
+        "shared_tokens",
+        "unlinked",
+    )
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.global_nodes = 0
+        self.dummies = 0
+        self.shared_tokens = 0
+        self._per_token: dict[tuple[int, int], int] = {}
+        self._per_task: dict[tuple[int, int], int] = {}
+        self.unlinked: set[int] = set()
+
+    def node_added(self, scope: int, task: int, token: int, dummy: bool) -> None:
+        key = (scope, token)
+        count = self._per_token.get(key, 0) + 1
+        self._per_token[key] = count
+        if count == 2:
+            self.shared_tokens += 1
+        self.nodes += 1
+        if scope < 0:
+            self.global_nodes += 1
+        if dummy:
+            self.dummies += 1
+            return
+        key = (scope, task)
+        self._per_task[key] = self._per_task.get(key, 0) + 1
+
+    def node_removed(self, scope: int, task: int, token: int, dummy: bool) -> None:
+        key = (scope, token)
+        count = self._per_token[key] - 1
+        if count:
+            self._per_token[key] = count
+            if count == 1:
+                self.shared_tokens -= 1
+        else:
+            del self._per_token[key]
+        self.nodes -= 1
+        if scope < 0:
+            self.global_nodes -= 1
+        if dummy:
+            self.dummies -= 1
+            return
+        key = (scope, task)
+        count = self._per_task[key] - 1
+        if count:
+            self._per_task[key] = count
+        else:
+            del self._per_task[key]
+            self.unlinked.add(task)
+
+    def has_node(self, task: int, cpu: int) -> bool:
+        """Whether ``task``, waiting on ``cpu``, has a real record where its page-ready
+        looks: the global table if the driver has one, else ``cpu``'s list (as
+        :func:`check_guest` decides)."""
+        return (-1 if self.global_nodes else cpu, task) in self._per_task
+
+    @property
+    def mixed(self) -> bool:
+        """Records both in the global scope and in per-CPU ones (no driver does that)."""
+        return 0 < self.global_nodes < self.nodes

@@ -335,6 +335,8 @@ class Vcpu:
             return
         self.mode = VcpuMode.BLOCKED
         self.block_halt = halt
+        if halt and self.checker is not None:
+            self.checker.vcpu_halted(self.index)
         category = TimeCategory.APF_HALT if halt else TimeCategory.IDLE
         self.clock.switch(category, self.engine.now)
 

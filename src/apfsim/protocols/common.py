@@ -48,6 +48,7 @@ from apfsim.ports import (
     KernelPort,
     PrefaultFn,
     SharedBlock,
+    SleepLog,
     SyncCause,
     WaitNode,
 )
@@ -362,6 +363,9 @@ class GuestBase:
     """A guest driver's call sites, as no-op hooks: a guest without the PV driver."""
 
     mutant: str | None = None
+    # The run's checker, told of every sleep record linked or unlinked; None in the model
+    # checker (not state: never set there) and with checks off.
+    sleep_log: SleepLog | None = None
 
     @classmethod
     def not_state(cls) -> tuple[str, ...]:
