@@ -28,13 +28,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import apfsim
+from apfsim.abi.x86 import WAKE_ALL_TOKEN
 from apfsim.checking import InvariantViolation, RunChecker
 from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest
 from apfsim.guest.kvm_apf_x86 import X86ApfGuest, X86SleepNode
 from apfsim.guest.kvm_apf_x86_legacy import X86LegacyApfGuest
 from apfsim.guest.kvm_pfault_s390 import S390PfaultGuest
 from apfsim.guest.sched import Task, TaskState
+from apfsim.host.async_pf import AsyncPf, WorkState
 from apfsim.host.vcpu import VcpuMode
+from apfsim.invariants import SleepLedger, _core, _queue_scan
 from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest
 from apfsim.registry import PROTOCOLS
 from apfsim.simulation import Simulation
@@ -358,7 +361,6 @@ def test_a_task_that_sleeps_after_its_wake_is_seen_by_both(
 def test_an_sdei_tag_overwritten_for_its_token_is_one_record() -> None:
     """``TIF_ASYNC_PF`` tags per token: a second tag replaces the first (what the ledger
     must count as one record unlinked and one linked)."""
-    from apfsim.invariants import SleepLedger
 
     class Port:
         def smp_send_reschedule(self, cpu: int) -> None:
@@ -374,3 +376,51 @@ def test_an_sdei_tag_overwritten_for_its_token_is_one_record() -> None:
     assert guest.wait_nodes() == [(0, 2, 7, False)]
     assert ledger.nodes == 1 and ledger.has_node(2, 0) and not ledger.has_node(1, 0)
     assert ledger.unlinked == {1}
+
+
+# -- I1/I2 on a one-item queue -----------------------------------------------------------------
+
+HOSTS = ["x86", "x86-legacy", "arm64-rfcv2", "arm64-sdei-ppi", "s390-pfault", "guest-initiated"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(HOSTS),
+    st.sampled_from(list(WorkState)),
+    st.sampled_from([0, 5, 0xFFFF_FFFF, WAKE_ALL_TOKEN]),
+    st.booleans(),
+    st.sampled_from([3, 7]),
+    st.sets(st.sampled_from([3, 7, 11])),
+    st.booleans(),
+)
+def test_the_one_item_path_of_the_lists_check_gets_the_scans_verdict(
+    protocol: str,
+    state: WorkState,
+    token: int,
+    wakeup_all: bool,
+    gfn: int,
+    hashed: set[int],
+    enabled: bool,
+) -> None:
+    """``_core``'s shortcut for a queue of one item against its item-by-item scan."""
+    host: Any = _hosts()[protocol]
+    apf, arch = host.apf[0], host.arch[0]
+    apf.queue[:] = [AsyncPf(0, gfn, token, wakeup_all=wakeup_all, state=state)]
+    apf.done.clear()
+    apf.queued = 1
+    arch.gfns.reset()
+    for g in sorted(hashed):
+        arch.gfns.add(g)
+    host.apf_on = lambda v: enabled  # the gate of the gfn check, either way
+    assert _core(host, 0) == _queue_scan(host, 0, apf.queue, arch.gfns)
+
+
+_HOSTS: dict[str, Any] = {}
+
+
+def _hosts() -> dict[str, Any]:
+    if not _HOSTS:
+        for protocol in HOSTS:
+            sim = Simulation(scenario(ARCH.get(protocol, "arm64"), 1, None, False), protocol, 1)
+            _HOSTS[protocol] = sim.host_protocol
+    return _HOSTS

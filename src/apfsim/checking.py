@@ -96,17 +96,29 @@ class RunChecker:
             if not self._apf_changed[vcpu]:
                 return
             self._apf_changed[vcpu] = False
-        self._raise_if(check_vcpu(self.host, vcpu, in_guest))
+        broken = check_vcpu(self.host, vcpu, in_guest)
+        if broken is not None:
+            self._raise_if(broken)
 
     def check_worker(self, vcpu: int, in_guest: bool) -> None:
         """After ``async_pf_execute``: the kick (I9) now; the lists at the vCPU's next entry."""
-        self._raise_if(check_vcpu(self.host, vcpu, in_guest, lists=False))
+        broken = self.host.check_arch(vcpu, in_guest)
+        if broken is not None:
+            self._raise_if(broken)
 
     def check_guest(self) -> None:
         """I6 at an APF handler: the full walk (:meth:`check_guest_scan`) runs only when
         :meth:`guest_suspect`, at the cost of what changed since the last check, finds that
         I6 may be broken (the walk then gives the report)."""
-        if self.guest_suspect():
+        ledger = self.ledger
+        if (
+            ledger.unlinked
+            or self._slept
+            or self._halted
+            or ledger.shared_tokens
+            or ledger.dummies
+            or 0 < ledger.global_nodes < ledger.nodes
+        ) and self.guest_suspect():
             self._raise_if(self.check_guest_scan())
 
     def check_guest_scan(self) -> Broken:
@@ -132,7 +144,7 @@ class RunChecker:
         if ledger.shared_tokens or (ledger.dummies and self._all_done()):
             return True
         unlinked, slept, halted = ledger.unlinked, self._slept, self._halted
-        if ledger.mixed:  # records in two scopes (no driver has them): the walk decides
+        if 0 < ledger.global_nodes < ledger.nodes:  # two scopes (no driver): the walk decides
             lost = self.check_guest_scan() is not None
         elif unlinked or slept or halted:
             lost = self._any_lost(unlinked, slept, halted)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from apfsim.abi.x86 import WAKE_ALL_TOKEN
-from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, WorkState
+from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, AsyncPf, WorkState
 from apfsim.ports import Broken, GuestProtocol, HostProtocol
-from apfsim.protocols.common import HostBase
+from apfsim.protocols.common import GfnHash, HostBase
 
 __all__ = ["INVARIANTS", "Broken", "SleepLedger", "check_guest", "check_vcpu"]
 
@@ -47,17 +47,36 @@ def check_vcpu(host: HostProtocol, v: int, in_guest: bool, lists: bool = True) -
 def _core(host: HostBase[Any], v: int) -> Broken:
     apf = host.apf[v]
     gfns = host.arch[v].gfns
-    if not apf.queued and not apf.queue and not apf.done:  # the common case, made cheap
+    queue = apf.queue
+    queued = apf.queued
+    if not queued and not queue and not apf.done:  # the common case, made cheap
         if gfns.used and host.apf_on(v):
             return "I2", f"vCPU{v}: gfns left in the hash with nothing queued"
         return None
-    queue = apf.queue
     wake_alls = 0
     for work in apf.done:
         if work.wakeup_all:
             wake_alls += 1
-    if apf.queued != len(queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
-        return "I2", f"vCPU{v}: queued={apf.queued} but {len(queue)} items queued"
+    if queued != len(queue) + wake_alls or queued > ASYNC_PF_PER_VCPU:
+        return "I2", f"vCPU{v}: queued={queued} but {len(queue)} items queued"
+    if len(queue) == 1:  # the next commonest: what follows, for one item
+        work = queue[0]
+        state = work.state
+        if state is not _RUNNING and state is not _DONE:
+            return "I2", f"vCPU{v}: a {state.value} item is still on the queue"
+        token = work.token
+        if token == WAKE_ALL_TOKEN or (token == 0 and host.reserved_token_zero):
+            return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
+        if (
+            gfns.used != 0 if work.wakeup_all else gfns.used != 1 or not gfns.find(work.gfn)
+        ) and host.apf_on(v):
+            return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
+        return None
+    return _queue_scan(host, v, queue, gfns)
+
+
+def _queue_scan(host: HostBase[Any], v: int, queue: list[AsyncPf], gfns: GfnHash) -> Broken:
+    """I1 and the queue's half of I2, item by item (``_core`` for any queue length)."""
     tokens = set()
     queued_gfns = set()
     for work in queue:
@@ -75,9 +94,9 @@ def _core(host: HostBase[Any], v: int) -> Broken:
             return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
     # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
     # gate is checked before the lookup, so they are never used).
-    if host.apf_on(v) and (
+    if (
         gfns.used != len(queued_gfns) or not all(gfns.find(g) for g in queued_gfns)
-    ):
+    ) and host.apf_on(v):
         return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
     return None
 
@@ -189,8 +208,3 @@ class SleepLedger:
         looks: the global table if the driver has one, else ``cpu``'s list (as
         :func:`check_guest` decides)."""
         return (-1 if self.global_nodes else cpu, task) in self._per_task
-
-    @property
-    def mixed(self) -> bool:
-        """Records both in the global scope and in per-CPU ones (no driver does that)."""
-        return 0 < self.global_nodes < self.nodes
