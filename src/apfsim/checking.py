@@ -61,7 +61,7 @@ class RunChecker:
         self.seed = seed
         self.vcpus: Sequence[Vcpu] = ()
         self.recent: deque[tuple[int, int, Any, int, Any]] = deque(maxlen=RECENT_EVENTS)
-        self._apf_changed: list[bool] = []
+        self._apf_changed: set[int] = set()  # vCPUs with an APF event since their last check
         # I6's bookkeeping: the driver reports its sleep records to the ledger; the run loop
         # reports tasks going to sleep and vCPUs blocking in a halt (what makes a task wait).
         self.ledger = SleepLedger()
@@ -78,12 +78,11 @@ class RunChecker:
         """Remember a protocol event for the report of a later violation; a label from a
         table (``what[key]``) is looked up only if that report is written."""
         self.recent.append((self.engine.now, vcpu, what, value, key))
-        if vcpu < len(self._apf_changed):
-            self._apf_changed[vcpu] = True
+        self._apf_changed.add(vcpu)
 
     def attach(self, vcpus: Sequence[Vcpu]) -> None:
         self.vcpus = vcpus
-        self._apf_changed = [True] * len(vcpus)
+        self._apf_changed = set(range(len(vcpus)))
         self._on_cpu = [[] for _ in vcpus]
         for task in self.tasks:  # the simulator pins each task to its CPU
             if 0 <= task.cpu < len(vcpus):
@@ -93,9 +92,10 @@ class RunChecker:
         """The host invariants of ``vcpu``; at an entry only if an APF event happened since
         the last entry check (ticks and minor faults change no APF state)."""
         if at_entry:
-            if not self._apf_changed[vcpu]:
+            changed = self._apf_changed
+            if vcpu not in changed:
                 return
-            self._apf_changed[vcpu] = False
+            changed.discard(vcpu)
         broken = check_vcpu(self.host, vcpu, in_guest)
         if broken is not None:
             self._raise_if(broken)
