@@ -107,6 +107,10 @@ class GfnHash:
         return key
 
     def find(self, gfn: int) -> bool:
+        """``kvm_find_async_pf_gfn``. NOTE: the first probe is tried before ``_slot``'s
+        loop, for performance (the invariant check asks at every entry with an item)."""
+        if self.slots[hash_32(gfn & 0xFFFF_FFFF, 6)] == gfn:
+            return True
         return self.slots[self._slot(gfn)] == gfn
 
     def delete(self, gfn: int) -> None:
