@@ -27,7 +27,7 @@ __all__ = ["RECENT_EVENTS", "InvariantViolation", "RunChecker"]
 RECENT_EVENTS = 16
 
 _DONE, _SLEEPING, _HALTED = TaskState.DONE, TaskState.SLEEPING_APF, TaskState.HALTED_APF
-_BLOCKED = VcpuMode.BLOCKED
+_BLOCKED, _GUEST = VcpuMode.BLOCKED, VcpuMode.GUEST
 
 
 # An exception: a Python class even in the compiled build (mypyc compiles no subclass of a
@@ -88,17 +88,21 @@ class RunChecker:
             if 0 <= task.cpu < len(vcpus):
                 self._on_cpu[task.cpu].append(task)
 
-    def check_vcpu(self, vcpu: int, in_guest: bool, at_entry: bool = False) -> None:
-        """The host invariants of ``vcpu``; at an entry only if an APF event happened since
-        the last entry check (ticks and minor faults change no APF state)."""
-        if at_entry:
-            changed = self._apf_changed
-            if vcpu not in changed:
-                return
-            changed.discard(vcpu)
+    def check_vcpu(self, vcpu: int, in_guest: bool) -> None:
+        """The host invariants of ``vcpu`` (``in_guest``: it runs guest code)."""
         broken = check_vcpu(self.host, vcpu, in_guest)
         if broken is not None:
             self._raise_if(broken)
+
+    def check_entry(self, vcpu: int) -> None:
+        """At an entry, the host invariants of ``vcpu`` only if an APF event happened since
+        its last entry check (ticks and minor faults change no APF state)."""
+        changed = self._apf_changed
+        if vcpu in changed:
+            changed.discard(vcpu)
+            broken = check_vcpu(self.host, vcpu, self.vcpus[vcpu].mode == _GUEST)
+            if broken is not None:
+                self._raise_if(broken)
 
     def check_worker(self, vcpu: int, in_guest: bool) -> None:
         """After ``async_pf_execute``: the kick (I9) now; the lists at the vCPU's next entry."""

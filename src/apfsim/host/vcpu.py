@@ -195,7 +195,7 @@ class Vcpu:
             # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
             self.exit_async()
         if self.checker is not None:
-            self.checker.check_vcpu(self.index, self.mode == VcpuMode.GUEST, at_entry=True)
+            self.checker.check_entry(self.index)
 
     def exit_for_guest_call(
         self, exits: int, handling_ns: int, ctx: GuestContext | None = None
