@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 import apfsim
 from apfsim.abi.x86 import WAKE_ALL_TOKEN
+from apfsim.check.mutants import MUTANTS
 from apfsim.checking import InvariantViolation, RunChecker
 from apfsim.guest.kvm_apf_arm64 import Arm64ApfGuest
 from apfsim.guest.kvm_apf_x86 import X86ApfGuest, X86SleepNode
@@ -138,6 +139,27 @@ def test_the_ledger_agrees_with_the_walk_in_every_protocol(
                 run(protocol, vcpus, kernel_mode, seed, 0.03 if fast else 0.15, fast)
     if protocol not in ("sync", "halt-only"):
         assert tally.points > 50 and tally.waiting > 0
+
+
+def _mutants() -> list[Any]:
+    return [
+        pytest.param(name, protocol, id=f"{name}-{protocol}")
+        for name, m in MUTANTS.items()
+        for protocol in (m.protocol, *m.also)
+    ]
+
+
+@pytest.mark.parametrize(("mutant", "protocol"), _mutants())
+def test_the_ledger_agrees_with_the_walk_under_every_mutant(
+    monkeypatch: pytest.MonkeyPatch, mutant: str, protocol: str
+) -> None:
+    """The checker's mutants (none of which breaks I6 itself) run in the simulator."""
+    with cross_checked(monkeypatch) as tally:
+        sim = Simulation(scenario(ARCH.get(protocol, "arm64"), 2, None, True), protocol, 4)
+        sim.host_protocol.mutant = sim.guest_protocol.mutant = mutant
+        with suppress(InvariantViolation):
+            sim.run(0.02)
+    assert tally.points > 0
 
 
 # -- seeded I6 bugs ------------------------------------------------------------------------
