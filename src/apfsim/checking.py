@@ -16,7 +16,7 @@ from mypy_extensions import mypyc_attr
 
 from apfsim.guest.sched import Task, TaskState
 from apfsim.host.vcpu import VcpuMode
-from apfsim.invariants import INVARIANTS, check_guest, check_vcpu
+from apfsim.invariants import INVARIANTS, SleepLedger, check_guest, check_vcpu
 from apfsim.ports import Broken, Clock, GuestProtocol, HostProtocol
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ __all__ = ["RECENT_EVENTS", "InvariantViolation", "RunChecker"]
 RECENT_EVENTS = 16
 
 _DONE, _SLEEPING, _HALTED = TaskState.DONE, TaskState.SLEEPING_APF, TaskState.HALTED_APF
-_BLOCKED = VcpuMode.BLOCKED
+_BLOCKED, _GUEST = VcpuMode.BLOCKED, VcpuMode.GUEST
 
 
 # An exception: a Python class even in the compiled build (mypyc compiles no subclass of a
@@ -61,33 +61,73 @@ class RunChecker:
         self.seed = seed
         self.vcpus: Sequence[Vcpu] = ()
         self.recent: deque[tuple[int, int, Any, int, Any]] = deque(maxlen=RECENT_EVENTS)
-        self._apf_changed: list[bool] = []
+        self._apf_changed: set[int] = set()  # vCPUs with an APF event since their last check
+        # I6's bookkeeping: the driver reports its sleep records to the ledger; the run loop
+        # reports tasks going to sleep and vCPUs blocking in a halt (what makes a task wait).
+        self.ledger = SleepLedger()
+        for scope, task, token, dummy in guest.wait_nodes():
+            self.ledger.node_added(scope, task, token, dummy)
+        guest.sleep_log = self.ledger
+        self._by_tid = {t.tid: t for t in tasks}
+        self._on_cpu: list[list[Task]] = []
+        self._slept: set[int] = set()
+        self._halted: set[int] = set()
+        self._done_prefix = 0  # tasks[:_done_prefix] are DONE (a task never leaves DONE)
 
     def note(self, vcpu: int, what: Any, value: int, key: Any = None) -> None:
         """Remember a protocol event for the report of a later violation; a label from a
         table (``what[key]``) is looked up only if that report is written."""
         self.recent.append((self.engine.now, vcpu, what, value, key))
-        if vcpu < len(self._apf_changed):
-            self._apf_changed[vcpu] = True
+        self._apf_changed.add(vcpu)
 
     def attach(self, vcpus: Sequence[Vcpu]) -> None:
         self.vcpus = vcpus
-        self._apf_changed = [True] * len(vcpus)
+        self._apf_changed = set(range(len(vcpus)))
+        self._on_cpu = [[] for _ in vcpus]
+        for task in self.tasks:  # the simulator pins each task to its CPU
+            if 0 <= task.cpu < len(vcpus):
+                self._on_cpu[task.cpu].append(task)
 
-    def check_vcpu(self, vcpu: int, in_guest: bool, at_entry: bool = False) -> None:
-        """The host invariants of ``vcpu``; at an entry only if an APF event happened since
-        the last entry check (ticks and minor faults change no APF state)."""
-        if at_entry:
-            if not self._apf_changed[vcpu]:
-                return
-            self._apf_changed[vcpu] = False
-        self._raise_if(check_vcpu(self.host, vcpu, in_guest))
+    def check_vcpu(self, vcpu: int, in_guest: bool) -> None:
+        """The host invariants of ``vcpu`` (``in_guest``: it runs guest code)."""
+        broken = check_vcpu(self.host, vcpu, in_guest)
+        if broken is not None:
+            self._raise_if(broken)
+
+    def check_entry(self, vcpu: int) -> None:
+        """At an entry, the host invariants of ``vcpu`` only if an APF event happened since
+        its last entry check (ticks and minor faults change no APF state)."""
+        changed = self._apf_changed
+        if vcpu in changed:
+            changed.discard(vcpu)
+            broken = check_vcpu(self.host, vcpu, self.vcpus[vcpu].mode == _GUEST)
+            if broken is not None:
+                self._raise_if(broken)
 
     def check_worker(self, vcpu: int, in_guest: bool) -> None:
         """After ``async_pf_execute``: the kick (I9) now; the lists at the vCPU's next entry."""
-        self._raise_if(check_vcpu(self.host, vcpu, in_guest, lists=False))
+        broken = self.host.check_arch(vcpu, in_guest)
+        if broken is not None:
+            self._raise_if(broken)
 
     def check_guest(self) -> None:
+        """I6 at an APF handler: the full walk (:meth:`check_guest_scan`) runs only when
+        :meth:`guest_suspect`, at the cost of what changed since the last check, finds that
+        I6 may be broken (the walk then gives the report)."""
+        ledger = self.ledger
+        if (
+            ledger.unlinked
+            or self._slept
+            or self._halted
+            or ledger.shared_tokens
+            or ledger.dummies
+            or 0 < ledger.global_nodes < ledger.nodes
+        ) and self.guest_suspect():
+            self._raise_if(self.check_guest_scan())
+
+    def check_guest_scan(self) -> Broken:
+        """I6 by walking every task and every sleep record (:func:`check_guest`): the
+        reference that :meth:`guest_suspect` must agree with."""
         waiting = []
         all_done = True
         for t in self.tasks:
@@ -96,9 +136,66 @@ class RunChecker:
                 all_done = False
                 if state is _SLEEPING or (state is _HALTED and self._in_hlt(t.cpu)):
                     waiting.append((t.tid, t.cpu))
-        broken = check_guest(self.guest, waiting, all_done)
-        if broken is not None:
-            self._raise_if(broken)
+        return check_guest(self.guest, waiting, all_done)
+
+    def guest_suspect(self) -> bool:
+        """Whether :meth:`check_guest_scan` would report I6 broken, from the ledger's counts
+        and the tasks that may have started to wait without a record since the last check:
+        those that lost their last record (``hlist_del_init`` by ``apf_task_wake_one`` or
+        its kin), went to sleep, or sit on a vCPU that blocked in a halt. Every other task
+        kept what it had when the last check passed. Clears those sets when it says no."""
+        ledger = self.ledger
+        if ledger.shared_tokens or (ledger.dummies and self._all_done()):
+            return True
+        unlinked, slept, halted = ledger.unlinked, self._slept, self._halted
+        if 0 < ledger.global_nodes < ledger.nodes:  # two scopes (no driver): the walk decides
+            lost = self.check_guest_scan() is not None
+        elif unlinked or slept or halted:
+            lost = self._any_lost(unlinked, slept, halted)
+        else:
+            return False
+        if lost:
+            return True
+        unlinked.clear()
+        slept.clear()
+        halted.clear()
+        return False
+
+    def _any_lost(self, unlinked: set[int], slept: set[int], halted: set[int]) -> bool:
+        by_tid = self._by_tid
+        for tid in unlinked:
+            task = by_tid.get(tid)
+            if task is not None and self._lost(task):
+                return True
+        for tid in slept:
+            if self._lost(by_tid[tid]):
+                return True
+        for cpu in halted:
+            for task in self._on_cpu[cpu]:
+                if self._lost(task):
+                    return True
+        return False
+
+    def _lost(self, task: Task) -> bool:
+        """``task`` waits in I6's sense with no record its page-ready can find."""
+        state = task.state
+        if state is _SLEEPING or (state is _HALTED and self._in_hlt(task.cpu)):
+            return not self.ledger.has_node(task.tid, task.cpu)
+        return False
+
+    def _all_done(self) -> bool:
+        tasks = self.tasks
+        i = self._done_prefix
+        while i < len(tasks) and tasks[i].state is _DONE:
+            i += 1
+        self._done_prefix = i
+        return i == len(tasks)
+
+    def task_slept(self, task: int) -> None:
+        self._slept.add(task)
+
+    def vcpu_halted(self, vcpu: int) -> None:
+        self._halted.add(vcpu)
 
     def _in_hlt(self, cpu: int) -> bool:
         """Whether the halted waiter on ``cpu`` sits in the HLT itself (its vCPU blocked).

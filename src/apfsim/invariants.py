@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from apfsim.abi.x86 import WAKE_ALL_TOKEN
-from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, WorkState
+from apfsim.host.async_pf import ASYNC_PF_PER_VCPU, AsyncPf, WorkState
 from apfsim.ports import Broken, GuestProtocol, HostProtocol
-from apfsim.protocols.common import HostBase
+from apfsim.protocols.common import GfnHash, HostBase
 
-__all__ = ["INVARIANTS", "Broken", "check_guest", "check_vcpu"]
+__all__ = ["INVARIANTS", "Broken", "SleepLedger", "check_guest", "check_vcpu"]
 
 INVARIANTS: dict[str, str] = {
     "I1": "tokens of live items are unique per vCPU; x86: never 0 or ~0 (B9)",
@@ -47,17 +47,36 @@ def check_vcpu(host: HostProtocol, v: int, in_guest: bool, lists: bool = True) -
 def _core(host: HostBase[Any], v: int) -> Broken:
     apf = host.apf[v]
     gfns = host.arch[v].gfns
-    if not apf.queued and not apf.queue and not apf.done:  # the common case, made cheap
+    queue = apf.queue
+    queued = apf.queued
+    if not queued and not queue and not apf.done:  # the common case, made cheap
         if gfns.used and host.apf_on(v):
             return "I2", f"vCPU{v}: gfns left in the hash with nothing queued"
         return None
-    queue = apf.queue
     wake_alls = 0
     for work in apf.done:
         if work.wakeup_all:
             wake_alls += 1
-    if apf.queued != len(queue) + wake_alls or apf.queued > ASYNC_PF_PER_VCPU:
-        return "I2", f"vCPU{v}: queued={apf.queued} but {len(queue)} items queued"
+    if queued != len(queue) + wake_alls or queued > ASYNC_PF_PER_VCPU:
+        return "I2", f"vCPU{v}: queued={queued} but {len(queue)} items queued"
+    if len(queue) == 1:  # the next commonest: what follows, for one item
+        work = queue[0]
+        state = work.state
+        if state is not _RUNNING and state is not _DONE:
+            return "I2", f"vCPU{v}: a {state.value} item is still on the queue"
+        token = work.token
+        if token == WAKE_ALL_TOKEN or (token == 0 and host.reserved_token_zero):
+            return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
+        if (
+            gfns.used != 0 if work.wakeup_all else gfns.used != 1 or not gfns.find(work.gfn)
+        ) and host.apf_on(v):
+            return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
+        return None
+    return _queue_scan(host, v, queue, gfns)
+
+
+def _queue_scan(host: HostBase[Any], v: int, queue: list[AsyncPf], gfns: GfnHash) -> Broken:
+    """I1 and the queue's half of I2, item by item (``_core`` for any queue length)."""
     tokens = set()
     queued_gfns = set()
     for work in queue:
@@ -75,9 +94,9 @@ def _core(host: HostBase[Any], v: int) -> Broken:
             return "I1", f"vCPU{v}: live item with token {token:#x} (reserved value)"
     # While disabled, RFCv2 keeps stale gfns until the next enable resets the hash (the
     # gate is checked before the lookup, so they are never used).
-    if host.apf_on(v) and (
+    if (
         gfns.used != len(queued_gfns) or not all(gfns.find(g) for g in queued_gfns)
-    ):
+    ) and host.apf_on(v):
         return "I2", f"vCPU{v}: the gfn hash and the queue disagree"
     return None
 
@@ -115,3 +134,77 @@ def check_guest(guest: GuestProtocol, waiting: list[tuple[int, int]], all_done: 
     if dummies and all_done:
         return "I6", f"{dummies} dummy node(s) left in the sleep table: never consumed (leak)"
     return None
+
+
+class SleepLedger:
+    """I6's counts of the guest driver's sleep records, kept as the driver links and
+    unlinks each one (its ``hlist_add_head`` / ``hlist_del_init`` on the sleep lists, the
+    s390 ``list_add`` / ``list_del`` on ``pfault_list``): an :class:`~apfsim.ports.SleepLog`.
+
+    What :func:`check_guest` counts by walking every record, here at O(1) per change:
+    ``(scope, token)`` keys held by two records or more, dummies, records in the global scope,
+    and each ``(scope, task)``'s real (non-dummy) records. ``unlinked`` collects the tasks that
+    lost their last real record in a scope since the checker last cleared it."""
+
+    __slots__ = (
+        "_per_task",
+        "_per_token",
+        "dummies",
+        "global_nodes",
+        "nodes",
+        "shared_tokens",
+        "unlinked",
+    )
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.global_nodes = 0
+        self.dummies = 0
+        self.shared_tokens = 0
+        self._per_token: dict[tuple[int, int], int] = {}
+        self._per_task: dict[tuple[int, int], int] = {}
+        self.unlinked: set[int] = set()
+
+    def node_added(self, scope: int, task: int, token: int, dummy: bool) -> None:
+        key = (scope, token)
+        count = self._per_token.get(key, 0) + 1
+        self._per_token[key] = count
+        if count == 2:
+            self.shared_tokens += 1
+        self.nodes += 1
+        if scope < 0:
+            self.global_nodes += 1
+        if dummy:
+            self.dummies += 1
+            return
+        key = (scope, task)
+        self._per_task[key] = self._per_task.get(key, 0) + 1
+
+    def node_removed(self, scope: int, task: int, token: int, dummy: bool) -> None:
+        key = (scope, token)
+        count = self._per_token[key] - 1
+        if count:
+            self._per_token[key] = count
+            if count == 1:
+                self.shared_tokens -= 1
+        else:
+            del self._per_token[key]
+        self.nodes -= 1
+        if scope < 0:
+            self.global_nodes -= 1
+        if dummy:
+            self.dummies -= 1
+            return
+        key = (scope, task)
+        count = self._per_task[key] - 1
+        if count:
+            self._per_task[key] = count
+        else:
+            del self._per_task[key]
+            self.unlinked.add(task)
+
+    def has_node(self, task: int, cpu: int) -> bool:
+        """Whether ``task``, waiting on ``cpu``, has a real record where its page-ready
+        looks: the global table if the driver has one, else ``cpu``'s list (as
+        :func:`check_guest` decides)."""
+        return (-1 if self.global_nodes else cpu, task) in self._per_task

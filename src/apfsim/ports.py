@@ -48,6 +48,7 @@ __all__ = [
     "Probe",
     "RunCounters",
     "SharedBlock",
+    "SleepLog",
     "StartWorkerFn",
     "SyncCause",
     "VcpuSide",
@@ -236,6 +237,8 @@ class GuestProtocol(Protocol):
         """The per-CPU data blocks the guest registered with the host."""
         ...
 
+    sleep_log: SleepLog | None
+
     def wait_nodes(self) -> list[WaitNode]:
         """Every sleep record the driver holds (I6)."""
         ...
@@ -295,6 +298,19 @@ WaitNode = tuple[int, int, int, bool]
 is the CPU whose list holds it, or -1 for one global table (x86); ``task`` is -1 for the idle
 task. NOTE: a plain tuple, built by the driver's list comprehension, for performance (one
 per node at every APF handler's check)."""
+
+
+class SleepLog(Protocol):
+    """Told of each sleep record a guest driver links or unlinks, as it does it (the run's
+    invariant checker keeps I6's bookkeeping from it instead of walking every list)."""
+
+    def node_added(self, scope: int, task: int, token: int, dummy: bool) -> None:
+        """``hlist_add_head`` of a record, as :data:`WaitNode` fields."""
+        ...
+
+    def node_removed(self, scope: int, task: int, token: int, dummy: bool) -> None:
+        """``hlist_del_init`` of a record, as :data:`WaitNode` fields."""
+        ...
 
 
 Broken = tuple[str, str] | None
@@ -394,11 +410,24 @@ class Checker(Protocol):
         table of labels looked up only when a report is written."""
         ...
 
-    def check_vcpu(self, vcpu: int, in_guest: bool, at_entry: bool = False) -> None: ...
+    def check_vcpu(self, vcpu: int, in_guest: bool) -> None: ...
+
+    def check_entry(self, vcpu: int) -> None:
+        """``vcpu`` entered the guest (or tried to): its host invariants, if an APF event
+        happened since its last entry check."""
+        ...
 
     def check_worker(self, vcpu: int, in_guest: bool) -> None: ...
 
     def check_guest(self) -> None: ...
+
+    def task_slept(self, task: int) -> None:
+        """``task`` went to sleep in the APF wait (TASK_UNINTERRUPTIBLE, then schedule())."""
+        ...
+
+    def vcpu_halted(self, vcpu: int) -> None:
+        """``vcpu`` blocked in a guest HLT / WFI with its guest tick armed."""
+        ...
 
 
 class Probe(Protocol):

@@ -283,6 +283,8 @@ class GuestCpu(CpuState):
 
     def apf_slept(self, cpu: CpuState, task: Task) -> None:
         self.counters.apf_sleeps += 1
+        if self.checker is not None:
+            self.checker.task_slept(task.tid)
         if self.probe is not None:
             self.probe.task_state(task)
 

@@ -157,9 +157,20 @@ class Arm64ApfGuest(GuestBase):
                 return node
         return None
 
+    def _hlist_add_head(self, cpu: int, node: SleepNode) -> None:
+        """``hlist_add_head(&n->link, &apf_head->list)`` on this CPU's list."""
+        self.apf_head[cpu].insert(0, node)
+        log = self.sleep_log
+        if log is not None:
+            log.node_added(cpu, node.task, node.token, node.dummy)
+
     def _hlist_del(self, cpu: int, node: SleepNode) -> None:
+        """``hlist_del_init(&n->link)``: unlinked, so ``hlist_unhashed`` is true."""
         self.apf_head[cpu].remove(node)
         node.hashed = False
+        log = self.sleep_log
+        if log is not None:
+            log.node_removed(cpu, node.task, node.token, node.dummy)
 
     # -- page not present ----------------------------------------------------------------
     def kvm_async_pf_wait(
@@ -182,7 +193,7 @@ class Arm64ApfGuest(GuestBase):
             atomic = in_kernel
         halted = regs.is_idle_task or atomic
         node = SleepNode(token=token, task=self.port.current_task(cpu), cpu=cpu, halted=halted)
-        self.apf_head[cpu].insert(0, node)
+        self._hlist_add_head(cpu, node)
         data.reason = 0  # kvm_async_pf_unlock_and_clear: the host may signal again from here
         if halted:
             self.stats.waits_halt += 1
@@ -232,7 +243,7 @@ class Arm64ApfGuest(GuestBase):
             while not self.port.kzalloc_atomic(cpu):
                 self.stats.dummy_alloc_retries += 1
             dummy = SleepNode(token=token, task=self.port.current_task(cpu), cpu=cpu, dummy=True)
-            self.apf_head[cpu].insert(0, dummy)
+            self._hlist_add_head(cpu, dummy)
             self.stats.dummies_created += 1
         else:
             self.kvm_async_pf_wake_one(cpu, node)

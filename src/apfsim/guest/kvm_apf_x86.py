@@ -178,6 +178,21 @@ class X86ApfGuest(GuestBase):
     def _bucket(self, token: int) -> list[X86SleepNode]:
         return self.async_pf_sleepers[hash_32(token, KVM_TASK_SLEEP_HASHBITS)]
 
+    def _hlist_add_head(self, bucket: list[X86SleepNode], node: X86SleepNode) -> None:
+        """``hlist_add_head(&n->link, &b->list)`` under the bucket's raw spinlock."""
+        bucket.insert(0, node)
+        log = self.sleep_log
+        if log is not None:
+            log.node_added(-1, node.task, node.token, node.dummy)
+
+    def _hlist_del_init(self, bucket: list[X86SleepNode], node: X86SleepNode) -> None:
+        """``hlist_del_init(&n->link)``: unlinked, so ``hlist_unhashed`` is true."""
+        bucket.remove(node)
+        node.hashed = False
+        log = self.sleep_log
+        if log is not None:
+            log.node_removed(-1, node.task, node.token, node.dummy)
+
     @staticmethod
     def _find(bucket: list[X86SleepNode], token: int) -> X86SleepNode | None:
         for node in bucket:
@@ -198,11 +213,11 @@ class X86ApfGuest(GuestBase):
         bucket = self._bucket(token)
         dummy = self._find(bucket, token)
         if dummy is not None:
-            bucket.remove(dummy)
-            dummy.hashed = False
+            self._hlist_del_init(bucket, dummy)
             self.stats.dummies_consumed += 1
             return False
-        bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu), halted=halted))
+        node = X86SleepNode(token, cpu, self.port.current_task(cpu), halted=halted)
+        self._hlist_add_head(bucket, node)
         return True
 
     def kvm_async_pf_task_wait_schedule(self, cpu: int, token: int) -> AbortOutcome:
@@ -226,8 +241,7 @@ class X86ApfGuest(GuestBase):
 
     # -- page ready --------------------------------------------------------------------------
     def apf_task_wake_one(self, bucket: list[X86SleepNode], node: X86SleepNode) -> None:
-        bucket.remove(node)
-        node.hashed = False
+        self._hlist_del_init(bucket, node)
         if node.dummy:
             self.stats.dummies_leaked += 1  # unhashed by wake-all, never freed
             return
@@ -256,7 +270,8 @@ class X86ApfGuest(GuestBase):
             return  # the wake is lost: the later wait finds no dummy and sleeps
         while not self.port.kzalloc_atomic(cpu):
             self.stats.dummy_alloc_retries += 1
-        bucket.insert(0, X86SleepNode(token, cpu, self.port.current_task(cpu), dummy=True))
+        dummy = X86SleepNode(token, cpu, self.port.current_task(cpu), dummy=True)
+        self._hlist_add_head(bucket, dummy)
         self.stats.dummies_created += 1
 
     def sysvec_kvm_asyncpf_interrupt(self, cpu: int) -> AbortOutcome:

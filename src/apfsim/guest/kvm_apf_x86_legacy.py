@@ -70,8 +70,7 @@ class X86LegacyApfGuest(X86ApfGuest):
         if not node.halted or node.dummy:
             super().apf_task_wake_one(bucket, node)
             return
-        bucket.remove(node)
-        node.hashed = False
+        self._hlist_del_init(bucket, node)
         self.stats.wakes += 1
         self.stats.resched_ipis += 1
         self.port.smp_send_reschedule(node.cpu)

@@ -199,7 +199,7 @@ class S390PfaultGuest(GuestBase):
         if wait == 1:
             # "Initial interrupt was faster than the completion interrupt."
             self._set_wait(task, 0)
-            self.pfault_list.remove(task)
+            self._list_del(task)
             self.stats.done_wakes += 1
             self.port.swake_up_one(task)  # wake_up_process
         elif self.task_is_running(task):
@@ -233,10 +233,24 @@ class S390PfaultGuest(GuestBase):
             return AbortOutcome.RETRY
         # get_task_struct + list_add: a DONE on another CPU may wake it before it schedules.
         self._set_wait(task, 1)
-        self.pfault_list.insert(0, task)
+        self._list_add(task)
         self.stats.init_sleeps += 1
         # TASK_UNINTERRUPTIBLE + need_resched: "rely on the return to userspace schedule()".
         return AbortOutcome.WAIT_SCHEDULE
+
+    def _list_add(self, task: int) -> None:
+        """``list_add(&tsk->thread.list, &pfault_list)`` (the token is the pid)."""
+        self.pfault_list.insert(0, task)
+        log = self.sleep_log
+        if log is not None:
+            log.node_added(-1, task, task, False)
+
+    def _list_del(self, task: int) -> None:
+        """``list_del(&tsk->thread.list)``."""
+        self.pfault_list.remove(task)
+        log = self.sleep_log
+        if log is not None:
+            log.node_removed(-1, task, task, False)
 
     def _set_wait(self, task: int, wait: int) -> None:
         if wait:
@@ -258,7 +272,7 @@ class S390PfaultGuest(GuestBase):
         sleepers cannot be told apart from the others'."""
         for task in list(self.pfault_list):
             self._set_wait(task, 0)
-            self.pfault_list.remove(task)
+            self._list_del(task)
             self.stats.cpu_dead_wakes += 1
             self.port.swake_up_one(task)
 

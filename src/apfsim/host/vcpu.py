@@ -195,7 +195,7 @@ class Vcpu:
             # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
             self.exit_async()
         if self.checker is not None:
-            self.checker.check_vcpu(self.index, self.mode == VcpuMode.GUEST, at_entry=True)
+            self.checker.check_entry(self.index)
 
     def exit_for_guest_call(
         self, exits: int, handling_ns: int, ctx: GuestContext | None = None
@@ -335,6 +335,8 @@ class Vcpu:
             return
         self.mode = VcpuMode.BLOCKED
         self.block_halt = halt
+        if halt and self.checker is not None:
+            self.checker.vcpu_halted(self.index)
         category = TimeCategory.APF_HALT if halt else TimeCategory.IDLE
         self.clock.switch(category, self.engine.now)
 

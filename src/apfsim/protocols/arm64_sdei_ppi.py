@@ -297,7 +297,7 @@ class Arm64SdeiPpiGuest(GuestBase):
     def sdei_asyncpf_handler(self, cpu: int, token: int) -> AbortOutcome:
         """Tag current with the token, self-IPI, complete the event; sleep on return to user."""
         self.stats.sdei_events += 1
-        self.waiting[cpu][token] = self.port.current_task(cpu)
+        self._tag(cpu, token, self.port.current_task(cpu))
         self.port.smp_send_reschedule(cpu)
         self.port.smccc(cpu, SDEI_EVENT_COMPLETE, 0)
         self.stats.waits_schedule += 1
@@ -321,11 +321,26 @@ class Arm64SdeiPpiGuest(GuestBase):
         self.port.smccc(cpu, ARM_SMCCC_KVM_FUNC_ASYNC_PF_IRQ_ACK, 1)
         return AbortOutcome.WOKE
 
+    def _tag(self, cpu: int, token: int, task: int) -> None:
+        """``task`` is the one this CPU's page-ready for ``token`` will wake (an earlier
+        tag for that token is overwritten)."""
+        waiting = self.waiting[cpu]
+        log = self.sleep_log
+        if log is not None:
+            old = waiting.get(token)
+            if old is not None:
+                log.node_removed(cpu, old, token, False)
+            log.node_added(cpu, task, token, False)
+        waiting[token] = task
+
     def _wake(self, cpu: int, token: int) -> None:
         task = self.waiting[cpu].pop(token)
+        log = self.sleep_log
+        if log is not None:
+            log.node_removed(cpu, task, token, False)
         self.stats.wakes += 1
         if task == self.port.current_task(cpu) and self.mutant == "dummy-drop":
-            self.waiting[cpu][token] = task  # the early wake is dropped: it will sleep
+            self._tag(cpu, token, task)  # the early wake is dropped: it will sleep
             return
         if task == self.port.current_task(cpu):
             self.stats.woken_before_sleep += 1  # flag cleared: it will not sleep

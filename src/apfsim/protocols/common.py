@@ -48,6 +48,7 @@ from apfsim.ports import (
     KernelPort,
     PrefaultFn,
     SharedBlock,
+    SleepLog,
     SyncCause,
     WaitNode,
 )
@@ -106,6 +107,10 @@ class GfnHash:
         return key
 
     def find(self, gfn: int) -> bool:
+        """``kvm_find_async_pf_gfn``. NOTE: the first probe is tried before ``_slot``'s
+        loop, for performance (the invariant check asks at every entry with an item)."""
+        if self.slots[hash_32(gfn & 0xFFFF_FFFF, 6)] == gfn:
+            return True
         return self.slots[self._slot(gfn)] == gfn
 
     def delete(self, gfn: int) -> None:
@@ -362,6 +367,9 @@ class GuestBase:
     """A guest driver's call sites, as no-op hooks: a guest without the PV driver."""
 
     mutant: str | None = None
+    # The run's checker, told of every sleep record linked or unlinked; None in the model
+    # checker (not state: never set there) and with checks off.
+    sleep_log: SleepLog | None = None
 
     @classmethod
     def not_state(cls) -> tuple[str, ...]:

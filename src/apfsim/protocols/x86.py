@@ -332,9 +332,12 @@ class X86Host(HostBase[VcpuApfX86]):
         """I3: one page-ready in flight, with its token in the slot; I9: a ready request on
         a running vCPU was kicked or waits for a pending ACK (B12)."""
         arch = self.arch[vcpu]
-        if arch.pageready_pending and arch.block.token == 0 and self.apf_enabled(vcpu):
+        pending = arch.pageready_pending
+        if pending and arch.block.token == 0 and self.apf_enabled(vcpu):
             return "I3", f"vCPU{vcpu}: pageready_pending with an empty token slot"
-        return self.missed_kick(vcpu, in_guest, arch.apf_ready_request, arch.pageready_pending)
+        if not in_guest or not arch.apf_ready_request or pending:
+            return None  # missed_kick's first tests, without the call (at every check)
+        return self.missed_kick(vcpu, in_guest, True, False)
 
     def kvm_pv_enable_async_pf(self, vcpu: int, val: int) -> int:
         """A write of MSR_KVM_ASYNC_PF_EN; 1 means the WRMSR fails (#GP)."""
