@@ -105,7 +105,17 @@ def test_keys_agree_with_lifecycle_steps(config: WorldConfig) -> None:
 # What each state class holds besides the scalar fields its Fields list freezes: the
 # parts its freeze handles by hand, and what is not state (ports, counters, configuration
 # fixed at creation). A new attribute must be added to freeze/thaw or named here.
-_WORLD_OTHER = {"config", "variant", "rules", "log", "driver", "host", "guest", "vcpus"}
+_WORLD_OTHER = {
+    "config",
+    "variant",
+    "rules",
+    "log",
+    "driver",
+    "host",
+    "guest",
+    "vcpus",
+    "_floating",
+}
 _WORLD_OTHER |= {"pages", "io", "tasks", "scripts", "reboot_left", "rebooted", "running_cpu"}
 _VCPU_OTHER = {"cpu", "world", "rq", "current", "frames", "pending_irqs"}
 _HOST_KNOWN = {

@@ -49,6 +49,7 @@ class CheckResult:
     violation: Counterexample | None = None
     goal_states: int = 0
     notes: list[str] = field(default_factory=list)
+    ample_states: int = 0  # states where the search tried an ample set (0: it was the full one)
 
     @property
     def states_per_second(self) -> float:
@@ -72,7 +73,9 @@ def check(
     ``reduce``: partial-order reduction (:meth:`World.ample`, with the cycle proviso of a
     breadth-first search): the same verdict from fewer states. A violation it finds is
     searched for again without reduction (bounded by the depth found, for a safety
-    violation), so the trace is the same shortest one the full search reports.
+    violation), so the trace is the same shortest one the full search reports; unless no
+    state had an ample set, and the search was the full one. With ``max_depth`` the search
+    is not reduced: a reduced graph may reach a violation only deeper than the full one.
 
     Once ``compact_after`` states are known, visited states are remembered by the 64-bit
     ``hash`` of their key and only unexpanded states keep their key (hash compaction).
@@ -80,14 +83,15 @@ def check(
     probability about n^2 / 2^65 (3e-8 at a million states, 7e-7 at five million).
     """
     t0 = time.perf_counter()
+    reduce = reduce and max_depth is None
     # The search makes millions of tuples and no reference cycles: the cyclic collector
     # would only walk them again and again.
     collecting = gc.isenabled()
     gc.disable()
     try:
         result = _search(config, max_depth, max_states, progress, t0, compact_after, reduce)
-        if reduce and result.violation is not None:
-            result = _full_trace(result, config, max_depth, max_states, progress, compact_after)
+        if result.ample_states and result.violation is not None:
+            result = _full_trace(result, config, max_states, progress, compact_after)
         return result
     finally:
         if collecting:
@@ -97,7 +101,6 @@ def check(
 def _full_trace(
     reduced: CheckResult,
     config: WorldConfig,
-    max_depth: int | None,
     max_states: int,
     progress: ProgressFn | None,
     compact_after: int,
@@ -108,9 +111,7 @@ def _full_trace(
     graph. If that search is cut short before it finds one, the reduced search's stands."""
     found = reduced.violation
     assert found is not None
-    depth = max_depth
-    if found.doomed_after is None:
-        depth = len(found.trace) if depth is None else min(depth, len(found.trace))
+    depth = len(found.trace) if found.doomed_after is None else None
     full = _search(config, depth, max_states, progress, time.perf_counter(), compact_after, False)
     if full.violation is None:
         reduced.notes.append("trace from the reduced search: the search without it was cut short")
@@ -177,6 +178,7 @@ def _search(
         # other processes' steps for ever (docs/check.md).
         ample = world.ample(actions) if reduce else None
         todo = actions if ample is None else ample
+        result.ample_states += ample is not None
         out = succ[i]
         n = 0
         while n < len(todo):
