@@ -662,7 +662,9 @@ def check_command(
             print(f"apfsim check: {states} states, depth {level}", file=sys.stderr)
 
     try:
-        result = check(config, depth, max_states, progress, reduce=reduce)
+        result = check(
+            config, max_depth=depth, max_states=max_states, progress=progress, reduce=reduce
+        )
     except KeyboardInterrupt:
         _keep_partial_check(config, seen[0], seen[1], time.monotonic() - start, json_path)
         raise _Exit(130) from None
