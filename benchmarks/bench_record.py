@@ -51,10 +51,11 @@ print(json.dumps({"cpu_s": cpu, "events": sim.engine.events_run,
 """
 
 _CHECK = """
-import json, sys, time
+import inspect, json, sys, time
 from apfsim.check import WorldConfig, check
+full = {"reduce": False} if "reduce" in inspect.signature(check).parameters else {}
 t0 = time.process_time()
-r = check(WorldConfig(protocol=sys.argv[1]))
+r = check(WorldConfig(protocol=sys.argv[1]), **full)
 print(json.dumps({"cpu_s": time.process_time() - t0, "states": r.states}))
 """
 

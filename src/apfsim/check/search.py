@@ -49,6 +49,7 @@ class CheckResult:
     violation: Counterexample | None = None
     goal_states: int = 0
     notes: list[str] = field(default_factory=list)
+    ample_states: int = 0  # states where the search tried an ample set (0: it was the full one)
 
     @property
     def states_per_second(self) -> float:
@@ -65,8 +66,16 @@ def check(
     max_states: int = 5_000_000,
     progress: ProgressFn | None = None,
     compact_after: int = COMPACT_AFTER,
+    reduce: bool = True,
 ) -> CheckResult:
     """Explore ``config``'s world; the result holds the first (shortest) violation, if any.
+
+    ``reduce``: partial-order reduction (:meth:`World.ample`, with the cycle proviso of a
+    breadth-first search): the same verdict from fewer states. A violation it finds is
+    searched for again without reduction (bounded by the depth found, for a safety
+    violation), so the trace is the same shortest one the full search reports; unless no
+    state had an ample set, and the search was the full one. With ``max_depth`` the search
+    is not reduced: a reduced graph may reach a violation only deeper than the full one.
 
     Once ``compact_after`` states are known, visited states are remembered by the 64-bit
     ``hash`` of their key and only unexpanded states keep their key (hash compaction).
@@ -74,15 +83,45 @@ def check(
     probability about n^2 / 2^65 (3e-8 at a million states, 7e-7 at five million).
     """
     t0 = time.perf_counter()
+    reduce = reduce and max_depth is None
     # The search makes millions of tuples and no reference cycles: the cyclic collector
     # would only walk them again and again.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _search(config, max_depth, max_states, progress, t0, compact_after)
+        result = _search(config, max_depth, max_states, progress, t0, compact_after, reduce)
+        if result.ample_states and result.violation is not None:
+            result = _full_trace(result, config, max_states, progress, compact_after)
+        return result
     finally:
         if collecting:
             gc.enable()
+
+
+def _full_trace(
+    reduced: CheckResult,
+    config: WorldConfig,
+    max_states: int,
+    progress: ProgressFn | None,
+    compact_after: int,
+) -> CheckResult:
+    """The reduced search found a violation, maybe by a longer path than the shortest: the
+    search without reduction finds the shortest one. For a safety violation it need not go
+    deeper than the path found (one exists at that depth); a liveness one needs the whole
+    graph. If that search is cut short before it finds one, the reduced search's stands."""
+    found = reduced.violation
+    assert found is not None
+    depth = len(found.trace) if found.doomed_after is None else None
+    full = _search(config, depth, max_states, progress, time.perf_counter(), compact_after, False)
+    if full.violation is None:
+        reduced.notes.append("trace from the reduced search: the search without it was cut short")
+        return reduced
+    full.seconds += reduced.seconds
+    full.notes.append(
+        f"partial-order reduction found the violation in {reduced.states} states; "
+        "the trace is from a search without it"
+    )
+    return full
 
 
 def _search(
@@ -92,6 +131,7 @@ def _search(
     progress: ProgressFn | None,
     t0: float,
     compact_after: int,
+    reduce: bool,
 ) -> CheckResult:
     """Breadth first over flat state keys (:meth:`World.freeze`); one scratch world is
     thawed into each state before each step."""
@@ -132,10 +172,20 @@ def _search(
             states[i] = None  # expanded: only its hash stays (in keys)
         world.thaw(state)
         actions = world.actions()
+        # Partial-order reduction: expand an ample set only; the cycle proviso (for a
+        # breadth-first search) expands fully a state whose ample set leads back to a state
+        # already expanded (or to itself), so no cycle of the reduced graph postpones the
+        # other processes' steps for ever (docs/check.md).
+        ample = world.ample(actions) if reduce else None
+        todo = actions if ample is None else ample
+        result.ample_states += ample is not None
         out = succ[i]
-        for n, action in enumerate(actions):
+        n = 0
+        while n < len(todo):
+            action = todo[n]
             if n:
                 world.thaw(state)
+            n += 1
             result.transitions += 1
             try:
                 world.step(action)
@@ -181,6 +231,8 @@ def _search(
                     progress(j, depth[j])
             out.append(j)
             succ_act[i].append(action)
+            if todo is ample and j <= i:
+                todo = ample + [a for a in actions if a not in ample]  # the proviso
     result.goal_states = sum(goal)
     stuck = _cannot_finish(succ, goal, asleep, rebooted, truncated)
     if stuck is not None:

@@ -374,6 +374,9 @@ class World(GuestCalls):
         opts = ProtocolOptions(send_always=config.send_always)
         ports = HostPorts(self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero)
         self.host, self.guest = build_protocol(config.protocol, config.vcpus, self, ports, opts)
+        # s390: a completion goes to the VM-wide floating list, which any vCPU's entry takes
+        # and whose kick picks any idle vCPU: no vCPU's steps are its own (World.local_steps).
+        self._floating = hasattr(self.host, "float_pfault")
         self.driver = self.guest
         # A narrow token id keeps the state space small; only B9's world lets it wrap.
         bits = config.token_id_bits
@@ -704,6 +707,53 @@ class World(GuestCalls):
             out.append((Step.REBOOT, 0, 0))
         return out
 
+    def ample(self, actions: list[Action]) -> list[Action] | None:
+        """A proper subset of ``actions`` that is an ample set, or None (partial-order
+        reduction, docs/check.md "Partial-order reduction"): the smallest set of one vCPU's
+        enabled steps (:meth:`local_steps`). The search adds the cycle proviso."""
+        best: list[Action] | None = None
+        for v in range(len(self.vcpus)):
+            mine = self.local_steps(v, actions)
+            shorter = best is None or (mine is not None and len(mine) < len(best))
+            if mine is not None and len(mine) < len(actions) and shorter:
+                best = mine
+        return best
+
+    def local_steps(self, v: int, actions: list[Action]) -> list[Action] | None:
+        """vCPU ``v``'s enabled steps, if no other process can disable, disturb or be
+        disturbed by them before ``v`` moves (else None).
+
+        Such a vCPU has no worker in flight (a completion kicks it) and no task of its own
+        asleep or in the halted wait (another CPU's wake IPIs it); its steps touch only its
+        own state: an access to a present page (a page never goes away), a run-loop entry,
+        the end of a frame other than an injection's handler (which may queue a sleep node,
+        wake a task elsewhere, or start a worker), a tick, a system call. CPU hotplug, reboot
+        and the LAPIC switch reach across vCPUs: a world that allows them is not reduced, nor
+        one whose completions float (s390)."""
+        config = self.config
+        if config.hotplug or config.reboot or config.lapic or self._floating:
+            return None
+        vc = self.vcpus[v]
+        if vc.mode == Mode.SYNC or vc.mode == Mode.OFFLINE:
+            return None
+        if vc.frames and vc.frames[-1].kind is FrameKind.HANDLER:
+            return None
+        for work in self.io:
+            if work.vcpu_id == v:
+                return None
+        for task in self.tasks:
+            waits = task.state is TaskState.SLEEPING_APF or task.halt_ctx is not None
+            if waits and task.cpu == v:
+                return None
+        mine = [a for a in actions if a[1] == v and a[0] in _LOCAL_STEPS]
+        if not mine or sum(1 for a in actions if a[1] == v and a[0] != Step.WORKER) != len(mine):
+            return None  # nothing to do, or a step of its own that reaches across vCPUs
+        if vc.mode == Mode.GUEST and not vc.frames and vc.current is not None:
+            script = self.scripts[vc.current.tid]
+            if script.pc < len(script.pages) and not self.pages[script.pages[script.pc]]:
+                return None  # its fault races with the workers and syncs of other vCPUs
+        return mine
+
     def _quiet_for_kexec(self) -> bool:
         """The old kernel runs its reboot path: no vCPU is between an exit and the entry
         that delivers its pending injection, and none is inside a handler."""
@@ -1005,6 +1055,9 @@ _STEP_CODE: dict[int, Callable[[World, int, int], None]] = {
     Step.REBOOT: lambda w, _v, _a: w._reboot(),
     Step.LAPIC: lambda w, v, arg: w._lapic(v, bool(arg)),
 }
+# A vCPU's steps that touch only its own state when it has no worker in flight and no task
+# asleep (World.ample); an access only to a present page.
+_LOCAL_STEPS = frozenset((Step.ACCESS, Step.ENTER, Step.HANDLE, Step.TICK, Step.SYSCALL))
 _STEP_NAMES = {
     Step.ENTER: "run-loop iteration and guest entry",
     Step.SYNC_DONE: "synchronous fault-in completes",

@@ -72,6 +72,9 @@ def check_command(
         Path | None, typer.Option("--json", help="Write the result as JSON to this file.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    reduce: Annotated[
+        bool, typer.Option("--reduce/--no-reduce", help="Partial-order reduction (default on).")
+    ] = True,
 ) -> int:
     """Explore every interleaving of a small world; exit 1 if a property is violated."""
     if list_mutants:
@@ -108,7 +111,9 @@ def check_command(
             print(f"apfsim check: {states} states, depth {level}", file=sys.stderr)
 
     try:
-        result = check(config, max_depth=depth, max_states=max_states, progress=progress)
+        result = check(
+            config, max_depth=depth, max_states=max_states, progress=progress, reduce=reduce
+        )
     except KeyboardInterrupt:
         _keep_partial_check(config, seen[0], seen[1], time.monotonic() - start, json_path)
         raise _Exit(130) from None
