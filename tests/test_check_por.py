@@ -25,12 +25,21 @@ from apfsim.registry import PROTOCOLS
 def _worlds() -> list[Any]:
     """Every protocol's 2×2×2 world; every mutant in its own world and with two vCPUs (a
     one-vCPU world has no other vCPU to reduce against), each also with the fix in."""
-    worlds = [pytest.param(WorldConfig(protocol=name), id=name) for name in PROTOCOLS]
+    # Each protocol's complete 2x2x2 world takes seconds: the full tier. The mutants' worlds
+    # are small and stay in the fast one.
+    worlds = [
+        pytest.param(WorldConfig(protocol=name), id=name, marks=pytest.mark.slow)
+        for name in PROTOCOLS
+    ]
     for m in MUTANTS.values():
         own = WorldConfig(protocol=m.protocol, **m.world)
         for world, size in ((own, "own"), (replace(own, vcpus=2), "2vcpus")):
-            worlds.append(pytest.param(world, id=f"{m.name}-fixed-{size}"))
-            worlds.append(pytest.param(replace(world, mutant=m.name), id=f"{m.name}-{size}"))
+            # The widened worlds are the larger ones: the full tier.
+            marks = [pytest.mark.slow] if size == "2vcpus" else []
+            worlds.append(pytest.param(world, id=f"{m.name}-fixed-{size}", marks=marks))
+            worlds.append(
+                pytest.param(replace(world, mutant=m.name), id=f"{m.name}-{size}", marks=marks)
+            )
     return worlds
 
 

@@ -128,7 +128,10 @@ def run(
 
 
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
-@pytest.mark.parametrize("kernel_mode", [None, "kernel_atomic"])
+# Atomic kernel-mode faults (the early wakes' path) in the full tier; user mode in both.
+@pytest.mark.parametrize(
+    "kernel_mode", [None, pytest.param("kernel_atomic", marks=pytest.mark.slow)]
+)
 def test_the_ledger_agrees_with_the_walk_in_every_protocol(
     monkeypatch: pytest.MonkeyPatch, protocol: str, kernel_mode: str | None
 ) -> None:
