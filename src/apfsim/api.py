@@ -30,7 +30,7 @@ from apfsim.compare import (
 from apfsim.metrics.results import ProtocolResult, RunResult
 from apfsim.metrics.units import ops_unit, rate_unit
 from apfsim.registry import PROTOCOLS
-from apfsim.runner import EXECUTORS, execute_all
+from apfsim.runner import execute_all, executor_problem
 from apfsim.scenario import (
     MAX_DURATION_S,
     Scenario,
@@ -92,11 +92,7 @@ def run_protocol(
     _check_duration(duration_s)
     if trace is not None:
         trace.check_duration(sc.duration_s if duration_s is None else duration_s)
-    if protocol not in PROTOCOLS:
-        raise ScenarioError(
-            f"--protocol: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"
-            f"{did_you_mean(protocol, PROTOCOLS)}"
-        )
+    check_protocols([protocol])
     return traced_simulation(sc, protocol, seed, check, trace).run(duration_s, progress)
 
 
@@ -130,9 +126,9 @@ def run(
         ]
     results: list[dict[str, Any] | None] = [None] * len(specs)
 
-    def partial() -> RunResult:
+    def finished(partial: bool = True) -> RunResult:
         done = [ProtocolResult.from_dict(r) for r in results if r is not None]
-        return RunResult(scenario=scenario_dict, seed=seed, results=done, partial=True)
+        return RunResult(scenario=scenario_dict, seed=seed, results=done, partial=partial)
 
     def each(done: float, total: int) -> None:
         """The batch's progress as the protocol's own: a whole number ends a protocol."""
@@ -147,12 +143,11 @@ def run(
     try:
         execute_all(specs, results, progress=each if progress is not None else None)
     except KeyboardInterrupt:
-        raise Interrupted(partial() if any(results) else None) from None
+        raise Interrupted(finished() if any(results) else None) from None
     except (InvariantViolation, TraceWriteError) as err:
-        err.partial = partial()
+        err.partial = finished()
         raise
-    done = [ProtocolResult.from_dict(r) for r in results if r is not None]
-    return RunResult(scenario=scenario_dict, seed=seed, results=done)
+    return finished(partial=False)
 
 
 def _fmt(value: float | None, unit: str = "") -> str:
@@ -296,11 +291,9 @@ def _check_compare(
         raise ScenarioError(f"--seeds: seeds must be distinct and non-negative (got {seeds})")
     if jobs is not None and jobs < 1:
         raise ScenarioError(f"--jobs: must be at least 1 (got {jobs})")
-    if executor is not None and executor not in EXECUTORS:
-        raise ScenarioError(
-            f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
-            f"{did_you_mean(executor, EXECUTORS)}"
-        )
+    problem = None if executor is None else executor_problem(executor)
+    if problem is not None:
+        raise ScenarioError(problem)
     if scheduler is not None and executor != "dask":
         raise ScenarioError("--scheduler: only with --executor dask")
 

@@ -53,6 +53,7 @@ __all__ = [
     "execute_all",
     "execute_run",
     "execute_whole",
+    "executor_problem",
     "one_line",
     "simulate",
 ]
@@ -109,6 +110,16 @@ class Execute(Protocol):
     which call it with the run alone; the serial executor passes the run's progress too."""
 
     def __call__(self, run: RunSpec, progress: RunProgress | None = None, /) -> RunOutcome: ...
+
+
+def executor_problem(executor: str) -> str | None:
+    """The one-line error for an unknown ``--executor`` (naming the closest), or None."""
+    if executor in EXECUTORS:
+        return None
+    return (
+        f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
+        f"{did_you_mean(executor, EXECUTORS)}"
+    )
 
 
 def default_jobs() -> int:
@@ -183,8 +194,14 @@ def execute_all(
             progress(done + f, total)
 
     failure: BaseException | None = None
-    execution = Execution(runs, executor, workers, scheduler, execute=execute_whole)
-    execution.run_progress = fraction if progress is not None else None
+    execution = Execution(
+        runs,
+        executor,
+        workers,
+        scheduler,
+        execute=execute_whole,
+        run_progress=fraction if progress is not None else None,
+    )
     with execution:
         for outcome in execution:
             done += 1
@@ -215,11 +232,9 @@ class Execution:
         execute: Execute = execute_run,
         run_progress: RunProgress | None = None,
     ) -> None:
-        if executor not in EXECUTORS:
-            raise RunnerError(
-                f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
-                f"{did_you_mean(executor, EXECUTORS)}"
-            )
+        problem = executor_problem(executor)
+        if problem is not None:
+            raise RunnerError(problem)
         self.executor = executor
         self.workers = workers if workers is not None else default_jobs()
         self.scheduler = scheduler

@@ -22,10 +22,7 @@ from apfsim.cli.common import (
     _Progress,
     app,
 )
-from apfsim.runner import EXECUTORS, WORKER_TIMEOUT_S
-from apfsim.scenario import (
-    did_you_mean,
-)
+from apfsim.runner import WORKER_TIMEOUT_S, executor_problem
 from apfsim.sweep.run import SweepError as SweepRunError
 from apfsim.sweep.run import run_sweep
 from apfsim.sweep.spec import SweepError as SpecError
@@ -58,11 +55,9 @@ def sweep_command(
     quiet: QuietOption = False,
 ) -> None:
     """Run a parameter sweep into SQLite, skipping runs already stored."""
-    if executor not in EXECUTORS:
-        raise _fail(
-            f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
-            f"{did_you_mean(executor, EXECUTORS)}"
-        )
+    problem = executor_problem(executor)
+    if problem is not None:
+        raise _fail(problem)
     if scheduler is not None and executor != "dask":
         raise _fail("--scheduler: only with --executor dask")
     if workers is not None and workers < 1:

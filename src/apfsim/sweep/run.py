@@ -24,8 +24,8 @@ from apfsim.runner import (
     Execution,
     RunnerError,
     execute_run,
+    executor_problem,
 )
-from apfsim.scenario import did_you_mean
 from apfsim.sweep.spec import RunSpec, SweepSpec
 
 __all__ = [
@@ -91,11 +91,9 @@ def run_sweep(
 ) -> SweepSummary:
     """Run every run of ``spec`` not yet in ``store``; returns what happened. With dask, a
     cluster without any worker for ``worker_timeout_s`` seconds is an error."""
-    if executor not in EXECUTORS:
-        raise SweepError(
-            f"--executor: {executor!r}; choose from {', '.join(EXECUTORS)}"
-            f"{did_you_mean(executor, EXECUTORS)}"
-        )
+    problem = executor_problem(executor)
+    if problem is not None:
+        raise SweepError(problem)
     t0 = time.perf_counter()
     store.register(spec)
     done_keys = store.completed(spec.name)
