@@ -114,15 +114,7 @@ class RunChecker:
         """I6 at an APF handler: the full walk (:meth:`check_guest_scan`) runs only when
         :meth:`guest_suspect`, at the cost of what changed since the last check, finds that
         I6 may be broken (the walk then gives the report)."""
-        ledger = self.ledger
-        if (
-            ledger.unlinked
-            or self._slept
-            or self._halted
-            or ledger.shared_tokens
-            or ledger.dummies
-            or 0 < ledger.global_nodes < ledger.nodes
-        ) and self.guest_suspect():
+        if self.guest_suspect():
             self._raise_if(self.check_guest_scan())
 
     def check_guest_scan(self) -> Broken:
