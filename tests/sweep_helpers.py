@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from apfsim.runner import RunOutcome, execute_run
@@ -16,3 +17,13 @@ def crash_once(marker: Path, run: RunSpec) -> RunOutcome:
         marker.write_text("crashed")
         os._exit(9)
     return execute_run(run)
+
+
+def stored_runs(db: Path, where: str = "") -> int:
+    """Runs in a sweep database another process is writing; 0 before its schema exists
+    (the file appears a moment before its tables do)."""
+    try:
+        with sqlite3.connect(db) as con:
+            return int(con.execute(f"SELECT COUNT(*) FROM runs {where}").fetchone()[0])
+    except sqlite3.Error:
+        return 0

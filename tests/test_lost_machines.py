@@ -22,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from proc_helpers import alive, descendants, wait_gone
+from sweep_helpers import stored_runs
 
 LONG_SWEEP = """\
 name = "long"
@@ -181,14 +182,6 @@ def _dask_cluster(tmp_path: Path) -> Iterator[tuple[str, int, int]]:
                 proc.wait()
 
 
-def _stored(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as con:
-            return int(con.execute("SELECT COUNT(*) FROM runs WHERE status = 'ok'").fetchone()[0])
-    except sqlite3.Error:  # not created yet, or its schema not yet written
-        return 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("lost", ["workers", "scheduler"])
 def test_a_dask_sweep_that_loses_its_workers_or_scheduler_ends_with_one_line(
@@ -206,7 +199,7 @@ def test_a_dask_sweep_that_loses_its_workers_or_scheduler_ends_with_one_line(
         cmd += ["--executor", "dask", "--scheduler", address, "--worker-timeout", "2"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for(lambda: _stored(db) >= 2, proc, 120)
+            _wait_for(lambda: stored_runs(db, "WHERE status = 'ok'") >= 2, proc, 120)
             os.killpg(worker_session if lost == "workers" else scheduler_pid, signal.SIGKILL)
             stdout, stderr = proc.communicate(timeout=90)
         finally:
@@ -224,4 +217,4 @@ def test_a_dask_sweep_that_loses_its_workers_or_scheduler_ends_with_one_line(
         stderr,
     )
     assert match is not None, stderr
-    assert 2 <= _stored(db) == int(match[1]) < 400
+    assert 2 <= stored_runs(db, "WHERE status = 'ok'") == int(match[1]) < 400

@@ -23,6 +23,7 @@ from apfsim.sweep import SweepError, SweepStore, load_sweep, parse_sweep, run_sw
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sweep_helpers
+from sweep_helpers import stored_runs
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -242,11 +243,9 @@ def test_killed_sweep_resumes_and_every_run_is_present_once(tmp_path: Path) -> N
     stored = 0
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        if db.exists():
-            with sqlite3.connect(db) as con:
-                stored = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-            if stored >= total // 2:
-                break
+        stored = stored_runs(db)
+        if stored >= total // 2:
+            break
     assert proc.poll() is None, "the sweep ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # a lost machine: no chance to clean up
     proc.wait()
@@ -277,14 +276,8 @@ def test_interrupt_keeps_finished_runs_and_says_how_to_finish(tmp_path: Path) ->
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        if db.exists():
-            with sqlite3.connect(db) as con:
-                try:
-                    stored = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-                except sqlite3.OperationalError:
-                    continue  # the file exists a moment before its schema does
-                if stored >= 2:
-                    break
+        if stored_runs(db) >= 2:
+            break
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
