@@ -133,7 +133,7 @@ def blocks_per_call(pr: PageReporting) -> list[int]:
 
 
 def test_reporting_waits_page_reporting_delay() -> None:
-    engine, mem, pr, kicks = reporting(8, FreeMemory(0, 8 * BLOCK), delay_ns=5000)
+    engine, _mem, pr, kicks = reporting(8, FreeMemory(0, 8 * BLOCK), delay_ns=5000)
     pr.register()
     assert pr.state == PAGE_REPORTING_REQUESTED
     engine.run(until=4999)
@@ -143,7 +143,7 @@ def test_reporting_waits_page_reporting_delay() -> None:
 
 
 def test_frees_while_requested_schedule_one_pass() -> None:
-    engine, mem, pr, kicks = reporting(8, FreeMemory(0, 8 * BLOCK), capacity=8)
+    engine, _mem, pr, _kicks = reporting(8, FreeMemory(0, 8 * BLOCK), capacity=8)
     pr.register()
     for _ in range(5):
         pr.request()
@@ -153,7 +153,7 @@ def test_frees_while_requested_schedule_one_pass() -> None:
 
 def test_at_most_capacity_blocks_per_call_and_the_budget() -> None:
     n_blocks, capacity, divisor = 64, 4, 2
-    engine, mem, pr, kicks = reporting(
+    engine, mem, pr, _kicks = reporting(
         n_blocks, FreeMemory(0, n_blocks * BLOCK), capacity=capacity, divisor=divisor
     )
     sizes = blocks_per_call(pr)
@@ -174,7 +174,7 @@ def test_at_most_capacity_blocks_per_call_and_the_budget() -> None:
 
 def test_reported_blocks_are_skipped_and_a_leftover_list_is_reported() -> None:
     free = FreeMemory(0, 6 * BLOCK)
-    engine, mem, pr, kicks = reporting(8, free, capacity=4)
+    engine, _mem, pr, kicks = reporting(8, free, capacity=4)
     pr.register()
     engine.run(until=10**6)
     assert pr.report_calls == 2 and pr.pages_reported == 6 * BLOCK  # 4, then the leftover 2
@@ -187,7 +187,7 @@ def test_reported_blocks_are_skipped_and_a_leftover_list_is_reported() -> None:
 
 def test_partial_blocks_and_allocated_blocks_are_not_reported() -> None:
     free = FreeMemory(BLOCK + 1, 5 * BLOCK - 1)  # only blocks 2 and 3 are wholly free
-    engine, mem, pr, kicks = reporting(8, free, capacity=1)
+    engine, _mem, pr, _kicks = reporting(8, free, capacity=1)
     pr.register()
     engine.run(until=10**6)
     # Under the watermark (CAPACITY << order pages free) a pass reports nothing:
@@ -201,7 +201,7 @@ def test_partial_blocks_and_allocated_blocks_are_not_reported() -> None:
 
 
 def test_no_pass_under_the_watermark() -> None:
-    engine, mem, pr, kicks = reporting(8, FreeMemory(0, 3 * BLOCK), capacity=4)
+    engine, _mem, pr, kicks = reporting(8, FreeMemory(0, 3 * BLOCK), capacity=4)
     pr.register()
     engine.run(until=10**6)
     assert pr.passes == 1 and kicks == [] and pr.state == PAGE_REPORTING_IDLE
@@ -209,7 +209,7 @@ def test_no_pass_under_the_watermark() -> None:
 
 def test_a_free_during_a_pass_asks_for_another() -> None:
     free = FreeMemory(0, 8 * BLOCK)
-    engine, mem, pr, kicks = reporting(8, free, capacity=4)
+    engine, _mem, pr, _kicks = reporting(8, free, capacity=4)
     pr.register()
     engine.run(until=1000)  # the first call is under way
     assert pr.state == PAGE_REPORTING_ACTIVE
