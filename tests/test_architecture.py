@@ -40,6 +40,7 @@ LAYERS: list[tuple[int, str]] = [
     (3, "apfsim.host.backing"),
     (3, "apfsim.guest.sched"),
     (3, "apfsim.guest.context"),
+    (3, "apfsim.guest.page_reporting"),
     (3, "apfsim.workloads.*"),
     # 4: protocol variants and their shared parts, guest APF drivers
     (4, "apfsim.protocols.*"),

@@ -18,9 +18,18 @@ from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "BUILTIN_SCENARIOS",
@@ -60,6 +69,27 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+class _LaterKeys(_Model):
+    """A table with keys added after results schema 1 (``_later``): its JSON record (results
+    files, sweep run keys) leaves them out while they hold their defaults, so a scenario
+    that does not use them gives the same bytes and run keys as before they existed. The
+    Python dump (``apfsim show``, overrides) keeps every key."""
+
+    _later: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _record(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if info.mode_is_json():
+            fields = type(self).model_fields
+            for key in self._later:
+                if getattr(self, key) == fields[key].default:
+                    data.pop(key, None)
+        return data
+
+
 Ns = Annotated[int, Field(ge=0, le=DAY_NS)]
 """A CPU cost or time in ns: at most a day."""
 
@@ -87,7 +117,28 @@ class GuestCosts(_Model):
     guest_fault_ns: Ns = 1_000
 
 
-class GuestConfig(_Model):
+PAGEBLOCK_ORDER = 9
+"""``pageblock_order`` on x86-64 and arm64 with 4 KiB pages (2 MiB): the default page
+reporting order (mm/page_reporting.c ``page_reporting_order``)."""
+
+
+class PageReportingConfig(_Model):
+    """The guest's free page reporting (mm/page_reporting.c), with its kernel constants."""
+
+    # Blocks of 2**order pages are reported (PAGE_REPORTING_MIN_ORDER / page_reporting_order
+    # = pageblock_order by default; virtio-balloon may lower it).
+    order: int = Field(PAGEBLOCK_ORDER, ge=0, le=18)
+    # PAGE_REPORTING_DELAY = 2 * HZ: a request starts the pass this much later.
+    delay_ns: int = Field(2_000_000_000, ge=1, le=DAY_NS)
+    # PAGE_REPORTING_CAPACITY: blocks per prdev->report() call (one virtqueue request).
+    capacity: int = Field(32, ge=1, le=4096)
+    # The budget's divisor: a pass makes at most ceil(nr_free / (capacity * 16)) + 1 calls
+    # on a free list ("a sixteenth of the current list plus one").
+    budget_divisor: int = Field(16, ge=1, le=1 << 20)
+
+
+class GuestConfig(_LaterKeys):
+    _later: ClassVar[tuple[str, ...]] = ("free_page_reporting", "page_reporting")
     # The guest's architecture where the protocol has none of its own (sync): its exception
     # entry code and return-path preemption. A protocol of an arch always runs on that arch.
     arch: Literal["arm64", "x86", "s390"] = "arm64"
@@ -106,6 +157,19 @@ class GuestConfig(_Model):
     dummy_alloc_fail_probability: float = Field(0.0, ge=0.0, lt=1.0)
     sched: SchedConfig = SchedConfig()
     costs: GuestCosts = GuestCosts()
+    # virtio-balloon free page reporting (VIRTIO_BALLOON_F_REPORTING): freed 2 MiB blocks are
+    # reported to the host, which discards them (docs/model.md).
+    free_page_reporting: bool = False
+    page_reporting: PageReportingConfig = PageReportingConfig()
+
+    @model_validator(mode="after")
+    def _reporting(self) -> GuestConfig:
+        if not self.free_page_reporting and self.page_reporting != PageReportingConfig():
+            raise ValueError(
+                "page_reporting is set but free_page_reporting is false; set "
+                "guest.free_page_reporting = true or remove [guest.page_reporting]"
+            )
+        return self
 
 
 class SwapConfig(_Model):
@@ -152,7 +216,21 @@ class HostCosts(_Model):
     ipi_send_ns: Ns = 1_000  # the sender's trapped ICR / ICC_SGI1R_EL1 write
 
 
-class HostConfig(_Model):
+class BalloonConfig(_Model):
+    """QEMU's virtio-balloon report queue (``virtio_balloon_handle_report``): host time per
+    report (assumptions, see docs/model.md)."""
+
+    # Per reported range: the element's RAMBlock lookup and one ram_block_discard_range
+    # (madvise(MADV_DONTNEED)) system call.
+    report_range_ns: Ns = 2_000
+    # Per page the zap finds populated (resident, or a swap entry): clear the PTE, free the
+    # page or the swap entry, uncharge the memcg.
+    discard_page_ns: Ns = 100
+
+
+class HostConfig(_LaterKeys):
+    _later: ClassVar[tuple[str, ...]] = ("balloon",)
+
     memory_limit_mib: int = Field(2048, ge=1, le=MAX_MEMORY_MIB)
     tick_hz: int = Field(250, ge=0, le=10_000)  # host scheduler tick: an exit while in guest
     page_cluster: int = Field(3, ge=0, le=6)
@@ -166,13 +244,19 @@ class HostConfig(_Model):
     no_fault_inst_range: int = Field(0x800, ge=0, le=MAX_OFFSET)
     costs: HostCosts = HostCosts()
     swap: SwapConfig = SwapConfig()
+    balloon: BalloonConfig = BalloonConfig()
 
 
-class InitialMemory(_Model):
+class InitialMemory(_LaterKeys):
     """Host state of guest memory at t=0: the rest of the pages are never touched."""
 
+    _later: ClassVar[tuple[str, ...]] = ("reported",)
     resident_fraction: float = Field(0.1, ge=0.0, le=1.0)
     swapped_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # With guest.free_page_reporting: were the blocks free at t=0 reported before (the guest
+    # has been up more than the ~30 s a full report takes)? unset: true. They then start
+    # discarded (UNTOUCHED); false: the reporting device has just registered.
+    reported: bool | None = None
 
     @model_validator(mode="after")
     def _sum(self) -> InitialMemory:
@@ -293,6 +377,11 @@ class Scenario(_Model):
                 raise ValueError(
                     f"tasks: cpu {t.cpu} of {t.name!r} must be < guest.vcpus ({g.vcpus})"
                 )
+        if self.initial_memory.reported is not None and not g.free_page_reporting:
+            raise ValueError(
+                "initial_memory.reported needs guest.free_page_reporting = true; "
+                "set it or remove initial_memory.reported"
+            )
         resident_pages = self.initial_memory.resident_fraction * g.memory_mib
         if resident_pages > self.host.memory_limit_mib:
             raise ValueError(

@@ -21,6 +21,7 @@ from apfsim.checking import InvariantViolation, RunChecker
 from apfsim.engine import Engine, RandomStreams
 from apfsim.guest.cpu import GuestCpu, GuestParams
 from apfsim.guest.kernel import SimKernel
+from apfsim.guest.page_reporting import PageReporting, ReportingParams
 from apfsim.guest.sched import CfsParams, Task
 from apfsim.host.backing import (
     ConstantServiceTime,
@@ -119,6 +120,7 @@ class Simulation:
         self.tasks: list[Task] = []
         self.workloads: list[Workload] = []
         self._task_kinds: list[str] = []
+        self._claimed_end = 0
         specs = self._build_tasks()
         self.kernel = SimKernel(
             self.memory,
@@ -201,6 +203,7 @@ class Simulation:
         for task, cpu in specs:
             self.cpus[cpu].rq.enqueue(task, wakeup=False)
             self.cpus[cpu].need_resched = True  # the idle task leaves do_idle for it
+        self.reporting = self._page_reporting() if g.free_page_reporting else None
         self._tick_ns = 1_000_000_000 // g.hz
         self._host_tick_ns = 1_000_000_000 // h.tick_hz if h.tick_hz else 0
 
@@ -265,7 +268,42 @@ class Simulation:
                 self.workloads.append(workload)
                 self._task_kinds.append(spec.kind)
                 placed.append((task, cpu))
+        self._claimed_end = next_gfn
         return placed
+
+    def _page_reporting(self) -> PageReporting:
+        """The guest's free page reporting (virtio-balloon on vCPU 0), registered at t=0.
+
+        Free at t=0: the memory no task claims and each memory hog's buffer (allocated at
+        its first touch). With ``initial_memory.reported`` (unset: true) those blocks were
+        reported before and start discarded; otherwise the registration's request reports
+        them ``PAGE_REPORTING_DELAY`` in."""
+        sc = self.scenario
+        cfg, h = sc.guest.page_reporting, sc.host
+        params = ReportingParams(
+            cfg.order,
+            cfg.delay_ns,
+            cfg.capacity,
+            cfg.budget_divisor,
+            h.exit_ns + h.entry_ns,
+            h.balloon.report_range_ns,
+            h.balloon.discard_page_ns,
+        )
+        hogs = [w for w in self.workloads if isinstance(w, MemoryHogTask)]
+        reporting = PageReporting(
+            self.engine,
+            self.memory,
+            params,
+            hogs,
+            [(self._claimed_end, self.memory.n_pages)],
+            self.vcpus[0].doorbell_exit,
+        )
+        for hog in hogs:
+            hog.on_free = reporting.notify_free
+        if sc.initial_memory.reported is not False:
+            reporting.assume_reported()
+        reporting.register()
+        return reporting
 
     def workload_of(self, task: Task) -> Workload:
         return self.workloads[task.tid]
@@ -326,6 +364,7 @@ class Simulation:
             self.counters,
             self.memory,
             self.device,
+            None if self.reporting is None else self.reporting.counters(),
         )
         self._close(engine.now)
         return result

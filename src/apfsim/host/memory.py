@@ -108,9 +108,11 @@ class GuestMemory:
         "_ra_prev_win",
         "clock_scanned",
         "dirty",
+        "discards_skipped_in_io",
         "limit_pages",
         "n_pages",
         "page_cluster",
+        "pages_discarded",
         "pages_evicted",
         "pages_written",
         "ra_hits",
@@ -156,6 +158,8 @@ class GuestMemory:
         self.ra_hits = 0  # swapin_readahead_hits
         self._ra_prev_offset = -2  # prev_offset of the last swap-in without hits
         self._ra_prev_win = 0  # last_readahead_pages
+        self.pages_discarded = 0  # populated pages dropped by discard
+        self.discards_skipped_in_io = 0  # pages discard left alone: a read was in flight
 
     # ------------------------------------------------------------------ setup and queries
 
@@ -417,3 +421,34 @@ class GuestMemory:
             raise ValueError(
                 f"{op}: gfn {gfn} is {PageState(actual).name}, expected {PageState(expected).name}"
             )
+
+    # ------------------------------------------------------------------ discard
+
+    def discard(self, gfns: IntArray) -> int:
+        """The host discards reported guest pages (QEMU ``virtio_balloon_handle_report`` ->
+        ``ram_block_discard_range`` -> ``madvise(MADV_DONTNEED)``); returns how many were
+        populated (resident or swapped) and are now dropped.
+
+        The zap empties each PTE: a resident page (``MAPPED``, ``SWAPCACHE``) is freed and
+        uncharged from the memcg, a swap entry is dropped with its copy; either becomes
+        ``UNTOUCHED``, so the guest's next touch is a zero-fill with no I/O. A page with a
+        read in flight (``IN_IO``) is left as it is: the zap drops its swap entry but
+        ``free_swap_and_cache`` only trylocks the locked folio, which stays in the swap
+        cache until the read completes (then ``SWAPCACHE``, later reclaimed or mapped).
+        The guest does not touch reported pages meanwhile (they are isolated from its
+        allocator), so no fault waits on them.
+        """
+        gfns = np.asarray(gfns, dtype=np.int64)
+        st = self.state[gfns]
+        in_io = st == _IN_IO
+        populated = (st != np.uint8(PageState.UNTOUCHED)) & ~in_io
+        drop = gfns[populated]
+        resident = int(np.count_nonzero((st == _MAPPED) | (st == _SWAPCACHE)))
+        self.state[drop] = np.uint8(PageState.UNTOUCHED)
+        self.referenced[drop] = 0
+        self.dirty[drop] = 0
+        self.swap_copy[drop] = 0
+        self.resident -= resident
+        self.pages_discarded += len(drop)
+        self.discards_skipped_in_io += int(np.count_nonzero(in_io))
+        return len(drop)

@@ -395,3 +395,12 @@ class Vcpu:
             self._wake()
         elif mode == VcpuMode.SPIN and self._host_event is None:
             self._host_event = self.engine.after(0, self._spin_end)
+
+    def doorbell_exit(self) -> bool:
+        """A guest write to an ioeventfd doorbell (a virtqueue kick, ``virtqueue_notify``):
+        KVM signals the eventfd and re-enters; the device's work runs in a QEMU thread.
+        An exit and an entry, paid only by a vCPU in the guest (False otherwise)."""
+        if self.mode == VcpuMode.GUEST:
+            self.exit_async()
+            return True
+        return False

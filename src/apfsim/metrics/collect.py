@@ -41,8 +41,11 @@ def collect(
     counters: RunCounters,
     memory: GuestMemory,
     device: SwapDevice,
+    reporting: dict[str, int] | None = None,
 ) -> ProtocolResult:
-    """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters."""
+    """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters;
+    ``reporting`` the free page reporting figures, when the guest reports (added to
+    ``memory``)."""
     sim_s = now / 1e9
     task_results = [
         TaskResult(
@@ -101,6 +104,8 @@ def collect(
         "context_switches": counters.context_switches,
         "ipis": counters.ipis,
     }
+    if reporting is not None:
+        mem.update(reporting)
     tracepoints = {name: getattr(counters, name) for name in TRACEPOINT_COUNTS}
     return ProtocolResult(
         protocol=protocol,

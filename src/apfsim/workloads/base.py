@@ -72,6 +72,11 @@ class Workload(ABC):
         """The context the task is executing in now (for injection decisions)."""
         return AccessMode.USER
 
+    def free_range(self) -> tuple[int, int]:
+        """The gfns ``[lo, hi)`` of this task's memory that the guest's page allocator holds
+        free now (none if ``hi <= lo``): what free page reporting may report."""
+        return (0, 0)
+
     @property
     def finished(self) -> bool:
         return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from apfsim.host.memory import GuestMemory, PageState
@@ -123,6 +125,12 @@ class MemoryHogTask(Workload):
     (clear_page in the anonymous fault path: kernel mode); later writes are user mode.
     ``iterations`` allocate/write/free cycles, then the task is done (its completion time
     is the "app time" of the seed's memory-only run).
+
+    The free at the end of each iteration returns the buffer to the guest's page allocator
+    (``free_pages`` -> ``__free_one_page``, where merged blocks of the reporting order call
+    ``page_reporting_notify_free``); ``on_free``, when set, is told. The next iteration
+    allocates the buffer again page by page at its first touch (the guest's anonymous fault),
+    so during the first pass the pages not yet reached are free in the guest.
     """
 
     def __init__(
@@ -147,10 +155,22 @@ class MemoryHogTask(Workload):
         self.offset = 0  # next page within the pass
         self._planned = 0
         self._evict_mark = -1
+        self.on_free: Callable[[MemoryHogTask], None] | None = None
 
     @property
     def finished(self) -> bool:
         return self.iterations is not None and self.iteration >= self.iterations
+
+    def free_range(self) -> tuple[int, int]:
+        """Free in the guest: the whole buffer once the task is done; in the first pass the
+        pages past the ones planned now and the page it is faulting on (a plan's pages are
+        taken as allocated at once); nothing in later passes."""
+        end = self.first_gfn + self.n_pages
+        if self.finished:
+            return (self.first_gfn, end)
+        if self.pass_no != 0:
+            return (end, end)
+        return (min(end, self.first_gfn + self.offset + self._planned + 1), end)
 
     def _cost(self) -> int:
         if self.pass_no == 0:
@@ -199,6 +219,8 @@ class MemoryHogTask(Workload):
             if self.pass_no >= self.passes:
                 self.pass_no = 0
                 self.iteration += 1
+                if self.on_free is not None:
+                    self.on_free(self)
         return complete
 
 
