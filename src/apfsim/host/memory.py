@@ -354,6 +354,14 @@ class GuestMemory:
         used = np.bincount(self.slot[held] // self.swap_cluster, minlength=len(self._cluster_used))
         if not np.array_equal(used, self._cluster_used):
             raise RuntimeError("per-cluster slot counts disagree with the owner map")
+        listed = np.array(self._free_clusters, dtype=np.int64)
+        if (
+            len(set(self._free_clusters)) != len(listed)
+            or not np.array_equal(np.flatnonzero(self._on_free_list), np.sort(listed))
+            or np.any(used[listed] != 0)
+            or self._cpu_cluster in self._free_clusters
+        ):
+            raise RuntimeError("the free cluster list holds a used or per-CPU cluster")
 
     # ------------------------------------------------------------------ swap slots
 
@@ -393,12 +401,12 @@ class GuestMemory:
             n = len(free)
             slots[got : got + n] = free
             got += n
+            self._cluster_used[cl] += n
             self._cpu_next = int(free[-1]) + 1 if n else end
             if self._cpu_next >= end:
                 self._drop_cpu_cluster()
         owner[slots] = gfns
         self.slot[gfns] = slots
-        np.add.at(self._cluster_used, slots // size, 1)
         return slots
 
     def _scan_alloc(self, out: GfnArray) -> int:
@@ -420,6 +428,7 @@ class GuestMemory:
         if got < len(out):
             raise RuntimeError(f"swap area of {n_slots} slots is full")
         self._scan_next = pos
+        np.add.at(self._cluster_used, out // self.swap_cluster, 1)
         return got
 
     def _drop_cpu_cluster(self) -> None:
