@@ -5,7 +5,8 @@ Each guest page (gfn) has three one-byte flags and a swap slot kept in numpy arr
 * ``state``: a :class:`PageState`;
 * ``referenced``: the stage-2 access bit that ``kvm_age_gfn`` (via the MMU notifier's
   ``clear_young``) reports to reclaim; set when the guest touches a mapped page;
-* ``dirty``: the page differs from its copy in its swap slot;
+* ``dirty``: the page differs from its copy in its swap slot (meaningless without one: a page
+  without a slot is always written when evicted);
 * ``slot``: the page's swap slot (``int32``, -1 = none): a valid copy of the page exists
   in swap exactly when it holds a slot.
 
@@ -113,6 +114,7 @@ _IN_IO = np.uint8(PageState.IN_IO)
 # NOTE: plain ints for scalar checks on hot paths: IntEnum attribute access is slow.
 _UNTOUCHED_INT = int(PageState.UNTOUCHED)
 _SWAPCACHE_INT = int(PageState.SWAPCACHE)
+_SWAPPED_INT = int(PageState.SWAPPED)
 
 
 @dataclass(slots=True, frozen=True, eq=False)
@@ -198,7 +200,6 @@ class GuestMemory:
         "referenced",
         "resident",
         "slot",
-        "slots_freed",
         "state",
         "swap_cluster",
         "zero_fills",
@@ -244,8 +245,11 @@ class GuestMemory:
         self.dirty = np.zeros(n_pages, dtype=np.uint8)
         self.slot = np.full(n_pages, -1, dtype=np.int32)
         self.owner = np.full(self.n_slots, -1, dtype=np.int32)
-        self._cluster_used = np.zeros(n_clusters, dtype=np.int32)
-        self._on_free_list = np.ones(n_clusters, dtype=np.uint8)
+        # NOTE: Python lists, not arrays: one scalar read and write per swap-in, and list
+        # indexing is several times cheaper than numpy's, for performance (counts <= 256
+        # are cached small ints: 8 bytes a cluster).
+        self._cluster_used: list[int] = [0] * n_clusters
+        self._on_free_list: list[bool] = [True] * n_clusters
         self._free_clusters: deque[int] = deque(range(n_clusters))
         self._cpu_cluster = -1  # the per-CPU cluster (percpu_cluster), -1 = none
         self._cpu_next = 0  # its next slot to try
@@ -254,7 +258,6 @@ class GuestMemory:
         self._hand = 0
         self.pages_evicted = 0
         self.pages_written = 0
-        self.slots_freed = 0
         self.zero_fills = 0
         self.reads_started = 0
         self.clock_scanned = 0
@@ -352,7 +355,7 @@ class GuestMemory:
         if np.any(self.slot[self.state == _SWAPPED] < 0):
             raise RuntimeError("a SWAPPED page holds no swap slot")
         used = np.bincount(self.slot[held] // self.swap_cluster, minlength=len(self._cluster_used))
-        if not np.array_equal(used, self._cluster_used):
+        if not np.array_equal(used, np.array(self._cluster_used)):
             raise RuntimeError("per-cluster slot counts disagree with the owner map")
         listed = np.array(self._free_clusters, dtype=np.int64)
         if (
@@ -362,15 +365,19 @@ class GuestMemory:
             or self._cpu_cluster in self._free_clusters
         ):
             raise RuntimeError("the free cluster list holds a used or per-CPU cluster")
+        cl = self._cpu_cluster
+        if cl >= 0 and np.any(self.owner[self._cpu_next : (cl + 1) * self.swap_cluster] >= 0):
+            raise RuntimeError("a slot above the per-CPU cluster's cursor is in use")
 
     # ------------------------------------------------------------------ swap slots
 
     def _reset_swap(self) -> None:
         self.slot.fill(-1)
         self.owner.fill(-1)
-        self._cluster_used.fill(0)
-        self._on_free_list.fill(1)
-        self._free_clusters = deque(range(len(self._cluster_used)))
+        n_clusters = len(self._cluster_used)
+        self._cluster_used = [0] * n_clusters
+        self._on_free_list = [True] * n_clusters
+        self._free_clusters = deque(range(n_clusters))
         self._cpu_cluster = -1
         self._cpu_next = 0
         self._scan_next = 0
@@ -385,7 +392,10 @@ class GuestMemory:
         k = len(gfns)
         slots = np.empty(k, dtype=np.int64)
         got = 0
-        owner, size = self.owner, self.swap_cluster
+        size, counts = self.swap_cluster, self._cluster_used
+        # A cluster leaves the free list with every slot free, and while it is the per-CPU
+        # one only this path allocates in it (the scan runs without one): the slots above
+        # the cursor are free, so no search is needed.
         while got < k:
             cl = self._cpu_cluster
             if cl < 0:
@@ -393,19 +403,18 @@ class GuestMemory:
                     got += self._scan_alloc(slots[got:])
                     break
                 cl = self._free_clusters.popleft()
-                self._on_free_list[cl] = 0
+                self._on_free_list[cl] = False
                 self._cpu_cluster = cl
                 self._cpu_next = cl * size
-            nxt, end = self._cpu_next, (cl + 1) * size
-            free = np.flatnonzero(owner[nxt:end] < 0)[: k - got] + nxt
-            n = len(free)
-            slots[got : got + n] = free
+            nxt = self._cpu_next
+            n = min((cl + 1) * size - nxt, k - got)
+            slots[got : got + n] = np.arange(nxt, nxt + n)
             got += n
-            self._cluster_used[cl] += n
-            self._cpu_next = int(free[-1]) + 1 if n else end
-            if self._cpu_next >= end:
+            counts[cl] += n
+            self._cpu_next = nxt + n
+            if nxt + n == (cl + 1) * size:
                 self._drop_cpu_cluster()
-        owner[slots] = gfns
+        self.owner[slots] = gfns
         self.slot[gfns] = slots
         return slots
 
@@ -428,34 +437,37 @@ class GuestMemory:
         if got < len(out):
             raise RuntimeError(f"swap area of {n_slots} slots is full")
         self._scan_next = pos
-        np.add.at(self._cluster_used, out // self.swap_cluster, 1)
+        used, size = self._cluster_used, self.swap_cluster
+        for s in out.tolist():
+            used[s // size] += 1
         return got
 
     def _drop_cpu_cluster(self) -> None:
         cl = self._cpu_cluster
         self._cpu_cluster = -1
         if self._cluster_used[cl] == 0 and not self._on_free_list[cl]:
-            self._on_free_list[cl] = 1
+            self._on_free_list[cl] = True
             self._free_clusters.append(cl)
 
     def free_swap(self, gfn: int) -> None:
-        """Release ``gfn``'s slot (``folio_free_swap``): the page alone holds its contents now.
+        """Release ``gfn``'s slot (``folio_free_swap``): the page alone holds its contents now
+        and is written to a new slot at its next eviction.
 
         A cluster whose last slot is freed goes to the tail of the free list, unless it is
         the per-CPU cluster still being filled.
         """
-        s = int(self.slot[gfn])
+        slot = self.slot
+        s = int(slot[gfn])
         if s < 0:
             return
-        self.slot[gfn] = -1
+        slot[gfn] = -1
         self.owner[s] = -1
-        self.dirty[gfn] = 1
-        self.slots_freed += 1
         cl = s // self.swap_cluster
-        used = int(self._cluster_used[cl]) - 1
-        self._cluster_used[cl] = used
-        if used == 0 and cl != self._cpu_cluster and not self._on_free_list[cl]:
-            self._on_free_list[cl] = 1
+        counts = self._cluster_used
+        used = counts[cl] - 1
+        counts[cl] = used
+        if not used and cl != self._cpu_cluster and not self._on_free_list[cl]:
+            self._on_free_list[cl] = True
             self._free_clusters.append(cl)
 
     def requests(self, gfns: GfnArray) -> list[GfnArray]:
@@ -469,9 +481,10 @@ class GuestMemory:
         if n == 1:
             return [gfns]
         slots = self.slot[gfns]
-        # NOTE: distinct slots spanning exactly n are one run; checked on scalars first,
-        # for performance (most windows are one run).
-        if n <= MAX_REQUEST_PAGES and int(slots.max()) - int(slots.min()) == n - 1:
+        # NOTE: distinct slots spanning exactly n are one run; checked on a list first, for
+        # performance (most windows are one run, and numpy reductions of a few items cost more).
+        listed = slots.tolist()
+        if n <= MAX_REQUEST_PAGES and max(listed) - min(listed) == n - 1:
             return [gfns]
         order = np.argsort(slots, kind="stable")
         ordered, sorted_slots = gfns[order], slots[order]
@@ -500,8 +513,10 @@ class GuestMemory:
 
         ``lookup_swap_cache`` counts a readahead hit; the write fault frees the slot.
         """
-        self._expect(gfn, _SWAPCACHE_INT, "map_swapcache")
-        self.state[gfn] = _MAPPED
+        state = self.state
+        if state[gfn] != _SWAPCACHE:
+            self._expect(gfn, _SWAPCACHE_INT, "map_swapcache")
+        state[gfn] = _MAPPED
         self.referenced[gfn] = 1
         self.ra_hits += 1
         self.free_swap(gfn)
@@ -562,13 +577,16 @@ class GuestMemory:
         if pages <= 1:
             return np.array([gfn], dtype=np.int64)
         base = int(self.slot[gfn]) & ~(pages - 1)
+        state = self.state
+        # NOTE: a list walk over at most 64 slots, for performance (cheaper than the
+        # handful of numpy calls a vectorised filter of so few items needs).
         owners = self.owner[base : min(base + pages, self.n_slots)]
-        others = owners[owners >= 0].astype(np.int64)
-        others = others[(self.state[others] == _SWAPPED) & (others != gfn)]
-        window = np.empty(len(others) + 1, dtype=np.int64)
-        window[0] = gfn
-        window[1:] = others
-        return window
+        window = [gfn]
+        # A free slot's -1 indexes the last page: its state is read, then ignored.
+        for owner, st in zip(owners.tolist(), state[owners].tolist(), strict=True):
+            if owner >= 0 and owner != gfn and st == _SWAPPED_INT:
+                window.append(owner)
+        return np.array(window, dtype=np.int64)
 
     def vma_window(self, gfn: int, win: int, prev: int) -> GfnArray:
         """``swap_vma_readahead`` over ``win`` pages: ``gfn`` first, then the other swapped
@@ -589,12 +607,12 @@ class GuestMemory:
         pmd = gfn & ~(PMD_PAGES - 1)
         lo = max(lo, pmd, 0)
         hi = min(hi, pmd + PMD_PAGES, self.n_pages)
-        others = np.flatnonzero(self.state[lo:hi] == _SWAPPED) + lo
-        others = others[others != gfn]
-        window = np.empty(len(others) + 1, dtype=np.int64)
-        window[0] = gfn
-        window[1:] = others
-        return window
+        # NOTE: a list walk over at most 32 pages, for performance (as in cluster_window).
+        window = [gfn]
+        for i, st in enumerate(self.state[lo:hi].tolist()):
+            if st == _SWAPPED_INT and lo + i != gfn:
+                window.append(lo + i)
+        return np.array(window, dtype=np.int64)
 
     def readahead_window(self, gfn: int) -> GfnArray:
         """The gfns one swap-in of ``gfn`` reads (``swapin_readahead``): VMA or cluster."""
