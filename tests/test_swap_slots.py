@@ -14,7 +14,8 @@ from apfsim.host.backing import ConstantServiceTime, SwapDevice
 from apfsim.host.io import HostMemoryIo
 from apfsim.host.memory import MAX_REQUEST_PAGES, GuestMemory, PageState
 from apfsim.ports import RunCounters
-from apfsim.scenario import SwapConfig
+from apfsim.scenario import SwapConfig, scenario_from_dict
+from apfsim.simulation import Simulation
 
 M, C, S, U, IO = (
     PageState.MAPPED,
@@ -257,3 +258,24 @@ def test_readahead_auto_follows_swap_use_vma_readahead() -> None:
     assert SwapConfig(rotational=False, readahead="cluster").readahead_mode() == "cluster"
     with pytest.raises(ValidationError, match="readahead"):
         SwapConfig.model_validate({"readahead": "both"})
+
+
+@pytest.mark.parametrize("readahead", ["vma", "cluster"])
+def test_slot_maps_stay_consistent_through_a_run(readahead: str) -> None:
+    """A random writer over three times the host limit under x86: every slot has one owner, every
+    swapped page a slot, the cluster counts and free list agree (``GuestMemory.check``)."""
+    sc = scenario_from_dict(
+        {
+            "duration_s": 0.3,
+            "guest": {"vcpus": 1, "memory_mib": 64, "reserved_mib": 4},
+            "host": {"memory_limit_mib": 16, "swap": {"readahead": readahead}},
+            "initial_memory": {"resident_fraction": 0.25, "swapped_fraction": 0.7},
+            "tasks": [{"kind": "random_writer", "buffer_mib": 48}],
+        }
+    )
+    sim = Simulation(sc, "x86", seed=4)
+    result = sim.run()
+    mem = sim.memory
+    mem.check()
+    assert result.faults["needs_io"] > 100 and mem.pages_evicted > 100
+    assert mem.readahead == readahead
