@@ -74,9 +74,10 @@ PMD_PAGES = 512
 is 2 MiB aligned."""
 
 MAX_REQUEST_PAGES = 128
-"""The largest merged request: ``BLK_DEF_MAX_SECTORS`` = 1024 sectors = 512 KiB
-(include/linux/blkdev.h before 6.9); ``bio_attempt_back_merge`` stops at the queue's
-``max_sectors``."""
+"""The largest merged request, 512 KiB: a queue's ``max_sectors`` stops a back merge
+(block/blk-merge.c). Assumption: ``BLK_DEF_MAX_SECTORS`` was 1024 sectors (512 KiB) in older
+include/linux/blkdev.h and 2560 later (version not checked); devices often cap lower. Only
+reclaim batches above 128 pages reach it."""
 
 Readahead = Literal["vma", "cluster"]
 """``swap_vma_readahead`` (neighbours in virtual order) or ``swap_cluster_readahead``
