@@ -311,7 +311,7 @@ class GuestMemory:
         self.state[res] = _MAPPED
         self.dirty[res] = 1
         self.state[swp] = _SWAPPED
-        self.alloc_swap(np.sort(swp).astype(np.int64))
+        self._fill_swap_in_order(np.sort(swp))
         self.resident = n_res
         self._hand = 0
 
@@ -382,6 +382,22 @@ class GuestMemory:
         self._cpu_cluster = -1
         self._cpu_next = 0
         self._scan_next = 0
+
+    def _fill_swap_in_order(self, gfns: IntArray) -> None:
+        """On an empty swap area, what ``alloc_swap(gfns)`` does, without its int64
+        transients (a 64 GiB guest places 8 M swapped pages at once)."""
+        k, size = len(gfns), self.swap_cluster
+        self.slot[gfns] = np.arange(k, dtype=np.int32)
+        self.owner[:k] = gfns
+        full, rest = divmod(k, size)
+        taken = full + (1 if rest else 0)
+        self._cluster_used[:full] = [size] * full
+        for cl in range(taken):
+            self._on_free_list[cl] = False
+            self._free_clusters.popleft()
+        if rest:
+            self._cluster_used[full] = rest
+            self._cpu_cluster, self._cpu_next = full, k
 
     def alloc_swap(self, gfns: GfnArray) -> GfnArray:
         """``folio_alloc_swap`` for each of ``gfns`` (no slot yet), in order; returns the slots.
