@@ -24,23 +24,25 @@ BATCH = 2048  # the workloads' plan batch (workloads/tasks.py _BATCH)
 
 
 def per_page_arrays(mem: GuestMemory) -> dict[str, np.ndarray]:
-    """Every per-page numpy array of ``mem`` (found by shape, so new ones are counted too)."""
+    """Every per-page and per-swap-slot numpy array of ``mem`` (found by shape, so new ones
+    are counted too)."""
     out = {}
     for name in type(mem).__slots__:
         value = getattr(mem, name, None)
-        if isinstance(value, np.ndarray) and value.shape == (mem.n_pages,):
+        if isinstance(value, np.ndarray) and value.shape in ((mem.n_pages,), (mem.n_slots,)):
             out[name] = value
     return out
 
 
 def bytes_per_page() -> tuple[int, int]:
-    """(sum of per-page itemsizes, bytes a 64 GiB guest needs) from a 1 GiB GuestMemory."""
+    """(bytes of per-page and per-slot state per guest page, bytes a 64 GiB guest needs)
+    from a 1 GiB GuestMemory (its swap area is whole clusters: no rounding)."""
     mem = GuestMemory(PAGES_PER_GIB, PAGES_PER_GIB // 2)
     arrays = per_page_arrays(mem)
-    itemsizes = sum(a.itemsize for a in arrays.values())
-    assert itemsizes == mem.bytes_per_page()
     total_1gib = sum(a.nbytes for a in arrays.values())
-    return itemsizes, 64 * total_1gib
+    per_page = total_1gib // mem.n_pages
+    assert per_page == mem.bytes_per_page()
+    return per_page, 64 * total_1gib
 
 
 def resident_memory(fraction: float = 0.9) -> GuestMemory:

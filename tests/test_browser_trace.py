@@ -53,8 +53,8 @@ def check_in_browser(doc_text: str, tmp_path: Path, chromium: str) -> dict[str, 
 def test_default_scenario_trace_passes_the_viewer_rules_in_a_browser(tmp_path: Path) -> None:
     chromium = chromium_or_skip()
     out = tmp_path / "default.json"
-    args = ["run", "-p", "arm64-rfcv2", "--duration", "31", "--quiet"]
-    assert main([*args, "--trace", str(out), "--trace-window", "30:31"]) == 0
+    args = ["run", "-p", "arm64-rfcv2", "--duration", "33", "--quiet"]
+    assert main([*args, "--trace", str(out), "--trace-window", "32:33"]) == 0
     result = check_in_browser(out.read_text(), tmp_path, chromium)
     assert result["ok"], result["error"]
     assert {"vCPU 0", "vCPU 0: APF signals", "memhog (cpu 0)", "compute (cpu 0)"} <= set(

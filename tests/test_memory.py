@@ -33,6 +33,7 @@ def memory_with(states: list[PageState], referenced: list[int], limit: int = 100
     mem.state[:] = np.array(states, dtype=np.uint8)
     mem.referenced[:] = np.array(referenced, dtype=np.uint8)
     mem.dirty[:] = 1
+    mem.alloc_swap(np.flatnonzero(mem.state == S))  # swapped pages hold slots, in gfn order
     mem.resident = int(np.isin(mem.state, [M, C, IO]).sum())
     return mem
 
@@ -56,8 +57,10 @@ def test_initialise_respects_fractions_and_flags() -> None:
     assert (mem.count(M), mem.count(S), mem.count(U)) == (500, 300, 200)
     assert mem.resident == 500
     resident, swapped = mem.state == M, mem.state == S
-    assert mem.dirty[resident].all() and not mem.swap_copy[resident].any()
-    assert mem.swap_copy[swapped].all() and not mem.dirty[swapped].any()
+    assert mem.dirty[resident].all() and (mem.slot[resident] < 0).all()
+    assert (mem.slot[swapped] >= 0).all() and not mem.dirty[swapped].any()
+    # The swapped pages hold the first slots of the swap area, in gfn order.
+    assert mem.slot[swapped].tolist() == list(range(300))
     assert not mem.referenced.any()
     mem.check()
 
@@ -85,8 +88,12 @@ def test_initialise_rejects_bad_fractions(res: float, swp: float) -> None:
 
 def test_bytes_per_page_at_most_16() -> None:
     mem = GuestMemory(64, 32)
-    arrays = (mem.state, mem.referenced, mem.dirty, mem.swap_copy)
-    assert sum(a.itemsize for a in arrays) == mem.bytes_per_page() == 4 <= 16
+    arrays = (mem.state, mem.referenced, mem.dirty, mem.slot)
+    flags = sum(a.itemsize for a in arrays)
+    # Plus the owner of each slot of a swap area twice the guest (whole clusters).
+    assert flags == 7 and mem.bytes_per_page() == flags + -(-mem.owner.nbytes // 64)
+    big = GuestMemory(1 << 18, 1 << 17)  # 1 GiB: whole clusters, no rounding
+    assert big.bytes_per_page() == 7 + 8 <= 16
 
 
 # ---------------------------------------------------------------------- access and faults
@@ -110,7 +117,7 @@ def test_zero_fill() -> None:
     rec = mem.zero_fill(5)
     assert rec.evicted == 0 and len(rec.writes) == 0
     assert mem.state[5] == M and mem.dirty[5] == 1 and mem.referenced[5] == 1
-    assert mem.swap_copy[5] == 0
+    assert mem.slot[5] == -1
     assert mem.resident == 1 and mem.zero_fills == 1
     with pytest.raises(ValueError, match="gfn 5 is MAPPED, expected UNTOUCHED"):
         mem.zero_fill(5)
@@ -132,34 +139,33 @@ def test_zero_fill_at_limit_reclaims_a_batch() -> None:
 def test_swap_in_cycle_and_write_back_only_when_dirty() -> None:
     mem = GuestMemory(16, limit_pages=16, page_cluster=0, reclaim_batch=1)
     mem.state[:] = S
-    mem.swap_copy[:] = 1
+    mem.alloc_swap(np.arange(16, dtype=np.int64))
     window = mem.readahead_window(3)
     assert window.tolist() == [3]
     mem.start_read(window)
     assert mem.state[3] == IO and mem.resident == 1 and mem.reads_started == 1
     mem.finish_read(window)
-    assert mem.state[3] == C and mem.dirty[3] == 0 and mem.swap_copy[3] == 1
-    assert mem.map_after_read(3)
-    assert mem.state[3] == M and mem.referenced[3] == 1
+    assert mem.state[3] == C and mem.dirty[3] == 0 and mem.slot[3] == 3
     mem.referenced[3] = 0
-    rec = mem.reclaim(1)  # clean, valid swap copy: dropped without a write
-    assert rec.evicted == 1 and len(rec.writes) == 0
+    rec = mem.reclaim(1)  # clean swap-cache page, slot kept: dropped without a write
+    assert rec.evicted == 1 and len(rec.writes) == 0 and mem.slot[3] == 3
     mem.start_read(gfns(3))
     mem.finish_read(gfns(3))
-    mem.map_after_read(3)
-    mem.touch(gfns(3), write=True)
+    assert mem.map_after_read(3)  # the write fault frees the slot
+    assert mem.state[3] == M and mem.referenced[3] == 1 and mem.slot[3] == -1
     mem.referenced[3] = 0
-    assert mem.reclaim(1).writes.tolist() == [3]  # written again: dirtied after the read
-    assert mem.pages_written == 1
+    assert mem.reclaim(1).writes.tolist() == [3]  # written again, to a new slot
+    assert mem.slot[3] == 16 and mem.pages_written == 1
+    mem.check()
 
 
 def test_clean_page_without_swap_copy_is_written() -> None:
     mem = memory_with([M, M, C], [0, 0, 0])
     mem.dirty[:] = 0
-    mem.swap_copy[:] = [0, 1, 1]
+    mem.alloc_swap(gfns(1, 2))
     rec = mem.reclaim(3)
     assert rec.evicted == 3 and rec.writes.tolist() == [0]
-    assert mem.swap_copy.all() and not mem.dirty.any()
+    assert (mem.slot >= 0).all() and not mem.dirty.any()
 
 
 def test_map_swapcache_and_map_after_read_after_reclaim() -> None:
@@ -182,9 +188,15 @@ def test_start_read_rejects_pages_not_swapped() -> None:
 # ---------------------------------------------------------------------- readahead
 
 
-def test_cluster_window_is_the_aligned_cluster() -> None:
-    mem = GuestMemory(64, 64, page_cluster=3)
+def all_swapped(mem: GuestMemory) -> GuestMemory:
+    """Every page swapped, with slots in gfn order (slot == gfn)."""
     mem.state[:] = S
+    mem.alloc_swap(np.arange(mem.n_pages, dtype=np.int64))
+    return mem
+
+
+def test_cluster_window_is_the_aligned_cluster() -> None:
+    mem = all_swapped(GuestMemory(64, 64, page_cluster=3))
     mem.state[[9, 14]] = [M, IO]
     assert mem.cluster_window(13, 8).tolist() == [13, 8, 10, 11, 12, 15]
     assert mem.cluster_window(8, 8).tolist() == [8, 10, 11, 12, 13, 15]
@@ -192,16 +204,14 @@ def test_cluster_window_is_the_aligned_cluster() -> None:
     assert mem.cluster_window(13, 4).tolist() == [13, 12, 15]
 
 
-def test_cluster_window_truncated_at_end_of_memory() -> None:
-    mem = GuestMemory(20, 20, page_cluster=3)
-    mem.state[:] = S
+def test_cluster_window_truncated_at_end_of_swap_area() -> None:
+    mem = all_swapped(GuestMemory(20, 20, page_cluster=3, swap_cluster=4, swap_slots=20))
     assert mem.cluster_window(17, 8).tolist() == [17, 16, 18, 19]
 
 
 def test_readahead_is_one_page_for_random_swapins() -> None:
     """__swapin_nr_pages: no hits and a non-adjacent offset read only the target."""
-    mem = GuestMemory(64, 64, page_cluster=3)
-    mem.state[:] = S
+    mem = all_swapped(GuestMemory(64, 64, page_cluster=3))
     assert mem.readahead_window(13).tolist() == [13]
     assert mem.readahead_window(40).tolist() == [40]
 
@@ -220,18 +230,16 @@ def test_readahead_ramps_up_on_sequential_hits() -> None:
 
 
 def test_minor_fault_on_swapcache_counts_a_readahead_hit() -> None:
-    mem = GuestMemory(16, 16, page_cluster=3)
-    mem.state[:] = S
-    mem.swap_copy[:] = 1
+    mem = all_swapped(GuestMemory(16, 16, page_cluster=3))
     mem.start_read(np.array([4, 5], dtype=np.int64))
     mem.finish_read(np.array([4, 5], dtype=np.int64))
     mem.map_swapcache(5)
     assert mem.ra_hits == 1
+    assert mem.slot[5] == -1 and mem.slot[4] == 4  # the write fault frees the mapped one's
 
 
 def test_page_cluster_zero_reads_one_page() -> None:
-    mem = GuestMemory(64, 64, page_cluster=0)
-    mem.state[:] = S
+    mem = all_swapped(GuestMemory(64, 64, page_cluster=0))
     assert mem.readahead_window(13).tolist() == [13]
 
 
@@ -315,15 +323,17 @@ def test_vectorised_clock_equals_reference(
     states, refs, dirty, swap_copy, hand, requests = case
     mem = memory_with(states, refs)
     mem.dirty[:] = dirty
-    mem.swap_copy[:] = swap_copy
+    mem.alloc_swap(np.flatnonzero(np.array(swap_copy, dtype=bool) & (mem.slot < 0)))
     mem._hand = hand
     exp_state, exp_ref = mem.state.copy(), mem.referenced.copy()
-    exp_dirty, exp_copy = mem.dirty.copy(), mem.swap_copy.copy()
+    exp_dirty, exp_copy = mem.dirty.copy(), (mem.slot >= 0).astype(np.uint8)
     exp_resident, exp_scanned = mem.resident, 0
+    next_slot = int(np.count_nonzero(exp_copy))  # one cluster, never freed: in order
     with clock_chunks(*chunk):
         for n in requests:
             victims, hand, scanned = reference_clock(exp_state, exp_ref, hand, n)
             exp_writes = [g for g in victims if exp_dirty[g] or not exp_copy[g]]
+            fresh = [g for g in victims if not exp_copy[g]]
             exp_dirty[victims], exp_copy[victims] = 0, 1
             exp_resident -= len(victims)
             exp_scanned += scanned
@@ -337,7 +347,10 @@ def test_vectorised_clock_equals_reference(
             assert np.array_equal(mem.state, exp_state)
             assert np.array_equal(mem.referenced, exp_ref)
             assert np.array_equal(mem.dirty, exp_dirty)
-            assert np.array_equal(mem.swap_copy, exp_copy)
+            assert np.array_equal(mem.slot >= 0, exp_copy == 1)
+            # add_to_swap in eviction order: ascending slots of the one per-CPU cluster.
+            assert mem.slot[fresh].tolist() == list(range(next_slot, next_slot + len(fresh)))
+            next_slot += len(fresh)
             assert (mem._hand, mem.resident, mem.clock_scanned) == (
                 hand,
                 exp_resident,

@@ -41,7 +41,7 @@ def memory_with(states: list[int], limit: int = 1000) -> GuestMemory:
     mem.state[:] = np.array(states, dtype=np.uint8)
     mem.dirty[:] = 1
     mem.referenced[:] = 1
-    mem.swap_copy[:] = np.isin(mem.state, [C, S, IO])
+    mem.alloc_swap(np.flatnonzero(np.isin(mem.state, [C, S, IO])))  # their copies in swap
     mem.resident = int(np.isin(mem.state, [M, C, IO]).sum())
     return mem
 
@@ -51,7 +51,8 @@ def test_discard_drops_resident_and_swapped_pages_and_uncharges() -> None:
     dropped = mem.discard(np.arange(5, dtype=np.int64))
     assert dropped == 3  # MAPPED, SWAPCACHE, SWAPPED; UNTOUCHED has nothing, IN_IO waits
     assert mem.state.tolist() == [U, U, U, U, IO, M]
-    assert mem.swap_copy[:4].tolist() == [0, 0, 0, 0]
+    assert mem.slot[:4].tolist() == [-1] * 4 and mem.slot[4] >= 0  # the zap frees slots
+    assert int(np.count_nonzero(mem.owner >= 0)) == 1  # only the IN_IO page's is held
     assert mem.dirty[:3].tolist() == [0, 0, 0] and mem.referenced[:3].tolist() == [0] * 3
     assert mem.resident == 2  # the IN_IO page and gfn 5 stay charged
     assert mem.pages_discarded == 3 and mem.discards_skipped_in_io == 1

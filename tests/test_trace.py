@@ -267,8 +267,8 @@ def test_default_scenario_trace_has_every_track_async_pairs_flows_and_counters(
     out = tmp_path / "default.json"
     code = main(
         [
-            *("run", "-p", "arm64-rfcv2", "--duration", "31", "--quiet"),
-            *("--trace", str(out), "--trace-window", "30:31"),
+            *("run", "-p", "arm64-rfcv2", "--duration", "33", "--quiet"),
+            *("--trace", str(out), "--trace-window", "32:33"),
         ]
     )
     assert code == 0

@@ -184,6 +184,16 @@ class SwapConfig(_Model):
     write_mean_scale: float = Field(1.0, ge=0.001, le=1000.0)
     queue_depth: int = Field(32, ge=1, le=4096)
     transfer_ns_per_page: Ns = 4_000
+    # swapin_readahead: "auto" = swap_use_vma_readahead() (VMA-based unless a rotating swap
+    # device is active, Linux >= 4.14); "vma" / "cluster" force one (vma_ra_enabled).
+    readahead: Literal["auto", "vma", "cluster"] = "auto"
+    rotational: bool = True  # the RFCv2 testbed's SAS disk: nr_rotate_swap > 0
+
+    def readahead_mode(self) -> Literal["vma", "cluster"]:
+        """The readahead ``swapin_readahead`` uses on this device."""
+        if self.readahead == "auto":
+            return "cluster" if self.rotational else "vma"
+        return self.readahead
 
     @model_validator(mode="after")
     def _ordered(self) -> SwapConfig:

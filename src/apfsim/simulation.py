@@ -101,6 +101,7 @@ class Simulation:
             h.memory_limit_mib * MIB_PAGES,
             h.page_cluster,
             h.reclaim_batch,
+            h.swap.readahead_mode(),
         )
         im = scenario.initial_memory
         self.memory.initialise(

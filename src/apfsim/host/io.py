@@ -92,20 +92,29 @@ class HostMemoryIo:
         return NOWAIT_NEEDS_IO
 
     def write_back(self, reclaimed: Reclaimed) -> None:
-        """Dirty evicted pages go to swap: one write request per reclaim batch."""
-        if len(reclaimed.writes):
-            self.device.submit(IoKind.WRITE, len(reclaimed.writes), _ignore, None)
+        """Evicted pages go to swap under the reclaimer's plug (``shrink_lruvec``): one
+        write request per run of consecutive slots."""
+        writes = reclaimed.writes
+        if len(writes):
+            device = self.device
+            for part in self.memory.requests(writes):
+                device.submit(IoKind.WRITE, len(part), _ignore, None)
 
     def submit_swapin(self, gfn: int) -> None:
         """``do_swap_page`` -> ``swapin_readahead``: submit the read (with readahead).
 
         KVM's first GUP with FOLL_NOWAIT already does this before giving up on the page
-        lock, so the I/O starts at the fault, whatever the protocol does next.
+        lock, so the I/O starts at the fault, whatever the protocol does next. The window's
+        pages are charged first, then read under one plug: one request per run of
+        consecutive slots, each page ready when its request completes.
         """
-        if int(self.memory.state[gfn]) == _SWAPPED:
-            window = self.memory.readahead_window(gfn)
-            self.write_back(self.memory.start_read(window))
-            self.device.submit(IoKind.READ, len(window), self._read_done, window)
+        memory = self.memory
+        if int(memory.state[gfn]) == _SWAPPED:
+            window = memory.readahead_window(gfn)
+            self.write_back(memory.start_read(window))
+            device = self.device
+            for part in memory.requests(window):
+                device.submit(IoKind.READ, len(part), self._read_done, part)
 
     def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
         """Wait for ``gfn`` to be in memory: join its read, starting one if needed."""

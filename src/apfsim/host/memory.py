@@ -1,12 +1,21 @@
-"""Guest memory as the host sees it: residency, stage-2 mapping, swap and memcg reclaim.
+"""Guest memory as the host sees it: residency, stage-2 mapping, swap slots and memcg reclaim.
 
-Each guest page (gfn) has four one-byte flags kept in numpy arrays (4 bytes per page):
+Each guest page (gfn) has three one-byte flags and a swap slot kept in numpy arrays:
 
 * ``state``: a :class:`PageState`;
 * ``referenced``: the stage-2 access bit that ``kvm_age_gfn`` (via the MMU notifier's
   ``clear_young``) reports to reclaim; set when the guest touches a mapped page;
-* ``dirty``: the page differs from its copy in swap (or has none);
-* ``swap_copy``: a valid copy of the page exists in a swap slot.
+* ``dirty``: the page differs from its copy in its swap slot (meaningless without one: a page
+  without a slot is always written when evicted);
+* ``slot``: the page's swap slot (``int32``, -1 = none): a valid copy of the page exists
+  in swap exactly when it holds a slot.
+
+The swap area (``SwapSlots``) hands out slots as mm/swapfile.c does: ascending within a
+per-CPU cluster of ``SWAPFILE_CLUSTER`` slots (``scan_swap_map_try_ssd_cluster``), a new
+cluster from the free list when that one is used up, and a first-fit scan when no cluster is
+free. A slot is taken when a page without one is evicted (``add_to_swap`` ->
+``folio_alloc_swap``) and released when a write fault maps the page (``do_swap_page`` ->
+``should_try_to_free_swap``); readahead pages never mapped keep theirs.
 
 The host charges every resident page (``MAPPED``, ``SWAPCACHE``, ``IN_IO``) to one memory
 cgroup with a hard limit, as QEMU under memcg does in the published experiments. A charge
@@ -21,28 +30,58 @@ Example::
     mem.zero_fill(1)
     rec = mem.zero_fill(2)  # over the limit: both get a second chance, then 0 goes
     assert mem.resident == 2 and rec.writes.tolist() == [0]
+    assert mem.slot[0] == 0  # the first slot of the first cluster
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_REQUEST_PAGES",
+    "PMD_PAGES",
+    "SWAPFILE_CLUSTER",
     "SWAP_CLUSTER_MAX",
+    "SWAP_RA_ORDER_CEILING",
     "GfnArray",
     "GuestMemory",
     "IntArray",
     "PageState",
+    "Readahead",
     "Reclaimed",
 ]
 
 SWAP_CLUSTER_MAX = 32
 """Pages reclaimed per direct-reclaim call at least (``SWAP_CLUSTER_MAX`` in mm/vmscan.c)."""
+
+SWAPFILE_CLUSTER = 256
+"""Slots per swap cluster (mm/swap.h): 256 without ``CONFIG_THP_SWAP``. We swap 4 KiB pages
+only, so the THP size (``HPAGE_PMD_NR`` = 512) does not apply."""
+
+SWAP_RA_ORDER_CEILING = 5
+"""VMA readahead's largest window is ``1 << min(page_cluster, 5)`` pages on 64-bit
+(mm/swap_state.c)."""
+
+PMD_PAGES = 512
+"""Pages under one page-table page (2 MiB with 4 KiB pages): VMA readahead never crosses it
+(``swap_ra_clamp_pfn``). Guest frame numbers stand for QEMU's virtual pages, whose RAM block
+is 2 MiB aligned."""
+
+MAX_REQUEST_PAGES = 128
+"""The largest merged request, 512 KiB: a queue's ``max_sectors`` stops a back merge
+(block/blk-merge.c). Assumption: ``BLK_DEF_MAX_SECTORS`` was 1024 sectors (512 KiB) in older
+include/linux/blkdev.h and 2560 later (version not checked); devices often cap lower. Only
+reclaim batches above 128 pages reach it."""
+
+Readahead = Literal["vma", "cluster"]
+"""``swap_vma_readahead`` (neighbours in virtual order) or ``swap_cluster_readahead``
+(neighbours in swap-slot order)."""
 
 GfnArray = npt.NDArray[np.int64]
 """Guest frame numbers produced by this module."""
@@ -55,6 +94,8 @@ IntArray = npt.NDArray[np.integer[Any]]
 # NOTE: a few large numpy windows instead of a per-page loop, for performance.
 _MIN_CLOCK_CHUNK = 1024
 _CLOCK_CHUNK_PER_PAGE = 8
+# The first-fit scan of a swap area without free clusters looks at this many slots at once.
+_SCAN_CHUNK = 4096
 
 
 class PageState(IntEnum):
@@ -74,6 +115,7 @@ _IN_IO = np.uint8(PageState.IN_IO)
 # NOTE: plain ints for scalar checks on hot paths: IntEnum attribute access is slow.
 _UNTOUCHED_INT = int(PageState.UNTOUCHED)
 _SWAPCACHE_INT = int(PageState.SWAPCACHE)
+_SWAPPED_INT = int(PageState.SWAPPED)
 
 
 @dataclass(slots=True, frozen=True, eq=False)
@@ -94,34 +136,75 @@ def _empty_gfns() -> GfnArray:
 _NOTHING = Reclaimed(0, _empty_gfns())
 
 
+def _ra_pages(prev: int, cur: int, hits: int, max_pages: int, prev_win: int) -> int:
+    """``__swapin_nr_pages``: the adaptive readahead window (mm/swap_state.c).
+
+    Pages = hits + 2; with no hits, one page unless ``cur`` is next to ``prev``; else
+    rounded up to a power of two (at least 4); capped at ``max_pages``; never below half
+    ``prev_win``.
+    """
+    pages = hits + 2
+    if pages == 2:
+        if cur != prev + 1 and cur != prev - 1:
+            pages = 1
+    else:
+        roundup = 4
+        while roundup < pages:
+            roundup <<= 1
+        pages = roundup
+    if pages > max_pages:
+        pages = max_pages
+    half = prev_win // 2
+    return pages if pages >= half else half
+
+
 class GuestMemory:
     """Host-side page state of one guest, charged to a memcg with ``limit_pages``.
 
     ``resident`` counts pages in ``MAPPED``, ``SWAPCACHE`` or ``IN_IO`` and never exceeds
     ``limit_pages``: every method that makes a page resident charges it first, reclaiming
     ``max(needed, reclaim_batch)`` pages when the charge would exceed the limit.
+
+    The swap area has ``swap_slots`` slots (default: twice the guest, rounded up to whole
+    clusters) in clusters of ``swap_cluster``; ``owner[s]`` is the gfn holding slot ``s``
+    (-1 = free). One reclaiming context allocates: the per-CPU cluster of the one host CPU
+    that runs the vCPU thread and its kworker (``system_wq`` runs the item on the queuing
+    CPU), an assumption exact for one vCPU.
     """
 
     __slots__ = (
+        "_cluster_used",
+        "_cpu_cluster",
+        "_cpu_next",
+        "_free_clusters",
         "_hand",
+        "_on_free_list",
         "_ra_prev_offset",
         "_ra_prev_win",
+        "_scan_next",
+        "_vma",
+        "_vma_prev",
+        "_vma_win",
         "clock_scanned",
         "dirty",
         "discards_skipped_in_io",
         "limit_pages",
         "n_pages",
+        "n_slots",
+        "owner",
         "page_cluster",
         "pages_discarded",
         "pages_evicted",
         "pages_written",
         "ra_hits",
+        "readahead",
         "reads_started",
         "reclaim_batch",
         "referenced",
         "resident",
+        "slot",
         "state",
-        "swap_copy",
+        "swap_cluster",
         "zero_fills",
     )
 
@@ -131,6 +214,9 @@ class GuestMemory:
         limit_pages: int,
         page_cluster: int = 3,
         reclaim_batch: int = SWAP_CLUSTER_MAX,
+        readahead: Readahead = "cluster",
+        swap_cluster: int = SWAPFILE_CLUSTER,
+        swap_slots: int | None = None,
     ) -> None:
         if n_pages <= 0:
             raise ValueError(f"n_pages={n_pages} must be positive")
@@ -140,14 +226,37 @@ class GuestMemory:
             raise ValueError(f"page_cluster={page_cluster} must be >= 0 (0 disables readahead)")
         if reclaim_batch <= 0:
             raise ValueError(f"reclaim_batch={reclaim_batch} must be positive")
+        if readahead not in ("vma", "cluster"):
+            raise ValueError(f"readahead={readahead!r} must be 'vma' or 'cluster'")
+        if swap_cluster <= 0:
+            raise ValueError(f"swap_cluster={swap_cluster} must be positive")
+        if swap_slots is None:
+            swap_slots = 2 * n_pages
+        if swap_slots < n_pages:
+            raise ValueError(f"swap_slots={swap_slots} must be >= n_pages={n_pages}")
+        n_clusters = -(-swap_slots // swap_cluster)
         self.n_pages = n_pages
         self.limit_pages = limit_pages
         self.page_cluster = page_cluster
         self.reclaim_batch = reclaim_batch
+        self.readahead: Readahead = readahead
+        self._vma = readahead == "vma"
+        self.swap_cluster = swap_cluster
+        self.n_slots = n_clusters * swap_cluster
         self.state = np.zeros(n_pages, dtype=np.uint8)
         self.referenced = np.zeros(n_pages, dtype=np.uint8)
         self.dirty = np.zeros(n_pages, dtype=np.uint8)
-        self.swap_copy = np.zeros(n_pages, dtype=np.uint8)
+        self.slot = np.full(n_pages, -1, dtype=np.int32)
+        self.owner = np.full(self.n_slots, -1, dtype=np.int32)
+        # NOTE: Python lists, not arrays: one scalar read and write per swap-in, and list
+        # indexing is several times cheaper than numpy's, for performance (counts <= 256
+        # are cached small ints: 8 bytes a cluster).
+        self._cluster_used: list[int] = [0] * n_clusters
+        self._on_free_list: list[bool] = [True] * n_clusters
+        self._free_clusters: deque[int] = deque(range(n_clusters))
+        self._cpu_cluster = -1  # the per-CPU cluster (percpu_cluster), -1 = none
+        self._cpu_next = 0  # its next slot to try
+        self._scan_next = 0  # the first-fit scan's cursor (cluster_next)
         self.resident = 0
         self._hand = 0
         self.pages_evicted = 0
@@ -155,9 +264,11 @@ class GuestMemory:
         self.zero_fills = 0
         self.reads_started = 0
         self.clock_scanned = 0
-        self.ra_hits = 0  # swapin_readahead_hits
+        self.ra_hits = 0  # swapin_readahead_hits (cluster) or the VMA's hits (vma)
         self._ra_prev_offset = -2  # prev_offset of the last swap-in without hits
         self._ra_prev_win = 0  # last_readahead_pages
+        self._vma_prev = -2  # the VMA's last fault page (SWAP_RA_ADDR)
+        self._vma_win = 0  # the VMA's last window (SWAP_RA_WIN)
         self.pages_discarded = 0  # populated pages dropped by discard
         self.discards_skipped_in_io = 0  # pages discard left alone: a read was in flight
 
@@ -166,10 +277,12 @@ class GuestMemory:
     def initialise(
         self, rng: np.random.Generator, resident_fraction: float, swapped_fraction: float
     ) -> None:
-        """Start from random disjoint resident (dirty, no swap copy) and swapped page sets.
+        """Start from random disjoint resident (dirty, no slot) and swapped page sets.
 
         The rest is ``UNTOUCHED``. No page starts referenced: the initial state carries no
-        access history, so the first reclaim evicts in gfn order from the hand.
+        access history, so the first reclaim evicts in gfn order from the hand. The swapped
+        pages take slots in gfn order from the start of the swap area, as if one CLOCK
+        sweep had evicted them: the order this model's own reclaim allocates in.
         """
         for name, value in (
             ("resident_fraction", resident_fraction),
@@ -198,11 +311,11 @@ class GuestMemory:
         self.state.fill(PageState.UNTOUCHED)
         self.referenced.fill(0)
         self.dirty.fill(0)
-        self.swap_copy.fill(0)
+        self._reset_swap()
         self.state[res] = _MAPPED
         self.dirty[res] = 1
         self.state[swp] = _SWAPPED
-        self.swap_copy[swp] = 1
+        self._fill_swap_in_order(np.sort(swp))
         self.resident = n_res
         self._hand = 0
 
@@ -226,17 +339,183 @@ class GuestMemory:
         return int(np.count_nonzero(self.state == state))
 
     def bytes_per_page(self) -> int:
-        """Host memory this model spends per guest page."""
-        return sum(a.itemsize for a in (self.state, self.referenced, self.dirty, self.swap_copy))
+        """Host memory this model spends per guest page (the slot owners of the swap area
+        included, rounded up)."""
+        flags = sum(a.itemsize for a in (self.state, self.referenced, self.dirty, self.slot))
+        return flags + -(-self.owner.nbytes // self.n_pages)
 
     def check(self) -> None:
-        """Raise RuntimeError if ``resident`` disagrees with the arrays or exceeds the limit."""
+        """Raise RuntimeError if ``resident`` or the slot maps disagree with the page states."""
         counted = int(np.count_nonzero((self.state >= _MAPPED) & (self.state != _SWAPPED)))
         if counted != self.resident or self.resident > self.limit_pages:
             raise RuntimeError(
                 f"resident={self.resident} but {counted} pages are resident"
                 f" (limit_pages={self.limit_pages})"
             )
+        held = np.flatnonzero(self.slot >= 0)
+        if not np.array_equal(self.owner[self.slot[held]], held) or np.count_nonzero(
+            self.owner >= 0
+        ) != len(held):
+            raise RuntimeError("slot and owner maps disagree")
+        if np.any(self.slot[self.state == _SWAPPED] < 0):
+            raise RuntimeError("a SWAPPED page holds no swap slot")
+        used = np.bincount(self.slot[held] // self.swap_cluster, minlength=len(self._cluster_used))
+        if not np.array_equal(used, np.array(self._cluster_used)):
+            raise RuntimeError("per-cluster slot counts disagree with the owner map")
+        listed = np.array(self._free_clusters, dtype=np.int64)
+        if (
+            len(set(self._free_clusters)) != len(listed)
+            or not np.array_equal(np.flatnonzero(self._on_free_list), np.sort(listed))
+            or np.any(used[listed] != 0)
+            or self._cpu_cluster in self._free_clusters
+        ):
+            raise RuntimeError("the free cluster list holds a used or per-CPU cluster")
+        cl = self._cpu_cluster
+        if cl >= 0 and np.any(self.owner[self._cpu_next : (cl + 1) * self.swap_cluster] >= 0):
+            raise RuntimeError("a slot above the per-CPU cluster's cursor is in use")
+
+    # ------------------------------------------------------------------ swap slots
+
+    def _reset_swap(self) -> None:
+        self.slot.fill(-1)
+        self.owner.fill(-1)
+        n_clusters = len(self._cluster_used)
+        self._cluster_used = [0] * n_clusters
+        self._on_free_list = [True] * n_clusters
+        self._free_clusters = deque(range(n_clusters))
+        self._cpu_cluster = -1
+        self._cpu_next = 0
+        self._scan_next = 0
+
+    def _fill_swap_in_order(self, gfns: IntArray) -> None:
+        """On an empty swap area, what ``alloc_swap(gfns)`` does, without its int64
+        transients (a 64 GiB guest places 8 M swapped pages at once)."""
+        k, size = len(gfns), self.swap_cluster
+        self.slot[gfns] = np.arange(k, dtype=np.int32)
+        self.owner[:k] = gfns
+        full, rest = divmod(k, size)
+        taken = full + (1 if rest else 0)
+        self._cluster_used[:full] = [size] * full
+        for cl in range(taken):
+            self._on_free_list[cl] = False
+            self._free_clusters.popleft()
+        if rest:
+            self._cluster_used[full] = rest
+            self._cpu_cluster, self._cpu_next = full, k
+
+    def alloc_swap(self, gfns: GfnArray) -> GfnArray:
+        """``folio_alloc_swap`` for each of ``gfns`` (no slot yet), in order; returns the slots.
+
+        Slots come ascending from the per-CPU cluster; when it is used up, the next cluster
+        is taken from the head of the free list (``scan_swap_map_try_ssd_cluster``); with no
+        free cluster left, a first-fit scan from a moving cursor (``scan_swap_map_slots``).
+        """
+        k = len(gfns)
+        slots = np.empty(k, dtype=np.int64)
+        got = 0
+        size, counts = self.swap_cluster, self._cluster_used
+        # A cluster leaves the free list with every slot free, and while it is the per-CPU
+        # one only this path allocates in it (the scan runs without one): the slots above
+        # the cursor are free, so no search is needed.
+        while got < k:
+            cl = self._cpu_cluster
+            if cl < 0:
+                if not self._free_clusters:
+                    got += self._scan_alloc(slots[got:])
+                    break
+                cl = self._free_clusters.popleft()
+                self._on_free_list[cl] = False
+                self._cpu_cluster = cl
+                self._cpu_next = cl * size
+            nxt = self._cpu_next
+            n = min((cl + 1) * size - nxt, k - got)
+            slots[got : got + n] = np.arange(nxt, nxt + n)
+            got += n
+            counts[cl] += n
+            self._cpu_next = nxt + n
+            if nxt + n == (cl + 1) * size:
+                self._drop_cpu_cluster()
+        self.owner[slots] = gfns
+        self.slot[gfns] = slots
+        return slots
+
+    def _scan_alloc(self, out: GfnArray) -> int:
+        """First-fit scan for ``len(out)`` free slots from ``_scan_next``, wrapping."""
+        owner, n_slots = self.owner, self.n_slots
+        got, pos, seen = 0, self._scan_next, 0
+        while got < len(out) and seen < n_slots:
+            end = min(pos + _SCAN_CHUNK, n_slots)
+            free = np.flatnonzero(owner[pos:end] < 0)[: len(out) - got] + pos
+            out[got : got + len(free)] = free
+            got += len(free)
+            if len(free) and got == len(out):
+                pos = int(free[-1]) + 1
+            else:
+                seen += end - pos
+                pos = end
+            if pos >= n_slots:
+                pos = 0
+        if got < len(out):
+            raise RuntimeError(f"swap area of {n_slots} slots is full")
+        self._scan_next = pos
+        used, size = self._cluster_used, self.swap_cluster
+        for s in out.tolist():
+            used[s // size] += 1
+        return got
+
+    def _drop_cpu_cluster(self) -> None:
+        cl = self._cpu_cluster
+        self._cpu_cluster = -1
+        if self._cluster_used[cl] == 0 and not self._on_free_list[cl]:
+            self._on_free_list[cl] = True
+            self._free_clusters.append(cl)
+
+    def free_swap(self, gfn: int) -> None:
+        """Release ``gfn``'s slot (``folio_free_swap``): the page alone holds its contents now
+        and is written to a new slot at its next eviction.
+
+        A cluster whose last slot is freed goes to the tail of the free list, unless it is
+        the per-CPU cluster still being filled.
+        """
+        slot = self.slot
+        s = int(slot[gfn])
+        if s < 0:
+            return
+        slot[gfn] = -1
+        self.owner[s] = -1
+        cl = s // self.swap_cluster
+        counts = self._cluster_used
+        used = counts[cl] - 1
+        counts[cl] = used
+        if not used and cl != self._cpu_cluster and not self._on_free_list[cl]:
+            self._on_free_list[cl] = True
+            self._free_clusters.append(cl)
+
+    def requests(self, gfns: GfnArray) -> list[GfnArray]:
+        """The block requests one plug makes of I/O to ``gfns``' slots.
+
+        ``blk_attempt_plug_merge`` back- or front-merges a page's bio into a plugged request
+        only when its sectors are contiguous, so each maximal run of consecutive slots (at
+        most ``MAX_REQUEST_PAGES``) is one request, in slot order.
+        """
+        n = len(gfns)
+        if n == 1:
+            return [gfns]
+        slots = self.slot[gfns]
+        # NOTE: distinct slots spanning exactly n are one run; checked on a list first, for
+        # performance (most windows are one run, and numpy reductions of a few items cost more).
+        listed = slots.tolist()
+        if n <= MAX_REQUEST_PAGES and max(listed) - min(listed) == n - 1:
+            return [gfns]
+        order = np.argsort(slots, kind="stable")
+        ordered, sorted_slots = gfns[order], slots[order]
+        cuts = np.flatnonzero(np.diff(sorted_slots) != 1) + 1
+        parts = np.split(ordered, cuts) if len(cuts) else [ordered]
+        if all(len(p) <= MAX_REQUEST_PAGES for p in parts):
+            return parts
+        return [
+            p[i : i + MAX_REQUEST_PAGES] for p in parts for i in range(0, len(p), MAX_REQUEST_PAGES)
+        ]
 
     # ------------------------------------------------------------------ fault paths
 
@@ -251,72 +530,117 @@ class GuestMemory:
         return rec
 
     def map_swapcache(self, gfn: int) -> None:
-        """Minor fault: map a page already in the swap cache (no charge, already resident)."""
-        self._expect(gfn, _SWAPCACHE_INT, "map_swapcache")
-        self.state[gfn] = _MAPPED
+        """Minor fault: map a page already in the swap cache (no charge, already resident).
+
+        ``lookup_swap_cache`` counts a readahead hit; the write fault frees the slot.
+        """
+        state = self.state
+        if state[gfn] != _SWAPCACHE:
+            self._expect(gfn, _SWAPCACHE_INT, "map_swapcache")
+        state[gfn] = _MAPPED
         self.referenced[gfn] = 1
-        self.ra_hits += 1  # a readahead page was used: lookup_swap_cache counts a hit
+        self.ra_hits += 1
+        self.free_swap(gfn)
 
     def map_after_read(self, gfn: int) -> bool:
         """Map the faulting page once its read is done (the prefault in ``page_ready``).
 
-        Returns False if the page left the swap cache since ``finish_read`` (reclaim took
-        it); the page then stays unmapped and the guest's next access faults again.
+        The fault is a write (the async PF worker's GUP has FOLL_WRITE; the workloads
+        write), so ``do_swap_page`` frees the slot (``should_try_to_free_swap``). Returns
+        False if the page left the swap cache since ``finish_read`` (reclaim took it); the
+        page then stays unmapped and the guest's next access faults again.
         """
         if self.state[gfn] != _SWAPCACHE:
             return False
         self.state[gfn] = _MAPPED
         self.referenced[gfn] = 1
+        self.free_swap(gfn)
         return True
 
-    def swapin_nr_pages(self, gfn: int) -> int:
-        """The adaptive readahead window (``swapin_nr_pages`` / ``__swapin_nr_pages``).
+    def swapin_nr_pages(self, offset: int) -> int:
+        """Cluster readahead's window for a fault on swap ``offset`` (``swapin_nr_pages``).
 
-        Pages = readahead hits since the last swap-in + 2; with no hits, one page unless the
-        fault is next to the previous one; else rounded up to a power of two (at least 4);
-        capped at ``2**page_cluster``; never below half the previous window. So random
-        swap-ins read one page and sequential ones ramp up to the full cluster.
+        Global state: the hits since the last swap-in, ``prev_offset`` (updated only by a
+        swap-in without hits) and the last window. Random swap-ins read one page,
+        sequential ones ramp up to ``2**page_cluster``.
         """
+        max_pages = 1 << self.page_cluster
+        if max_pages <= 1:
+            return 1
         hits, self.ra_hits = self.ra_hits, 0
-        pages = hits + 2
-        if pages == 2:
-            if gfn not in (self._ra_prev_offset + 1, self._ra_prev_offset - 1):
-                pages = 1
-        else:
-            roundup = 4
-            while roundup < pages:
-                roundup <<= 1
-            pages = roundup
-        pages = min(pages, 1 << self.page_cluster)
-        pages = max(pages, self._ra_prev_win // 2)
+        pages = _ra_pages(self._ra_prev_offset, offset, hits, max_pages, self._ra_prev_win)
         if not hits:
-            self._ra_prev_offset = gfn
+            self._ra_prev_offset = offset
         self._ra_prev_win = pages
         return pages
 
-    def cluster_window(self, gfn: int, pages: int) -> GfnArray:
-        """``swap_cluster_readahead`` over a window of ``pages``: ``gfn`` first, then the
-        other swapped pages of the window-aligned block.
+    def vma_nr_pages(self, gfn: int) -> int:
+        """VMA readahead's window for a fault on ``gfn`` (``swap_ra_info``).
 
-        The kernel reads swap *slots*; we take gfn order as swap-slot order, which holds
-        roughly because CLOCK evicts (and so allocates slots) in gfn order. Pages already
-        resident or in flight are skipped, as ``__read_swap_cache_async`` finds them in the
-        swap cache.
+        Guest memory is one VMA: its state is the last fault page and window and the hits
+        since; the window is at most ``2**min(page_cluster, SWAP_RA_ORDER_CEILING)``.
+        """
+        max_win = 1 << min(self.page_cluster, SWAP_RA_ORDER_CEILING)
+        if max_win == 1:
+            return 1
+        hits, self.ra_hits = self.ra_hits, 0
+        win = _ra_pages(self._vma_prev, gfn, hits, max_win, self._vma_win)
+        self._vma_prev, self._vma_win = gfn, win
+        return win
+
+    def cluster_window(self, gfn: int, pages: int) -> GfnArray:
+        """``swap_cluster_readahead`` over ``pages`` slots: ``gfn`` first, then the other
+        swapped pages whose slots lie in the window-aligned block around ``gfn``'s slot.
+
+        Free slots and pages already resident or in flight are skipped, as
+        ``__read_swap_cache_async`` finds them free or in the swap cache.
         """
         if pages <= 1:
             return np.array([gfn], dtype=np.int64)
-        base = gfn & ~(pages - 1)
-        end = min(base + pages, self.n_pages)
-        others = np.flatnonzero(self.state[base:end] == _SWAPPED) + base
-        others = others[others != gfn]
-        window = np.empty(len(others) + 1, dtype=np.int64)
-        window[0] = gfn
-        window[1:] = others
-        return window
+        base = int(self.slot[gfn]) & ~(pages - 1)
+        state = self.state
+        # NOTE: a list walk over at most 64 slots, for performance (cheaper than the
+        # handful of numpy calls a vectorised filter of so few items needs).
+        owners = self.owner[base : min(base + pages, self.n_slots)]
+        window = [gfn]
+        # A free slot's -1 indexes the last page: its state is read, then ignored.
+        for owner, st in zip(owners.tolist(), state[owners].tolist(), strict=True):
+            if owner >= 0 and owner != gfn and st == _SWAPPED_INT:
+                window.append(owner)
+        return np.array(window, dtype=np.int64)
+
+    def vma_window(self, gfn: int, win: int, prev: int) -> GfnArray:
+        """``swap_vma_readahead`` over ``win`` pages: ``gfn`` first, then the other swapped
+        pages around it in gfn (virtual) order, each read from its own slot.
+
+        Forward after a fault on ``gfn - 1``, backward after one on ``gfn + 1``, else
+        centred; clamped to guest memory and to ``gfn``'s 2 MiB PMD region.
+        """
+        if win <= 1:
+            return np.array([gfn], dtype=np.int64)
+        if gfn == prev + 1:
+            lo, hi = gfn, gfn + win
+        elif gfn == prev - 1:
+            lo, hi = gfn - win + 1, gfn + 1
+        else:
+            left = (win - 1) // 2
+            lo, hi = gfn - left, gfn + win - left
+        pmd = gfn & ~(PMD_PAGES - 1)
+        lo = max(lo, pmd, 0)
+        hi = min(hi, pmd + PMD_PAGES, self.n_pages)
+        # NOTE: a list walk over at most 32 pages, for performance (as in cluster_window).
+        window = [gfn]
+        for i, st in enumerate(self.state[lo:hi].tolist()):
+            if st == _SWAPPED_INT and lo + i != gfn:
+                window.append(lo + i)
+        return np.array(window, dtype=np.int64)
 
     def readahead_window(self, gfn: int) -> GfnArray:
-        """The gfns one swap-in of ``gfn`` reads (adaptive window, aligned cluster)."""
-        return self.cluster_window(gfn, self.swapin_nr_pages(gfn))
+        """The gfns one swap-in of ``gfn`` reads (``swapin_readahead``): VMA or cluster."""
+        if self._vma:
+            prev = self._vma_prev
+            return self.vma_window(gfn, self.vma_nr_pages(gfn), prev)
+        return self.cluster_window(gfn, self.swapin_nr_pages(int(self.slot[gfn])))
 
     def start_read(self, gfns: IntArray) -> Reclaimed:
         """Swap read submitted: ``SWAPPED`` -> ``IN_IO`` (locked), charging every page first."""
@@ -329,7 +653,7 @@ class GuestMemory:
         return rec
 
     def finish_read(self, gfns: IntArray) -> None:
-        """Swap read done: ``IN_IO`` -> ``SWAPCACHE``; clean, and the swap copy stays valid."""
+        """Swap read done: ``IN_IO`` -> ``SWAPCACHE``; clean, and the page keeps its slot."""
         self.state[gfns] = _SWAPCACHE
         self.dirty[gfns] = 0
 
@@ -341,7 +665,7 @@ class GuestMemory:
         The hand persists between calls. ``MAPPED`` and ``SWAPCACHE`` pages are candidates
         (``IN_IO`` pages are locked and skipped). A referenced candidate has its bit cleared
         and survives; an unreferenced one is evicted to ``SWAPPED``. An evicted page that is
-        dirty or has no swap copy is returned in ``writes``. Approximation: the write-back
+        dirty or has no swap slot is returned in ``writes``. Approximation: the write-back
         is modelled as starting at eviction with the frame freed at once, whereas the kernel
         keeps the page in the swap cache under writeback until the write completes.
 
@@ -389,11 +713,17 @@ class GuestMemory:
         return Reclaimed(evicted, writes[0] if len(writes) == 1 else np.concatenate(writes))
 
     def _evict(self, gfns: GfnArray) -> GfnArray:
-        """Drop resident pages to ``SWAPPED``; return those that need a swap write."""
+        """Drop resident pages to ``SWAPPED``; return those that need a swap write.
+
+        A page without a slot gets one now (``add_to_swap``), in eviction order; a dirty page
+        with a slot is written to that slot; a clean one with a slot is dropped unwritten.
+        """
         self.state[gfns] = _SWAPPED
-        must_write = (self.dirty[gfns] != 0) | (self.swap_copy[gfns] == 0)
+        no_slot = self.slot[gfns] < 0
+        must_write = (self.dirty[gfns] != 0) | no_slot
         writes: GfnArray = gfns[must_write]
-        self.swap_copy[gfns] = 1
+        if no_slot.any():
+            self.alloc_swap(gfns[no_slot])
         self.dirty[gfns] = 0
         self.resident -= len(gfns)
         self.pages_evicted += len(gfns)
@@ -430,7 +760,7 @@ class GuestMemory:
         populated (resident or swapped) and are now dropped.
 
         The zap empties each PTE: a resident page (``MAPPED``, ``SWAPCACHE``) is freed and
-        uncharged from the memcg, a swap entry is dropped with its copy; either becomes
+        uncharged from the memcg, a swap entry is dropped and its slot freed; either becomes
         ``UNTOUCHED``, so the guest's next touch is a zero-fill with no I/O. A page with a
         read in flight (``IN_IO``) is left as it is: the zap drops its swap entry but
         ``free_swap_and_cache`` only trylocks the locked folio, which stays in the swap
@@ -447,7 +777,8 @@ class GuestMemory:
         self.state[drop] = np.uint8(PageState.UNTOUCHED)
         self.referenced[drop] = 0
         self.dirty[drop] = 0
-        self.swap_copy[drop] = 0
+        for gfn in drop[self.slot[drop] >= 0].tolist():
+            self.free_swap(gfn)  # the zap's free_swap_and_cache: the slot is free again
         self.resident -= resident
         self.pages_discarded += len(drop)
         self.discards_skipped_in_io += int(np.count_nonzero(in_io))
