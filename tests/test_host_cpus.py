@@ -232,6 +232,7 @@ def test_many_cpus_give_the_default_results() -> None:
         ({"pin_vcpus": True}, "host.pin_vcpus"),
         ({"cpus": -1}, "host.cpus"),
         ({"cpus": 1.5}, "host.cpus"),
+        ({"cpus": 2, "tick_hz": 0}, "host.cpus"),
     ],
 )
 def test_bad_host_cpus_is_one_line_naming_the_field(

@@ -273,6 +273,11 @@ class Scenario(_Model):
                 "host.pin_vcpus: pinning needs a number of host CPUs; set host.cpus (> 0) "
                 "or drop pin_vcpus"
             )
+        if self.host.cpus and not self.host.tick_hz:
+            raise ValueError(
+                "host.cpus: shared host CPUs need the host's tick to preempt (check_preempt_tick); "
+                "set host.tick_hz > 0 or host.cpus = 0"
+            )
         if self.host.memory_limit_mib > g.memory_mib:
             raise ValueError(
                 f"host.memory_limit_mib: {self.host.memory_limit_mib} MiB is more than "

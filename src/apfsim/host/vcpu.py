@@ -400,9 +400,15 @@ class Vcpu:
         self._resched = True
         mode = self.mode
         if mode == VcpuMode.GUEST:
-            self.exit_async()
+            # The IPI lands as its own event: the waker may be this vCPU's own guest code
+            # (a hypercall that queues work), which must finish its step first.
+            self.engine.after(0, self._resched_ipi)
         elif mode == VcpuMode.SPIN and self._host_event is None:
             self._host_event = self.engine.after(0, self._spin_end)
+
+    def _resched_ipi(self, _: object = None) -> None:
+        if self._resched and self.mode == VcpuMode.GUEST:
+            self.exit_async()
 
     def worker_completed(self, work: AsyncPf) -> None:
         """The end of ``async_pf_execute``: ``kvm_vcpu_wake_up`` (only a blocked vCPU
