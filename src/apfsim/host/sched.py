@@ -218,6 +218,7 @@ class HostSched:
     def wake(self, t: HostThread) -> bool:
         """``try_to_wake_up``: True if ``t`` runs at once; else it is queued (and may
         preempt a running thread) and its ``run`` is called when it gets a CPU."""
+        assert t.state == SLEEPING, t.name
         self._update_min_vruntime()
         t.vruntime = max(t.vruntime, self.min_vruntime - self.sleeper_credit)
         cpu = self._idle_cpu(t)
@@ -245,6 +246,7 @@ class HostSched:
 
     def sleep(self, t: HostThread) -> None:
         """``dequeue_task`` + ``__schedule``: running ``t`` blocks; its CPU goes to the next."""
+        assert t.state == RUNNING and self.curr[t.cpu] is t, t.name
         self._update_curr(t)
         t.state = SLEEPING
         t.need_resched = False
@@ -254,6 +256,7 @@ class HostSched:
         """``schedule()`` at running ``t``'s resched point: True if it keeps a CPU (it is
         still the leftmost, or an allowed CPU is idle); else it is queued and its ``run``
         is called when it gets one."""
+        assert t.state == RUNNING and self.curr[t.cpu] is t, t.name
         self._update_curr(t)
         t.need_resched = False
         cpu = t.cpu
