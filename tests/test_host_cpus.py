@@ -246,3 +246,17 @@ def test_bad_host_cpus_is_one_line_naming_the_field(
         load_scenario(str(path))
     message = str(err.value)
     assert "\n" not in message and needle in message
+
+
+def test_tables_and_metrics_show_run_delay_only_with_host_cpus() -> None:
+    from apfsim.api import compare_table, run
+    from apfsim.metrics.summary import run_metrics
+
+    for cpus in (0, 1):
+        scenario = apfsim.Scenario.model_validate(compute_only(vcpus=2, cpus=cpus))
+        result = run(scenario, ["sync"], seed=1)
+        shown = "host CPUs: run_delay" in compare_table(result)
+        metric = run_metrics(result.results[0]).get("host_cpu.run_delay_s")
+        assert shown == (cpus > 0)
+        assert (metric is not None) == (cpus > 0)
+    assert metric is not None and metric == pytest.approx(DURATION_S, rel=0.02)
