@@ -260,3 +260,28 @@ def test_tables_and_metrics_show_run_delay_only_with_host_cpus() -> None:
         assert shown == (cpus > 0)
         assert (metric is not None) == (cpus > 0)
     assert metric is not None and metric == pytest.approx(DURATION_S, rel=0.02)
+
+
+def test_run_keys_leave_out_the_host_cpu_keys_only_at_their_defaults() -> None:
+    """A sweep stored before host CPUs existed resumes (its runs ran as host.cpus = 0),
+    and a run with host CPUs never takes an uncontended run's stored result."""
+    from apfsim.scenario import key_view
+    from apfsim.sweep.spec import one_point
+
+    def key(cpus: int, pin: bool = False) -> str:
+        scenario = apfsim.Scenario.model_validate(compute_only(vcpus=2, cpus=cpus, pin=pin))
+        (spec,) = one_point(scenario, ["sync"], [0], None, True)
+        return spec.key
+
+    assert len({key(0), key(1), key(2), key(2, pin=True)}) == 4
+    resolved = apfsim.Scenario.model_validate(compute_only(vcpus=2, cpus=0)).model_dump(mode="json")
+    view = key_view(resolved)
+    assert set(resolved["host"]) - set(view["host"]) == {
+        "cpus",
+        "pin_vcpus",
+        "worker_finish_ns",
+        "sched",
+    }
+    assert resolved["host"]["cpus"] == 0  # the scenario itself still shows every key
+    changed = {**resolved, "host": {**resolved["host"], "cpus": 3}}
+    assert key_view(changed)["host"]["cpus"] == 3

@@ -31,6 +31,7 @@ __all__ = [
     "ScenarioError",
     "builtin_scenarios",
     "did_you_mean",
+    "key_view",
     "load_scenario",
     "one_line",
     "parse_toml",
@@ -317,6 +318,33 @@ class Scenario(_Model):
                 "host.memory_limit_mib; lower it"
             )
         return self
+
+
+# Scenario keys added after sweeps were first stored (issue 16: the host CPUs). A run's key
+# (sweep/spec.py) leaves each out while it has its default, so a sweep stored before it
+# keeps its keys and resumes: its runs ran as the default runs.
+KEYS_ADDED_LATER = ("host.cpus", "host.pin_vcpus", "host.worker_finish_ns", "host.sched")
+_SECTIONS: dict[str, type[_Model]] = {"host": HostConfig}
+
+
+def _later_default(path: str) -> Any:
+    section, key = path.split(".")
+    return _SECTIONS[section]().model_dump(mode="json")[key]
+
+
+_LATER_DEFAULTS = {path: _later_default(path) for path in KEYS_ADDED_LATER}
+
+
+def key_view(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved scenario (``model_dump(mode="json")``) as a run's key hashes it: without
+    the keys of :data:`KEYS_ADDED_LATER` that have their default value."""
+    out = dict(resolved)
+    for path, default in _LATER_DEFAULTS.items():
+        section, key = path.split(".")
+        table = out.get(section)
+        if isinstance(table, dict) and key in table and table[key] == default:
+            out[section] = {k: v for k, v in table.items() if k != key}
+    return out
 
 
 _SHOW = reprlib.Repr()  # a bad value as the error shows it: long ones cut short

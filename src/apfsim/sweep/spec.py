@@ -46,6 +46,7 @@ from apfsim.scenario import (
     Scenario,
     ScenarioError,
     did_you_mean,
+    key_view,
     load_scenario,
     one_line,
     parse_toml,
@@ -171,7 +172,8 @@ class SweepRuns(Sequence[RunSpec]):
         resolved = scenario.model_dump(mode="json")
         # json.dumps(..., sort_keys=True) of {check, duration_s, protocol, scenario, seed}
         # written out: the same bytes, so the same keys as every earlier apfsim.
-        scenario_json = json.dumps(resolved, sort_keys=True)
+        # Keys added later are left out at their defaults (scenario.key_view).
+        scenario_json = json.dumps(key_view(resolved), sort_keys=True)
         heads = []
         for protocol in self.protocols:
             head = (

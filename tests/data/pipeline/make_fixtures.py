@@ -3,8 +3,9 @@
 ``python tests/data/pipeline/make_fixtures.py OUT`` runs the CLI commands below into OUT.
 The files beside this script were made by it at commit ebdea6d, before issue 15 merged the
 result paths; tests/test_pipeline_fixtures.py runs it again and compares every file. Issue 16 remade
-them once: the resolved scenario gained the host CPU keys (``host.cpus`` ...), which the
-JSON, the HTML reports and the runs' content-hash keys carry; every result is unchanged.
+them once: the resolved scenario that compare.json, run.json and the HTML reports echo
+gained the host CPU keys (``host.cpus`` ...); every result is unchanged, and so are the
+runs' keys (scenario.key_view leaves those keys out at their defaults).
 """
 
 from __future__ import annotations
