@@ -80,6 +80,7 @@ _SUITE = [
     "tests/test_natapov.py",
     "tests/test_x86_legacy_halted_wake.py",
     "tests/test_inline_events.py",
+    "tests/test_host_cpus.py",
 ]
 
 

@@ -153,6 +153,8 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     else:
         swap["mean_us"] = draw(st.floats(0.001, 20_000.0))
     swap["write_mean_scale"] = draw(st.floats(0.001, 10.0))
+    tick_hz = draw(st.sampled_from([0, 100, 250, 1000]))
+    cpus = draw(st.integers(0, 3)) if tick_hz else 0  # shared CPUs need the host tick
     return {
         "name": draw(st.text(max_size=8)),
         "description": draw(st.text(max_size=8)),
@@ -173,7 +175,10 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         },
         "host": {
             "memory_limit_mib": limit,
-            "tick_hz": draw(st.sampled_from([0, 100, 250, 1000])),
+            "tick_hz": tick_hz,
+            "cpus": cpus,
+            "pin_vcpus": cpus > 0 and draw(st.booleans()),
+            "worker_finish_ns": draw(st.sampled_from([0, 3_000])),
             "page_cluster": draw(st.integers(0, 6)),
             "reclaim_batch": draw(st.integers(1, 64)),
             "swap": swap,

@@ -194,6 +194,16 @@ def compare_table(result: RunResult, baseline: str = "sync") -> str:
         for cat in result.results[0].vcpus[v].time_s:
             cells = [f"{r.vcpus[v].time_s[cat]:.3f}" for r in result.results]
             rows.append((f"  vcpu{v} {cat}", cells))
+    if any(r.host_cpu is not None for r in result.results):
+        section("host CPUs: run_delay, runnable but waiting (s)")
+        for v in range(len(result.results[0].vcpus)):
+            cells = [_fmt(r.vcpus[v].run_delay_s) for r in result.results]
+            rows.append((f"  vcpu{v}", cells))
+        cells = [
+            "-" if r.host_cpu is None else _fmt(r.host_cpu["kworker_run_delay_s"])
+            for r in result.results
+        ]
+        rows.append(("  kworkers", cells))
     section("APF counters")
     keys: list[str] = []
     for r in result.results:

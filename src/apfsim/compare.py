@@ -295,6 +295,9 @@ def summary_table(result: CompareResult) -> str:
     section("vCPU time, all vCPUs (s)")
     for cat in first.vcpus[0].time_s:
         metric(cat, f"vcpu_time_s.{cat}")
+    if first.host_cpu is not None:
+        section("host CPUs, all vCPUs (s)")
+        metric("run_delay (runnable, waiting)", "host_cpu.run_delay_s")
     section("APF counters")
     for key in APF_COUNTERS:
         metric(key, f"apf.{key}")

@@ -239,8 +239,21 @@ class BalloonConfig(_Model):
 
 
 class HostConfig(_LaterKeys):
-    _later: ClassVar[tuple[str, ...]] = ("balloon",)
+    _later: ClassVar[tuple[str, ...]] = (
+        "cpus",
+        "pin_vcpus",
+        "worker_finish_ns",
+        "sched",
+        "balloon",
+    )
 
+    # Host CPUs the VM's threads (vCPU threads, async PF kworkers) share; 0: one per
+    # runnable thread, so nothing ever waits for a CPU (host/sched.py).
+    cpus: int = Field(0, ge=0, le=256)
+    pin_vcpus: bool = False  # vCPU i runs only on host CPU i mod cpus
+    # The kworker's CPU time after the swap-in I/O (PTE install, completion).
+    worker_finish_ns: Ns = 0
+    sched: SchedConfig = SchedConfig()  # the host's CFS tunables (used when cpus > 0)
     memory_limit_mib: int = Field(2048, ge=1, le=MAX_MEMORY_MIB)
     tick_hz: int = Field(250, ge=0, le=10_000)  # host scheduler tick: an exit while in guest
     page_cluster: int = Field(3, ge=0, le=6)
@@ -355,6 +368,16 @@ class Scenario(_Model):
     @model_validator(mode="after")
     def _fits(self) -> Scenario:
         g = self.guest
+        if self.host.pin_vcpus and self.host.cpus == 0:
+            raise ValueError(
+                "host.pin_vcpus: pinning needs a number of host CPUs; set host.cpus (> 0) "
+                "or drop pin_vcpus"
+            )
+        if self.host.cpus and not self.host.tick_hz:
+            raise ValueError(
+                "host.cpus: shared host CPUs need the host's tick to preempt (check_preempt_tick); "
+                "set host.tick_hz > 0 or host.cpus = 0"
+            )
         if self.host.memory_limit_mib > g.memory_mib:
             raise ValueError(
                 f"host.memory_limit_mib: {self.host.memory_limit_mib} MiB is more than "

@@ -33,6 +33,7 @@ from apfsim.host.backing import (
 )
 from apfsim.host.io import HostMemoryIo
 from apfsim.host.memory import GuestMemory
+from apfsim.host.sched import ANY_CPU, HostSched
 from apfsim.host.vcpu import Vcpu, VcpuParams
 from apfsim.metrics.collect import collect
 from apfsim.metrics.results import ProtocolResult
@@ -201,6 +202,22 @@ class Simulation:
         if self.checker is not None:
             self.checker.attach(self.vcpus)
         self.io.vcpus = self.vcpus
+        self.io.worker_finish_ns = h.worker_finish_ns
+        self.host_sched: HostSched | None = None
+        if h.cpus:
+            s = h.sched
+            self.host_sched = HostSched(
+                self.engine,
+                h.cpus,
+                s.latency_ns,
+                s.min_granularity_ns,
+                s.wakeup_granularity_ns,
+                s.gentle_fair_sleepers,
+                s.wakeup_preemption,
+            )
+            for v in self.vcpus:
+                v.attach_sched(self.host_sched, v.index % h.cpus if h.pin_vcpus else ANY_CPU)
+            self.io.cpu = self.host_sched
         for task, cpu in specs:
             self.cpus[cpu].rq.enqueue(task, wakeup=False)
             self.cpus[cpu].need_resched = True  # the idle task leaves do_idle for it
@@ -318,6 +335,12 @@ class Simulation:
         self.engine.after(self._host_tick_ns, self._host_tick, vcpu)
         vcpu.on_host_tick()
 
+    def _cpu_tick(self, cpu: int) -> None:
+        """The host tick of host CPU ``cpu`` (with ``host.cpus``): whatever runs there."""
+        self.engine.after(self._host_tick_ns, self._cpu_tick, cpu)
+        assert self.host_sched is not None
+        self.host_sched.tick(cpu)
+
     def run(
         self, duration_s: float | None = None, progress: ProgressFn | None = None
     ) -> ProtocolResult:
@@ -328,15 +351,21 @@ class Simulation:
         self.kernel.run_driver(0, self.guest_protocol.boot)
         self.kernel.started = True
         n = len(self.vcpus)
+        sched = self.host_sched
         for i, vcpu in enumerate(self.vcpus):
             engine.at(self._tick_ns * (i + 1) // (n + 1) + self._tick_ns // 2, self._tick, vcpu)
-            if self._host_tick_ns:
+            if self._host_tick_ns and sched is None:
                 # Host and guest ticks are not aligned: start the host's a third of a period in.
                 first = self._host_tick_ns * (i + 1) // (n + 1) + self._host_tick_ns // 3
                 engine.at(first, self._host_tick, vcpu)
             # The boot-time enable was an exit (SMCCC / WRMSR): every vCPU starts with a
             # run-loop iteration, which delivers the enable's wake-all before any task runs.
-            engine.at(0, vcpu.enter)
+            engine.at(0, vcpu.start)
+        if self._host_tick_ns and sched is not None:
+            # One tick per host CPU, phased as the per-vCPU ticks are without contention.
+            for cpu in range(sched.cpus):
+                first = self._host_tick_ns * (cpu + 1) // (sched.cpus + 1) + self._host_tick_ns // 3
+                engine.at(first, self._cpu_tick, cpu)
         step = max(1, min(end, 100_000_000))
         t = 0
         stop_early = self.scenario.stop_when_done and self.kernel.unfinished > 0
@@ -366,6 +395,7 @@ class Simulation:
             self.memory,
             self.device,
             None if self.reporting is None else self.reporting.counters(),
+            self.host_sched,
         )
         self._close(engine.now)
         return result

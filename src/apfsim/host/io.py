@@ -29,7 +29,7 @@ from apfsim.ports import (
 )
 from apfsim.runloop import waits_for_cancelled
 
-__all__ = ["HostMemoryIo", "VcpuThread"]
+__all__ = ["HostMemoryIo", "VcpuThread", "WorkerCpu"]
 
 
 class VcpuThread(Protocol):
@@ -38,6 +38,12 @@ class VcpuThread(Protocol):
     def worker_completed(self, work: AsyncPf) -> None: ...
 
     def kick(self) -> None: ...
+
+
+class WorkerCpu(Protocol):
+    """The host CPUs a kworker's work runs on (``apfsim.host.sched.HostSched``)."""
+
+    def burst(self, vcpu: int, ns: int, fn: Callable[[Any], object], arg: Any) -> None: ...
 
 
 # NOTE: plain ints on the fault path, for performance (IntEnum attribute access is slow).
@@ -75,6 +81,10 @@ class HostMemoryIo:
         self._io_waiters: dict[int, list[tuple[Callable[[Any], object], Any]]] = {}
         self._running: dict[AsyncPf, None] = {}  # workers whose GUP is under way, in order
         self._flush_waiters: dict[int, Callable[[], object]] = {}  # cancel_work_sync
+        # The kworker's CPU time: before the I/O wait (wake-up, GUP) and after it (PTE
+        # install, completion), on the host CPUs when they are modelled (None: no wait).
+        self.cpu: WorkerCpu | None = None
+        self.worker_finish_ns = 0
 
     # -- the NOWAIT fault-in ------------------------------------------------------------------
     def resolve_nowait(self, gfn: int) -> int:
@@ -147,11 +157,24 @@ class HostMemoryIo:
         self.counters.kvm_async_pf_not_present += 1
         if self.probe is not None:
             self.probe.apf_setup(work)
-        self.engine.after(self.worker_start_ns, self._worker_run, work)
+        self._cpu_time(work.vcpu_id, self.worker_start_ns, self._worker_run, work)
+
+    def _cpu_time(self, vcpu: int, ns: int, fn: Callable[[Any], object], arg: Any) -> None:
+        if self.cpu is None:
+            self.engine.after(ns, fn, arg)
+        else:
+            self.cpu.burst(vcpu, ns, fn, arg)
 
     def _worker_run(self, work: AsyncPf) -> None:
         self._running[work] = None
-        self.read_page(work.gfn, self._worker_done, work)
+        if self.cpu is None and not self.worker_finish_ns:
+            self.read_page(work.gfn, self._worker_done, work)
+        else:
+            self.read_page(work.gfn, self._worker_read, work)
+
+    def _worker_read(self, work: AsyncPf) -> None:
+        """The worker wakes from the page lock: its CPU work after the I/O."""
+        self._cpu_time(work.vcpu_id, self.worker_finish_ns, self._worker_done, work)
 
     def running_workers(self) -> Iterable[AsyncPf]:
         return self._running.keys()

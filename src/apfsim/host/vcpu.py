@@ -3,9 +3,13 @@
 Modes: in the guest; in the host handling an exit; blocked in ``kvm_vcpu_block`` after a
 WFI (guest idle, or the seed's halted APF wait); blocked in a synchronous fault-in; or
 spinning on repeated faults (RFCv2 has no artificial halt: the guest re-faults until the
-page arrives). Every return to the guest passes through one run-loop iteration, where the
-protocol checks completions (RFCv2: ``kvm_check_async_pf_completion`` on every iteration)
-and the pending abort, if any, is injected.
+page arrives). With ``host.cpus`` set, the thread also competes for a host CPU
+(:mod:`apfsim.host.sched`): it sleeps while blocked, is preempted only at its next guest
+entry (the descheduling is an exit whose entry waits for a CPU), and the wait is its
+``run_delay``, which the guest sees as steal time when ``steal_time_accounting`` is on.
+Every return to the guest passes through one run-loop iteration, where the protocol
+checks completions (RFCv2: ``kvm_check_async_pf_completion`` on every iteration) and the
+pending abort, if any, is injected.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from mypy_extensions import mypyc_attr
 from apfsim.engine import EventHandle
 from apfsim.guest.context import GuestContext
 from apfsim.host.async_pf import AsyncPf
+from apfsim.host.sched import ANY_CPU, HostSched, HostThread
 from apfsim.metrics.accumulators import TimeCategory, VcpuClock
 from apfsim.ports import (
     NOWAIT_MAPPED,
@@ -133,6 +138,18 @@ class Vcpu:
         }
         self._stage2_ns = params.stage2_fault_ns
         self._round_trip = max(1, params.exit_ns + params.entry_ns + params.stage2_fault_ns)
+        # Host CPU contention (None: every thread has a CPU of its own, nothing waits).
+        self.thread: HostThread | None = None
+        self.sched: HostSched | None = None
+        self._resched = False  # TIF_NEED_RESCHED: schedule() before the next entry
+
+    def attach_sched(self, sched: HostSched, affinity: int = ANY_CPU) -> None:
+        """Run this thread on ``sched``'s host CPUs (``affinity``: one CPU, or any)."""
+        self.sched = sched
+        self.thread = HostThread(
+            f"vcpu{self.index}", affinity, self._granted, self.resched, self.on_host_tick
+        )
+        sched.vcpu_threads.append(self.thread)
 
     # -- exits and entries -------------------------------------------------------------------
     def _to_host(self) -> None:
@@ -156,6 +173,12 @@ class Vcpu:
 
     def _enter(self, last: bool) -> None:
         self._host_event = None
+        if self._resched:
+            # xfer_to_guest_mode_handle_work: schedule() before entering the guest.
+            self._resched = False
+            assert self.sched is not None and self.thread is not None
+            if not self.sched.yield_cpu(self.thread):
+                return  # queued: _granted enters when the thread gets a CPU back
         counters = self.counters
         delivered, injections = vcpu_enter(self.host, self.index, self.guest.context().view())
         for work in delivered:
@@ -214,13 +237,13 @@ class Vcpu:
         if waits_for_cancelled(self.io.running_workers(), self.index):
             self.mode = VcpuMode.SYNC_FAULT
             self.clock.switch(TimeCategory.SYNC_FAULT, self.engine.now)
+            self._sleep()
             self.io.on_worker_idle(self.index, self._flushed)
             return
         self._enter(True)
 
     def _flushed(self) -> None:
-        self._to_host()
-        self.enter()
+        self._wake()
 
     # -- stage-2 faults ----------------------------------------------------------------------
     def stage2_fault(self, gfn: int, ctx: GuestContext) -> None:
@@ -283,16 +306,14 @@ class Vcpu:
         self.mode = VcpuMode.SYNC_FAULT
         self.clock.switch(TimeCategory.SYNC_FAULT, start)
         self._since = start
+        self._sleep()  # blocked in I/O inside GUP: not runnable, so never steal
         self.io.read_page(gfn, self._sync_done, gfn)
 
     def _sync_done(self, gfn: int) -> None:
         now = self.engine.now
         self.counters.fault_latency.add(now - self._since)
         self.io.map_after_read(gfn)
-        if self.params.steal_time_accounting:
-            self.guest.stolen_ns += now - self._since
-        self._to_host()
-        self.enter()
+        self._wake()
 
     def _spin(self, start: int) -> None:
         """Repeated fault: re-enter, re-fault, until a completion or interrupt ends it."""
@@ -339,10 +360,55 @@ class Vcpu:
             self.checker.vcpu_halted(self.index)
         category = TimeCategory.APF_HALT if halt else TimeCategory.IDLE
         self.clock.switch(category, self.engine.now)
+        self._sleep()
+
+    # -- the host CPU ----------------------------------------------------------------------------
+    def _sleep(self) -> None:
+        """The thread blocks (``kvm_vcpu_block``, I/O in GUP, ``cancel_work_sync``): its
+        host CPU goes to the next runnable thread."""
+        if self.sched is not None:
+            assert self.thread is not None
+            self._resched = False
+            self.sched.sleep(self.thread)
 
     def _wake(self) -> None:
+        """The thread is woken (``rcuwait_wake_up``, the I/O's completion): it enters the
+        guest once it has a host CPU."""
         self._to_host()
+        if self.sched is not None:
+            assert self.thread is not None
+            if not self.sched.wake(self.thread):
+                return  # runnable, queued for a CPU: _granted enters
         self.enter()
+
+    def start(self, _: object = None) -> None:
+        """The thread's first run-loop iteration (``KVM_RUN``)."""
+        self._wake()
+
+    def _granted(self) -> None:
+        """The queued thread got a host CPU: the wait was ``run_delay``, which
+        ``record_steal_time`` / ``kvm_update_stolen_time`` add to the guest's steal time
+        before this entry."""
+        assert self.thread is not None
+        if self.params.steal_time_accounting:
+            self.guest.stolen_ns += self.thread.last_delay
+        self._enter(False)
+
+    def resched(self) -> None:
+        """The host scheduler wants this CPU (``resched_curr``): a thread in the guest exits
+        (the reschedule IPI or tick); every thread calls ``schedule()`` at its next entry."""
+        self._resched = True
+        mode = self.mode
+        if mode == VcpuMode.GUEST:
+            # The IPI lands as its own event: the waker may be this vCPU's own guest code
+            # (a hypercall that queues work), which must finish its step first.
+            self.engine.after(0, self._resched_ipi)
+        elif mode == VcpuMode.SPIN and self._host_event is None:
+            self._host_event = self.engine.after(0, self._spin_end)
+
+    def _resched_ipi(self, _: object = None) -> None:
+        if self._resched and self.mode == VcpuMode.GUEST:
+            self.exit_async()
 
     def worker_completed(self, work: AsyncPf) -> None:
         """The end of ``async_pf_execute``: ``kvm_vcpu_wake_up`` (only a blocked vCPU

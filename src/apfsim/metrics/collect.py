@@ -8,6 +8,7 @@ from typing import Any
 from apfsim.guest.sched import Task
 from apfsim.host.backing import SwapDevice
 from apfsim.host.memory import GuestMemory
+from apfsim.host.sched import HostSched
 from apfsim.metrics.accumulators import TIME_CATEGORIES, VcpuClock
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
 from apfsim.metrics.units import ops_unit
@@ -42,10 +43,11 @@ def collect(
     memory: GuestMemory,
     device: SwapDevice,
     reporting: dict[str, int] | None = None,
+    sched: HostSched | None = None,
 ) -> ProtocolResult:
     """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters;
     ``reporting`` the free page reporting figures, when the guest reports (added to
-    ``memory``)."""
+    ``memory``); ``sched`` is the host CPUs' scheduler (None: host CPUs not modelled)."""
     sim_s = now / 1e9
     task_results = [
         TaskResult(
@@ -70,7 +72,10 @@ def collect(
             name: round(int(ns) / 1e9, 9)
             for name, ns in zip(TIME_CATEGORIES, clock.totals, strict=True)
         }
-        vcpus.append(VcpuResult(index, times))
+        run_delay = None
+        if sched is not None:
+            run_delay = round(sched.vcpu_threads[index].run_delay_at(now) / 1e9, 9)
+        vcpus.append(VcpuResult(index, times, run_delay))
     apf = dict(apf)
     apf["apf_sleeps"] = counters.apf_sleeps
     apf["guest_bogus_aborts"] = counters.guest_bogus_aborts
@@ -107,6 +112,16 @@ def collect(
     if reporting is not None:
         mem.update(reporting)
     tracepoints = {name: getattr(counters, name) for name in TRACEPOINT_COUNTS}
+    host_cpu: dict[str, Any] | None = None
+    if sched is not None:
+        host_cpu = {
+            "cpus": sched.cpus,
+            "run_delay_s": round(sum(t.run_delay_at(now) for t in sched.vcpu_threads) / 1e9, 9),
+            "preemptions": sched.preemptions,
+            "kworkers": sched.kworkers,
+            "kworker_run_delay_s": round(sched.kworker_run_delay / 1e9, 9),
+            "kworker_cpu_s": round(sched.kworker_cpu_ns / 1e9, 9),
+        }
     return ProtocolResult(
         protocol=protocol,
         sim_time_s=round(now / 1e9, 9),
@@ -118,4 +133,5 @@ def collect(
         faults=faults,
         memory=mem,
         tracepoints=tracepoints,
+        host_cpu=host_cpu,
     )

@@ -49,6 +49,9 @@ class TaskResult:
 class VcpuResult:
     vcpu: int
     time_s: dict[str, float]
+    # The vCPU thread's run_delay (runnable, waiting for a host CPU); None (and absent from
+    # the JSON) when host CPUs are not modelled (host.cpus = 0).
+    run_delay_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,8 @@ class ProtocolResult:
     faults: dict[str, Any]
     memory: dict[str, Any]
     tracepoints: dict[str, int] = field(default_factory=dict)
+    # Host CPU contention (host.cpus > 0); None, and absent from the JSON, otherwise.
+    host_cpu: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "result") -> ProtocolResult:
@@ -97,6 +102,8 @@ class ProtocolResult:
             else:
                 row[f"faults.{key}"] = value
         row.update({f"tracepoints.{k}": v for k, v in self.tracepoints.items()})
+        if self.host_cpu is not None:
+            row.update({f"host_cpu.{k}": v for k, v in self.host_cpu.items()})
         return row
 
     def to_dict(self, include_wall: bool = False) -> dict[str, Any]:
@@ -104,6 +111,12 @@ class ProtocolResult:
         if not include_wall:
             # Wall-clock figures differ run to run; keep the JSON byte-identical.
             data.pop("wall_time_s")
+        # Added in a backward-compatible way: absent when host CPUs are not modelled.
+        if data["host_cpu"] is None:
+            data.pop("host_cpu")
+        for vcpu in data["vcpus"]:
+            if vcpu["run_delay_s"] is None:
+                vcpu.pop("run_delay_s")
         return data
 
 
@@ -175,6 +188,13 @@ class _TaskJson(TypedDict):
 class _VcpuJson(TypedDict):
     vcpu: int
     time_s: dict[str, float]
+    run_delay_s: NotRequired[float]
+
+
+@with_config(SCHEMA_CONFIG)
+class _HostCpuJson(TypedDict):
+    cpus: int
+    run_delay_s: float
 
 
 @with_config(SCHEMA_CONFIG)
@@ -222,6 +242,7 @@ class _ProtocolJson(TypedDict):
     protocol: str
     events: int
     tracepoints: NotRequired[dict[str, int]]
+    host_cpu: NotRequired[_HostCpuJson]
     wall_time_s: NotRequired[float]
 
 
@@ -309,4 +330,5 @@ def _protocol_result(data: Any, where: str) -> ProtocolResult:
         faults=data["faults"],
         memory=data["memory"],
         tracepoints=data.get("tracepoints", {}),
+        host_cpu=data.get("host_cpu"),
     )

@@ -1,7 +1,8 @@
 """The figures summarised per run: what ``compare`` estimates over seeds and a sweep stores
 with each run (docs/compare.md, docs/sweep.md). Metric names are dotted keys:
 ``task.NAME.work_s``, ``kind.KIND.work_rate``, ``vcpu_time_s.STATE``, ``apf.COUNTER``,
-``fault_in_latency_us.p50``, ``faults.per_s``.
+``fault_in_latency_us.p50``, ``faults.per_s``, and with ``host.cpus``
+``host_cpu.run_delay_s``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def run_metrics(result: ProtocolResult) -> dict[str, float | None]:
     sim = result.sim_time_s
     f = result.faults
     m["faults.per_s"] = (f["zero_fill"] + f["minor"] + f["needs_io"]) / sim if sim > 0 else None
+    if result.host_cpu is not None:  # only with host.cpus: the stored metrics stay as before
+        m["host_cpu.run_delay_s"] = float(result.host_cpu["run_delay_s"])
     return m
 
 

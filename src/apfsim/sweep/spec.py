@@ -171,6 +171,7 @@ class SweepRuns(Sequence[RunSpec]):
         resolved = scenario.model_dump(mode="json")
         # json.dumps(..., sort_keys=True) of {check, duration_s, protocol, scenario, seed}
         # written out: the same bytes, so the same keys as every earlier apfsim.
+        # Keys added later are left out at their defaults (scenario._LaterKeys).
         scenario_json = json.dumps(resolved, sort_keys=True)
         heads = []
         for protocol in self.protocols:

@@ -2,7 +2,8 @@
 
 ``python tests/data/pipeline/make_fixtures.py OUT`` runs the CLI commands below into OUT.
 The files beside this script were made by it at commit ebdea6d, before issue 15 merged the
-result paths; tests/test_pipeline_fixtures.py runs it again and compares every file.
+result paths; tests/test_pipeline_fixtures.py runs it again and compares every file. Issue 16
+remade them: swap slots, readahead in slot order and the per-arch exit costs change results.
 """
 
 from __future__ import annotations
