@@ -306,6 +306,25 @@ def test_more_vcpus_with_the_same_tasks_never_do_less_work(protocol: str) -> Non
         assert all(after >= before * 0.99 for before, after in itertools.pairwise(work)), work
 
 
+# ---------------------------------------------------------------------- host CPUs
+
+
+@pytest.mark.parametrize("protocol", ["sync", "x86", "arm64-rfcv2"])
+@pytest.mark.parametrize("workload", ["writer", "fault-loop"])
+def test_more_host_cpus_never_mean_more_steal(protocol: str, workload: str) -> None:
+    """Two vCPUs with steal time on, their threads and kworkers on 1, 2, 3 host CPUs, then
+    one each (``cpus = 0``): steal, which is the vCPU threads' run_delay, never grows."""
+    data = _with(WORKLOADS[workload](), "guest.vcpus", 2)
+    data = _with(data, "guest.steal_time_accounting", True)
+    for seed in SEEDS[:2]:
+        steal = []
+        for cpus in (1, 2, 3, 0):
+            r = _run(_with(data, "host.cpus", cpus), protocol, seed)
+            steal.append(sum(v.run_delay_s or 0.0 for v in r.vcpus))
+        assert steal == sorted(steal, reverse=True), steal
+        assert steal[-1] == 0.0 and steal[0] > 0.0, steal
+
+
 # ---------------------------------------------------------------------- time dilation
 
 _RATE = re.compile(r"(_per_s|_mib_s|(^|_)hz)$")

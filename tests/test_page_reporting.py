@@ -289,6 +289,13 @@ def test_reported_at_start_or_not() -> None:
     assert up.reporting is not None and up.reporting.report_calls == 0
 
 
+def test_reporting_tunables_are_inert_without_reporting() -> None:
+    """Tunables with reporting off are accepted, as a sweep over both leaves them, and
+    change nothing (a time-dilated scenario scales them too)."""
+    sc = freeing_scenario(**{"guest.page_reporting.delay_ns": 4_000_000_000})
+    assert sc.guest.page_reporting.delay_ns == 4_000_000_000 and not sc.guest.free_page_reporting
+
+
 def test_default_scenario_records_no_reporting_keys() -> None:
     sc = freeing_scenario()
     record = json.dumps(sc.model_dump(mode="json"))
@@ -303,7 +310,6 @@ def test_default_scenario_records_no_reporting_keys() -> None:
     ("overrides", "field"),
     [
         ({"initial_memory.reported": True}, "initial_memory.reported"),
-        ({"guest.page_reporting.capacity": 8}, "free_page_reporting"),
         ({"guest.free_page_reporting": True, "guest.page_reporting.capacity": 0}, "capacity"),
     ],
 )

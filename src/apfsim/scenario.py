@@ -160,16 +160,8 @@ class GuestConfig(_LaterKeys):
     # virtio-balloon free page reporting (VIRTIO_BALLOON_F_REPORTING): freed 2 MiB blocks are
     # reported to the host, which discards them (docs/model.md).
     free_page_reporting: bool = False
+    # Its tunables; inert while free_page_reporting is off (as a sweep axis may leave them).
     page_reporting: PageReportingConfig = PageReportingConfig()
-
-    @model_validator(mode="after")
-    def _reporting(self) -> GuestConfig:
-        if not self.free_page_reporting and self.page_reporting != PageReportingConfig():
-            raise ValueError(
-                "page_reporting is set but free_page_reporting is false; set "
-                "guest.free_page_reporting = true or remove [guest.page_reporting]"
-            )
-        return self
 
 
 class SwapConfig(_Model):
