@@ -16,10 +16,11 @@ from apfsim.host.costs import (
     AUTO_PRESET,
     PRESET_NAMES,
     PRESETS,
-    CostPreset,
     PresetName,
+    ResolvedCosts,
     resolve_costs,
 )
+from apfsim.metrics.results import ProtocolResult
 from apfsim.registry import PROTOCOLS
 from apfsim.scenario import (
     ScenarioError,
@@ -100,10 +101,18 @@ def test_a_run_resolves_the_preset_it_names(name: str) -> None:
     scenario = with_host(small_scenario(), costs={"preset": name})
     sim = Simulation(scenario, "x86", seed=0)
     assert sim.costs.preset == name
-    assert (
-        CostPreset(**{k: v for k, v in sim.costs.as_dict().items() if k != "preset"})
-        == (PRESETS[name])
-    )
+    assert sim.costs == ResolvedCosts(preset=name, **asdict(PRESETS[name]))
+
+
+def test_the_results_record_the_costs_the_run_charged() -> None:
+    """A scenario leaves the costs unset; the results say what they resolved to."""
+    scenario = with_host(small_scenario(), exit_ns=999, costs={"preset": "arm64-nvhe"})
+    result = run_protocol(scenario, "arm64-rfcv2", seed=1, duration_s=0.2)
+    expected = {**asdict(PRESETS["arm64-nvhe"]), "exit_ns": 999, "preset": "arm64-nvhe"}
+    assert result.host_costs == expected
+    data = result.to_dict()
+    assert data["host_costs"] == expected
+    assert ProtocolResult.from_dict(data).to_dict() == data
 
 
 @pytest.mark.parametrize("name", ["x86-vmx", "arm64-nvhe"])
@@ -120,6 +129,9 @@ def test_a_run_under_a_preset_is_the_run_with_its_figures_written_out(name: str)
     by_preset = with_host(small_scenario(), costs={"preset": name})
     other = with_host(small_scenario(), costs={"preset": "generic"})
     runs = [run_protocol(s, "guest-initiated", seed=3).to_dict() for s in (by_preset, explicit)]
+    # Only the recorded preset name differs: every figure was given explicitly.
+    assert runs[0]["host_costs"].pop("preset") == name
+    assert runs[1]["host_costs"].pop("preset") == "x86-vmx"  # auto, but nothing taken from it
     assert runs[0] == runs[1]
     assert run_protocol(other, "guest-initiated", seed=3).to_dict() != runs[0]
 

@@ -329,6 +329,7 @@ class Simulation:
             self.counters,
             self.memory,
             self.device,
+            self.costs.as_dict(),
         )
         self._close(engine.now)
         return result

@@ -115,7 +115,7 @@ class ResolvedCosts(CostPreset):
 
     preset: str
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, int | str]:
         """The costs and the preset they came from, for a run's results."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

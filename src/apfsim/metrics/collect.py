@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apfsim.guest.sched import Task
@@ -41,8 +41,10 @@ def collect(
     counters: RunCounters,
     memory: GuestMemory,
     device: SwapDevice,
+    host_costs: Mapping[str, int | str] | None = None,
 ) -> ProtocolResult:
-    """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters."""
+    """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters,
+    ``host_costs`` the run's resolved exit and operation costs (apfsim.host.costs)."""
     sim_s = now / 1e9
     task_results = [
         TaskResult(
@@ -113,4 +115,5 @@ def collect(
         faults=faults,
         memory=mem,
         tracepoints=tracepoints,
+        host_costs=dict(host_costs or {}),
     )

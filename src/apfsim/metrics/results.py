@@ -63,6 +63,9 @@ class ProtocolResult:
     faults: dict[str, Any]
     memory: dict[str, Any]
     tracepoints: dict[str, int] = field(default_factory=dict)
+    # The exit/entry and per-operation costs the run charged, and the preset they came from
+    # (apfsim.host.costs): the scenario leaves them unset to mean "the preset's".
+    host_costs: dict[str, int | str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "result") -> ProtocolResult:
@@ -222,6 +225,7 @@ class _ProtocolJson(TypedDict):
     protocol: str
     events: int
     tracepoints: NotRequired[dict[str, int]]
+    host_costs: NotRequired[dict[str, int | str]]
     wall_time_s: NotRequired[float]
 
 
@@ -309,4 +313,5 @@ def _protocol_result(data: Any, where: str) -> ProtocolResult:
         faults=data["faults"],
         memory=data["memory"],
         tracepoints=data.get("tracepoints", {}),
+        host_costs=data.get("host_costs", {}),
     )
