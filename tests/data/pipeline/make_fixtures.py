@@ -2,7 +2,9 @@
 
 ``python tests/data/pipeline/make_fixtures.py OUT`` runs the CLI commands below into OUT.
 The files beside this script were made by it at commit ebdea6d, before issue 15 merged the
-result paths; tests/test_pipeline_fixtures.py runs it again and compares every file.
+result paths, and made again at 4148ac0 when the per-arch exit-cost presets (issue 16) changed
+the default costs and added ``host_costs`` to the results; tests/test_pipeline_fixtures.py
+runs it again and compares every file.
 """
 
 from __future__ import annotations
