@@ -31,6 +31,7 @@ from apfsim.scenario import (
     with_overrides,
 )
 from apfsim.simulation import Simulation
+from apfsim.sweep import parse_sweep
 from cli_helpers import assert_one_line_error, cli
 from test_bad_input import BASE, scenario_file
 from test_more_variants import small_scenario
@@ -217,3 +218,24 @@ def test_a_bad_preset_name_exits_2_from_the_cli(
     code, _, err = cli(["run", str(path), "-q", "-p", "sync"], capsys)
     assert_one_line_error(code, err, "host.costs.preset", "did you mean 'x86-vmx'?")
     assert re.search(r"got 'x86_vmx'", err), err
+
+
+def test_a_sweep_can_cross_presets_with_an_explicit_key() -> None:
+    """The preset is a scenario key like any other: a grid over it (and over an override)
+    gives one run per combination, each resolving as a single scenario would."""
+    data = {
+        "name": "presets",
+        "scenario": "rfcv2-2020",
+        "duration_s": 0.05,
+        "protocols": ["arm64-rfcv2"],
+        "seeds": 1,
+        "grid": {"host.costs.preset": ["arm64-vhe", "arm64-nvhe"], "host.exit_ns": [None, 9]},
+    }
+    spec = parse_sweep(data, "presets")
+    resolved = [resolve_costs(scenario_from_dict(r.scenario).host, "arm64") for r in spec.runs]
+    assert [(c.preset, c.exit_ns) for c in resolved] == [
+        ("arm64-vhe", PRESETS["arm64-vhe"].exit_ns),
+        ("arm64-vhe", 9),
+        ("arm64-nvhe", PRESETS["arm64-nvhe"].exit_ns),
+        ("arm64-nvhe", 9),
+    ]
