@@ -23,6 +23,7 @@ LAYERS: list[tuple[int, str]] = [
     (0, "apfsim.metrics.frames"),  # pandas, imported lazily (the analysis extra)
     (0, "apfsim.pool"),  # process pools whose workers die with their coordinator
     (0, "apfsim.host"),  # the package's __init__: a docstring
+    (0, "apfsim.host.costs"),  # the per-arch cost presets: plain data the scenario names
     (0, "apfsim.guest"),
     # 1: the generic async PF core (virt/kvm/async_pf.c) and the plain accumulators
     (1, "apfsim.host.async_pf"),

@@ -139,17 +139,16 @@ def test_a_999999_run_sweep_starts_in_seconds_in_bounded_memory(tmp_path: Path) 
 def test_run_keys_are_those_of_earlier_versions() -> None:
     """A sweep stored before the runs were made lazily resumes: the keys did not change.
 
-    The keys hash the resolved scenario, so they change when the scenario gains keys: they
-    were recomputed when ``host.swap.readahead`` and ``host.swap.rotational`` came (issue 16),
-    which also changed every run's results, so no stored run should be reused."""
+    They last changed in issue 16: swap slots and the per-arch cost presets changed
+    every run's results, so no stored run should be reused."""
     spec = parse_sweep(TINY, "tiny")
     keys = [r.key for r in spec.runs]
     assert keys[:3] == [
-        "f5bb957b856279308d03d1cf6b1a24ea",
-        "875228ff4404525e3256fdb254bfe7fc",
-        "1e17b18f22b067e23b6bd5bd5a6a9b1c",
+        "d29619d369b4a8a00bfc2483e5375123",
+        "c7d499ffdd3aa6da0ae0e50c2212d946",
+        "9106c04c7ce26f5d104c75ab4cd503b3",
     ]
-    assert keys[23] == "4da4b253e13769a956e9f4267c3311ce"
+    assert keys[23] == "9b28e3d3105eddb9c9baad99773374cb"
     assert list(spec.runs.run_keys()) == keys
     assert [spec.runs[i].key for i in (-1, 5)] == [keys[-1], keys[5]]
 

@@ -59,6 +59,9 @@ def test_named_cost_is_paid_once_per_operation(
 def test_a_cost_the_protocol_never_pays_changes_nothing(protocol: str, cost: str) -> None:
     base = run_protocol(small_scenario(), protocol, seed=2).to_dict()
     changed = run_protocol(with_host_cost(cost, BIG_NS), protocol, seed=2).to_dict()
+    # The results record the cost as configured (host_costs); nothing it measures moves.
+    assert changed.pop("host_costs")[cost] == BIG_NS
+    assert base.pop("host_costs")[cost] != BIG_NS
     assert base == changed
 
 

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 from apfsim.api import run_protocol
+from apfsim.host.costs import resolve_costs
 from apfsim.metrics.results import ProtocolResult
+from apfsim.registry import variant
 from apfsim.scenario import Scenario, scenario_from_dict
 from apfsim.simulation import Simulation
 
@@ -348,10 +350,24 @@ def dilate(node: Any, factor: int, key: str = "") -> Any:
     return node
 
 
+def _costs_written_out(scenario: Scenario, protocol: str) -> dict[str, Any]:
+    """``scenario``'s dict with every exit and operation cost its preset leaves unset written
+    out, so that a dilation doubles them too."""
+    data: dict[str, Any] = scenario.model_dump(mode="python")
+    costs = resolve_costs(scenario.host, variant(protocol).arch_in(scenario.guest.arch))
+    for name, value in costs.as_dict().items():
+        if name in ("exit_ns", "entry_ns"):
+            data["host"][name] = value
+        elif name != "preset":
+            data["host"]["costs"][name] = value
+    return data
+
+
 def test_dilate_scales_every_time_parameter_of_a_full_scenario() -> None:
     """The dilation reaches every duration-like key a scenario has (defaults included)."""
-    full = scenario_from_dict(_writer()).model_dump(mode="python")
+    full = _costs_written_out(scenario_from_dict(_writer()), "x86")
     doubled = dilate(full, 2)
+    assert doubled["host"]["exit_ns"] == 2 * full["host"]["exit_ns"] > 0
     assert (
         doubled["host"]["swap"]["transfer_ns_per_page"]
         == 2 * (full["host"]["swap"]["transfer_ns_per_page"])
@@ -373,7 +389,7 @@ def test_doubling_every_duration_gives_the_same_run_in_slow_motion(
     """A run with every duration and the run length doubled (rates halved) is the same run
     at half speed: each task's share of the CPU and its operation count stay the same,
     within noise (2 % of the share; the runs differ only in integer-ns rounding)."""
-    base = scenario_from_dict(WORKLOADS[workload]()).model_dump(mode="python")
+    base = _costs_written_out(scenario_from_dict(WORKLOADS[workload]()), protocol)
     slow = dilate(base, 2)
     for seed in SEEDS:
         a, b = _run(base, protocol, seed), _run(slow, protocol, seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import reprlib
 import tomllib
 import types
@@ -30,6 +31,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from apfsim.host.costs import PresetName
 
 __all__ = [
     "BUILTIN_SCENARIOS",
@@ -206,16 +209,19 @@ class SwapConfig(_Model):
 
 
 class HostCosts(_Model):
-    """Host CPU time per protocol operation in ns, on top of the exit and entry themselves
-    (assumptions, see docs/model.md)."""
+    """Host CPU time per protocol operation in ns, on top of the exit and entry themselves.
 
-    exception_inject_ns: Ns = 500  # kvm_inject_dabt / kvm_inject_page_fault
-    interrupt_inject_ns: Ns = 300  # a vGIC list register / APIC IRR bit
-    sdei_deliver_ns: Ns = 1_500  # save the interrupted context, enter the handler
-    sdei_complete_ns: Ns = 1_000  # SDEI_EVENT_COMPLETE: restore that context
-    hypercall_ns: Ns = 500  # an HVC / VMCALL / PV-MSR write's dispatch
-    ack_exit_ns: Ns = 300  # the page-ready ACK and its completion re-check
-    ipi_send_ns: Ns = 1_000  # the sender's trapped ICR / ICC_SGI1R_EL1 write
+    Each key left unset takes the figure of ``preset`` (apfsim.host.costs; sources in
+    docs/model.md "Per-arch cost presets"); ``auto`` is the preset of the run's arch."""
+
+    preset: PresetName = "auto"
+    exception_inject_ns: Ns | None = None  # kvm_inject_dabt / kvm_inject_page_fault
+    interrupt_inject_ns: Ns | None = None  # a vGIC list register / APIC IRR bit
+    sdei_deliver_ns: Ns | None = None  # save the interrupted context, enter the handler
+    sdei_complete_ns: Ns | None = None  # SDEI_EVENT_COMPLETE: restore that context
+    hypercall_ns: Ns | None = None  # an HVC / VMCALL / PV-MSR write's dispatch
+    ack_exit_ns: Ns | None = None  # the page-ready ACK and its completion re-check
+    ipi_send_ns: Ns | None = None  # the sender's trapped ICR / ICC_SGI1R_EL1 write
 
 
 class BalloonConfig(_Model):
@@ -250,8 +256,8 @@ class HostConfig(_LaterKeys):
     tick_hz: int = Field(250, ge=0, le=10_000)  # host scheduler tick: an exit while in guest
     page_cluster: int = Field(3, ge=0, le=6)
     reclaim_batch: int = Field(32, ge=1, le=MAX_MEMORY_MIB * MIB_PAGES)
-    exit_ns: Ns = 1_000
-    entry_ns: Ns = 1_000
+    exit_ns: Ns | None = None  # unset: from host.costs.preset
+    entry_ns: Ns | None = None
     stage2_fault_ns: Ns = 2_000
     zero_fill_ns: Ns = 1_500
     minor_fault_ns: Ns = 1_000
@@ -474,6 +480,10 @@ def _format_error(err: ValidationError, source: str) -> str:
         *parents, key = first["loc"]
         hint = "; remove it or check the spelling (`apfsim show` prints every valid key)"
         hint += did_you_mean(key, _keys_at(tuple(parents)))
+    elif first["type"] == "literal_error":
+        hint = did_you_mean(
+            value, re.findall(r"'([^']*)'", str(first.get("ctx", {}).get("expected", "")))
+        )
     elif first["type"] == "missing":
         hint = "; add it (`apfsim show rfcv2-2020` prints a complete example)"
     where = f"{loc}: " if loc else ""

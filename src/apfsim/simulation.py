@@ -31,6 +31,7 @@ from apfsim.host.backing import (
     SwapDevice,
     fit_lognormal,
 )
+from apfsim.host.costs import resolve_costs
 from apfsim.host.io import HostMemoryIo
 from apfsim.host.memory import GuestMemory
 from apfsim.host.sched import ANY_CPU, HostSched
@@ -97,6 +98,9 @@ class Simulation:
         self.counters = RunCounters()
         self.observers: list[Observer] = []
         g, h = scenario.guest, scenario.host
+        self.arch = self.variant.arch_in(g.arch)
+        # The exit, entry and per-operation costs: explicit keys over the arch's preset.
+        self.costs = costs = resolve_costs(h, self.arch)
         self.memory = GuestMemory(
             g.memory_mib * MIB_PAGES,
             h.memory_limit_mib * MIB_PAGES,
@@ -132,11 +136,11 @@ class Simulation:
             self.counters,
             self.streams.stream("guest-kzalloc"),
             g.dummy_alloc_fail_probability,
-            h.costs.ipi_send_ns,
+            costs.ipi_send_ns,
             {
-                GuestCallKind.HYPERCALL: h.costs.hypercall_ns,
-                GuestCallKind.ACK: h.costs.ack_exit_ns,
-                GuestCallKind.SDEI_COMPLETE: h.costs.hypercall_ns + h.costs.sdei_complete_ns,
+                GuestCallKind.HYPERCALL: costs.hypercall_ns,
+                GuestCallKind.ACK: costs.ack_exit_ns,
+                GuestCallKind.SDEI_COMPLETE: costs.hypercall_ns + costs.sdei_complete_ns,
             },
         )
         options = ProtocolOptions(
@@ -170,10 +174,9 @@ class Simulation:
             g.sched.gentle_fair_sleepers,
             g.sched.wakeup_preemption,
         ).scaled(g.vcpus)
-        vparams = VcpuParams.of(h, g.steal_time_accounting)
+        vparams = VcpuParams.of(h, costs, g.steal_time_accounting)
         gparams = GuestParams.of(g)
         self.contexts = gparams.contexts
-        self.arch = self.variant.arch_in(g.arch)
         rules = gparams.rules(self.arch)
         self.vcpus = [
             vcpu_type(
@@ -303,7 +306,7 @@ class Simulation:
             cfg.delay_ns,
             cfg.capacity,
             cfg.budget_divisor,
-            h.exit_ns + h.entry_ns,
+            self.costs.exit_ns + self.costs.entry_ns,  # the doorbell exit of each report
             h.balloon.report_range_ns,
             h.balloon.discard_page_ns,
         )
@@ -396,6 +399,7 @@ class Simulation:
             self.device,
             None if self.reporting is None else self.reporting.counters(),
             self.host_sched,
+            self.costs.as_dict(),
         )
         self._close(engine.now)
         return result

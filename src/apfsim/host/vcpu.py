@@ -68,12 +68,13 @@ class VcpuParams:
     steal_time_accounting: bool = False
 
     @classmethod
-    def of(cls, host: Any, steal_time_accounting: bool) -> VcpuParams:
-        """From a scenario's ``host`` section."""
-        c = host.costs
+    def of(cls, host: Any, costs: Any, steal_time_accounting: bool) -> VcpuParams:
+        """From a scenario's ``host`` section and the run's resolved ``costs``
+        (apfsim.host.costs.resolve_costs: explicit keys over the arch's preset)."""
+        c = costs
         return cls(
-            host.exit_ns,
-            host.entry_ns,
+            c.exit_ns,
+            c.entry_ns,
             host.stage2_fault_ns,
             host.zero_fill_ns,
             host.minor_fault_ns,

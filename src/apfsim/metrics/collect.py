@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apfsim.guest.sched import Task
@@ -44,10 +44,12 @@ def collect(
     device: SwapDevice,
     reporting: dict[str, int] | None = None,
     sched: HostSched | None = None,
+    host_costs: Mapping[str, int | str] | None = None,
 ) -> ProtocolResult:
     """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters;
     ``reporting`` the free page reporting figures, when the guest reports (added to
-    ``memory``); ``sched`` is the host CPUs' scheduler (None: host CPUs not modelled)."""
+    ``memory``); ``sched`` is the host CPUs' scheduler (None: host CPUs not modelled);
+    ``host_costs`` the run's resolved exit and operation costs (apfsim.host.costs)."""
     sim_s = now / 1e9
     task_results = [
         TaskResult(
@@ -134,4 +136,5 @@ def collect(
         memory=mem,
         tracepoints=tracepoints,
         host_cpu=host_cpu,
+        host_costs=dict(host_costs or {}),
     )

@@ -68,6 +68,9 @@ class ProtocolResult:
     tracepoints: dict[str, int] = field(default_factory=dict)
     # Host CPU contention (host.cpus > 0); None, and absent from the JSON, otherwise.
     host_cpu: dict[str, Any] | None = None
+    # The exit/entry and per-operation costs the run charged, and the preset they came from
+    # (apfsim.host.costs): the scenario leaves them unset to mean "the preset's".
+    host_costs: dict[str, int | str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "result") -> ProtocolResult:
@@ -243,6 +246,7 @@ class _ProtocolJson(TypedDict):
     events: int
     tracepoints: NotRequired[dict[str, int]]
     host_cpu: NotRequired[_HostCpuJson]
+    host_costs: NotRequired[dict[str, int | str]]
     wall_time_s: NotRequired[float]
 
 
@@ -331,4 +335,5 @@ def _protocol_result(data: Any, where: str) -> ProtocolResult:
         memory=data["memory"],
         tracepoints=data.get("tracepoints", {}),
         host_cpu=data.get("host_cpu"),
+        host_costs=data.get("host_costs", {}),
     )
