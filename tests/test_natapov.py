@@ -42,7 +42,8 @@ def runs(data: dict[str, Any], protocol: str) -> list[dict[str, Any]]:
 def test_pv_is_inside_the_published_tolerance(natapov: dict[str, Any]) -> None:
     mean, ci = ratio(natapov, "x86", "kind.compute.work_rate")
     assert 1.91 - 0.15 <= mean <= 1.91 + 0.15
-    assert mean == pytest.approx(1.980, abs=0.01)
+    # 1.980 before issue 16's x86-vmx exit costs (683 ns round trips, not 2.5 µs): 1.984.
+    assert mean == pytest.approx(1.984, abs=0.01)
     assert ci < 0.01
     # Through the mechanism S1 names: each fault thread sleeps on its token, so the counting
     # thread gets the vCPU; no fault on this workload falls back to a synchronous one.
