@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from apfsim.host import memory
 from apfsim.host.memory import GuestMemory, PageState
 
-M, C, S, U, IO = (
-    PageState.MAPPED,
-    PageState.SWAPCACHE,
-    PageState.SWAPPED,
-    PageState.UNTOUCHED,
-    PageState.IN_IO,
-)
-
-
-def gfns(*values: int) -> np.ndarray:
-    return np.array(values, dtype=np.int64)
+sys.path.insert(0, str(Path(__file__).parent))
+from memory_helpers import IO, C, M, S, U, gfns
 
 
 def memory_with(states: list[PageState], referenced: list[int], limit: int = 1000) -> GuestMemory:

@@ -3,6 +3,8 @@ of contiguous slots into one request (block/blk-merge.c)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,22 +14,13 @@ from pydantic import ValidationError
 from apfsim.engine import Engine
 from apfsim.host.backing import ConstantServiceTime, SwapDevice
 from apfsim.host.io import HostMemoryIo
-from apfsim.host.memory import MAX_REQUEST_PAGES, GuestMemory, PageState
+from apfsim.host.memory import MAX_REQUEST_PAGES, GuestMemory
 from apfsim.ports import RunCounters
 from apfsim.scenario import SwapConfig, scenario_from_dict
 from apfsim.simulation import Simulation
 
-M, C, S, U, IO = (
-    PageState.MAPPED,
-    PageState.SWAPCACHE,
-    PageState.SWAPPED,
-    PageState.UNTOUCHED,
-    PageState.IN_IO,
-)
-
-
-def gfns(*values: int) -> np.ndarray:
-    return np.array(values, dtype=np.int64)
+sys.path.insert(0, str(Path(__file__).parent))
+from memory_helpers import IO, M, S, U, gfns
 
 
 def resident(n_pages: int, swap_cluster: int = 4, **kw: Any) -> GuestMemory:
