@@ -116,6 +116,7 @@ def test_the_results_record_the_costs_the_run_charged() -> None:
     assert ProtocolResult.from_dict(data).to_dict() == data
 
 
+@pytest.mark.slow  # two 2 s runs each
 @pytest.mark.parametrize("name", ["x86-vmx", "arm64-nvhe"])
 def test_a_run_under_a_preset_is_the_run_with_its_figures_written_out(name: str) -> None:
     """The preset's figures are what the run charges: spelling them out changes nothing,
