@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from apfsim.api import compare
-from apfsim.host.costs import resolve_costs
+from apfsim.host.costs import cost_keys, resolve_costs
 from apfsim.scenario import Scenario, load_scenario, with_overrides
 
 Overrides = Callable[[Scenario], dict[str, Any]]
@@ -38,10 +38,8 @@ def scale_costs(factor: float) -> Overrides:
         }
         # The exit and operation costs as the runs charge them: the scenario's keys over
         # the preset of its arch (every protocol of this study runs on guest.arch, x86).
-        for key, ns in resolve_costs(base.host, base.guest.arch).as_dict().items():
-            if isinstance(ns, int):
-                section = "host" if key in ("exit_ns", "entry_ns") else "host.costs"
-                out[f"{section}.{key}"] = int(ns * factor)
+        costs = resolve_costs(base.host, base.guest.arch)
+        out.update({key: int(ns * factor) for key, ns in cost_keys(costs).items()})
         out.update(
             {
                 f"guest.costs.{key}": int(ns * factor)

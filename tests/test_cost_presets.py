@@ -240,3 +240,13 @@ def test_a_sweep_can_cross_presets_with_an_explicit_key() -> None:
         ("arm64-nvhe", PRESETS["arm64-nvhe"].exit_ns),
         ("arm64-nvhe", 9),
     ]
+
+
+def test_cost_keys_set_every_figure_whatever_the_preset() -> None:
+    from apfsim.host.costs import cost_keys
+
+    nvhe = PRESETS["arm64-nvhe"]
+    scenario = with_overrides(
+        with_host(small_scenario(), costs={"preset": "generic"}), cost_keys(nvhe)
+    )
+    assert asdict(resolve_costs(scenario.host, "x86")) == {**asdict(nvhe), "preset": "generic"}

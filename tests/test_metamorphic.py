@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from apfsim.api import run_protocol
-from apfsim.host.costs import resolve_costs
+from apfsim.host.costs import cost_keys, resolve_costs
 from apfsim.metrics.results import ProtocolResult
 from apfsim.registry import variant
-from apfsim.scenario import Scenario, scenario_from_dict
+from apfsim.scenario import Scenario, scenario_from_dict, with_overrides
 from apfsim.simulation import Simulation
 
 pytestmark = pytest.mark.slow
@@ -353,14 +353,9 @@ def dilate(node: Any, factor: int, key: str = "") -> Any:
 def _costs_written_out(scenario: Scenario, protocol: str) -> dict[str, Any]:
     """``scenario``'s dict with every exit and operation cost its preset leaves unset written
     out, so that a dilation doubles them too."""
-    data: dict[str, Any] = scenario.model_dump(mode="python")
     costs = resolve_costs(scenario.host, variant(protocol).arch_in(scenario.guest.arch))
-    for name, value in costs.as_dict().items():
-        if name in ("exit_ns", "entry_ns"):
-            data["host"][name] = value
-        elif name != "preset":
-            data["host"]["costs"][name] = value
-    return data
+    written: dict[str, Any] = with_overrides(scenario, cost_keys(costs)).model_dump()
+    return written
 
 
 def test_dilate_scales_every_time_parameter_of_a_full_scenario() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "CostPreset",
     "PresetName",
     "ResolvedCosts",
+    "cost_keys",
     "preset_for",
     "resolve_costs",
 ]
@@ -130,3 +131,13 @@ def resolve_costs(host: Any, arch: str) -> ResolvedCosts:
         explicit = getattr(host if field in _HOST_FIELDS else host.costs, field)
         values[field] = getattr(preset, field) if explicit is None else explicit
     return ResolvedCosts(preset=name, **values)
+
+
+def cost_keys(costs: CostPreset) -> dict[str, int]:
+    """``costs`` as the dotted scenario keys that set each one explicitly (``host.exit_ns``,
+    ``host.costs.hypercall_ns``, ...), for ``with_overrides``: a scenario with them set
+    charges the same whatever its preset."""
+    return {
+        f"host.{name}" if name in _HOST_FIELDS else f"host.costs.{name}": getattr(costs, name)
+        for name in _COST_FIELDS
+    }
