@@ -68,6 +68,17 @@ def _service_time(cfg: Any, rng: np.random.Generator, scale: float) -> ServiceTi
     return LognormalServiceTime(median * scale, sigma, rng)
 
 
+def _cfs(cfg: Any) -> CfsParams:
+    """The CFS tunables of a scenario's ``guest.sched`` or ``host.sched``, unscaled."""
+    return CfsParams(
+        cfg.latency_ns,
+        cfg.min_granularity_ns,
+        cfg.wakeup_granularity_ns,
+        cfg.gentle_fair_sleepers,
+        cfg.wakeup_preemption,
+    )
+
+
 class Observer(Protocol):
     """Something attached to a run from outside (a tracer): told when the run ends."""
 
@@ -167,13 +178,7 @@ class Simulation:
             self.checker = RunChecker(
                 self.engine, self.host_protocol, self.guest_protocol, self.tasks, protocol, seed
             )
-        cfs = CfsParams(
-            g.sched.latency_ns,
-            g.sched.min_granularity_ns,
-            g.sched.wakeup_granularity_ns,
-            g.sched.gentle_fair_sleepers,
-            g.sched.wakeup_preemption,
-        ).scaled(g.vcpus)
+        cfs = _cfs(g.sched).scaled(g.vcpus)
         vparams = VcpuParams.of(h, costs, g.steal_time_accounting)
         gparams = GuestParams.of(g)
         self.contexts = gparams.contexts
@@ -208,15 +213,15 @@ class Simulation:
         self.io.worker_finish_ns = h.worker_finish_ns
         self.host_sched: HostSched | None = None
         if h.cpus:
-            s = h.sched
+            hs = _cfs(h.sched).scaled(h.cpus)
             self.host_sched = HostSched(
                 self.engine,
                 h.cpus,
-                s.latency_ns,
-                s.min_granularity_ns,
-                s.wakeup_granularity_ns,
-                s.gentle_fair_sleepers,
-                s.wakeup_preemption,
+                hs.sched_latency_ns,
+                hs.min_granularity_ns,
+                hs.wakeup_granularity_ns,
+                hs.gentle_fair_sleepers,
+                hs.wakeup_preemption,
             )
             for v in self.vcpus:
                 v.attach_sched(self.host_sched, v.index % h.cpus if h.pin_vcpus else ANY_CPU)

@@ -117,14 +117,13 @@ class HostSched:
         gentle_fair_sleepers: bool = True,
         wakeup_preemption: bool = True,
     ) -> None:
-        # sysctl_sched_latency etc. grow with log2 of the CPUs, up to 8 (the default
-        # SCHED_TUNABLESCALING_LOG of get_update_sysctl_factor).
-        factor = 1 + (min(cpus, 8).bit_length() - 1)
+        # The tunables come already scaled by the CPU count (sysctl_sched_latency etc. grow
+        # with log2 of the CPUs, up to 8: guest.sched.CfsParams.scaled, the same rule).
         self.engine = clock
         self.cpus = cpus
-        self.latency_ns = latency_ns * factor
-        self.min_granularity_ns = min_granularity_ns * factor
-        self.wakeup_granularity_ns = wakeup_granularity_ns * factor
+        self.latency_ns = latency_ns
+        self.min_granularity_ns = min_granularity_ns
+        self.wakeup_granularity_ns = wakeup_granularity_ns
         self.nr_latency = max(1, self.latency_ns // self.min_granularity_ns)
         self.sleeper_credit = self.latency_ns // 2 if gentle_fair_sleepers else self.latency_ns
         self.wakeup_preemption = wakeup_preemption
