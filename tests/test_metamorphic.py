@@ -22,7 +22,14 @@ from apfsim.api import run_protocol
 from apfsim.host.costs import cost_keys, resolve_costs
 from apfsim.metrics.results import ProtocolResult
 from apfsim.registry import variant
-from apfsim.scenario import Scenario, scenario_from_dict, with_overrides
+from apfsim.scenario import (
+    ComputeSpec,
+    FaultLoopSpec,
+    RandomWriterSpec,
+    Scenario,
+    scenario_from_dict,
+    with_overrides,
+)
 from apfsim.simulation import Simulation
 
 pytestmark = pytest.mark.slow
@@ -126,18 +133,18 @@ def _useful_work(r: ProtocolResult, data: dict[str, Any]) -> float:
     also holds the stalls the guest charged to it (no steal time) and the CPU that async PF
     moved from it to the other task."""
     total = 0.0
-    specs = {t.get("name"): t for t in data["tasks"]}
+    # The validated scenario's tasks, so a key the dict leaves out has the model's default.
+    specs = {t.name: t for t in scenario_from_dict(data).tasks}
     for t in r.tasks:
         spec = specs.get(t.name) or specs[t.name.rstrip("0123456789")]
-        kind = spec["kind"]
-        if kind == "compute":
+        if isinstance(spec, ComputeSpec):
             total += t.work_s
-        elif kind == "random_writer":
-            total += t.ops * spec.get("access_ns", 200) * 1e-9
-        elif kind == "fault_loop":
-            total += t.ops * spec.get("burst_mean_us", 1000.0) * 1e-6
+        elif isinstance(spec, RandomWriterSpec):
+            total += t.ops * spec.access_ns * 1e-9
+        elif isinstance(spec, FaultLoopSpec):
+            total += t.ops * spec.burst_mean_us * 1e-6
         else:
-            total += t.ops * spec.get("page_write_ns", 600) * 1e-9
+            total += t.ops * spec.page_write_ns * 1e-9
     return total
 
 
