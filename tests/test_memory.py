@@ -105,6 +105,17 @@ def test_first_not_mapped_and_touch() -> None:
     assert mem.dirty.tolist() == [0, 0, 0, 1, 0]
 
 
+def test_first_not_mapped_and_touch_on_a_run_of_gfns() -> None:
+    """The memory hog's slice form answers as the index-array form does."""
+    mem = memory_with([M, M, S, M, U], [0] * 5)
+    mem.dirty[:] = 0
+    for lo, hi in [(0, 2), (0, 5), (1, 4), (3, 5), (4, 5), (2, 2)]:
+        assert mem.first_not_mapped(slice(lo, hi)) == mem.first_not_mapped(gfns(*range(lo, hi)))
+    mem.touch(slice(0, 2), write=True)
+    assert mem.referenced.tolist() == [1, 1, 0, 0, 0]
+    assert mem.dirty.tolist() == [1, 1, 0, 0, 0]
+
+
 def test_zero_fill() -> None:
     mem = GuestMemory(8, 4)
     rec = mem.zero_fill(5)

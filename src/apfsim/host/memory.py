@@ -319,16 +319,17 @@ class GuestMemory:
         self.resident = n_res
         self._hand = 0
 
-    def first_not_mapped(self, gfns: IntArray) -> int:
-        """Index of the first gfn not ``MAPPED`` (the first access that exits), or ``len(gfns)``."""
-        n = len(gfns)
+    def first_not_mapped(self, gfns: IntArray | slice) -> int:
+        """Index of the first gfn not ``MAPPED`` (the first access that exits), or the
+        number of gfns. A ``slice`` is a run of consecutive gfns, read without an index array."""
+        not_mapped = self.state[gfns] != _MAPPED
+        n = len(not_mapped)
         if n == 0:
             return 0
-        not_mapped = self.state[gfns] != _MAPPED
         i = int(not_mapped.argmax())
         return i if not_mapped[i] else n
 
-    def touch(self, gfns: IntArray, write: bool) -> None:
+    def touch(self, gfns: IntArray | slice, write: bool) -> None:
         """Guest accesses to mapped pages: set the stage-2 access bit (and dirty on write)."""
         self.referenced[gfns] = 1
         if write:

@@ -82,8 +82,11 @@ class Workload(ABC):
         return False
 
 
-def truncate_at_unmapped(memory: GuestMemory, pages: np.ndarray, n: int, evict_mark: int) -> int:
-    """Accesses that really ran out of the first ``n`` planned ones.
+def truncate_at_unmapped(
+    memory: GuestMemory, pages: np.ndarray | slice, n: int, evict_mark: int
+) -> int:
+    """Accesses that really ran out of the ``n`` planned ones, ``pages`` (an index array or a
+    slice of consecutive gfns).
 
     A plan is made against the stage-2 state at its start; if reclaim unmapped one of the
     planned pages meanwhile, execution stops there (the access will fault when replanned).
@@ -94,4 +97,4 @@ def truncate_at_unmapped(memory: GuestMemory, pages: np.ndarray, n: int, evict_m
         return 0
     if memory.pages_evicted == evict_mark:
         return n
-    return min(n, memory.first_not_mapped(pages[:n]))
+    return min(n, memory.first_not_mapped(pages))
