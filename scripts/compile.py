@@ -35,6 +35,7 @@ HOT = [
     "apfsim/host/io.py",
     "apfsim/host/memory.py",
     "apfsim/host/backing.py",
+    "apfsim/host/postcopy.py",
     "apfsim/host/sched.py",
     "apfsim/host/vcpu.py",
     "apfsim/protocols/*.py",

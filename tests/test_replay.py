@@ -138,7 +138,9 @@ class Io:
     def present(self, gfn: int) -> bool:
         return bool(self.memory.state[gfn] == int(PageState.MAPPED))
 
-    def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+    def read_page(
+        self, gfn: int, on_done: Callable[[Any], object], arg: Any, vcpu: int = 0
+    ) -> None:
         owner = getattr(on_done, "__self__", None)
         assert isinstance(owner, Vcpu)
         self.sync[owner.index] = (on_done, arg, gfn)

@@ -365,7 +365,9 @@ def test_disable_waits_in_cancel_work_sync_for_a_running_gup() -> None:
         def resolve_nowait(self, gfn: int) -> int:
             raise AssertionError("no fault in this test")
 
-        def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+        def read_page(
+            self, gfn: int, on_done: Callable[[Any], object], arg: Any, vcpu: int = 0
+        ) -> None:
             raise AssertionError("no fault in this test")
 
         def map_after_read(self, gfn: int) -> None:

@@ -348,8 +348,15 @@ class HostIo(Protocol):
         :data:`NOWAIT_MINOR`, or :data:`NOWAIT_NEEDS_IO` (nothing done)."""
         ...
 
-    def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
-        """Wait for ``gfn`` to be in memory (join or start its read), then ``on_done(arg)``."""
+    def read_page(
+        self, gfn: int, on_done: Callable[[Any], object], arg: Any, vcpu: int = 0
+    ) -> None:
+        """Wait for ``gfn`` to be in memory (join or start its read), then ``on_done(arg)``;
+        ``vcpu`` names the thread's vCPU (its uffd, when there is one per vCPU)."""
+        ...
+
+    def fetch_in_user(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+        """A memory-fault exit: the VMM's vCPU thread brings the page in, then re-enters."""
         ...
 
     def map_after_read(self, gfn: int) -> None:

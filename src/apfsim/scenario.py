@@ -145,7 +145,7 @@ class GuestConfig(_LaterKeys):
     # The guest's architecture where the protocol has none of its own (sync): its exception
     # entry code and return-path preemption. A protocol of an arch always runs on that arch.
     arch: Literal["arm64", "x86", "s390"] = "arm64"
-    vcpus: int = Field(1, ge=1, le=64)
+    vcpus: int = Field(1, ge=1, le=256)
     memory_mib: int = Field(4096, ge=16, le=MAX_MEMORY_MIB)
     reserved_mib: int = Field(256, ge=0, le=MAX_MEMORY_MIB)
     hz: int = Field(250, ge=10, le=10_000)
@@ -293,7 +293,7 @@ class _TaskBase(_Model):
     """Keys every task entry has: ``count`` threads, optionally pinned to one ``cpu``."""
 
     count: int = Field(1, ge=1, le=256)
-    cpu: int | None = Field(None, ge=0, le=63)
+    cpu: int | None = Field(None, ge=0, le=255)
 
     def claimed_mib(self) -> int:
         """Guest memory this entry claims (shared by its ``count`` threads)."""
@@ -351,8 +351,43 @@ TaskSpec = Annotated[
 ]
 
 
-class Scenario(_Model):
+class PostcopyConfig(_Model):
+    """Postcopy live migration's destination (``apfsim.host.postcopy``); off by default.
+
+    The run starts at the switch-over's RUN with every page on the source. Defaults are the
+    QEMU and Linux defaults where there is one; the rest are stated assumptions
+    (docs/model.md, "Postcopy").
+    """
+
+    enabled: bool = False
+    source: Literal["network", "local"] = "network"
+    page_size: Literal["4k", "2m", "1g"] = "4k"
+    link_gbps: float = Field(10.0, ge=0.001, le=10_000.0)
+    rtt_us: float = Field(100.0, ge=0.0, le=DAY_US)
+    preempt: bool = False  # QEMU's postcopy-preempt capability (off by default)
+    background: bool = True  # the source streams the pages not yet sent
+    socket_buffer_kib: int = Field(4096, ge=4, le=1 << 20)  # net.ipv4.tcp_wmem max
+    qemufile_buffer_kib: int = Field(32, ge=0, le=1 << 20)  # QEMUFile IO_BUF_SIZE
+    frame_kib: int = Field(64, ge=4, le=1 << 20)  # the 64 KiB GSO/TSO segment
+    uffds: Literal["one", "per-vcpu"] = "one"
+    uffd_lock_ns: Ns = 100
+    wake_entry_ns: Ns = 20
+    fault_read_ns: Ns = 2_000
+    request_send_ns: Ns = 2_000
+    source_request_ns: Ns = 5_000
+    uffdio_copy_ns: Ns = 1_000
+    copy_gbytes_per_s: float = Field(10.0, ge=0.01, le=10_000.0)
+    zeropage_ns: Ns = 500
+    wakeup_ns: Ns = 5_000
+    local_delay_us: float = Field(0.0, ge=0.0, le=DAY_US)
+    exit_to_user_ns: Ns = 3_000
+    device_state_kib: int = Field(1024, ge=0, le=1 << 30)
+
+
+class Scenario(_LaterKeys):
     """One VM under one host: the unit apfsim runs under each protocol."""
+
+    _later: ClassVar[tuple[str, ...]] = ("postcopy",)
 
     name: str = "custom"
     description: str = ""
@@ -362,10 +397,29 @@ class Scenario(_Model):
     host: HostConfig = HostConfig()
     initial_memory: InitialMemory = InitialMemory()
     tasks: list[TaskSpec] = Field(min_length=1, max_length=256)
+    postcopy: PostcopyConfig = PostcopyConfig()
 
     @model_validator(mode="after")
     def _fits(self) -> Scenario:
         g = self.guest
+        pc = self.postcopy
+        if pc.enabled:
+            if self.host.memory_limit_mib < g.memory_mib:
+                raise ValueError(
+                    f"host.memory_limit_mib: postcopy's destination holds the whole guest; "
+                    f"set it to guest.memory_mib ({g.memory_mib})"
+                )
+            huge = {"4k": 0, "2m": 2, "1g": 1024}[pc.page_size]
+            if huge and g.memory_mib % huge:
+                raise ValueError(
+                    f"postcopy.page_size: guest.memory_mib ({g.memory_mib}) is not a whole "
+                    f"number of {pc.page_size} host pages; use a multiple of {huge} MiB"
+                )
+            if pc.uffds == "per-vcpu" and pc.source != "local":
+                raise ValueError(
+                    "postcopy.uffds: QEMU registers all guest RAM in one uffd; 'per-vcpu' "
+                    "needs postcopy.source = 'local' (the demand-paging selftest)"
+                )
         if self.host.pin_vcpus and self.host.cpus == 0:
             raise ValueError(
                 "host.pin_vcpus: pinning needs a number of host CPUs; set host.cpus (> 0) "

@@ -33,10 +33,11 @@ from apfsim.host.backing import (
 )
 from apfsim.host.costs import resolve_costs
 from apfsim.host.io import HostMemoryIo
-from apfsim.host.memory import GuestMemory
+from apfsim.host.memory import GuestMemory, PageState
+from apfsim.host.postcopy import PostcopyDestination, PostcopyParams
 from apfsim.host.sched import ANY_CPU, HostSched
 from apfsim.host.vcpu import Vcpu, VcpuParams
-from apfsim.metrics.collect import collect
+from apfsim.metrics.collect import collect, postcopy_results
 from apfsim.metrics.results import ProtocolResult
 from apfsim.ports import GuestCallKind, HostPorts, RunCounters
 from apfsim.registry import ProtocolOptions, build_protocol, variant
@@ -54,6 +55,7 @@ from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, Ra
 __all__ = ["InvariantViolation", "Observer", "Simulation"]
 
 ProgressFn = Callable[[float], None]
+WORK_SAMPLE_NS = 100_000_000  # postcopy's work-rate series: one sample per 100 ms
 
 
 def _service_time(cfg: Any, rng: np.random.Generator, scale: float) -> ServiceTime:
@@ -123,6 +125,15 @@ class Simulation:
         self.memory.initialise(
             self.streams.stream("initial-memory"), im.resident_fraction, im.swapped_fraction
         )
+        pc = scenario.postcopy
+        self.postcopy: PostcopyDestination | None = None
+        self._work_samples: list[int] = []
+        if pc.enabled:
+            # The source's memory is the initial state; its never-touched pages are zero
+            # pages on the wire. The destination starts with every page REMOTE.
+            zero = self.memory.state == np.uint8(PageState.UNTOUCHED)
+            self.memory.initialise_remote()
+            self.postcopy_params = PostcopyParams.of(pc, g.vcpus)
         swap = h.swap
         self.device = SwapDevice(
             self.engine,
@@ -134,6 +145,11 @@ class Simulation:
         self.io = HostMemoryIo(
             self.engine, self.memory, self.device, h.worker_start_ns, self.counters
         )
+        if pc.enabled:
+            self.postcopy = PostcopyDestination(
+                self.engine, self.memory, self.postcopy_params, zero
+            )
+            self.io.postcopy = self.postcopy
         self.tasks: list[Task] = []
         self.workloads: list[Workload] = []
         self._task_kinds: list[str] = []
@@ -343,6 +359,11 @@ class Simulation:
         self.engine.after(self._host_tick_ns, self._host_tick, vcpu)
         vcpu.on_host_tick()
 
+    def _sample_work(self, _: object = None) -> None:
+        """The guest's work done so far, every ``WORK_SAMPLE_NS`` (postcopy's work rate)."""
+        self.engine.after(WORK_SAMPLE_NS, self._sample_work)
+        self._work_samples.append(sum(w.work_ns for w in self.workloads))
+
     def _cpu_tick(self, cpu: int) -> None:
         """The host tick of host CPU ``cpu`` (with ``host.cpus``): whatever runs there."""
         self.engine.after(self._host_tick_ns, self._cpu_tick, cpu)
@@ -374,6 +395,8 @@ class Simulation:
             for cpu in range(sched.cpus):
                 first = self._host_tick_ns * (cpu + 1) // (sched.cpus + 1) + self._host_tick_ns // 3
                 engine.at(first, self._cpu_tick, cpu)
+        if self.postcopy is not None:
+            engine.at(WORK_SAMPLE_NS, self._sample_work)
         step = max(1, min(end, 100_000_000))
         t = 0
         stop_early = self.scenario.stop_when_done and self.kernel.unfinished > 0
@@ -405,9 +428,18 @@ class Simulation:
             None if self.reporting is None else self.reporting.counters(),
             self.host_sched,
             self.costs.as_dict(),
+            None if self.postcopy is None else self._postcopy_results(engine.now),
         )
         self._close(engine.now)
         return result
+
+    def _postcopy_results(self, now: int) -> dict[str, Any]:
+        pc = self.postcopy
+        assert pc is not None
+        device_state = self.scenario.postcopy.device_state_kib * 1024
+        return postcopy_results(
+            pc, now, pc.params.downtime_ns(device_state), self._work_samples, WORK_SAMPLE_NS
+        )
 
     def _close(self, now: int) -> None:
         if not self.observers:

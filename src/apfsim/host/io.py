@@ -17,6 +17,7 @@ import numpy as np
 from apfsim.host.async_pf import AsyncPf
 from apfsim.host.backing import IoKind, SwapDevice
 from apfsim.host.memory import GuestMemory, PageState, Reclaimed
+from apfsim.host.postcopy import PostcopyDestination
 from apfsim.ports import (
     NOWAIT_MAPPED,
     NOWAIT_MINOR,
@@ -52,6 +53,8 @@ _UNTOUCHED = int(PageState.UNTOUCHED)
 _SWAPPED = int(PageState.SWAPPED)
 _SWAPCACHE = int(PageState.SWAPCACHE)
 _IN_IO = int(PageState.IN_IO)
+_REMOTE = int(PageState.REMOTE)
+_PLACED = int(PageState.PLACED)
 
 
 class HostMemoryIo:
@@ -85,6 +88,8 @@ class HostMemoryIo:
         # install, completion), on the host CPUs when they are modelled (None: no wait).
         self.cpu: WorkerCpu | None = None
         self.worker_finish_ns = 0
+        # Postcopy's destination: the pages still REMOTE are fetched from the source.
+        self.postcopy: PostcopyDestination | None = None
 
     # -- the NOWAIT fault-in ------------------------------------------------------------------
     def resolve_nowait(self, gfn: int) -> int:
@@ -99,6 +104,13 @@ class HostMemoryIo:
         if state == _SWAPCACHE:
             memory.map_swapcache(gfn)
             return NOWAIT_MINOR
+        if state == _PLACED or (
+            state == _REMOTE and self.postcopy is not None and self.postcopy.settle(gfn)
+        ):
+            memory.map_placed(gfn)
+            return NOWAIT_MINOR
+        # REMOTE: handle_userfault with FAULT_FLAG_RETRY_NOWAIT returns VM_FAULT_RETRY at
+        # once, queueing no message: nothing is requested until a thread waits for it.
         return NOWAIT_NEEDS_IO
 
     def write_back(self, reclaimed: Reclaimed) -> None:
@@ -126,8 +138,14 @@ class HostMemoryIo:
             for part in memory.requests(window):
                 device.submit(IoKind.READ, len(part), self._read_done, part)
 
-    def read_page(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
-        """Wait for ``gfn`` to be in memory: join its read, starting one if needed."""
+    def read_page(
+        self, gfn: int, on_done: Callable[[Any], object], arg: Any, vcpu: int = 0
+    ) -> None:
+        """Wait for ``gfn`` to be in memory: join its read, starting one if needed; a
+        postcopy page still on the source: sleep on the uffd (``vcpu``'s, if one each)."""
+        if self.postcopy is not None and int(self.memory.state[gfn]) == _REMOTE:
+            self.postcopy.wait(gfn, vcpu, on_done, arg)
+            return
         self.submit_swapin(gfn)
         if int(self.memory.state[gfn]) != _IN_IO:
             self.engine.after(0, on_done, arg)
@@ -141,14 +159,28 @@ class HostMemoryIo:
                 on_done(arg)
 
     def map_after_read(self, gfn: int) -> None:
-        if int(self.memory.state[gfn]) == _SWAPCACHE:
+        state = int(self.memory.state[gfn])
+        if state == _SWAPCACHE:
             self.memory.map_after_read(gfn)
+        elif state == _PLACED:
+            self.memory.map_placed(gfn)
+
+    def fetch_in_user(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
+        """A memory-fault exit to user space: the VMM's vCPU thread fetches the page itself
+        (postcopy), or, for a page not on the source, faults it in with a normal GUP."""
+        if self.postcopy is not None and int(self.memory.state[gfn]) in (_REMOTE, _PLACED):
+            self.postcopy.fetch(gfn, on_done, arg)
+            return
+        self.read_page(gfn, on_done, arg)
 
     def prefault(self, gfn: int) -> bool:
         """``kvm_arch_async_page_ready``: map the page in stage 2 if it is still resident."""
         state = int(self.memory.state[gfn])
         if state == _SWAPCACHE:
             return self.memory.map_after_read(gfn)
+        if state == _PLACED:
+            self.memory.map_placed(gfn)
+            return True
         return state == _MAPPED
 
     # -- the async PF workers ------------------------------------------------------------------
@@ -168,9 +200,9 @@ class HostMemoryIo:
     def _worker_run(self, work: AsyncPf) -> None:
         self._running[work] = None
         if self.cpu is None and not self.worker_finish_ns:
-            self.read_page(work.gfn, self._worker_done, work)
+            self.read_page(work.gfn, self._worker_done, work, work.vcpu_id)
         else:
-            self.read_page(work.gfn, self._worker_read, work)
+            self.read_page(work.gfn, self._worker_read, work, work.vcpu_id)
 
     def _worker_read(self, work: AsyncPf) -> None:
         """The worker wakes from the page lock: its CPU work after the I/O."""

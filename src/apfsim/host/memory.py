@@ -106,12 +106,17 @@ class PageState(IntEnum):
     SWAPCACHE = 2  # resident in host memory (swap cache) but not mapped in stage 2: minor fault
     SWAPPED = 3  # only in swap: needs a read
     IN_IO = 4  # a swap read is in flight for it (GUP NOWAIT fails: the page is locked)
+    REMOTE = 5  # postcopy: still on the source (PTE none in a uffd-registered VMA)
+    PLACED = 6  # postcopy: placed by UFFDIO_COPY, not yet mapped in stage 2: minor fault
 
 
 _MAPPED = np.uint8(PageState.MAPPED)
 _SWAPCACHE = np.uint8(PageState.SWAPCACHE)
 _SWAPPED = np.uint8(PageState.SWAPPED)
 _IN_IO = np.uint8(PageState.IN_IO)
+_REMOTE = np.uint8(PageState.REMOTE)
+_PLACED = np.uint8(PageState.PLACED)
+_PLACED_INT = int(PageState.PLACED)
 # NOTE: plain ints for scalar checks on hot paths: IntEnum attribute access is slow.
 _UNTOUCHED_INT = int(PageState.UNTOUCHED)
 _SWAPCACHE_INT = int(PageState.SWAPCACHE)
@@ -161,7 +166,7 @@ def _ra_pages(prev: int, cur: int, hits: int, max_pages: int, prev_win: int) -> 
 class GuestMemory:
     """Host-side page state of one guest, charged to a memcg with ``limit_pages``.
 
-    ``resident`` counts pages in ``MAPPED``, ``SWAPCACHE`` or ``IN_IO`` and never exceeds
+    ``resident`` counts pages in ``MAPPED``, ``SWAPCACHE``, ``IN_IO`` or ``PLACED`` and never exceeds
     ``limit_pages``: every method that makes a page resident charges it first, reclaiming
     ``max(needed, reclaim_batch)`` pages when the charge would exceed the limit.
 
@@ -319,6 +324,37 @@ class GuestMemory:
         self.resident = n_res
         self._hand = 0
 
+    def initialise_remote(self) -> None:
+        """Postcopy's switch-over: every page is on the source (``REMOTE``), none resident.
+
+        QEMU discards the destination's RAM at ADVISE and registers it MISSING at LISTEN
+        (``postcopy_ram_incoming_setup``); the pages precopy sent are not modelled.
+        """
+        self.state.fill(_REMOTE)
+        self.referenced.fill(0)
+        self.dirty.fill(0)
+        self._reset_swap()
+        self.resident = 0
+        self._hand = 0
+
+    def place(self, gfns: IntArray) -> int:
+        """``UFFDIO_COPY`` placed these pages: ``REMOTE`` -> ``PLACED`` (resident, dirty:
+        anonymous memory with no swap copy). Pages already placed or mapped are left alone;
+        returns how many changed."""
+        remote = gfns[self.state[gfns] == _REMOTE]
+        n = len(remote)
+        if n:
+            self._charge(n)  # the postcopy destination has room for the whole guest
+            self.state[remote] = _PLACED
+            self.dirty[remote] = 1
+        return n
+
+    def map_placed(self, gfn: int) -> None:
+        """Minor fault on a placed page: ``hva_to_pfn`` finds the PTE, stage 2 maps it."""
+        self._expect(gfn, _PLACED_INT, "map_placed")
+        self.state[gfn] = _MAPPED
+        self.referenced[gfn] = 1
+
     def first_not_mapped(self, gfns: IntArray | slice) -> int:
         """Index of the first gfn not ``MAPPED`` (the first access that exits), or the
         number of gfns. A ``slice`` is a run of consecutive gfns, read without an index array."""
@@ -347,7 +383,8 @@ class GuestMemory:
 
     def check(self) -> None:
         """Raise RuntimeError if ``resident`` or the slot maps disagree with the page states."""
-        counted = int(np.count_nonzero((self.state >= _MAPPED) & (self.state != _SWAPPED)))
+        st = self.state
+        counted = int(np.count_nonzero((st >= _MAPPED) & (st != _SWAPPED) & (st != _REMOTE)))
         if counted != self.resident or self.resident > self.limit_pages:
             raise RuntimeError(
                 f"resident={self.resident} but {counted} pages are resident"

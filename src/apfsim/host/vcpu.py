@@ -308,7 +308,7 @@ class Vcpu:
         self.clock.switch(TimeCategory.SYNC_FAULT, start)
         self._since = start
         self._sleep()  # blocked in I/O inside GUP: not runnable, so never steal
-        self.io.read_page(gfn, self._sync_done, gfn)
+        self.io.read_page(gfn, self._sync_done, gfn, self.index)
 
     def _sync_done(self, gfn: int) -> None:
         now = self.engine.now

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from apfsim.guest.sched import Task
 from apfsim.host.backing import SwapDevice
 from apfsim.host.memory import GuestMemory
+from apfsim.host.postcopy import PostcopyDestination
 from apfsim.host.sched import HostSched
 from apfsim.metrics.accumulators import TIME_CATEGORIES, VcpuClock
 from apfsim.metrics.results import ProtocolResult, TaskResult, VcpuResult
@@ -45,6 +48,7 @@ def collect(
     reporting: dict[str, int] | None = None,
     sched: HostSched | None = None,
     host_costs: Mapping[str, int | str] | None = None,
+    postcopy: dict[str, Any] | None = None,
 ) -> ProtocolResult:
     """The results of a run stopped at ``now``; ``apf`` holds the protocol's own counters;
     ``reporting`` the free page reporting figures, when the guest reports (added to
@@ -137,4 +141,49 @@ def collect(
         tracepoints=tracepoints,
         host_cpu=host_cpu,
         host_costs=dict(host_costs or {}),
+        postcopy=postcopy,
     )
+
+
+def postcopy_results(
+    dest: PostcopyDestination,
+    now: int,
+    downtime_ns: int,
+    work_samples: Sequence[int],
+    sample_ns: int,
+) -> dict[str, Any]:
+    """Postcopy's figures: the migration's times and traffic, request -> placed latency
+    (count, p50, p99 and its CDF), and the guest's work rate (work-seconds per second,
+    summed over tasks) in each sample interval."""
+    st = dest.stats
+    left = int(np.count_nonzero((dest.placed_ns < 0) | (dest.placed_ns > now)))
+    done = left == 0
+    prev, rates = 0, []
+    for w in work_samples:
+        rates.append(round((w - prev) / sample_ns, 6))
+        prev = w
+    return {
+        "page_size_kib": dest.params.host_page_pages * 4,
+        "preempt": dest.params.preempt,
+        "source": dest.params.source,
+        "downtime_ms": round(downtime_ns / 1e6, 6),
+        "migration_time_s": (round((downtime_ns + st.last_placed_ns) / 1e9, 9) if done else None),
+        "host_pages": dest.n_host,
+        "host_pages_left": left,
+        "pages_requested": st.pages_requested,
+        "pages_background": st.pages_background,
+        "zero_pages": st.zero_pages,
+        "faults_blocked": st.faults_blocked,
+        "user_fetches": st.user_fetches,
+        "messages_read": st.messages_read,
+        "requests_sent": st.requests_sent,
+        "requests_skipped": st.requests_skipped,
+        "requests_received": st.requests_received,
+        "wake_walks": st.wake_walks,
+        "entries_walked": st.entries_walked,
+        "bytes_main": st.bytes_main,
+        "bytes_preempt": st.bytes_preempt,
+        "request_latency_us": dest.latency.summary_us(),
+        "work_sample_s": sample_ns / 1e9,
+        "work_rate": rates,
+    }

@@ -71,6 +71,8 @@ class ProtocolResult:
     # The exit/entry and per-operation costs the run charged, and the preset they came from
     # (apfsim.host.costs): the scenario leaves them unset to mean "the preset's".
     host_costs: dict[str, int | str] = field(default_factory=dict)
+    # Postcopy migration's destination (postcopy.enabled); None, and absent, otherwise.
+    postcopy: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "result") -> ProtocolResult:
@@ -107,6 +109,12 @@ class ProtocolResult:
         row.update({f"tracepoints.{k}": v for k, v in self.tracepoints.items()})
         if self.host_cpu is not None:
             row.update({f"host_cpu.{k}": v for k, v in self.host_cpu.items()})
+        if self.postcopy is not None:
+            for k, v in self.postcopy.items():
+                if isinstance(v, dict):
+                    row.update({f"postcopy.{k}.{q}": v[q] for q in ("p50", "p99") if q in v})
+                elif not isinstance(v, list):
+                    row[f"postcopy.{k}"] = v
         return row
 
     def to_dict(self, include_wall: bool = False) -> dict[str, Any]:
@@ -117,6 +125,8 @@ class ProtocolResult:
         # Added in a backward-compatible way: absent when host CPUs are not modelled.
         if data["host_cpu"] is None:
             data.pop("host_cpu")
+        if data["postcopy"] is None:
+            data.pop("postcopy")
         for vcpu in data["vcpus"]:
             if vcpu["run_delay_s"] is None:
                 vcpu.pop("run_delay_s")
@@ -247,6 +257,7 @@ class _ProtocolJson(TypedDict):
     tracepoints: NotRequired[dict[str, int]]
     host_cpu: NotRequired[_HostCpuJson]
     host_costs: NotRequired[dict[str, int | str]]
+    postcopy: NotRequired[dict[str, Any]]
     wall_time_s: NotRequired[float]
 
 
@@ -336,4 +347,5 @@ def _protocol_result(data: Any, where: str) -> ProtocolResult:
         tracepoints=data.get("tracepoints", {}),
         host_cpu=data.get("host_cpu"),
         host_costs=data.get("host_costs", {}),
+        postcopy=data.get("postcopy"),
     )
