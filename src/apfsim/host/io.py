@@ -107,7 +107,8 @@ class HostMemoryIo:
         if state == _PLACED or (
             state == _REMOTE and self.postcopy is not None and self.postcopy.settle(gfn)
         ):
-            memory.map_placed(gfn)
+            assert self.postcopy is not None
+            memory.map_placed(gfn, self.postcopy.params.host_page_pages)
             return NOWAIT_MINOR
         # REMOTE: handle_userfault with FAULT_FLAG_RETRY_NOWAIT returns VM_FAULT_RETRY at
         # once, queueing no message: nothing is requested until a thread waits for it.
@@ -163,7 +164,8 @@ class HostMemoryIo:
         if state == _SWAPCACHE:
             self.memory.map_after_read(gfn)
         elif state == _PLACED:
-            self.memory.map_placed(gfn)
+            assert self.postcopy is not None
+            self.memory.map_placed(gfn, self.postcopy.params.host_page_pages)
 
     def fetch_in_user(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
         """A memory-fault exit to user space: the VMM's vCPU thread fetches the page itself
@@ -179,7 +181,8 @@ class HostMemoryIo:
         if state == _SWAPCACHE:
             return self.memory.map_after_read(gfn)
         if state == _PLACED:
-            self.memory.map_placed(gfn)
+            assert self.postcopy is not None
+            self.memory.map_placed(gfn, self.postcopy.params.host_page_pages)
             return True
         return state == _MAPPED
 

@@ -166,8 +166,8 @@ def _ra_pages(prev: int, cur: int, hits: int, max_pages: int, prev_win: int) -> 
 class GuestMemory:
     """Host-side page state of one guest, charged to a memcg with ``limit_pages``.
 
-    ``resident`` counts pages in ``MAPPED``, ``SWAPCACHE``, ``IN_IO`` or ``PLACED`` and never exceeds
-    ``limit_pages``: every method that makes a page resident charges it first, reclaiming
+    ``resident`` counts pages in ``MAPPED``, ``SWAPCACHE``, ``IN_IO`` or ``PLACED`` and never
+    exceeds ``limit_pages``: every method that makes a page resident charges it first, reclaiming
     ``max(needed, reclaim_batch)`` pages when the charge would exceed the limit.
 
     The swap area has ``swap_slots`` slots (default: twice the guest, rounded up to whole
@@ -349,11 +349,19 @@ class GuestMemory:
             self.dirty[remote] = 1
         return n
 
-    def map_placed(self, gfn: int) -> None:
-        """Minor fault on a placed page: ``hva_to_pfn`` finds the PTE, stage 2 maps it."""
+    def map_placed(self, gfn: int, block: int = 1) -> None:
+        """Minor fault on a placed page: ``hva_to_pfn`` finds the PTE, stage 2 maps it; with
+        ``block`` > 1 (a hugetlbfs host page) ``user_mem_abort`` maps the whole aligned
+        block of ``block`` pages, every one of them placed with it."""
         self._expect(gfn, _PLACED_INT, "map_placed")
-        self.state[gfn] = _MAPPED
-        self.referenced[gfn] = 1
+        if block == 1:
+            self.state[gfn] = _MAPPED
+            self.referenced[gfn] = 1
+            return
+        lo = gfn - gfn % block
+        st = self.state[lo : lo + block]
+        st[st == _PLACED] = _MAPPED
+        self.referenced[lo : lo + block] = 1
 
     def first_not_mapped(self, gfns: IntArray | slice) -> int:
         """Index of the first gfn not ``MAPPED`` (the first access that exits), or the

@@ -448,11 +448,14 @@ class PostcopyDestination:
             done = start + csum
             self._place_free[thread] = int(done[-1])
             self.stats.zero_pages += int(np.count_nonzero(zero))
-            self._placed(pages, done)
+            self._placed(pages, done, land=True)
         self._settle_landed()
         if channel is self._main:
             self._fill_main()
         self._kick_link()
+        if not self._link_busy and self._landing:
+            # The link went idle: settle the last frames when their copies end.
+            self.engine.at(max(self.engine.now, self._landing[-1][0]), self._settle_landed)
 
     # -- placement ------------------------------------------------------------------------------
     def _walk_cost(self, u: int) -> int:
@@ -465,7 +468,7 @@ class PostcopyDestination:
     def _place_cost(self, h: int, u: int) -> int:
         return self._copy_cost(h) + self._walk_cost(u)
 
-    def _placed(self, pages: I64, done: I64) -> None:
+    def _placed(self, pages: I64, done: I64, land: bool = False) -> None:
         """``UFFDIO_COPY`` of each host page ends at ``done``: ``wake_userfault`` wakes its
         waiters; the page counts as received from then on."""
         stats, now = self.stats, self.engine.now
@@ -473,7 +476,8 @@ class PostcopyDestination:
             twice = pages[self.placed_ns[pages] >= 0].tolist()
             raise RuntimeError(f"host pages {twice} placed twice (UFFDIO_COPY would fail -EEXIST)")
         self.placed_ns[pages] = done
-        self._landing.append((int(done.max()), pages))
+        if land:  # a page placed for a waiter is settled when the waiter wakes
+            self._landing.append((int(done.max()), pages))
         stats.last_placed_ns = max(stats.last_placed_ns, int(done.max()))
         waiters, requested = self._waiters, self._requested_at
         wake = self.params.wakeup_ns
@@ -504,7 +508,7 @@ class PostcopyDestination:
                 self._n_waiting[u] -= 1
             on_done(arg)
 
-    def _settle_landed(self) -> None:
+    def _settle_landed(self, _: object = None) -> None:
         """Pages placed by now become resident in the host page tables (``PLACED``)."""
         now, landing = self.engine.now, self._landing
         while landing and landing[0][0] <= now:
@@ -512,11 +516,9 @@ class PostcopyDestination:
 
     def _place_states(self, pages: I64) -> None:
         hp = self.params.host_page_pages
-        if hp == 1:
-            gfns = pages
-        else:
-            gfns = (pages[:, None] * hp + np.arange(hp, dtype=np.int64)).ravel()
-        self.memory.place(gfns)
+        if hp > 1:
+            pages = (pages[:, None] * hp + np.arange(hp, dtype=np.int64)).ravel()
+        self.memory.place(pages)
 
     # -- results --------------------------------------------------------------------------------
     @property
