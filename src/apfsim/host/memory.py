@@ -349,6 +349,13 @@ class GuestMemory:
             self.dirty[remote] = 1
         return n
 
+    def place_one(self, gfn: int) -> None:
+        """``place`` of one gfn. NOTE: scalar, for performance (one per requested page)."""
+        if self.state[gfn] == _REMOTE:
+            self._charge(1)
+            self.state[gfn] = _PLACED
+            self.dirty[gfn] = 1
+
     def map_placed(self, gfn: int, block: int = 1) -> None:
         """Minor fault on a placed page: ``hva_to_pfn`` finds the PTE, stage 2 maps it; with
         ``block`` > 1 (a hugetlbfs host page) ``user_mem_abort`` maps the whole aligned

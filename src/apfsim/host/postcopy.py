@@ -266,7 +266,7 @@ class PostcopyDestination:
         h = gfn // self.params.host_page_pages
         t = int(self.placed_ns[h])
         if 0 <= t <= self.engine.now:
-            self._place_states(np.array([h], dtype=np.int64))
+            self._place_host(h)
             return True
         return False
 
@@ -303,7 +303,7 @@ class PostcopyDestination:
             done = start + self._place_cost(h, u)
             self._reader_free[u] = done
             self.sent[h] = 1
-            self._placed(np.array([h], dtype=np.int64), np.array([done], dtype=np.int64))
+            self._placed_one(h, done)
             return
         if self.placed_ns[h] >= 0 and self.placed_ns[h] <= now:
             self.stats.requests_received += 1  # receivedmap has it: send nothing
@@ -328,7 +328,7 @@ class PostcopyDestination:
             start = now + p.exit_to_user_ns + p.local_delay_ns
             done = start + self._copy_cost(h) + self._walk_cost(0)
             self.sent[h] = 1
-            self._placed(np.array([h], dtype=np.int64), np.array([done], dtype=np.int64))
+            self._placed_one(h, done)
             self.engine.at(done, self._fetched, (h, on_done, arg))
             return
         self._waiters.setdefault(h, []).append((on_done, arg, -1))
@@ -340,7 +340,7 @@ class PostcopyDestination:
 
     def _fetched(self, item: tuple[int, Waker, Any]) -> None:
         h, on_done, arg = item
-        self._place_states(np.array([h], dtype=np.int64))
+        self._place_host(h)
         on_done(arg)
 
     # -- the source ----------------------------------------------------------------------------
@@ -473,6 +473,23 @@ class PostcopyDestination:
     def _place_cost(self, h: int, u: int) -> int:
         return self._copy_cost(h) + self._walk_cost(u)
 
+    def _placed_one(self, h: int, done: int) -> None:
+        """``_placed`` of one host page copied on request (the local handler, a memory-fault
+        exit). NOTE: scalar, for performance (a fault each, at every page)."""
+        if self.placed_ns[h] >= 0:
+            raise RuntimeError(f"host pages [{h}] placed twice (UFFDIO_COPY would fail -EEXIST)")
+        self.placed_ns[h] = done
+        stats = self.stats
+        stats.last_placed_ns = max(stats.last_placed_ns, done)
+        if h in self._waiters:
+            self.engine.at(max(self.engine.now, done) + self.params.wakeup_ns, self._wake_one, h)
+        since = self._requested_at.pop(h, None)
+        if since is None:
+            stats.pages_background += 1
+        else:
+            stats.pages_requested += 1
+            self.latency.add(max(done, since) - since)
+
     def _placed(self, pages: I64, done: I64, land: bool = False) -> None:
         """``UFFDIO_COPY`` of each host page ends at ``done``: ``wake_userfault`` wakes its
         waiters; the page counts as received from then on."""
@@ -510,7 +527,7 @@ class PostcopyDestination:
         waiting = self._waiters.pop(h, None)
         if waiting is None:
             return
-        self._place_states(np.array([h], dtype=np.int64))
+        self._place_host(h)
         uffd_waiters = sum(1 for _, _, u in waiting if u >= 0)
         if uffd_waiters:
             self.stats.wake_walks += 1
@@ -525,6 +542,12 @@ class PostcopyDestination:
         now, landing = self.engine.now, self._landing
         while landing and landing[0][0] <= now:
             self._place_states(landing.popleft()[1])
+
+    def _place_host(self, h: int) -> None:
+        if self.params.host_page_pages == 1:
+            self.memory.place_one(h)
+        else:
+            self._place_states(np.array([h], dtype=np.int64))
 
     def _place_states(self, pages: I64) -> None:
         hp = self.params.host_page_pages
