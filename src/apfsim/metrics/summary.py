@@ -1,8 +1,9 @@
 """The figures summarised per run: what ``compare`` estimates over seeds and a sweep stores
 with each run (docs/compare.md, docs/sweep.md). Metric names are dotted keys:
 ``task.NAME.work_s``, ``kind.KIND.work_rate``, ``vcpu_time_s.STATE``, ``apf.COUNTER``,
-``fault_in_latency_us.p50``, ``faults.per_s``, and with ``host.cpus``
-``host_cpu.run_delay_s``.
+``fault_in_latency_us.p50``, ``faults.per_s``, with ``host.cpus``
+``host_cpu.run_delay_s``, and with postcopy ``postcopy.request_latency_us.p50`` / ``.p99``,
+``postcopy.pages_requested`` and ``postcopy.migration_time_s``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def run_metrics(result: ProtocolResult) -> dict[str, float | None]:
     m["faults.per_s"] = (f["zero_fill"] + f["minor"] + f["needs_io"]) / sim if sim > 0 else None
     if result.host_cpu is not None:  # only with host.cpus: the stored metrics stay as before
         m["host_cpu.run_delay_s"] = float(result.host_cpu["run_delay_s"])
+    pc = result.postcopy
+    if pc is not None:  # only with postcopy, likewise
+        for q in ("p50", "p99"):
+            m[f"postcopy.request_latency_us.{q}"] = pc["request_latency_us"][q]
+        m["postcopy.pages_requested"] = float(pc["pages_requested"])
+        m["postcopy.migration_time_s"] = pc["migration_time_s"]
     return m
 
 
