@@ -509,8 +509,8 @@ class PostcopyDestination:
         else:
             # NOTE: only the few pages someone waits for or asked for are visited, not the
             # whole frame, for performance.
-            keys = np.fromiter({**waiters, **requested}, dtype=np.int64)
-            hit = keys[np.isin(keys, pages)].tolist()
+            in_frame = set(pages.tolist())
+            hit = [h for h in {**waiters, **requested} if h in in_frame]
         for h in hit:
             t = int(self.placed_ns[h])
             if h in waiters:
