@@ -98,6 +98,20 @@ class Ret(IntEnum):
 # interrupted context.
 _RETURN_KIND = {FrameKind.TICK: Ret.IRQ, FrameKind.IPI: Ret.IRQ, FrameKind.SYSCALL: Ret.SYNC}
 
+# NOTE: the members the per-event functions test, as module constants, for performance
+# (reading an enum member off its class is slow).
+_NOP, _HANDLER, _WAIT_TAIL = FrameKind.NOP, FrameKind.HANDLER, FrameKind.WAIT_TAIL
+_TICK, _IPI, _SWITCH = FrameKind.TICK, FrameKind.IPI, FrameKind.SWITCH
+_RET_NONE, _RET_SCHED, _RET_IRQ, _RET_SYNC = Ret.NONE, Ret.SCHED, Ret.IRQ, Ret.SYNC
+_RUNNING, _SLEEPING_APF, _HALTED_APF = (
+    TaskState.RUNNING,
+    TaskState.SLEEPING_APF,
+    TaskState.HALTED_APF,
+)
+_PUT_BACK = (TaskState.RUNNING, TaskState.HALTED_APF)  # prev's states schedule() puts back
+_WAIT_SCHEDULE, _WAIT_HALT = AbortOutcome.WAIT_SCHEDULE, AbortOutcome.WAIT_HALT
+_BOGUS = (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON)
+
 
 class Frame:
     """Kernel activity of fixed cost (``remaining``, ns) in one context."""
@@ -283,8 +297,8 @@ def push_exception(
     cpu.in_kernel = True
     if rules.entry_frames:
         cpu.frames.append(Frame(ctx, kind, cost, arg))
-        cpu.frames.append(Frame(rules.entry, FrameKind.NOP, costs.kernel_entry_ns))
-        cpu.frames.append(Frame(rules.vector, FrameKind.NOP, costs.vector_ns))
+        cpu.frames.append(Frame(rules.entry, _NOP, costs.kernel_entry_ns))
+        cpu.frames.append(Frame(rules.vector, _NOP, costs.vector_ns))
     else:
         total = cost + costs.vector_ns + costs.kernel_entry_ns
         cpu.frames.append(Frame(ctx, kind, total, arg))
@@ -319,7 +333,7 @@ def take_events(
                     lost += 1
                 continue
             arg = (injection, interrupted)
-            push_exception(cpu, rules, FrameKind.HANDLER, Contexts.HANDLER, handler_ns, arg)
+            push_exception(cpu, rules, _HANDLER, Contexts.HANDLER, handler_ns, arg)
     take_interrupts(cpu, rules)
     return lost
 
@@ -335,13 +349,13 @@ def take_interrupts(cpu: CpuState, rules: RunLoopRules) -> bool:
     costs = rules.costs
     if cpu.ipi_pending:
         cpu.ipi_pending = False
-        push_exception(cpu, rules, FrameKind.IPI, Contexts.IRQ, costs.ipi_handler_ns, None)
+        push_exception(cpu, rules, _IPI, Contexts.IRQ, costs.ipi_handler_ns, None)
     if cpu.timer_pending:
         cpu.timer_pending = False
-        push_exception(cpu, rules, FrameKind.TICK, Contexts.IRQ, costs.tick_handler_ns, None)
+        push_exception(cpu, rules, _TICK, Contexts.IRQ, costs.tick_handler_ns, None)
     for injection in cpu.pending_irqs:
         arg = (injection, ctx)
-        push_exception(cpu, rules, FrameKind.HANDLER, Contexts.IRQ, costs.apf_handler_ns, arg)
+        push_exception(cpu, rules, _HANDLER, Contexts.IRQ, costs.apf_handler_ns, arg)
     cpu.pending_irqs.clear()
     return True
 
@@ -349,15 +363,15 @@ def take_interrupts(cpu: CpuState, rules: RunLoopRules) -> bool:
 def frame_end(cpu: CpuState, rules: RunLoopRules, frame: Frame, kernel: Kernel) -> None:
     """The top frame ran to its end (the caller popped it): what its code does last."""
     kind = frame.kind
-    if kind is FrameKind.HANDLER:
+    if kind is _HANDLER:
         _injection_handled(cpu, rules, frame, kernel)
         if not cpu.frames:
-            cpu.ret = Ret.IRQ if frame.ctx is Contexts.IRQ else Ret.SYNC
-    elif kind is FrameKind.WAIT_TAIL:
+            cpu.ret = _RET_IRQ if frame.ctx is Contexts.IRQ else _RET_SYNC
+    elif kind is _WAIT_TAIL:
         _apf_sleep(cpu, rules, frame.arg, kernel)
-    elif kind is FrameKind.SWITCH:
+    elif kind is _SWITCH:
         _switch_done(cpu, frame.arg, kernel)
-    elif kind is FrameKind.TICK:
+    elif kind is _TICK:
         kernel.update_curr(cpu)
         if kernel.runqueue(cpu).check_preempt_tick():
             cpu.need_resched = True
@@ -373,18 +387,18 @@ def _injection_handled(cpu: CpuState, rules: RunLoopRules, frame: Frame, kernel:
     )
     kernel.handled(cpu, injection, interrupted, outcome)
     task = cpu.current
-    if outcome is AbortOutcome.WAIT_SCHEDULE:
+    if outcome is _WAIT_SCHEDULE:
         assert task is not None
         kernel.apf_waiting(cpu, task, injection.payload, False)
         cost = rules.costs.apf_wait_tail_ns
         cpu.in_kernel = True
-        cpu.frames.append(Frame(Contexts.KERNEL, FrameKind.WAIT_TAIL, cost, task))
-    elif outcome is AbortOutcome.WAIT_HALT:
+        cpu.frames.append(Frame(Contexts.KERNEL, _WAIT_TAIL, cost, task))
+    elif outcome is _WAIT_HALT:
         assert task is not None
-        task.state = TaskState.HALTED_APF
+        task.state = _HALTED_APF
         task.halt_ctx = interrupted  # dsb(sy); wfi() until unhashed, in the faulting context
         kernel.apf_waiting(cpu, task, injection.payload, True)
-    elif outcome in (AbortOutcome.NOT_APF, AbortOutcome.ILLEGAL_REASON):
+    elif outcome in _BOGUS:
         # An injected abort the driver did not claim goes down the ordinary fault path
         # with FAR = token: on real hardware a bogus fault (SIGSEGV or oops).
         kernel.bogus_abort(cpu)
@@ -394,7 +408,7 @@ def _apf_sleep(cpu: CpuState, rules: RunLoopRules, task: Task, kernel: Kernel) -
     """The wait loop: sleep unless the node was already unhashed, then schedule()."""
     if kernel.driver.waiter_woken(cpu.cpu, task.tid):
         return
-    task.state = TaskState.SLEEPING_APF
+    task.state = _SLEEPING_APF
     kernel.apf_slept(cpu, task)
     schedule(cpu, rules, kernel)
 
@@ -409,16 +423,21 @@ class Next(IntEnum):
     EXIT = 4  # the code just run trapped (an MSR / IPI-register write): exit first
 
 
+# NOTE: module constants, for performance (resume returns one at every step).
+_N_FRAME, _N_TASK, _N_EXIT = Next.FRAME, Next.TASK, Next.EXIT
+_N_WFI_HALT, _N_WFI_IDLE = Next.WFI_HALT, Next.WFI_IDLE
+
+
 def _preempt_on_return(rules: RunLoopRules, ret: Ret, ctx: GuestContext) -> bool:
     """Whether kernel code coming back by ``ret`` acts on need_resched: schedule() loops;
     ``el1_irq``'s ``arm64_preempt_schedule_irq`` (and x86 ``irqentry_exit``, after an
     exception too) preempts only under CONFIG_PREEMPT, with ``preempt_count() == 0`` and
     IRQs on (an RCU read side is preemptible: PREEMPT_RCU)."""
-    if ret is Ret.SCHED:
+    if ret is _RET_SCHED:
         return True
-    if ret is Ret.NONE or not rules.full_preempt:
+    if ret is _RET_NONE or not rules.full_preempt:
         return False
-    if ret is Ret.SYNC and not rules.sync_return_preempts:
+    if ret is _RET_SYNC and not rules.sync_return_preempts:
         return False
     return ctx.preempt_count == 0 and not ctx.irqs_off
 
@@ -427,7 +446,7 @@ def resume(cpu: CpuState, rules: RunLoopRules, kernel: Kernel) -> Next:
     """Continue whatever the CPU should execute now (the vCPU is in guest mode)."""
     while True:
         if cpu.frames:
-            return Next.FRAME
+            return _N_FRAME
         curr = cpu.current
         if curr is None:
             if cpu.need_resched:  # do_idle: while (!need_resched()) ...; schedule_idle()
@@ -436,17 +455,17 @@ def resume(cpu: CpuState, rules: RunLoopRules, kernel: Kernel) -> Next:
             # __cpu_do_idle: kvm_async_pf_delayed_wake(); dsb(sy); wfi(): a wake-up it does
             # sets need_resched, but nothing tests it before the WFI.
             kernel.call_driver(cpu, kernel.driver.on_idle_entry, cpu.cpu)
-            return Next.EXIT if cpu.pending_exits else Next.WFI_IDLE
-        ret, cpu.ret = cpu.ret, Ret.NONE
+            return _N_EXIT if cpu.pending_exits else _N_WFI_IDLE
+        ret, cpu.ret = cpu.ret, _RET_NONE
         halt_ctx = curr.halt_ctx
         if halt_ctx is not None:
             if cpu.need_resched and _preempt_on_return(rules, ret, halt_ctx):
                 schedule(cpu, rules, kernel)  # a waiter halted only for RCU is preemptible
                 continue
             if not kernel.driver.waiter_woken(cpu.cpu, curr.tid):
-                return Next.WFI_HALT
+                return _N_WFI_HALT
             curr.halt_ctx = None
-            curr.state = TaskState.RUNNING
+            curr.state = _RUNNING
             kernel.task_woken(curr)
             kernel.task_state(curr)
             continue
@@ -461,13 +480,13 @@ def resume(cpu: CpuState, rules: RunLoopRules, kernel: Kernel) -> Next:
                 # so a need_resched it sets waits for the next exception return.
                 kernel.call_driver(cpu, kernel.driver.on_ret_to_user, cpu.cpu)
                 if cpu.pending_exits:
-                    return Next.EXIT
-            return Next.TASK
+                    return _N_EXIT
+            return _N_TASK
         if cpu.need_resched and _preempt_on_return(rules, ret, ctx):
             schedule(cpu, rules, kernel)
             continue
         cpu.in_kernel = True  # the task runs kernel code: its return to user is ret_to_user
-        return Next.TASK
+        return _N_TASK
 
 
 def schedule(cpu: CpuState, rules: RunLoopRules, kernel: Kernel) -> None:
@@ -478,7 +497,7 @@ def schedule(cpu: CpuState, rules: RunLoopRules, kernel: Kernel) -> None:
     kernel.update_curr(cpu)
     rq = kernel.runqueue(cpu)
     prev = cpu.current
-    if prev is not None and prev.state in (TaskState.RUNNING, TaskState.HALTED_APF):
+    if prev is not None and prev.state in _PUT_BACK:
         rq.put_prev(prev)
     rq.curr = None
     nxt = rq.pick_next()
@@ -489,7 +508,7 @@ def schedule(cpu: CpuState, rules: RunLoopRules, kernel: Kernel) -> None:
         return
     cost = rules.costs.context_switch_ns
     cpu.in_kernel = True
-    cpu.frames.append(Frame(Contexts.RQ_LOCKED, FrameKind.SWITCH, cost, nxt))
+    cpu.frames.append(Frame(Contexts.RQ_LOCKED, _SWITCH, cost, nxt))
 
 
 def _switch_done(cpu: CpuState, nxt: Task | None, kernel: Kernel) -> None:
@@ -498,14 +517,14 @@ def _switch_done(cpu: CpuState, nxt: Task | None, kernel: Kernel) -> None:
         tid = -1 if nxt is None else nxt.tid
         kernel.call_driver(cpu, kernel.driver.on_context_switch, cpu.cpu, tid)
     cpu.current = nxt
-    cpu.ret = Ret.SCHED
+    cpu.ret = _RET_SCHED
     if nxt is not None and nxt.halt_ctx is not None:
-        nxt.state = TaskState.HALTED_APF  # back in its WFI loop
+        nxt.state = _HALTED_APF  # back in its WFI loop
 
 
 def try_to_wake_up(cpu: CpuState, task: Task, waker_cpu: int, kernel: Kernel) -> bool:
     """Enqueue a sleeper on its CPU with sleeper credit; preempt per check_preempt_wakeup."""
-    if task.state is not TaskState.SLEEPING_APF:
+    if task.state is not _SLEEPING_APF:
         return False
     kernel.update_curr(cpu)
     kernel.task_woken(task)

@@ -39,6 +39,10 @@ __all__ = ["GuestCpu", "GuestParams"]
 
 _NONE, _TASK, _FRAME = 0, 1, 2
 _MAPPED = int(PageState.MAPPED)
+# NOTE: enum members as module constants, for performance (read at every segment).
+_N_FRAME, _N_TASK, _N_WFI_HALT, _N_WFI_IDLE = Next.FRAME, Next.TASK, Next.WFI_HALT, Next.WFI_IDLE
+_CAT_TASK, _CAT_GUEST_KERNEL = TimeCategory.TASK, TimeCategory.GUEST_KERNEL
+_STOP_MISS, _STOP_DONE = StopKind.MISS, StopKind.DONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +128,13 @@ class GuestCpu(CpuState):
     def resume(self) -> None:
         """Continue whatever the CPU should execute now (the vCPU is in guest mode)."""
         nxt = runloop.resume(self, self.rules, self)
-        if nxt is Next.FRAME:
+        if nxt is _N_FRAME:
             self._start_frame()
-        elif nxt is Next.TASK:
+        elif nxt is _N_TASK:
             self._start_task()
-        elif nxt is Next.WFI_HALT:
+        elif nxt is _N_WFI_HALT:
             self.vcpu.wfi(halt=True)  # dsb(sy); wfi() in kvm_async_pf_wait
-        elif nxt is Next.WFI_IDLE:
+        elif nxt is _N_WFI_IDLE:
             self.vcpu.wfi(halt=False)
         else:
             self._exit_for_traps(None)
@@ -145,11 +149,12 @@ class GuestCpu(CpuState):
         curr = self.current
         assert curr is not None
         now = self.engine.now
-        plan = self.services.workload_of(curr).plan(self.services.memory)
+        # NOTE: the workloads list indexed directly, for performance (every task segment).
+        plan = self._workloads[curr.tid].plan(self.services.memory)
         self._plan = plan
         self._seg = _TASK
         self._seg_start = now
-        self.vcpu.clock.switch(TimeCategory.TASK, now)
+        self.vcpu.clock.switch(_CAT_TASK, now)
         end = now + plan.run_ns
         if self._ending and self.engine.next_is(end):
             self._inline_end = end  # nothing can land in it: _continue runs its end
@@ -169,12 +174,12 @@ class GuestCpu(CpuState):
         assert curr is not None and plan is not None
         self._event = None
         self._seg = _NONE
-        workload = services.workload_of(curr)
+        workload = self._workloads[curr.tid]  # NOTE: indexed directly, for performance
         complete = workload.commit(services.memory, now - self._seg_start)
-        if workload.finished or plan.kind is StopKind.DONE:
+        if workload.finished or plan.kind is _STOP_DONE:
             self._task_exit(curr)
             return True
-        if plan.kind is StopKind.MISS and complete and services.memory.state[plan.gfn] != _MAPPED:
+        if plan.kind is _STOP_MISS and complete and services.memory.state[plan.gfn] != _MAPPED:
             self.vcpu.stage2_fault(plan.gfn, CONTEXT_OF_MODE[plan.mode])
             return False
         return True
@@ -184,7 +189,7 @@ class GuestCpu(CpuState):
         now = self.engine.now
         self._seg = _FRAME
         self._seg_start = now
-        self.vcpu.clock.switch(TimeCategory.GUEST_KERNEL, now)
+        self.vcpu.clock.switch(_CAT_GUEST_KERNEL, now)
         end = now + frame.remaining
         if self._ending and self.engine.next_is(end):
             self._inline_end = end  # nothing can land in it: _continue runs its end
@@ -230,10 +235,12 @@ class GuestCpu(CpuState):
         """An exit at ``now``: stop the running segment, keeping exactly what it did."""
         self.engine.cancel(self._event)
         self._event = None
-        if self._seg == _TASK and self.current is not None:
-            workload = self.services.workload_of(self.current)
-            workload.commit(self.services.memory, now - self._seg_start)
-        elif self._seg == _FRAME:
+        seg = self._seg
+        curr = self.current
+        if seg == _TASK and curr is not None:
+            # NOTE: the workloads list indexed directly, for performance (every exit).
+            self._workloads[curr.tid].commit(self.services.memory, now - self._seg_start)
+        elif seg == _FRAME:
             self.frames[-1].remaining -= now - self._seg_start
         self._seg = _NONE
 

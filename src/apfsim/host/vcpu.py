@@ -98,6 +98,11 @@ class VcpuMode(IntEnum):
     SPIN = 4
 
 
+# NOTE: enum members as module constants, for performance (read at every exit and entry).
+_GUEST, _HOST, _BLOCKED, _SPIN_MODE = VcpuMode.GUEST, VcpuMode.HOST, VcpuMode.BLOCKED, VcpuMode.SPIN
+_CAT_HOST = TimeCategory.HOST
+
+
 # Subclassed by interpreted code (tracing, the model checker) in the compiled build.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Vcpu:
@@ -154,8 +159,8 @@ class Vcpu:
 
     # -- exits and entries -------------------------------------------------------------------
     def _to_host(self) -> None:
-        self.mode = VcpuMode.HOST
-        self.clock.switch(TimeCategory.HOST, self.engine.now)
+        self.mode = _HOST
+        self.clock.switch(_CAT_HOST, self.engine.now)
 
     def exit_async(self) -> None:
         """An interrupt (timer, IPI) forces an exit while the guest runs."""
@@ -209,12 +214,12 @@ class Vcpu:
 
     def _entered(self, injections: list[Injection]) -> None:
         self._host_event = None
-        self.mode = VcpuMode.GUEST
+        self.mode = _GUEST
         # The LAPIC state matters only to an injection (most entries have none).
         lapic = not injections or self.host.lapic_enabled(self.index)
         self.guest.take_events(injections, lapic)
         self.guest.resume()
-        if self.mode == VcpuMode.GUEST and exit_request(self.host, self.index):
+        if self.mode is _GUEST and exit_request(self.host, self.index):
             # A worker made its request while this entry was under way (its kick found the
             # vCPU outside the guest): vcpu_enter_guest's last check sends it round again.
             self.exit_async()
@@ -427,29 +432,29 @@ class Vcpu:
     def on_tick(self) -> None:
         """The guest's timer fires (one pending level-triggered IRQ at most)."""
         mode = self.mode
-        if mode == VcpuMode.GUEST:
+        if mode is _GUEST:
             self.guest.timer_pending = True
             self.exit_async()
-        elif mode == VcpuMode.BLOCKED:
+        elif mode is _BLOCKED:
             # A halted vCPU still has its guest tick armed; an idle one (NO_HZ idle) does not.
             if self.block_halt:
                 self.guest.timer_pending = True
                 self._wake()
         else:
             self.guest.timer_pending = True
-            if mode == VcpuMode.SPIN and self._host_event is None:
+            if mode is _SPIN_MODE and self._host_event is None:
                 self._host_event = self.engine.after(0, self._spin_end)
 
     def kick(self) -> None:
         """``kvm_vcpu_kick``: force a running vCPU out of the guest (a blocked one is woken
         by the worker's ``swake_up_one`` / rcuwait)."""
-        if self.mode == VcpuMode.GUEST:
+        if self.mode is _GUEST:
             self.counters.kicks += 1
             self.exit_async()
 
     def on_host_tick(self) -> None:
         """The host's own scheduler tick on this pCPU: an exit, but nothing for the guest."""
-        if self.mode == VcpuMode.GUEST:
+        if self.mode is _GUEST:
             self.exit_async()
 
     def on_ipi(self) -> None:

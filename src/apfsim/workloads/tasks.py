@@ -14,6 +14,7 @@ __all__ = ["ComputeTask", "FaultLoopTask", "MemoryHogTask", "RandomWriterTask"]
 _FOREVER_NS = 1 << 62
 _MAPPED = int(PageState.MAPPED)  # NOTE: plain int for performance (IntEnum access is slow)
 _BATCH = 2048  # accesses looked at per plan: NOTE bounded for performance (numpy batch size)
+_PREFIX = 32  # accesses a plan looks at first: NOTE a short prefix for performance
 
 
 class ComputeTask(Workload):
@@ -64,6 +65,7 @@ class RandomWriterTask(Workload):
         self.kernel_mode = kernel_mode
         self._pages = np.empty(0, dtype=np.int64)
         self._modes = np.empty(0, dtype=np.int8)
+        self._user_only = True  # every access of the batch runs in user mode
         self._pos = 0
         self._planned = 0
         self._evict_mark = -1
@@ -77,12 +79,16 @@ class RandomWriterTask(Workload):
             self._modes = np.where(kernel, int(self.kernel_mode), int(AccessMode.USER)).astype(
                 np.int8
             )
+            self._user_only = False
         else:
             self._modes = np.zeros(_BATCH, dtype=np.int8)
+            self._user_only = True
         self._pos = 0
 
     def current_mode(self) -> AccessMode:
-        if self._pos >= len(self._modes):
+        # NOTE: no numpy scalar or enum construction when all accesses are user mode,
+        # for performance (asked at every exit).
+        if self._user_only or self._pos >= len(self._modes):
             return AccessMode.USER
         return AccessMode(int(self._modes[self._pos]))
 
@@ -91,17 +97,25 @@ class RandomWriterTask(Workload):
             self._refill()
         self._evict_mark = memory.pages_evicted
         pages = self._pages[self._pos :]
-        modes = self._modes[self._pos :]
-        mode = int(modes[0])
         n = len(pages)
-        changes = np.flatnonzero(modes != mode)
-        if len(changes):
-            n = int(changes[0])
-        miss = memory.first_not_mapped(pages[:n])
+        if self._user_only:
+            mode = AccessMode.USER
+        else:
+            modes = self._modes[self._pos :]
+            first = int(modes[0])
+            mode = AccessMode(first)
+            changes = np.flatnonzero(modes != first)
+            if len(changes):
+                n = int(changes[0])
+        # NOTE: a short prefix first (a miss is usually among the first few accesses), then
+        # the rest, for performance: the same index as looking at all n at once.
+        miss = memory.first_not_mapped(pages[: min(n, _PREFIX)])
+        if miss == _PREFIX < n:
+            miss += memory.first_not_mapped(pages[_PREFIX:n])
         self._planned = miss
         if miss < n:
-            return Plan(miss * self.access_ns, StopKind.MISS, int(pages[miss]), AccessMode(mode))
-        return Plan(n * self.access_ns, StopKind.RESUME, mode=AccessMode(mode))
+            return Plan(miss * self.access_ns, StopKind.MISS, int(pages[miss]), mode)
+        return Plan(n * self.access_ns, StopKind.RESUME, mode=mode)
 
     def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
         n = min(elapsed_ns // self.access_ns, self._planned)
