@@ -297,3 +297,33 @@ def test_token_ids_do_not_wrap_in_a_world_that_could_hold_more_live_faults() -> 
 def test_hotplug_needs_the_guests_callbacks() -> None:
     with pytest.raises(ValueError, match="no CPU hotplug or reboot"):
         World(WorldConfig(protocol="arm64-sdei-ppi", hotplug=1))
+
+
+# -- postcopy's background stream ------------------------------------------------------------
+
+
+def test_postcopy_stream_is_offered_between_the_fault_and_its_worker() -> None:
+    """With the stream on, a missing page can be placed at any moment, including after the
+    fault queued its async PF and before the worker ran."""
+    w = World(WorldConfig(protocol="x86", vcpus=1, tasks=1, pages=1, modes=("user",), stream=True))
+    assert (Step.STREAM, 0, 0) in w.actions()
+    for _ in range(40):
+        if w.io:
+            break
+        acts = [a for a in w.actions() if a[0] not in (Step.STREAM, Step.TICK)]
+        w.step(acts[0])
+    assert w.io, "the task's access should have queued an async PF"
+    acts = w.actions()
+    assert (Step.WORKER, 0, 0) in acts and (Step.STREAM, 0, 0) in acts
+    w.step((Step.STREAM, 0, 0))
+    assert (Step.STREAM, 0, 0) not in w.actions()  # placed once
+
+
+@pytest.mark.parametrize("protocol", ["x86", "arm64-sdei-ppi"])
+def test_async_pf_completes_once_when_the_stream_places_its_page_first(protocol: str) -> None:
+    """Every interleaving of the stream with faults, workers and ticks: each async PF is
+    completed exactly once and every task finishes (the run-loop and guest invariants, and
+    liveness), whether the page came by the stream or by the worker."""
+    config = WorldConfig(protocol=protocol, vcpus=1, tasks=2, pages=1, stream=True)
+    result = check(config)
+    assert result.complete and result.violation is None

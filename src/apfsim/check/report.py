@@ -28,6 +28,8 @@ def world_line(result: CheckResult) -> str:
         extras.append("faults with a pending event")
     if c.send_always:
         extras.append("SEND_ALWAYS")
+    if c.stream:
+        extras.append("postcopy stream")
     if c.mutant:
         extras.append(f"mutant {c.mutant}")
     more = f"; {', '.join(extras)}" if extras else ""

@@ -89,6 +89,7 @@ class Step(IntEnum):
     ONLINE = 8
     REBOOT = 9
     LAPIC = 10
+    STREAM = 11
 
 
 Action = tuple[int, int, int]  # (Step, index, argument)
@@ -130,6 +131,7 @@ class WorldConfig:
     token_id_bits: int | None = None  # x86 apf.id width; None: too wide to wrap in this world
     idle_tick: bool = False  # the tick keeps running in idle (no NO_HZ_IDLE)
     preempt: bool = True  # CONFIG_PREEMPT: kernel code is preempted on IRQ return
+    stream: bool = False  # postcopy: the background stream may place any missing page
     mutant: str | None = None
 
     def __post_init__(self) -> None:
@@ -703,6 +705,12 @@ class World(GuestCalls):
                 out.append((Step.LAPIC, v, 0))
         for i in range(len(self.io)):
             out.append((Step.WORKER, i, 0))
+        if self.config.stream:
+            # Postcopy's background stream places a missing page at any moment: before a
+            # fault, between the fault and its worker, or while a GUP sleeps on it.
+            for gfn, present in enumerate(self.pages):
+                if not present:
+                    out.append((Step.STREAM, gfn, 0))
         if self.reboot_left and not self.rebooted and self._quiet_for_kexec():
             out.append((Step.REBOOT, 0, 0))
         return out
@@ -810,6 +818,8 @@ class World(GuestCalls):
             return f"worker: async_pf_execute for gfn{work.gfn} (vCPU{work.vcpu_id})"
         if kind == Step.REBOOT:
             return "guest reboots into a new kernel (kexec)"
+        if kind == Step.STREAM:
+            return f"postcopy: the background stream places gfn{index} (UFFDIO_COPY)"
         if kind == Step.HANDLE:
             what = f"{_frame_name(self.vcpus[index].frames[-1])} runs to its end"
         elif kind == Step.LAPIC:
@@ -930,6 +940,12 @@ class World(GuestCalls):
         if vc.mode in (Mode.HALTED, Mode.IDLE) and self.host.vcpu_runnable(vid):
             self._note(f"vCPU{vid} woken from kvm_vcpu_block")
             vc.mode = Mode.ENTRY
+
+    def _stream(self, gfn: int) -> None:
+        """The page arrives by the background stream: present in the host from now on, so
+        a later fault on it needs no I/O; a worker or GUP asleep on it still finishes by its
+        own step (its retry finds the page)."""
+        self.pages[gfn] = True
 
     def _sync_done(self, v: int) -> None:
         vc = self.vcpus[v]
@@ -1054,6 +1070,7 @@ _STEP_CODE: dict[int, Callable[[World, int, int], None]] = {
     Step.ONLINE: lambda w, v, _: w._online(v),
     Step.REBOOT: lambda w, _v, _a: w._reboot(),
     Step.LAPIC: lambda w, v, arg: w._lapic(v, bool(arg)),
+    Step.STREAM: lambda w, gfn, _: w._stream(gfn),
 }
 # A vCPU's steps that touch only its own state when it has no worker in flight and no task
 # asleep (World.ample); an access only to a present page.

@@ -67,6 +67,13 @@ def check_command(
             "--preempt/--no-preempt", help="CONFIG_PREEMPT: kernel code preempted on IRQ return."
         ),
     ] = True,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--postcopy-stream",
+            help="Postcopy: the background stream may place any missing page at any moment.",
+        ),
+    ] = False,
     max_states: Annotated[int, typer.Option(help="Stop after this many states.")] = 2_000_000,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON to this file.")
@@ -92,6 +99,7 @@ def check_command(
         "send_always": send_always,
         "idle_tick": idle_tick,
         "preempt": preempt,
+        "stream": stream,
     }
     config = _check_config(protocol, mutant, flags)
     if depth is not None and depth < 1:
