@@ -372,7 +372,11 @@ class World(GuestCalls):
             arch, ctxs.vector, ctxs.entry, full_preempt=config.preempt
         )
         opts = ProtocolOptions(send_always=config.send_always)
-        ports = HostPorts(self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero)
+        # The userfault bitmap (memory-fault-exit reads it): the world stands for a postcopy
+        # destination, every page not yet present still on the source.
+        ports = HostPorts(
+            self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero, self._remote
+        )
         self.host, self.guest = build_protocol(config.protocol, config.vcpus, self, ports, opts)
         # s390: a completion goes to the VM-wide floating list, which any vCPU's entry takes
         # and whose kick picks any idle vCPU: no vCPU's steps are its own (World.local_steps).
@@ -546,6 +550,9 @@ class World(GuestCalls):
     # -- ports: the host services --------------------------------------------------------------
     def _prefault(self, gfn: int) -> bool:
         return self.pages[gfn]
+
+    def _remote(self, gfn: int) -> bool:
+        return not self.pages[gfn]
 
     def _gup_nowait(self, gfn: int) -> None:
         pass  # the read is the worker's step
@@ -853,7 +860,9 @@ class World(GuestCalls):
         if result.work is not None:
             self.io.append(result.work)
         outcome = runloop.fault_outcome(result)
-        if outcome is FaultOutcome.SYNC:
+        if outcome is FaultOutcome.SYNC or outcome is FaultOutcome.USER_EXIT:
+            # A memory-fault exit is a blocking fault-in as the guest sees it: the VMM's vCPU
+            # thread fetches the page and re-enters, the vCPU out of guest mode meanwhile.
             vc.mode = Mode.SYNC
             vc.sync_gfn = gfn
             vc.event_pending = False
