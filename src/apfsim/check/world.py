@@ -455,7 +455,7 @@ class World(GuestCalls):
         clone._restore([entry for entry in saved if entry[0] in ("", "host", "guest")])
         return clone
 
-    _COUNTERS = ("stats", "declined", "populates")
+    _COUNTERS = ("stats", "declined", "populates", "user_exits")
     # Host fields written before they are read (the registers at the last exit, what the
     # last ACK delivered, the halt flag that only feeds a counter): history, not state.
     _HISTORY = (("view", _BLANK_VIEW), ("acked", ()), ("halted", False), ("ack_window", False))
