@@ -120,8 +120,8 @@ _WORLD_OTHER = {
 _WORLD_OTHER |= {"pages", "io", "tasks", "scripts", "reboot_left", "rebooted", "running_cpu"}
 _VCPU_OTHER = {"cpu", "world", "rq", "current", "frames", "pending_irqs"}
 _HOST_KNOWN = {
-    *("prefault", "gup_nowait", "kick", "start_worker", "now"),  # ports
-    *("stats", "declined", "populates", "mutant", "token_id_mask"),  # counters, config
+    *("prefault", "gup_nowait", "kick", "start_worker", "now", "userfault"),  # ports
+    *("stats", "declined", "populates", "mutant", "token_id_mask", "user_exits"),  # counters
     *("apf", "arch"),  # HostBase.freeze
     *("told", "pfault_enabled", "float_pfault", "lost_done", "flushing"),  # freeze_own
 }

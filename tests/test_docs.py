@@ -40,9 +40,9 @@ SHELL_LANGS = frozenset({"sh", "shell", "bash", "console"})
 MARKER = re.compile(r"^<!--\s*test:(.*?)-->\s*$")
 FENCE = re.compile(r"^```(\S*)\s*$")
 OPERATORS = frozenset({"&&", "||", "|", ";", "&", "(", ")"})
-# Protocols that never inject not-present by design: the baseline, and a host whose
-# guest has no PV driver.
-NO_INJECTION = frozenset({"sync", "halt-only"})
+# Protocols that never inject not-present by design: the baseline, a host whose guest has
+# no PV driver, and the memory-fault exit (no async PF at all).
+NO_INJECTION = frozenset({"sync", "halt-only", "memory-fault-exit"})
 RUN_TIMEOUT_S = 900
 
 

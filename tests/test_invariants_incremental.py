@@ -140,7 +140,7 @@ def test_the_ledger_agrees_with_the_walk_in_every_protocol(
             # A violation (the seed's own design bugs) ends a run; its point was compared.
             with suppress(InvariantViolation):
                 run(protocol, vcpus, kernel_mode, seed, 0.03 if fast else 0.15, fast)
-    if protocol not in ("sync", "halt-only"):
+    if protocol not in ("sync", "halt-only", "memory-fault-exit"):  # no guest driver: no waits
         assert tally.points > 50 and tally.waiting > 0
 
 

@@ -226,7 +226,9 @@ def postcopy_scenario(**pc: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("protocol", ["sync", "x86", "arm64-sdei-ppi", "halt-only"])
+@pytest.mark.parametrize(
+    "protocol", ["sync", "x86", "arm64-sdei-ppi", "halt-only", "memory-fault-exit"]
+)
 def test_simulation_migrates_every_page_under_each_design(protocol: str) -> None:
     scenario = scenario_from_dict(postcopy_scenario())
     result = Simulation(scenario, protocol, seed=1).run()
@@ -237,6 +239,10 @@ def test_simulation_migrates_every_page_under_each_design(protocol: str) -> None
     assert result.faults["needs_io"] > 0
     if protocol == "sync":
         assert pc["faults_blocked"] >= result.faults["needs_io"]
+    elif protocol == "memory-fault-exit":
+        # Every fault on a remote page exits to the vCPU thread; nothing sleeps on the uffd.
+        assert pc["faults_blocked"] == 0
+        assert pc["user_fetches"] == result.apf["user_exits"] == result.faults["needs_io"]
     else:
         # The vCPU's NOWAIT GUP queues no uffd message: only the async workers (and any
         # synchronous fallback) sleep on the uffd.

@@ -137,6 +137,7 @@ class FaultDecision(Enum):
     REPEATED = "repeated"  # gfn already outstanding: re-enter without new work
     HALT = "halt"  # artificial halt (KVM_REQ_APF_HALT) until the page is in or an IRQ comes
     SYNC = "sync"  # fault the page in synchronously in the vCPU thread
+    USER_EXIT = "user_exit"  # KVM_EXIT_MEMORY_FAULT: the VMM's vCPU thread fetches the page
 
 
 class SyncCause(Enum):
@@ -282,6 +283,9 @@ class HostPorts:
     gup_nowait: GupNowaitFn
     start_worker: StartWorkerFn
     now: Callable[[], int]
+    # The userfault bitmap (KVM_MEM_USERFAULT): True for a gfn still on a postcopy source.
+    # None: the run models no postcopy, so no memslot has the flag.
+    userfault: Callable[[int], bool] | None = None
 
 
 class SharedBlock(Protocol):

@@ -17,6 +17,7 @@ from apfsim.protocols.arm64_rfcv2 import Arm64Rfcv2Host
 from apfsim.protocols.arm64_sdei_ppi import Arm64SdeiPpiGuest, Arm64SdeiPpiHost
 from apfsim.protocols.common import ProtocolOptions, Variant
 from apfsim.protocols.guest_initiated import GuestInitiatedGuest, GuestInitiatedHost
+from apfsim.protocols.memory_fault_exit import MemoryFaultExitHost
 from apfsim.protocols.s390_pfault import S390PfaultHost
 from apfsim.protocols.sync import NoApfGuest, SyncHost
 from apfsim.protocols.x86 import X86Host
@@ -94,6 +95,15 @@ VARIANTS = (
         lifecycle=True,
         summary="pfault: DIAG 0x258 handshake, both signals external interrupts",
         source="arch/s390/mm/pfault.c, arch/s390/kvm",
+    ),
+    Variant(
+        "memory-fault-exit",
+        "any",
+        MemoryFaultExitHost,
+        NoApfGuest,
+        summary="no async PF; a fault on a page still remote exits to the VMM, which fetches it",
+        source="Anish Moorthy, KVM_CAP_EXIT_ON_MISSING v7 (2024); James Houghton, "
+        "KVM Userfault v3 (2025)",
     ),
 )
 

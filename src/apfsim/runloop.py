@@ -573,6 +573,7 @@ class FaultOutcome(IntEnum):
     SPIN = 1  # RFCv2 repeated fault: re-enter and fault again until the page is in
     HALT = 2  # KVM_REQ_APF_HALT: kvm_vcpu_block until the page is in or an IRQ is pending
     SYNC = 3  # fault the page in in the vCPU thread
+    USER_EXIT = 4  # KVM_RUN returns -EFAULT: the VMM's vCPU thread fetches, then re-enters
 
 
 _OUTCOME = {
@@ -580,6 +581,7 @@ _OUTCOME = {
     FaultDecision.REPEATED: FaultOutcome.SPIN,
     FaultDecision.HALT: FaultOutcome.HALT,
     FaultDecision.SYNC: FaultOutcome.SYNC,
+    FaultDecision.USER_EXIT: FaultOutcome.USER_EXIT,
 }
 
 

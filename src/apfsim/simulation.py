@@ -56,6 +56,7 @@ __all__ = ["InvariantViolation", "Observer", "Simulation"]
 
 ProgressFn = Callable[[float], None]
 WORK_SAMPLE_NS = 100_000_000  # postcopy's work-rate series: one sample per 100 ms
+_REMOTE = int(PageState.REMOTE)
 
 
 def _service_time(cfg: Any, rng: np.random.Generator, scale: float) -> ServiceTime:
@@ -184,6 +185,7 @@ class Simulation:
             self.io.submit_swapin,
             self.io.start_worker,
             lambda: engine.now,
+            None if self.postcopy is None else self._userfault,
         )
         self.host_protocol, self.guest_protocol = build_protocol(
             protocol, g.vcpus, self.kernel, ports, options
@@ -432,6 +434,11 @@ class Simulation:
         )
         self._close(engine.now)
         return result
+
+    def _userfault(self, gfn: int) -> bool:
+        """The userfault bitmap the VMM keeps for postcopy: set while the page is on the
+        source (cleared once it is placed)."""
+        return int(self.memory.state[gfn]) == _REMOTE
 
     def _postcopy_results(self, now: int) -> dict[str, Any]:
         pc = self.postcopy

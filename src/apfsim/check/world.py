@@ -374,7 +374,11 @@ class World(GuestCalls):
             arch, ctxs.vector, ctxs.entry, full_preempt=config.preempt
         )
         opts = ProtocolOptions(send_always=config.send_always)
-        ports = HostPorts(self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero)
+        # The userfault bitmap (memory-fault-exit reads it): the world stands for a postcopy
+        # destination, every page not yet present still on the source.
+        ports = HostPorts(
+            self._prefault, self._kick, self._gup_nowait, self._start_worker, _zero, self._remote
+        )
         self.host, self.guest = build_protocol(config.protocol, config.vcpus, self, ports, opts)
         # s390: a completion goes to the VM-wide floating list, which any vCPU's entry takes
         # and whose kick picks any idle vCPU: no vCPU's steps are its own (World.local_steps).
@@ -453,7 +457,7 @@ class World(GuestCalls):
         clone._restore([entry for entry in saved if entry[0] in ("", "host", "guest")])
         return clone
 
-    _COUNTERS = ("stats", "declined", "populates")
+    _COUNTERS = ("stats", "declined", "populates", "user_exits")
     # Host fields written before they are read (the registers at the last exit, what the
     # last ACK delivered, the halt flag that only feeds a counter): history, not state.
     _HISTORY = (("view", _BLANK_VIEW), ("acked", ()), ("halted", False), ("ack_window", False))
@@ -548,6 +552,9 @@ class World(GuestCalls):
     # -- ports: the host services --------------------------------------------------------------
     def _prefault(self, gfn: int) -> bool:
         return self.pages[gfn]
+
+    def _remote(self, gfn: int) -> bool:
+        return not self.pages[gfn]
 
     def _gup_nowait(self, gfn: int) -> None:
         pass  # the read is the worker's step
@@ -863,7 +870,9 @@ class World(GuestCalls):
         if result.work is not None:
             self.io.append(result.work)
         outcome = runloop.fault_outcome(result)
-        if outcome is FaultOutcome.SYNC:
+        if outcome is FaultOutcome.SYNC or outcome is FaultOutcome.USER_EXIT:
+            # A memory-fault exit is a blocking fault-in as the guest sees it: the VMM's vCPU
+            # thread fetches the page and re-enters, the vCPU out of guest mode meanwhile.
             vc.mode = Mode.SYNC
             vc.sync_gfn = gfn
             vc.event_pending = False

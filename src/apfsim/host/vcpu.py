@@ -275,6 +275,12 @@ class Vcpu:
         counters.needs_io += 1
         result = self.host.try_async_pf(self.index, gfn, ctx.view(), now)
         decision = result.decision
+        if decision is FaultDecision.USER_EXIT:
+            # kvm_do_userfault: the exit comes before any async PF attempt (no tracepoint).
+            if self.checker is not None:
+                self.checker.note(self.index, _TRY_LABEL, gfn, decision)
+            self._user_exit(gfn, now)
+            return
         if decision is not FaultDecision.SYNC or result.cause is SyncCause.QUEUE_FULL:
             # APF was admissible (kvm_can_do_async_pf): the kernel traces the attempt, and
             # a gfn already outstanding as a repeated fault.
@@ -320,6 +326,17 @@ class Vcpu:
         self.counters.fault_latency.add(now - self._since)
         self.io.map_after_read(gfn)
         self._wake()
+
+    def _user_exit(self, gfn: int, start: int) -> None:
+        """KVM_EXIT_MEMORY_FAULT: KVM_RUN returns -EFAULT and the VMM's vCPU thread fetches
+        and installs the page itself, then re-enters (the exit and the re-entry are in
+        postcopy's ``exit_to_user_ns``). The vCPU is out of guest mode throughout, as in a
+        blocking fault-in, and its time counts as one (``SYNC_FAULT``)."""
+        self.mode = VcpuMode.SYNC_FAULT
+        self.clock.switch(TimeCategory.SYNC_FAULT, start)
+        self._since = start
+        self._sleep()  # waits in user space for the page: not runnable, so never steal
+        self.io.fetch_in_user(gfn, self._sync_done, gfn)
 
     def _spin(self, start: int) -> None:
         """Repeated fault: re-enter, re-fault, until a completion or interrupt ends it."""

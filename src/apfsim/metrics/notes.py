@@ -58,7 +58,7 @@ def no_injection_note(results: Sequence[ProtocolResult], scenario: dict[str, Any
         if key.startswith("sync_fallback_") and n
     }
     if not causes or set(causes) == {"no_apf"}:
-        return None  # a guest without async PF (sync, halt-only): nothing to explain
+        return None  # no async PF (sync, halt-only, memory-fault-exit): nothing to explain
     reason, n = max(causes.items(), key=lambda item: item[1])
     how = _REASONS.get(reason, f"synchronous ({reason})")
     share = f"all {n}" if n == needs_io else f"{n} of {needs_io}"
