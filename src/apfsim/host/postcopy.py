@@ -331,12 +331,16 @@ class PostcopyDestination:
             self._placed_one(h, done)
             self.engine.at(done, self._fetched, (h, on_done, arg))
             return
-        self._waiters.setdefault(h, []).append((on_done, arg, -1))
+        sent_at = now + p.exit_to_user_ns + p.request_send_ns
         if t >= 0:
-            self.engine.at(max(now, t) + p.wakeup_ns, self._wake_one, h)
+            # On the wire already: the VMM cannot know, so it asks anyway (the source skips
+            # the request) and waits for the placement.
+            self._send_request(h, sent_at)
+            self.engine.at(max(sent_at, t) + p.wakeup_ns, self._fetched, (h, on_done, arg))
             return
+        self._waiters.setdefault(h, []).append((on_done, arg, -1))
         self._requested_at.setdefault(h, now)
-        self._send_request(h, now + p.exit_to_user_ns + p.request_send_ns)
+        self._send_request(h, sent_at)
 
     def _fetched(self, item: tuple[int, Waker, Any]) -> None:
         h, on_done, arg = item
