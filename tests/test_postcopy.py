@@ -306,3 +306,23 @@ def test_huge_host_pages_are_mapped_as_stage2_blocks() -> None:
     assert result.postcopy is not None and result.postcopy["host_pages_left"] == 0
     # 16 host pages under the hog (its first gfn may sit mid-block: at most one more).
     assert 16 <= f["minor"] + f["needs_io"] <= 17
+
+
+def test_receive_window_bounds_the_backlog_when_placement_is_slower_than_the_link() -> None:
+    """TCP flow control: at 100 Gb/s the listen thread (about 1.4 us a page) is slower than
+    the link, so the stream runs at the placement rate and a requested page waits behind at
+    most the send buffer and the receive buffer, not behind everything already sent."""
+    p = params(link_bits_per_s=100e9)
+    n = 1 << 15  # 128 MiB: about 47 ms to place
+    eng, _, dest = destination(n, p)
+    eng.run(until=20_000_000)
+    woke: list[int] = []
+    t0 = eng.now
+    dest.wait(n - 3, 0, lambda _: woke.append(eng.now), None)
+    eng.run(until=10**10)
+    page = TARGET_PAGE + PAGE_HEADER_BYTES
+    copy = p.uffdio_copy_ns + p.copy_ns_per_page
+    queued = (p.buffer_bytes + p.receive_buffer_bytes) // page + 2 * (p.frame_bytes * 16 // page)
+    assert woke[0] - t0 < queued * (copy + p.wake_entry_ns) + 2 * p.one_way_ns + 50_000
+    # The whole migration runs at the placement rate, not the link's.
+    assert dest.stats.last_placed_ns >= n * copy

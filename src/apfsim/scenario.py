@@ -367,6 +367,7 @@ class PostcopyConfig(_Model):
     preempt: bool = False  # QEMU's postcopy-preempt capability (off by default)
     background: bool = True  # the source streams the pages not yet sent
     socket_buffer_kib: int = Field(4096, ge=4, le=1 << 20)  # net.ipv4.tcp_wmem max
+    receive_buffer_kib: int = Field(6144, ge=4, le=1 << 20)  # net.ipv4.tcp_rmem max
     qemufile_buffer_kib: int = Field(32, ge=0, le=1 << 20)  # QEMUFile IO_BUF_SIZE
     frame_kib: int = Field(64, ge=4, le=1 << 20)  # the 64 KiB GSO/TSO segment
     uffds: Literal["one", "per-vcpu"] = "one"

@@ -66,6 +66,7 @@ class PostcopyParams:
     preempt: bool  # postcopy-preempt: requested pages on their own channel
     background: bool  # the source streams every page not yet sent
     buffer_bytes: int  # socket send buffer + QEMUFile buffer: how far the stream runs ahead
+    receive_buffer_bytes: int  # the destination socket's: data sent but not yet placed
     frame_bytes: int
     uffds: int  # one per vCPU (demand_paging_test) or 1 (QEMU)
     uffd_lock_ns: int  # enqueue (handle_userfault) or refile (userfaultfd_ctx_read) under the lock
@@ -95,6 +96,7 @@ class PostcopyParams:
             preempt=cfg.preempt,
             background=cfg.background,
             buffer_bytes=(cfg.socket_buffer_kib + cfg.qemufile_buffer_kib) * 1024,
+            receive_buffer_bytes=cfg.receive_buffer_kib * 1024,
             frame_bytes=cfg.frame_kib * 1024,
             uffds=vcpus if cfg.uffds == "per-vcpu" else 1,
             uffd_lock_ns=cfg.uffd_lock_ns,
@@ -253,6 +255,9 @@ class PostcopyDestination:
         # NOTE: without the preempt channel nothing interleaves on the link, so it carries
         # 16 frames a step (the same departures, in fewer events), for performance.
         self._step_bytes = p.frame_bytes * (1 if p.preempt else _SOLO_FRAMES)
+        # How long a receiving thread takes to place a full receive buffer of pages.
+        self._rcv_drain_ns = p.receive_buffer_bytes * self._copy_ns // page_bytes
+        self._kick_pending = False
         if not self._scan_done:
             self._fill_main()
             self._kick_link()
@@ -431,14 +436,24 @@ class PostcopyDestination:
             if self._landing:  # idle: settle the last frames when their copies end
                 self.engine.at(max(self.engine.now, self._landing[-1][0]), self._settle_landed)
             return
-        if main.backlog and urgent.backlog:
+        p, now = self.params, self.engine.now
+        # TCP flow control: a channel whose receiving thread has a receive buffer's worth
+        # of pages still to place is closed until it drains.
+        open_at = [self._place_free[i] - self._rcv_drain_ns - p.one_way_ns for i in (0, 1)]
+        ready = [c for i, c in ((0, main), (1, urgent)) if c.backlog and open_at[i] <= now]
+        if not ready:
+            if not self._kick_pending:
+                waiting = [open_at[i] for i, c in ((0, main), (1, urgent)) if c.backlog]
+                self._kick_pending = True
+                self.engine.at(min(waiting), self._window_open)
+            return
+        if len(ready) == 2:
             channel = urgent if self._rr else main
             self._rr ^= 1
         else:
-            channel = main if main.backlog else urgent
+            channel = ready[0]
         n = min(self._step_bytes, channel.backlog)
         self._link_busy = True
-        p, now = self.params, self.engine.now
         self.engine.after(max(1, round(n * p.ns_per_byte)), self._frame_done, channel)
         pages, offsets, zero = channel.transmit(n)
         if channel is main:
@@ -458,6 +473,10 @@ class PostcopyDestination:
         self._place_free[thread] = int(done[-1])
         self.stats.zero_pages += int(np.count_nonzero(zero))
         self._placed(pages, done, land=True)
+
+    def _window_open(self, _: object = None) -> None:
+        self._kick_pending = False
+        self._kick_link()
 
     def _frame_done(self, channel: _Channel) -> None:
         self._link_busy = False
