@@ -107,6 +107,10 @@ class RandomWriterTask(Workload):
             changes = np.flatnonzero(modes != first)
             if len(changes):
                 n = int(changes[0])
+        if memory.state[pages[0]] != _MAPPED:
+            # NOTE: scalar fast path for performance: the next access already misses.
+            self._planned = 0
+            return Plan(0, StopKind.MISS, int(pages[0]), mode)
         # NOTE: a short prefix first (a miss is usually among the first few accesses), then
         # the rest, for performance: the same index as looking at all n at once.
         miss = memory.first_not_mapped(pages[: min(n, _PREFIX)])
