@@ -107,8 +107,7 @@ class HostMemoryIo:
         if state == _PLACED or (
             state == _REMOTE and self.postcopy is not None and self.postcopy.settle(gfn)
         ):
-            assert self.postcopy is not None
-            memory.map_placed(gfn, self.postcopy.params.host_page_pages)
+            self._map_placed(gfn)
             return NOWAIT_MINOR
         # REMOTE: handle_userfault with FAULT_FLAG_RETRY_NOWAIT returns VM_FAULT_RETRY at
         # once, queueing no message: nothing is requested until a thread waits for it.
@@ -164,8 +163,11 @@ class HostMemoryIo:
         if state == _SWAPCACHE:
             self.memory.map_after_read(gfn)
         elif state == _PLACED:
-            assert self.postcopy is not None
-            self.memory.map_placed(gfn, self.postcopy.params.host_page_pages)
+            self._map_placed(gfn)
+
+    def _map_placed(self, gfn: int) -> None:
+        assert self.postcopy is not None  # only postcopy places pages
+        self.postcopy.map_stage2(gfn)
 
     def fetch_in_user(self, gfn: int, on_done: Callable[[Any], object], arg: Any) -> None:
         """A memory-fault exit to user space: the VMM's vCPU thread fetches the page itself
@@ -181,8 +183,7 @@ class HostMemoryIo:
         if state == _SWAPCACHE:
             return self.memory.map_after_read(gfn)
         if state == _PLACED:
-            assert self.postcopy is not None
-            self.memory.map_placed(gfn, self.postcopy.params.host_page_pages)
+            self._map_placed(gfn)
             return True
         return state == _MAPPED
 

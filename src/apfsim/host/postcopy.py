@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from apfsim.engine import Engine
-from apfsim.host.memory import GuestMemory, PageState
+from apfsim.host.memory import GuestMemory
 from apfsim.metrics.accumulators import LatencySamples
 
 __all__ = ["PostcopyDestination", "PostcopyParams", "PostcopyStats"]
@@ -46,8 +46,6 @@ TARGET_PAGE = 4096  # TARGET_PAGE_SIZE: the unit of the dirty bitmap and of the 
 PAGE_HEADER_BYTES = 8  # the be64 offset|flags word before each page (ram_save_page)
 ZERO_PAGE_BYTES = PAGE_HEADER_BYTES + 1  # RAM_SAVE_FLAG_ZERO and its one byte (save_zero_page)
 HOST_PAGE_PAGES = {"4k": 1, "2m": 512, "1g": 262144}
-_REMOTE = np.uint8(PageState.REMOTE)
-_REMOTE_INT = int(PageState.REMOTE)
 _SCAN_MAX = 4096  # host pages one scan step considers
 _REFILL_PAGES = 64  # the migration thread's step: ram_save_iterate checks every 64 pages
 _SOLO_FRAMES = 16  # with one channel, a step carries this many frames (nothing interleaves)
@@ -263,8 +261,10 @@ class PostcopyDestination:
             self._kick_link()
 
     # -- the destination's fault path --------------------------------------------------------
-    def host_page(self, gfn: int) -> int:
-        return gfn // self.params.host_page_pages
+    def map_stage2(self, gfn: int) -> None:
+        """The minor fault on a placed page: stage 2 maps it (its whole block when the host
+        page is huge)."""
+        self.memory.map_placed(gfn, self.params.host_page_pages)
 
     def settle(self, gfn: int) -> bool:
         """True if ``gfn``'s host page has been placed by now (and mark it resident)."""
@@ -583,6 +583,3 @@ class PostcopyDestination:
     def complete(self) -> bool:
         """Every host page placed (the source's bitmap empty, every page received)."""
         return bool(np.all(self.placed_ns >= 0)) and int(self.placed_ns.max()) <= self.engine.now
-
-    def remote_left(self) -> int:
-        return int(np.count_nonzero(self.memory.state == _REMOTE))
