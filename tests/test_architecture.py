@@ -40,6 +40,7 @@ LAYERS: list[tuple[int, str]] = [
     (3, "apfsim.host.memory"),
     (3, "apfsim.host.backing"),
     (3, "apfsim.host.postcopy"),  # postcopy: the source, the link, the uffd
+    (3, "apfsim.host.precopy"),  # precopy rounds before the switch-over
     (3, "apfsim.host.sched"),  # the host CPUs: CFS over the VM's threads
     (3, "apfsim.guest.sched"),
     (3, "apfsim.guest.context"),

@@ -390,7 +390,13 @@ class GuestSide(Protocol):
     ipi_pending: bool
     stolen_ns: int
 
+    folding: bool  # the running segment takes minor faults in line (workloads.base.MinorFold)
+
     def interrupt(self, now: int) -> None: ...
+
+    def unfold(self, now: int) -> None:
+        """Something reaches the vCPU during in-line faults: run each as its own exit."""
+        ...
 
     def context(self) -> Any: ...
 
@@ -405,8 +411,17 @@ class VcpuSide(Protocol):
     """What the guest CPU asks of its vCPU thread: the exits it takes, and its time clock."""
 
     clock: Any  # a VcpuClock: the time category the vCPU is in
+    fold_ok: bool  # nothing has reached the vCPU since its last entry's run-loop iteration
 
     def stage2_fault(self, gfn: int, ctx: Any) -> None: ...
+
+    def charge_folded(self, faults: int) -> None:
+        """``faults`` minor faults a task segment took in line: their counts and host time."""
+        ...
+
+    def fold_fault(self, gfn: int, start: int) -> None:
+        """The in-line minor fault on ``gfn`` begun at ``start`` goes on as its own exit."""
+        ...
 
     def wfi(self, halt: bool) -> None: ...
 

@@ -383,6 +383,8 @@ class PostcopyConfig(_Model):
     local_delay_us: float = Field(0.0, ge=0.0, le=DAY_US)
     exit_to_user_ns: Ns = 3_000
     device_state_kib: int = Field(1024, ge=0, le=1 << 30)
+    # Precopy rounds before the switch-over (0: the run starts at the switch-over).
+    precopy_rounds: int = Field(0, ge=0, le=100)
 
 
 class Scenario(_LaterKeys):
@@ -415,6 +417,16 @@ class Scenario(_LaterKeys):
                 raise ValueError(
                     f"postcopy.page_size: guest.memory_mib ({g.memory_mib}) is not a whole "
                     f"number of {pc.page_size} host pages; use a multiple of {huge} MiB"
+                )
+            if pc.precopy_rounds and pc.source != "network":
+                raise ValueError(
+                    "postcopy.precopy_rounds: precopy needs a migration stream; set "
+                    "postcopy.source = 'network' or precopy_rounds = 0"
+                )
+            if pc.precopy_rounds and self.initial_memory.swapped_fraction:
+                raise ValueError(
+                    "initial_memory.swapped_fraction: with postcopy.precopy_rounds the guest "
+                    "starts on a source host with its memory resident; set it to 0"
                 )
             if pc.uffds == "per-vcpu" and pc.source != "local":
                 raise ValueError(

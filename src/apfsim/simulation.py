@@ -35,6 +35,7 @@ from apfsim.host.costs import resolve_costs
 from apfsim.host.io import HostMemoryIo
 from apfsim.host.memory import GuestMemory, PageState
 from apfsim.host.postcopy import PostcopyDestination, PostcopyParams
+from apfsim.host.precopy import Precopy
 from apfsim.host.sched import ANY_CPU, HostSched
 from apfsim.host.vcpu import Vcpu, VcpuParams
 from apfsim.metrics.collect import collect, postcopy_results
@@ -49,7 +50,7 @@ from apfsim.scenario import (
     RandomWriterSpec,
     Scenario,
 )
-from apfsim.workloads.base import AccessMode, Workload
+from apfsim.workloads.base import AccessMode, MinorFold, Workload
 from apfsim.workloads.tasks import ComputeTask, FaultLoopTask, MemoryHogTask, RandomWriterTask
 
 __all__ = ["InvariantViolation", "Observer", "Simulation"]
@@ -129,11 +130,15 @@ class Simulation:
         pc = scenario.postcopy
         self.postcopy: PostcopyDestination | None = None
         self._work_samples: list[int] = []
+        self.precopy: Precopy | None = None
+        self._downtime_ns = 0
         if pc.enabled:
             # The source's memory is the initial state; its never-touched pages are zero
-            # pages on the wire. The destination starts with every page REMOTE.
+            # pages on the wire. Without precopy the destination starts with every page
+            # REMOTE; with it the guest runs on the source first (Precopy, _switch_over).
             zero = self.memory.state == np.uint8(PageState.UNTOUCHED)
-            self.memory.initialise_remote()
+            if not pc.precopy_rounds:
+                self.memory.initialise_remote()
             self.postcopy_params = PostcopyParams.of(pc, g.vcpus)
         swap = h.swap
         self.device = SwapDevice(
@@ -148,11 +153,22 @@ class Simulation:
         )
         if pc.enabled:
             self.postcopy = PostcopyDestination(
-                self.engine, self.memory, self.postcopy_params, zero
+                self.engine, self.memory, self.postcopy_params, zero, not pc.precopy_rounds
             )
             self.io.postcopy = self.postcopy
+            if pc.precopy_rounds:
+                self.precopy = Precopy(
+                    self.engine,
+                    self.memory,
+                    self.postcopy_params,
+                    pc.precopy_rounds,
+                    self._switch_over,
+                )
+            else:
+                self._downtime_ns = self.postcopy_params.downtime_ns(pc.device_state_kib * 1024)
         self.tasks: list[Task] = []
         self.workloads: list[Workload] = []
+        self._private: list[bool] = []  # the task's pages are its own (no other task's)
         self._task_kinds: list[str] = []
         self._claimed_end = 0
         specs = self._build_tasks()
@@ -248,6 +264,7 @@ class Simulation:
             self.cpus[cpu].rq.enqueue(task, wakeup=False)
             self.cpus[cpu].need_resched = True  # the idle task leaves do_idle for it
         self.reporting = self._page_reporting() if g.free_page_reporting else None
+        self._fold_minor_faults()
         self._tick_ns = 1_000_000_000 // g.hz
         self._host_tick_ns = 1_000_000_000 // h.tick_hz if h.tick_hz else 0
 
@@ -310,10 +327,26 @@ class Simulation:
                 task = Task(tid=len(self.tasks), name=name, cpu=cpu)
                 self.tasks.append(task)
                 self.workloads.append(workload)
+                self._private.append(spec.count == 1)
                 self._task_kinds.append(spec.kind)
                 placed.append((task, cpu))
         self._claimed_end = next_gfn
         return placed
+
+    def _fold_minor_faults(self) -> None:
+        """Let a postcopy writer take its minor faults on placed pages in line
+        (workloads.base.MinorFold): the results are those of taking each as its own exit.
+        Only where nothing else can change those pages or the vCPU's run between them: a
+        writer with a buffer of its own, no reclaim (postcopy has none), no free page
+        reporting and no host scheduler. The invariant checker sees the same: its events for
+        a vCPU come from the vCPU's own exits or a completion that unfolds the run."""
+        if self.postcopy is None or self.reporting is not None or self.host_sched is not None:
+            return
+        block = self.postcopy_params.host_page_pages
+        handled, round_trip = self.vcpus[0].minor_fault_ns  # the same on every vCPU
+        for workload, private in zip(self.workloads, self._private, strict=True):
+            if isinstance(workload, RandomWriterTask) and private:
+                workload.fold = MinorFold(handled, round_trip, block)
 
     def _page_reporting(self) -> PageReporting:
         """The guest's free page reporting (virtio-balloon on vCPU 0), registered at t=0.
@@ -399,6 +432,11 @@ class Simulation:
                 engine.at(first, self._cpu_tick, cpu)
         if self.postcopy is not None:
             engine.at(WORK_SAMPLE_NS, self._sample_work)
+        if self.precopy is not None:
+            self.precopy.start()
+        for cpu_state in self.cpus:
+            # In-line faults end before each work sample and the run's end (what is read).
+            cpu_state.fold_period, cpu_state.fold_until = WORK_SAMPLE_NS, end
         step = max(1, min(end, 100_000_000))
         t = 0
         stop_early = self.scenario.stop_when_done and self.kernel.unfinished > 0
@@ -440,12 +478,33 @@ class Simulation:
         source (cleared once it is placed)."""
         return int(self.memory.state[gfn]) == _REMOTE
 
+    def _switch_over(self) -> None:
+        """``postcopy_start`` after the last precopy round: stop the VM, sync the dirty log
+        once more, send the device state and the discard list (the downtime), and run the
+        VM on the destination with the discarded pages still on the source."""
+        assert self.precopy is not None and self.postcopy is not None
+        for vcpu in self.vcpus:
+            vcpu.stop()
+        remote = self.precopy.final_sync()
+        device_state = self.scenario.postcopy.device_state_kib * 1024
+        self._downtime_ns = self.postcopy_params.downtime_ns(
+            device_state, Precopy.discard_bytes(remote)
+        )
+        run_at = self.engine.now + self._downtime_ns
+        self.postcopy.switch_over(remote, run_at)
+        for vcpu in self.vcpus:
+            vcpu.restart(run_at)
+
     def _postcopy_results(self, now: int) -> dict[str, Any]:
         pc = self.postcopy
         assert pc is not None
-        device_state = self.scenario.postcopy.device_state_kib * 1024
         return postcopy_results(
-            pc, now, pc.params.downtime_ns(device_state), self._work_samples, WORK_SAMPLE_NS
+            pc,
+            now,
+            self._downtime_ns,
+            self._work_samples,
+            WORK_SAMPLE_NS,
+            None if self.precopy is None else self.precopy.results(),
         )
 
     def _close(self, now: int) -> None:

@@ -33,7 +33,7 @@ from apfsim.ports import (
     VcpuSide,
 )
 from apfsim.runloop import CpuState, FrameCosts, Next, RunLoopRules
-from apfsim.workloads.base import Plan, StopKind
+from apfsim.workloads.base import Plan, StopKind, Workload
 
 __all__ = ["GuestCpu", "GuestParams"]
 
@@ -113,6 +113,12 @@ class GuestCpu(CpuState):
         self._inline_end = -1  # the end of the frame _start_frame left to run in place
         self._steal = steal_time_accounting
         self._workloads = services.workloads
+        # In-line minor faults (workloads.base.MinorFold): a plan takes them only if it ends,
+        # or stops at a fault, before the next moment the run is observed (a multiple of
+        # ``fold_period``, or ``fold_until``, the run's end; 0: never).
+        self.folding = False  # the running task segment has faults in line
+        self.fold_period = 0
+        self.fold_until = 0
 
     # -- what the host sees --------------------------------------------------------------------
     def task_context(self, task: Task) -> GuestContext:
@@ -150,8 +156,12 @@ class GuestCpu(CpuState):
         assert curr is not None
         now = self.engine.now
         # NOTE: the workloads list indexed directly, for performance (every task segment).
-        plan = self._workloads[curr.tid].plan(self.services.memory)
+        workload = self._workloads[curr.tid]
+        if workload.fold is not None:
+            workload.fold_budget_ns = self._fold_budget(now)
+        plan = workload.plan(self.services.memory)
         self._plan = plan
+        self.folding = plan.fold is not None
         self._seg = _TASK
         self._seg_start = now
         self.vcpu.clock.switch(_CAT_TASK, now)
@@ -176,6 +186,9 @@ class GuestCpu(CpuState):
         self._seg = _NONE
         workload = self._workloads[curr.tid]  # NOTE: indexed directly, for performance
         complete = workload.commit(services.memory, now - self._seg_start)
+        if plan.fold is not None:
+            self.folding = False
+            self._charge_folded(workload)
         if workload.finished or plan.kind is _STOP_DONE:
             self._task_exit(curr)
             return True
@@ -239,10 +252,61 @@ class GuestCpu(CpuState):
         curr = self.current
         if seg == _TASK and curr is not None:
             # NOTE: the workloads list indexed directly, for performance (every exit).
-            self._workloads[curr.tid].commit(self.services.memory, now - self._seg_start)
+            workload = self._workloads[curr.tid]
+            workload.commit(self.services.memory, now - self._seg_start)
+            plan = self._plan
+            if plan is not None and plan.fold is not None:
+                self.folding = False
+                self._charge_folded(workload)
         elif seg == _FRAME:
             self.frames[-1].remaining -= now - self._seg_start
         self._seg = _NONE
+
+    # -- minor faults taken in line (workloads.base.MinorFold) ---------------------------------
+    def _fold_budget(self, now: int) -> int:
+        """How far ahead a plan may take faults in line: never while the vCPU has something
+        for its next entry (``fold_ok``) or a probe watches every exit; else up to the next
+        moment the run is observed."""
+        period = self.fold_period
+        if not period or self.probe is not None or not self.vcpu.fold_ok:
+            return 0
+        return max(0, min(self.fold_until, (now // period + 1) * period) - now)
+
+    def _charge_folded(self, workload: Workload) -> None:
+        """The in-line faults the last commit took: the vCPU's counters and host time."""
+        if workload.folded:
+            self.vcpu.charge_folded(workload.folded)
+            workload.folded = 0
+
+    def unfold(self, now: int) -> None:
+        """Something reaches the vCPU during a segment with faults in line: from here on, run
+        as if each fault had been its own exit. Inside a fault's round trip the vCPU is in
+        the host: the segment ends at that fault, which the vCPU finishes as its own. Between
+        faults it is in the guest: the segment now stops at the next fault, so the entry
+        after that fault sees whatever just happened (a page-ready, a pending request)."""
+        plan = self._plan
+        curr = self.current
+        assert plan is not None and plan.fold is not None and curr is not None
+        run = plan.fold
+        self.folding = False
+        offset = now - self._seg_start
+        k = run.started(offset)
+        workload = self._workloads[curr.tid]
+        if k and offset < int(run.starts[k - 1]) + run.round_trip_ns:
+            start = int(run.starts[k - 1])
+            self.engine.cancel(self._event)
+            self._event = None
+            self._seg = _NONE
+            workload.commit(self.services.memory, start)
+            self._charge_folded(workload)
+            self.vcpu.fold_fault(int(run.gfns[k - 1]), self._seg_start + start)
+            return
+        if k < len(run.starts):
+            stop = int(run.starts[k])
+            self.engine.cancel(self._event)
+            self._event = self.engine.at(self._seg_start + stop, self._on_task_stop)
+            plan.run_ns, plan.kind, plan.gfn = stop, _STOP_MISS, int(run.gfns[k])
+            workload.truncate_fold(k)
 
     def take_events(self, injections: list[Injection], lapic_enabled: bool) -> None:
         """At entry: exceptions are taken at once, interrupts once unmasked (an interrupt

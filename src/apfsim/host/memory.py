@@ -117,6 +117,7 @@ _IN_IO = np.uint8(PageState.IN_IO)
 _REMOTE = np.uint8(PageState.REMOTE)
 _PLACED = np.uint8(PageState.PLACED)
 _PLACED_INT = int(PageState.PLACED)
+_UNTOUCHED = np.uint8(PageState.UNTOUCHED)
 # NOTE: plain ints for scalar checks on hot paths: IntEnum attribute access is slow.
 _UNTOUCHED_INT = int(PageState.UNTOUCHED)
 _SWAPCACHE_INT = int(PageState.SWAPCACHE)
@@ -337,6 +338,22 @@ class GuestMemory:
         self.resident = 0
         self._hand = 0
 
+    def postcopy_switch(self, remote: npt.NDArray[np.bool_]) -> None:
+        """Postcopy's switch-over after precopy, on the destination: the ``remote`` pages were
+        discarded (``REMOTE``); every other page precopy sent is resident but not yet in
+        stage 2 (``PLACED``), except a never-touched one, which stays a zero page to fill.
+        The VM is stopped: no task has a plan made against the source's mappings."""
+        st = self.state
+        other = (st != _MAPPED) & (st != _UNTOUCHED)
+        if other.any():
+            self._expect(int(np.argmax(other)), int(PageState.MAPPED), "postcopy_switch")
+        st[st == _MAPPED] = _PLACED
+        st[remote] = _REMOTE
+        placed = st == _PLACED
+        self.resident = int(np.count_nonzero(placed))
+        self.referenced.fill(0)
+        self.dirty[:] = placed
+
     def place(self, gfns: IntArray) -> int:
         """``UFFDIO_COPY`` placed these pages: ``REMOTE`` -> ``PLACED`` (resident, dirty:
         anonymous memory with no swap copy). Pages already placed or mapped are left alone;
@@ -369,6 +386,19 @@ class GuestMemory:
         st = self.state[lo : lo + block]
         st[st == _PLACED] = _MAPPED
         self.referenced[lo : lo + block] = 1
+
+    def map_placed_many(self, gfns: IntArray, block: int = 1) -> None:
+        """``map_placed`` for each of ``gfns`` in order (the minor faults a task's plan took
+        inside one segment, ``workloads.base.MinorFold``): every one must still be placed."""
+        if block > 1:
+            gfns = ((gfns - gfns % block)[:, None] + np.arange(block, dtype=np.int64)).ravel()
+        st = self.state[gfns]
+        placed = st == _PLACED
+        if block == 1 and not placed.all():
+            bad = int(gfns[int(np.argmin(placed))])
+            self._expect(bad, _PLACED_INT, "map_placed_many")
+        self.state[gfns[placed]] = _MAPPED
+        self.referenced[gfns] = 1
 
     def first_not_mapped(self, gfns: IntArray | slice) -> int:
         """Index of the first gfn not ``MAPPED`` (the first access that exits), or the

@@ -110,13 +110,15 @@ class PostcopyParams:
             exit_to_user_ns=cfg.exit_to_user_ns,
         )
 
-    def downtime_ns(self, device_state_bytes: int) -> int:
-        """The switch-over's pause (``postcopy_start``): the package (device state, LISTEN,
-        RUN) crosses the link and the destination loads it; no RAM moves. With no precopy
-        the destination discarded all of RAM at ADVISE, so there is no discard list."""
+    def downtime_ns(self, device_state_bytes: int, discard_bytes: int = 0) -> int:
+        """The switch-over's pause (``postcopy_start``): the discard list (the pages dirtied
+        since precopy's last sync; none without precopy, whose destination discarded all of
+        RAM at ADVISE) and the package (device state, LISTEN, RUN) cross the link and the
+        destination loads it; no RAM moves."""
         if self.source == "local":
             return 0
-        return round(device_state_bytes * self.ns_per_byte) + 2 * self.one_way_ns
+        nbytes = device_state_bytes + discard_bytes
+        return round(nbytes * self.ns_per_byte) + 2 * self.one_way_ns
 
 
 @dataclass(slots=True)
@@ -208,7 +210,10 @@ class PostcopyDestination:
         memory: GuestMemory,
         params: PostcopyParams,
         zero: npt.NDArray[np.bool_],
+        start: bool = True,
     ) -> None:
+        """``start``: the run begins at the switch-over (else precopy runs first and
+        ``switch_over`` starts postcopy)."""
         if memory.limit_pages < memory.n_pages:
             raise ValueError(
                 f"postcopy needs host memory for the whole guest: limit_pages="
@@ -256,9 +261,32 @@ class PostcopyDestination:
         # How long a receiving thread takes to place a full receive buffer of pages.
         self._rcv_drain_ns = p.receive_buffer_bytes * self._copy_ns // page_bytes
         self._kick_pending = False
-        if not self._scan_done:
+        self.switched_ns = 0  # when the destination started (after precopy's downtime)
+        if start and not self._scan_done:
             self._fill_main()
             self._kick_link()
+
+    def switch_over(self, remote: I64, run_at: int) -> None:
+        """After precopy, with the VM stopped: the destination holds every page but the
+        discarded ``remote`` gfns (whole host pages: ``postcopy_chunk_hostpages``), which
+        postcopy fetches once the destination runs, at ``run_at`` (after the downtime)."""
+        hp = self.params.host_page_pages
+        now = self.engine.now
+        discarded = np.zeros(self.n_host, dtype=np.bool_)
+        discarded[remote // hp] = True
+        self.sent[~discarded] = 1
+        self.placed_ns[~discarded] = now
+        self.zero[discarded] = False  # dirtied: they hold data
+        self.stats.last_placed_ns = run_at
+        self.switched_ns = run_at
+        mask = np.repeat(discarded, hp) if hp > 1 else discarded
+        self.memory.postcopy_switch(mask)
+        if not self._scan_done:
+            self.engine.at(run_at, self._start_stream)
+
+    def _start_stream(self, _: object = None) -> None:
+        self._fill_main()
+        self._kick_link()
 
     # -- the destination's fault path --------------------------------------------------------
     def map_stage2(self, gfn: int) -> None:

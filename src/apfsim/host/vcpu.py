@@ -101,6 +101,7 @@ class VcpuMode(IntEnum):
 # NOTE: enum members as module constants, for performance (read at every exit and entry).
 _GUEST, _HOST, _BLOCKED, _SPIN_MODE = VcpuMode.GUEST, VcpuMode.HOST, VcpuMode.BLOCKED, VcpuMode.SPIN
 _CAT_HOST = TimeCategory.HOST
+_HOLD = 1 << 62  # stopped, with no restart time yet
 
 
 # Subclassed by interpreted code (tracing, the model checker) in the compiled build.
@@ -144,6 +145,13 @@ class Vcpu:
         }
         self._stage2_ns = params.stage2_fault_ns
         self._round_trip = max(1, params.exit_ns + params.entry_ns + params.stage2_fault_ns)
+        # A minor fault's exit, handling and entry (workloads.base.MinorFold).
+        self._minor_handled = params.exit_ns + params.stage2_fault_ns + params.minor_fault_ns
+        self._minor_round_trip = self._minor_handled + params.entry_ns
+        # Nothing has reached this vCPU since its last entry's run-loop iteration, so an entry
+        # now would find nothing new: a task may take minor faults in line.
+        self.fold_ok = False
+        self._hold_until = 0  # the VM is stopped (a migration's switch-over) until then
         # Host CPU contention (None: every thread has a CPU of its own, nothing waits).
         self.thread: HostThread | None = None
         self.sched: HostSched | None = None
@@ -177,8 +185,15 @@ class Vcpu:
         is the next event anyway (Engine.next_is), in exactly the heap's order."""
         self._enter(True)
 
-    def _enter(self, last: bool) -> None:
+    def _enter(self, last: bool, start: int = -1) -> None:
+        """``start``: the entry began then, not now (an in-line fault's, ``fold_fault``)."""
         self._host_event = None
+        if self._hold_until:
+            if self._hold_until > self.engine.now:
+                # vm_stop: the vCPU thread waits in QEMU for the VM to run again.
+                self._host_event = self.engine.at(self._hold_until, self._enter_last)
+                return
+            self._hold_until = 0
         if self._resched:
             # xfer_to_guest_mode_handle_work: schedule() before entering the guest.
             self._resched = False
@@ -186,6 +201,7 @@ class Vcpu:
             if not self.sched.yield_cpu(self.thread):
                 return  # queued: _granted enters when the thread gets a CPU back
         counters = self.counters
+        self.fold_ok = True
         delivered, injections = vcpu_enter(self.host, self.index, self.guest.context().view())
         for work in delivered:
             # Only a not-present the guest saw has a page-ready latency; a halt just ends.
@@ -202,6 +218,9 @@ class Vcpu:
             if self.checker is not None:
                 self.checker.note(self.index, _INJECT_LABEL, injection.payload, injection.kind)
         engine = self.engine
+        if start >= 0:
+            self._host_event = engine.at(start + cost, self._entered, injections)
+            return
         if last and engine.next_is(at := engine.now + cost):
             engine.advance_to(at)
             self._entered(injections)
@@ -267,6 +286,61 @@ class Vcpu:
             self._needs_io(gfn, ctx, cost)
             return
         self._host_event = self.engine.after(cost, self._enter_last)
+
+    @property
+    def minor_fault_ns(self) -> tuple[int, int]:
+        """A minor fault on a placed page (``stage2_fault`` with ``resolve_nowait`` finding
+        it): ns to its re-entry, and to the guest running again (for workloads.base.MinorFold)."""
+        return self._minor_handled, self._minor_round_trip
+
+    def charge_folded(self, faults: int) -> None:
+        """``faults`` minor faults a task segment took in line: counted as ``stage2_fault``
+        counts them, their round trips moved from the task's time to the host's."""
+        self.counters.minor += faults
+        ns = faults * self._minor_round_trip
+        totals = self.clock.totals
+        totals[TimeCategory.TASK] -= ns
+        totals[_CAT_HOST] += ns
+
+    def fold_fault(self, gfn: int, start: int) -> None:
+        """An event reached the vCPU inside an in-line fault begun at ``start``: that fault
+        goes on as ``stage2_fault`` took it. Past its handling, the entry had begun, and its
+        run-loop iteration found nothing (anything new would have unfolded the run sooner)."""
+        self.mode = _HOST
+        self.clock.switch(_CAT_HOST, start)
+        nowait = self.io.resolve_nowait(gfn)
+        assert nowait == NOWAIT_MINOR, f"in-line fault on gfn {gfn}: {nowait}"
+        self.counters.minor += 1
+        handled = start + self._minor_handled
+        if self.engine.now <= handled:
+            self._host_event = self.engine.at(handled, self._enter_last)
+        else:
+            self._enter(False, handled)
+
+    def stop(self) -> None:
+        """``vm_stop`` at a migration's switch-over: a vCPU in the guest is kicked out, and
+        no vCPU enters the guest again until ``restart``."""
+        self._touched()
+        self._hold_until = _HOLD
+        if self.mode is _GUEST:
+            self.guest.interrupt(self.engine.now)
+            self._to_host()
+            self._host_event = self.engine.at(_HOLD, self._enter_last)
+
+    def restart(self, at: int) -> None:
+        """The VM runs again (on the destination) at ``at``."""
+        self._hold_until = at
+        event = self._host_event
+        if event is not None and event[0] == _HOLD:
+            self.engine.cancel(event)
+            self._host_event = self.engine.at(at, self._enter_last)
+
+    def _touched(self) -> None:
+        """An event reaches this vCPU: a task's in-line faults become real exits from now on,
+        and none is taken in line again until an entry has seen the event."""
+        if self.guest.folding:
+            self.guest.unfold(self.engine.now)
+        self.fold_ok = False
 
     def _needs_io(self, gfn: int, ctx: GuestContext, cost: int) -> None:
         """GUP NOWAIT failed: the protocol decides async, repeated fault or synchronous."""
@@ -420,6 +494,7 @@ class Vcpu:
     def resched(self) -> None:
         """The host scheduler wants this CPU (``resched_curr``): a thread in the guest exits
         (the reschedule IPI or tick); every thread calls ``schedule()`` at its next entry."""
+        self._touched()
         self._resched = True
         mode = self.mode
         if mode == VcpuMode.GUEST:
@@ -437,6 +512,7 @@ class Vcpu:
         """The end of ``async_pf_execute``: ``kvm_vcpu_wake_up`` (only a blocked vCPU
         notices), then the checks of the completion (the kick, I9, now; the lists at the
         vCPU's next entry)."""
+        self._touched()
         if self.host.vcpu_runnable(self.index):
             if self.mode == VcpuMode.BLOCKED:
                 self._wake()
@@ -448,6 +524,7 @@ class Vcpu:
 
     def on_tick(self) -> None:
         """The guest's timer fires (one pending level-triggered IRQ at most)."""
+        self._touched()
         mode = self.mode
         if mode is _GUEST:
             self.guest.timer_pending = True
@@ -465,17 +542,20 @@ class Vcpu:
     def kick(self) -> None:
         """``kvm_vcpu_kick``: force a running vCPU out of the guest (a blocked one is woken
         by the worker's ``swake_up_one`` / rcuwait)."""
+        self._touched()
         if self.mode is _GUEST:
             self.counters.kicks += 1
             self.exit_async()
 
     def on_host_tick(self) -> None:
         """The host's own scheduler tick on this pCPU: an exit, but nothing for the guest."""
+        self._touched()
         if self.mode is _GUEST:
             self.exit_async()
 
     def on_ipi(self) -> None:
         """A virtual IPI (reschedule) sent by another guest CPU."""
+        self._touched()
         self.guest.ipi_pending = True
         mode = self.mode
         if mode == VcpuMode.GUEST:
@@ -489,6 +569,7 @@ class Vcpu:
         """A guest write to an ioeventfd doorbell (a virtqueue kick, ``virtqueue_notify``):
         KVM signals the eventfd and re-enters; the device's work runs in a QEMU thread.
         An exit and an entry, paid only by a vCPU in the guest (False otherwise)."""
+        self._touched()
         if self.mode == VcpuMode.GUEST:
             self.exit_async()
             return True

@@ -19,7 +19,7 @@ from mypy_extensions import mypyc_attr
 
 from apfsim.host.memory import GuestMemory
 
-__all__ = ["AccessMode", "Plan", "StopKind", "Workload"]
+__all__ = ["AccessMode", "FoldedRun", "MinorFold", "Plan", "StopKind", "Workload"]
 
 
 class AccessMode(IntEnum):
@@ -38,12 +38,56 @@ class StopKind(IntEnum):
     DONE = 2  # the task has finished all its work
 
 
+@dataclass(frozen=True, slots=True)
+class MinorFold:
+    """The cost of a stage-2 fault on a page postcopy has placed: ``kvm_handle_guest_abort``
+    -> ``user_mem_abort``, whose GUP finds the host PTE (a minor fault) and maps it.
+
+    Such a fault needs no I/O, no protocol decision and nothing from the guest, so a task's
+    plan may take it in line, at its exact cost, instead of stopping at it: the run of
+    accesses and faults is one segment (``guest/cpu.py:GuestCpu.unfold`` turns it back into
+    separate exits when anything reaches the vCPU meanwhile). ``handled_ns``: exit, stage-2
+    handling and the minor fault (the vCPU then starts its entry); ``round_trip_ns``: that
+    and the entry; ``block``: the pages one fault maps (a huge host page maps whole)."""
+
+    handled_ns: int
+    round_trip_ns: int
+    block: int
+
+
+class FoldedRun:
+    """The faults a plan takes in line (``MinorFold``), in order: each one's start, as ns
+    from the segment's start, its gfn, and the index of the access it precedes."""
+
+    __slots__ = ("gfns", "positions", "round_trip_ns", "starts")
+
+    def __init__(
+        self, starts: np.ndarray, gfns: np.ndarray, positions: np.ndarray, round_trip_ns: int
+    ) -> None:
+        self.starts = starts
+        self.gfns = gfns
+        self.positions = positions
+        self.round_trip_ns = round_trip_ns
+
+    def started(self, offset_ns: int) -> int:
+        """How many of the faults started before ``offset_ns`` (one starting exactly then
+        has not)."""
+        return int(np.searchsorted(self.starts, offset_ns, side="left"))
+
+    def truncate(self, k: int) -> None:
+        """Keep the first ``k`` faults (the plan now stops at fault ``k``)."""
+        self.starts = self.starts[:k]
+        self.gfns = self.gfns[:k]
+        self.positions = self.positions[:k]
+
+
 @dataclass(slots=True)
 class Plan:
     run_ns: int
     kind: StopKind
     gfn: int = -1
     mode: AccessMode = AccessMode.USER
+    fold: FoldedRun | None = None  # faults taken in line (``MinorFold``), if any
 
 
 # Subclassed by interpreted code (tracing, tests) in the compiled build.
@@ -55,10 +99,19 @@ class Workload(ABC):
     work_ns: int
     ops: int  # operations done (accesses or pages written), for the results
 
+    # Minor faults on placed pages taken in line (None: every fault stops the plan); set by
+    # the composition root for a task whose pages no other task touches.
+    fold: MinorFold | None
+    fold_budget_ns: int  # a plan takes in line only faults that start within this, from now
+    folded: int  # faults the last commit took in line (the CPU charges and clears them)
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.work_ns = 0
         self.ops = 0
+        self.fold = None
+        self.fold_budget_ns = 0
+        self.folded = 0
 
     @abstractmethod
     def plan(self, memory: GuestMemory) -> Plan:
@@ -67,6 +120,11 @@ class Workload(ABC):
     @abstractmethod
     def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
         """Apply ``elapsed_ns`` of the last plan; True if it ran to the plan's stop."""
+
+    def truncate_fold(self, k: int) -> None:
+        """The running plan now stops at its ``k``-th in-line fault, which exits as its own
+        (only a workload that folds faults has such plans)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no fault in line")
 
     def current_mode(self) -> AccessMode:
         """The context the task is executing in now (for injection decisions)."""

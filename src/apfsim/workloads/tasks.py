@@ -7,12 +7,21 @@ from collections.abc import Callable
 import numpy as np
 
 from apfsim.host.memory import GuestMemory, PageState
-from apfsim.workloads.base import AccessMode, Plan, StopKind, Workload, truncate_at_unmapped
+from apfsim.workloads.base import (
+    AccessMode,
+    FoldedRun,
+    MinorFold,
+    Plan,
+    StopKind,
+    Workload,
+    truncate_at_unmapped,
+)
 
 __all__ = ["ComputeTask", "FaultLoopTask", "MemoryHogTask", "RandomWriterTask"]
 
 _FOREVER_NS = 1 << 62
 _MAPPED = int(PageState.MAPPED)  # NOTE: plain int for performance (IntEnum access is slow)
+_PLACED = int(PageState.PLACED)
 _BATCH = 2048  # accesses looked at per plan: NOTE bounded for performance (numpy batch size)
 _PREFIX = 32  # accesses a plan looks at first: NOTE a short prefix for performance
 
@@ -69,6 +78,7 @@ class RandomWriterTask(Workload):
         self._pos = 0
         self._planned = 0
         self._evict_mark = -1
+        self._run: FoldedRun | None = None  # the running plan's in-line faults
 
     def _refill(self) -> None:
         self._pages = self.rng.integers(
@@ -107,21 +117,94 @@ class RandomWriterTask(Workload):
             changes = np.flatnonzero(modes != first)
             if len(changes):
                 n = int(changes[0])
+        self._run = None
         if memory.state[pages[0]] != _MAPPED:
-            # NOTE: scalar fast path for performance: the next access already misses.
-            self._planned = 0
-            return Plan(0, StopKind.MISS, int(pages[0]), mode)
-        # NOTE: a short prefix first (a miss is usually among the first few accesses), then
-        # the rest, for performance: the same index as looking at all n at once.
-        miss = memory.first_not_mapped(pages[: min(n, _PREFIX)])
-        if miss == _PREFIX < n:
-            miss += memory.first_not_mapped(pages[_PREFIX:n])
-        self._planned = miss
+            miss = 0  # NOTE: scalar fast path for performance: the next access already misses.
+        else:
+            # NOTE: a short prefix first (a miss is usually among the first few accesses), then
+            # the rest, for performance: the same index as looking at all n at once.
+            miss = memory.first_not_mapped(pages[: min(n, _PREFIX)])
+            if miss == _PREFIX < n:
+                miss += memory.first_not_mapped(pages[_PREFIX:n])
         if miss < n:
+            fold = self.fold
+            if (
+                fold is not None
+                and self.fold_budget_ns > 0
+                and memory.state[pages[miss]] == _PLACED
+            ):
+                return self._plan_folded(memory, pages[:n], miss, mode, fold)
+            self._planned = miss
             return Plan(miss * self.access_ns, StopKind.MISS, int(pages[miss]), mode)
+        self._planned = miss
         return Plan(n * self.access_ns, StopKind.RESUME, mode=mode)
 
+    def _plan_folded(
+        self, memory: GuestMemory, pages: np.ndarray, skip: int, mode: AccessMode, fold: MinorFold
+    ) -> Plan:
+        """The plan with the minor faults on placed pages in line (``MinorFold``), the first
+        ``skip`` accesses being to mapped pages: it stops at the first page that is neither
+        mapped nor placed, at the batch's end, or, if it would not end within
+        ``fold_budget_ns``, at its last fault starting within it (taken as its own exit, so
+        nothing in line is left open when the run is observed)."""
+        n, a, rt = len(pages), self.access_ns, fold.round_trip_ns
+        state = memory.state[pages[skip:]]
+        ends = (state != _MAPPED) & (state != _PLACED)
+        stop = skip + (int(ends.argmax()) if ends.any() else n - skip)
+        at = np.flatnonzero(state[: stop - skip] == _PLACED) + skip
+        if len(at) > 1:
+            # Only the first access to a page (a block, when huge) faults; it maps the rest.
+            keys = pages[at] // fold.block
+            first = np.unique(keys, return_index=True)[1]
+            if len(first) < len(at):
+                at = at[np.sort(first)]
+        starts = at * a + np.arange(len(at), dtype=np.int64) * rt
+        run_ns = stop * a + len(at) * rt
+        if run_ns >= self.fold_budget_ns:
+            m = int(np.searchsorted(starts, self.fold_budget_ns, side="left"))
+            # The plan stops at the last fault starting within the budget (the first fault,
+            # if none does: a plain plan), which the vCPU then takes as its own exit.
+            last = max(m, 1) - 1
+            if len(at):
+                stop, run_ns = int(at[last]), int(starts[last])
+                at, starts = at[:last], starts[:last]
+        self._planned = stop
+        fault = None
+        if len(at):
+            fault = self._run = FoldedRun(starts, pages[at], at, rt)
+        if stop < n:
+            return Plan(run_ns, StopKind.MISS, int(pages[stop]), mode, fault)
+        return Plan(run_ns, StopKind.RESUME, mode=mode, fold=fault)
+
+    def truncate_fold(self, k: int) -> None:
+        run = self._run
+        assert run is not None
+        self._planned = int(run.positions[k])
+        run.truncate(k)
+
+    def _commit_folded(self, memory: GuestMemory, elapsed_ns: int, run: FoldedRun) -> bool:
+        """Commit a plan with in-line faults: those started by ``elapsed_ns`` are done (the
+        CPU never stops such a plan inside a fault's round trip), and the accesses between."""
+        self._run = None
+        f = run.started(elapsed_ns)
+        n = min((elapsed_ns - f * run.round_trip_ns) // self.access_ns, self._planned)
+        fold = self.fold
+        assert fold is not None
+        if f:
+            memory.map_placed_many(run.gfns[:f], fold.block)
+            self.folded = f
+        if n > 0:
+            memory.touch(self._pages[self._pos : self._pos + n], write=True)
+            self._pos += n
+            self.ops += n
+            self.work_ns += n * self.access_ns
+            self._planned -= n
+        return self._planned == 0 and f == len(run.starts)
+
     def commit(self, memory: GuestMemory, elapsed_ns: int) -> bool:
+        run = self._run
+        if run is not None:
+            return self._commit_folded(memory, elapsed_ns, run)
         n = min(elapsed_ns // self.access_ns, self._planned)
         if n <= 0:
             return self._planned == 0

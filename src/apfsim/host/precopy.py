@@ -1,0 +1,138 @@
+"""Precopy before postcopy's switch-over: rounds over the guest's dirty set.
+
+QEMU's migration thread sends every page once (``ram_save_iterate`` over a bitmap that
+``ram_init_bitmaps`` sets in full and dirty logging starts), then, round after round, the
+pages the guest dirtied since the last ``migration_bitmap_sync`` (KVM's dirty log, fetched
+and cleared). After ``precopy_rounds`` rounds the switch-over (``migrate_start_postcopy`` ->
+``postcopy_start``) stops the VM, syncs once more and sends the discard bitmap
+(``postcopy_each_ram_send_discard``): the pages dirtied since the last sync are discarded on
+the destination and come by postcopy; the others arrived in precopy.
+
+Modelled: each round's bytes (a zero page as its header and flag byte, ``save_zero_page``;
+any other as a whole target page with its header) at the link's rate, the source's CPU
+never the bottleneck; the dirty log is the guest's writes (``GuestMemory.dirty``, which no
+reclaim uses here: postcopy's host holds the whole guest). A sync sees the writes of task
+segments that ended by then (a segment is at most a plan's batch); the switch-over's stop
+ends every running segment first. The write-protect faults of dirty logging on the source
+are not charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from apfsim.engine import Engine
+from apfsim.host.memory import GuestMemory, PageState
+from apfsim.host.postcopy import PAGE_HEADER_BYTES, TARGET_PAGE, ZERO_PAGE_BYTES, PostcopyParams
+
+__all__ = ["DISCARD_RANGE_BYTES", "Precopy", "PrecopyRound"]
+
+I64 = npt.NDArray[np.int64]
+# One (start, length) pair of be64 in a MIG_CMD_POSTCOPY_RAM_DISCARD command
+# (migration/savevm.c: qemu_savevm_send_postcopy_ram_discard).
+DISCARD_RANGE_BYTES = 16
+_UNTOUCHED = np.uint8(PageState.UNTOUCHED)
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyRound:
+    """One pass of the migration thread over the dirty set."""
+
+    pages: int  # 4 KiB pages sent (zero pages included)
+    zero_pages: int
+    bytes: int
+    start_ns: int
+    end_ns: int
+    dirtied: int  # pages the guest dirtied during the round (the next round's set)
+
+
+class Precopy:
+    """The source's precopy rounds; ``on_done`` runs at the end of the last round."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        memory: GuestMemory,
+        params: PostcopyParams,
+        rounds: int,
+        on_done: Callable[[], object],
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"precopy needs at least one round, got {rounds}")
+        self.engine = engine
+        self.memory = memory
+        self.params = params
+        self.rounds = rounds
+        self.on_done = on_done
+        self.done: list[PrecopyRound] = []
+        self._start_ns = 0
+        self._set = 0
+        self._zero = 0
+        self._bytes = 0
+
+    def start(self) -> None:
+        """``ram_init_bitmaps``: every page is in the first round's set; logging starts."""
+        memory = self.memory
+        memory.dirty.fill(0)  # KVM_MEM_LOG_DIRTY_PAGES: the log starts empty
+        self._send(memory.n_pages, int(np.count_nonzero(memory.state == _UNTOUCHED)))
+
+    def _send(self, pages: int, zero: int) -> None:
+        now = self.engine.now
+        self._start_ns, self._set, self._zero = now, pages, zero
+        nbytes = zero * ZERO_PAGE_BYTES + (pages - zero) * (TARGET_PAGE + PAGE_HEADER_BYTES)
+        self.engine.at(now + round(nbytes * self.params.ns_per_byte), self._round_end, nbytes)
+
+    def sync(self) -> I64:
+        """``migration_bitmap_sync``: the pages written since the last sync (the log is
+        cleared: ``kvm_clear_dirty_log``)."""
+        dirty = self.memory.dirty
+        pages = np.flatnonzero(dirty).astype(np.int64)
+        dirty[pages] = 0
+        return pages
+
+    def _round_end(self, nbytes: int) -> None:
+        self._bytes = nbytes
+        if len(self.done) + 1 == self.rounds:
+            self.on_done()  # the switch-over: it stops the VM, then calls final_sync
+            return
+        nxt = self.sync()
+        self._record(len(nxt))
+        self._send(len(nxt), 0)  # a dirtied page holds data
+
+    def final_sync(self) -> I64:
+        """The switch-over's sync, with the VM stopped: the pages to discard."""
+        pages = self.sync()
+        self._record(len(pages))
+        return pages
+
+    def _record(self, dirtied: int) -> None:
+        self.done.append(
+            PrecopyRound(
+                self._set, self._zero, self._bytes, self._start_ns, self.engine.now, dirtied
+            )
+        )
+
+    @staticmethod
+    def discard_bytes(remote: I64) -> int:
+        """The discard bitmap's size: one range per run of consecutive discarded pages."""
+        if not len(remote):
+            return 0
+        runs = 1 + int(np.count_nonzero(np.diff(remote) != 1))
+        return runs * DISCARD_RANGE_BYTES
+
+    def results(self) -> list[dict[str, float | int]]:
+        return [
+            {
+                "pages": r.pages,
+                "zero_pages": r.zero_pages,
+                "mib": round(r.bytes / (1 << 20), 3),
+                "start_s": round(r.start_ns / 1e9, 9),
+                "duration_ms": round((r.end_ns - r.start_ns) / 1e6, 6),
+                "dirtied": r.dirtied,
+            }
+            for r in self.done
+        ]
