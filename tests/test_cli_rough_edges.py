@@ -4,6 +4,7 @@ progress with elapsed time and ETA, and the note when a protocol injected nothin
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -153,3 +154,31 @@ def test_no_note_once_user_mode_faults_are_injected() -> None:
     apf = dict(r.apf, not_present_injected=1)
     injected = type(r)(**{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "apf": apf})
     assert no_injection_note([injected], result.scenario) is None
+
+
+def test_run_set_overrides_a_scenario_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``apfsim run --set KEY=VALUE``: a TOML value (``true``) or a bare string (``2m``)."""
+    out = tmp_path / "r.json"
+    args = ["run", "postcopy-large", "-p", "sync", "--duration", "0.05", "-q"]
+    sets = ["--set", "postcopy.preempt=true", "--set", "postcopy.page_size=2m"]
+    code, _, err = cli([*args, *sets, "--json", str(out)], capsys)
+    assert code == 0, err
+    pc = json.loads(out.read_text())["scenario"]["postcopy"]
+    assert pc["preempt"] is True and pc["page_size"] == "2m"
+
+
+@pytest.mark.parametrize(
+    ("item", "needle"),
+    [
+        ("nokey", "--set: 'nokey' is not KEY=VALUE"),
+        ("postcopy.bogus=1", "postcopy.bogus: no such scenario key"),
+        ("postcopy.link_gbps=-1", "postcopy.link_gbps"),
+    ],
+)
+def test_run_set_refuses_bad_overrides_in_one_line(
+    item: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(["run", "postcopy-large", "--set", item, "-q"], capsys)
+    assert_one_line_error(code, err, needle)

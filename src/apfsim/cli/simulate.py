@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +53,8 @@ from apfsim.scenario import (
     DEFAULT_SCENARIO,
     ScenarioError,
     load_scenario,
+    parse_toml,
+    with_overrides,
 )
 from apfsim.simulation import InvariantViolation
 from apfsim.trace.output import TraceWriteError
@@ -83,6 +86,15 @@ def run_command(
     trace_window: TraceWindowOption = None,
     ftrace_ns: FtraceNsOption = False,
     ftrace_kernel: FtraceKernelOption = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a scenario key (dotted, as apfsim show prints it; the flag may "
+            "repeat), e.g. --set postcopy.preempt=true. VALUE is a TOML value, or a string.",
+        ),
+    ] = None,
 ) -> None:
     """Run a scenario under protocols on one seed and print the comparison."""
     protocols = _split_protocols(protocol) if protocol else list(DEFAULT_PROTOCOLS)
@@ -97,6 +109,8 @@ def run_command(
     tracing = _trace_options(trace, ftrace, trace_window, ftrace_ns, ftrace_kernel)
     try:
         sc = load_scenario(scenario)
+        if overrides:
+            sc = with_overrides(sc, _parse_overrides(overrides))
     except ScenarioError as err:
         raise _fail(str(err)) from None
     _check_window(tracing, duration if duration is not None else sc.duration_s)
@@ -120,6 +134,23 @@ def run_command(
             _note(no_injection_note([r], result.scenario))
     if json_path is not None:
         _write_json(json_path, result.to_dict())
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` flags as dotted keys and values: VALUE read as a TOML value
+    (``true``, ``2``, ``0.5``, ``"x"``), else taken as a string (``2m``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise _fail(f"--set: {item!r} is not KEY=VALUE; e.g. --set postcopy.preempt=true")
+        try:
+            value: Any = parse_toml(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out[key] = value
+    return out
 
 
 def _note(note: str | None) -> None:
