@@ -354,7 +354,8 @@ TaskSpec = Annotated[
 class PostcopyConfig(_Model):
     """Postcopy live migration's destination (``apfsim.host.postcopy``); off by default.
 
-    The run starts at the switch-over's RUN with every page on the source. Defaults are the
+    The run starts at the switch-over's RUN with every page on the source, or, with
+    ``precopy_rounds``, at the migration's start with the guest on the source. Defaults are the
     QEMU and Linux defaults where there is one; the rest are stated assumptions
     (docs/model.md, "Postcopy").
     """

@@ -326,11 +326,10 @@ class GuestMemory:
         self._hand = 0
 
     def initialise_remote(self) -> None:
-        """Postcopy's switch-over: every page is on the source (``REMOTE``), none resident.
-
-        QEMU discards the destination's RAM at ADVISE and registers it MISSING at LISTEN
-        (``postcopy_ram_incoming_setup``); the pages precopy sent are not modelled.
-        """
+        """Postcopy's switch-over with no precopy: every page is on the source
+        (``REMOTE``), none resident. QEMU discards the destination's RAM at ADVISE and
+        registers it MISSING at LISTEN (``postcopy_ram_incoming_setup``); with precopy,
+        ``postcopy_switch`` instead."""
         self.state.fill(_REMOTE)
         self.referenced.fill(0)
         self.dirty.fill(0)
