@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
+from apfsim.host.memory import PageState
 from apfsim.host.postcopy import PAGE_HEADER_BYTES, TARGET_PAGE, ZERO_PAGE_BYTES
+from apfsim.host.vcpu import Vcpu
+from apfsim.ports import Injection
 from apfsim.scenario import scenario_from_dict
 from apfsim.simulation import Simulation
 
@@ -109,3 +113,47 @@ def test_bad_precopy_scenarios_name_the_field(change: dict[str, Any], message: s
         d[k] = {**d[k], **v}
     with pytest.raises(ValueError, match=message):
         scenario_from_dict(d)
+
+
+class HeldVcpu(Vcpu):
+    """Records every guest entry made while the VM is stopped."""
+
+    during_downtime: ClassVar[list[tuple[int, int]]] = []
+
+    def _entered(self, injections: list[Injection]) -> None:
+        if self._hold_until > self.engine.now:
+            HeldVcpu.during_downtime.append((self.index, self.engine.now))
+        super()._entered(injections)
+
+
+@pytest.mark.parametrize("link_gbps", [1.0, 1.01, 1.03, 1.07, 1.13])
+def test_no_vcpu_enters_the_guest_while_the_vm_is_stopped(link_gbps: float) -> None:
+    """Regression: vm_stop found a vCPU whose entry was under way (a 1 ms entry makes it
+    likely) and let it run the guest during the downtime. The entry now completes only
+    when the VM runs again, with what was left of its cost."""
+    HeldVcpu.during_downtime = []
+    d = scenario(
+        [{"kind": "compute", "cpu": i} for i in range(4)],
+        link_gbps=link_gbps,
+        precopy_rounds=1,
+    )
+    d["guest"]["vcpus"] = 4
+    d["host"]["entry_ns"] = 1_000_000
+    d["duration_s"] = 0.8
+    sim = Simulation(scenario_from_dict(d), "sync", seed=1, vcpu_type=HeldVcpu)
+    result = sim.run().to_dict()
+    assert result["postcopy"]["precopy"]["switch_over_s"] is not None
+    assert HeldVcpu.during_downtime == []
+
+
+def test_huge_host_pages_touched_in_part_arrive_whole() -> None:
+    """With 2 MiB host pages precopy sends a host page whole: after the switch-over a host
+    page holds no never-touched 4 KiB page unless none of it was ever touched."""
+    d = scenario(COMPUTE, page_size="2m", precopy_rounds=1)
+    d["duration_s"] = 0.6
+    sim = Simulation(scenario_from_dict(d), "sync", seed=1)
+    sim.run()
+    assert sim.postcopy is not None and sim.postcopy.switched_ns > 0
+    untouched = (sim.memory.state == PageState.UNTOUCHED).reshape(-1, 512)
+    assert np.all(untouched.all(axis=1) | ~untouched.any(axis=1))
+    assert untouched.all(axis=1).sum() < len(untouched)  # most host pages were touched

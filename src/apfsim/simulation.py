@@ -488,7 +488,7 @@ class Simulation:
         remote = self.precopy.final_sync()
         device_state = self.scenario.postcopy.device_state_kib * 1024
         self._downtime_ns = self.postcopy_params.downtime_ns(
-            device_state, Precopy.discard_bytes(remote)
+            device_state, self.precopy.discard_bytes(remote)
         )
         run_at = self.engine.now + self._downtime_ns
         self.postcopy.switch_over(remote, run_at)

@@ -290,9 +290,12 @@ class GuestCpu(CpuState):
         run = plan.fold
         self.folding = False
         offset = now - self._seg_start
+        # An event at the very time of a fault's boundary (its start, its re-entry, the
+        # guest running again) comes first, as an event queued before the run began (a
+        # tick) does in the heap: the guest has not yet stopped, or not yet run again.
         k = run.started(offset)
         workload = self._workloads[curr.tid]
-        if k and offset < int(run.starts[k - 1]) + run.round_trip_ns:
+        if k and offset <= int(run.starts[k - 1]) + run.round_trip_ns:
             start = int(run.starts[k - 1])
             self.engine.cancel(self._event)
             self._event = None

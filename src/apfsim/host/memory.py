@@ -337,16 +337,22 @@ class GuestMemory:
         self.resident = 0
         self._hand = 0
 
-    def postcopy_switch(self, remote: npt.NDArray[np.bool_]) -> None:
+    def postcopy_switch(self, remote: npt.NDArray[np.bool_], block: int = 1) -> None:
         """Postcopy's switch-over after precopy, on the destination: the ``remote`` pages were
         discarded (``REMOTE``); every other page precopy sent is resident but not yet in
-        stage 2 (``PLACED``), except a never-touched one, which stays a zero page to fill.
-        The VM is stopped: no task has a plan made against the source's mappings."""
+        stage 2 (``PLACED``), except a never-touched one, which stays a zero page to fill;
+        with huge host pages of ``block`` pages, a host page any of whose pages was touched
+        arrived whole. The VM is stopped: no task has a plan made against the source's
+        mappings."""
         st = self.state
         other = (st != _MAPPED) & (st != _UNTOUCHED)
         if other.any():
             self._expect(int(np.argmax(other)), int(PageState.MAPPED), "postcopy_switch")
-        st[st == _MAPPED] = _PLACED
+        if block > 1:
+            touched = (st != _UNTOUCHED).reshape(-1, block).any(axis=1)
+            st[np.repeat(touched, block)] = _PLACED
+        else:
+            st[st == _MAPPED] = _PLACED
         st[remote] = _REMOTE
         placed = st == _PLACED
         self.resident = int(np.count_nonzero(placed))

@@ -280,7 +280,7 @@ class PostcopyDestination:
         self.stats.last_placed_ns = run_at
         self.switched_ns = run_at
         mask = np.repeat(discarded, hp) if hp > 1 else discarded
-        self.memory.postcopy_switch(mask)
+        self.memory.postcopy_switch(mask, hp)
         if not self._scan_done:
             self.engine.at(run_at, self._start_stream)
 

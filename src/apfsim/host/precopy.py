@@ -116,12 +116,13 @@ class Precopy:
             )
         )
 
-    @staticmethod
-    def discard_bytes(remote: I64) -> int:
-        """The discard bitmap's size: one range per run of consecutive discarded pages."""
+    def discard_bytes(self, remote: I64) -> int:
+        """The discard bitmap's size: one range per run of consecutive discarded host pages
+        (``postcopy_chunk_hostpages`` rounds the dirty pages out to whole host pages)."""
         if not len(remote):
             return 0
-        runs = 1 + int(np.count_nonzero(np.diff(remote) != 1))
+        hosts = np.unique(remote // self.params.host_page_pages)
+        runs = 1 + int(np.count_nonzero(np.diff(hosts) != 1))
         return runs * DISCARD_RANGE_BYTES
 
     def results(self) -> list[dict[str, float | int]]:

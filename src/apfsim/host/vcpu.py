@@ -152,6 +152,7 @@ class Vcpu:
         # now would find nothing new: a task may take minor faults in line.
         self.fold_ok = False
         self._hold_until = 0  # the VM is stopped (a migration's switch-over) until then
+        self._held_rest = 0  # what was left of an entry the stop cut short
         # Host CPU contention (None: every thread has a CPU of its own, nothing waits).
         self.thread: HostThread | None = None
         self.sched: HostSched | None = None
@@ -185,8 +186,7 @@ class Vcpu:
         is the next event anyway (Engine.next_is), in exactly the heap's order."""
         self._enter(True)
 
-    def _enter(self, last: bool, start: int = -1) -> None:
-        """``start``: the entry began then, not now (an in-line fault's, ``fold_fault``)."""
+    def _enter(self, last: bool) -> None:
         self._host_event = None
         if self._hold_until:
             if self._hold_until > self.engine.now:
@@ -218,9 +218,6 @@ class Vcpu:
             if self.checker is not None:
                 self.checker.note(self.index, _INJECT_LABEL, injection.payload, injection.kind)
         engine = self.engine
-        if start >= 0:
-            self._host_event = engine.at(start + cost, self._entered, injections)
-            return
         if last and engine.next_is(at := engine.now + cost):
             engine.advance_to(at)
             self._entered(injections)
@@ -304,8 +301,10 @@ class Vcpu:
 
     def fold_fault(self, gfn: int, start: int) -> None:
         """An event reached the vCPU inside an in-line fault begun at ``start``: that fault
-        goes on as ``stage2_fault`` took it. Past its handling, the entry had begun, and its
-        run-loop iteration found nothing (anything new would have unfolded the run sooner)."""
+        goes on as ``stage2_fault`` took it. Past its handling the entry had begun, before
+        the event: its run-loop iteration found what the last entry's had (nothing reached
+        the vCPU between them, or the run would have unfolded then), so it delivered and
+        injected nothing, and the guest runs again at the end of the entry."""
         self.mode = _HOST
         self.clock.switch(_CAT_HOST, start)
         nowait = self.io.resolve_nowait(gfn)
@@ -315,7 +314,8 @@ class Vcpu:
         if self.engine.now <= handled:
             self._host_event = self.engine.at(handled, self._enter_last)
         else:
-            self._enter(False, handled)
+            self.fold_ok = True
+            self._host_event = self.engine.at(handled + self._entry_ns, self._entered, [])
 
     def stop(self) -> None:
         """``vm_stop`` at a migration's switch-over: a vCPU in the guest is kicked out, and
@@ -326,14 +326,24 @@ class Vcpu:
             self.guest.interrupt(self.engine.now)
             self._to_host()
             self._host_event = self.engine.at(_HOLD, self._enter_last)
+        elif (event := self._host_event) is not None and event[2] == self._entered:
+            # An entry under way completes only when the VM runs again: the rest of its
+            # cost then, with the events it was injecting.
+            self._held_rest = event[0] - self.engine.now
+            injections = event[3]
+            self.engine.cancel(event)
+            self._host_event = self.engine.at(_HOLD, self._entered, injections)
 
     def restart(self, at: int) -> None:
         """The VM runs again (on the destination) at ``at``."""
         self._hold_until = at
         event = self._host_event
         if event is not None and event[0] == _HOLD:
+            callback, arg = event[2], event[3]
+            assert callback is not None
             self.engine.cancel(event)
-            self._host_event = self.engine.at(at, self._enter_last)
+            self._host_event = self.engine.at(at + self._held_rest, callback, arg)
+            self._held_rest = 0
 
     def _touched(self) -> None:
         """An event reaches this vCPU: a task's in-line faults become real exits from now on,
