@@ -595,6 +595,7 @@ def test_end_to_end_user_faults_sleep_and_wake_with_invariants_on() -> None:
     assert compute.work_s > next(t for t in sync.tasks if t.kind == "compute").work_s
 
 
+@pytest.mark.slow
 def test_end_to_end_two_vcpus_dones_float() -> None:
     r = run_protocol(small_scenario(vcpus=2), "s390-pfault", seed=1, check=True)
     assert r.apf["done_wakes"] > 0 and r.apf["guest_bogus_aborts"] == 0
