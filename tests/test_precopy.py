@@ -153,7 +153,7 @@ def test_huge_host_pages_touched_in_part_arrive_whole() -> None:
     d["duration_s"] = 0.6
     sim = Simulation(scenario_from_dict(d), "sync", seed=1)
     sim.run()
-    assert sim.postcopy is not None and sim.postcopy.switched_ns > 0
+    assert sim.precopy is not None and sim.precopy.switch_ns > 0
     untouched = (sim.memory.state == PageState.UNTOUCHED).reshape(-1, 512)
     assert np.all(untouched.all(axis=1) | ~untouched.any(axis=1))
     assert untouched.all(axis=1).sum() < len(untouched)  # most host pages were touched

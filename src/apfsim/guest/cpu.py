@@ -255,7 +255,8 @@ class GuestCpu(CpuState):
             workload = self._workloads[curr.tid]
             workload.commit(self.services.memory, now - self._seg_start)
             plan = self._plan
-            if plan is not None and plan.fold is not None:
+            assert plan is not None  # a task segment runs a plan
+            if plan.fold is not None:
                 self.folding = False
                 self._charge_folded(workload)
         elif seg == _FRAME:

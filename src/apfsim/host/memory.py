@@ -348,11 +348,8 @@ class GuestMemory:
         other = (st != _MAPPED) & (st != _UNTOUCHED)
         if other.any():
             self._expect(int(np.argmax(other)), int(PageState.MAPPED), "postcopy_switch")
-        if block > 1:
-            touched = (st != _UNTOUCHED).reshape(-1, block).any(axis=1)
-            st[np.repeat(touched, block)] = _PLACED
-        else:
-            st[st == _MAPPED] = _PLACED
+        touched = (st != _UNTOUCHED).reshape(-1, block).any(axis=1)
+        st[np.repeat(touched, block)] = _PLACED
         st[remote] = _REMOTE
         placed = st == _PLACED
         self.resident = int(np.count_nonzero(placed))

@@ -261,7 +261,6 @@ class PostcopyDestination:
         # How long a receiving thread takes to place a full receive buffer of pages.
         self._rcv_drain_ns = p.receive_buffer_bytes * self._copy_ns // page_bytes
         self._kick_pending = False
-        self.switched_ns = 0  # when the destination started (after precopy's downtime)
         if start and not self._scan_done:
             self._fill_main()
             self._kick_link()
@@ -278,7 +277,6 @@ class PostcopyDestination:
         self.placed_ns[~discarded] = now
         self.zero[discarded] = False  # dirtied: they hold data
         self.stats.last_placed_ns = run_at
-        self.switched_ns = run_at
         mask = np.repeat(discarded, hp) if hp > 1 else discarded
         self.memory.postcopy_switch(mask, hp)
         if not self._scan_done:

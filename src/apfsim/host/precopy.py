@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -69,10 +70,8 @@ class Precopy:
         self.rounds = rounds
         self.on_done = on_done
         self.done: list[PrecopyRound] = []
-        self._start_ns = 0
-        self._set = 0
-        self._zero = 0
-        self._bytes = 0
+        self.switch_ns = -1  # when the switch-over stopped the VM (-1: not yet)
+        self._round = (0, 0, 0, 0)  # the round being sent: start, pages, zero pages, bytes
 
     def start(self) -> None:
         """``ram_init_bitmaps``: every page is in the first round's set; logging starts."""
@@ -82,9 +81,9 @@ class Precopy:
 
     def _send(self, pages: int, zero: int) -> None:
         now = self.engine.now
-        self._start_ns, self._set, self._zero = now, pages, zero
         nbytes = zero * ZERO_PAGE_BYTES + (pages - zero) * (TARGET_PAGE + PAGE_HEADER_BYTES)
-        self.engine.at(now + round(nbytes * self.params.ns_per_byte), self._round_end, nbytes)
+        self._round = (now, pages, zero, nbytes)
+        self.engine.at(now + round(nbytes * self.params.ns_per_byte), self._round_end)
 
     def sync(self) -> I64:
         """``migration_bitmap_sync``: the pages written since the last sync (the log is
@@ -94,8 +93,7 @@ class Precopy:
         dirty[pages] = 0
         return pages
 
-    def _round_end(self, nbytes: int) -> None:
-        self._bytes = nbytes
+    def _round_end(self, _: object = None) -> None:
         if len(self.done) + 1 == self.rounds:
             self.on_done()  # the switch-over: it stops the VM, then calls final_sync
             return
@@ -105,16 +103,14 @@ class Precopy:
 
     def final_sync(self) -> I64:
         """The switch-over's sync, with the VM stopped: the pages to discard."""
+        self.switch_ns = self.engine.now
         pages = self.sync()
         self._record(len(pages))
         return pages
 
     def _record(self, dirtied: int) -> None:
-        self.done.append(
-            PrecopyRound(
-                self._set, self._zero, self._bytes, self._start_ns, self.engine.now, dirtied
-            )
-        )
+        start, pages, zero, nbytes = self._round
+        self.done.append(PrecopyRound(pages, zero, nbytes, start, self.engine.now, dirtied))
 
     def discard_bytes(self, remote: I64) -> int:
         """The discard bitmap's size: one range per run of consecutive discarded host pages
@@ -125,8 +121,9 @@ class Precopy:
         runs = 1 + int(np.count_nonzero(np.diff(hosts) != 1))
         return runs * DISCARD_RANGE_BYTES
 
-    def results(self) -> list[dict[str, float | int]]:
-        return [
+    def results(self) -> dict[str, Any]:
+        """The rounds, in order, and when the switch-over stopped the VM (None: not yet)."""
+        rounds = [
             {
                 "pages": r.pages,
                 "zero_pages": r.zero_pages,
@@ -137,3 +134,5 @@ class Precopy:
             }
             for r in self.done
         ]
+        switch = round(self.switch_ns / 1e9, 9) if self.switch_ns >= 0 else None
+        return {"rounds": rounds, "switch_over_s": switch}

@@ -151,11 +151,11 @@ def postcopy_results(
     downtime_ns: int,
     work_samples: Sequence[int],
     sample_ns: int,
-    precopy: list[dict[str, float | int]] | None = None,
+    precopy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Postcopy's figures: the migration's times and traffic, request -> placed latency
     (count, p50, p99 and its CDF), and the guest's work rate (work-seconds per second,
-    summed over tasks) in each sample interval. With ``precopy`` (its rounds) the run
+    summed over tasks) in each sample interval. With ``precopy`` (its results) the run
     started at the migration's start, not at the switch-over."""
     st = dest.stats
     left = int(np.count_nonzero((dest.placed_ns < 0) | (dest.placed_ns > now)))
@@ -194,9 +194,5 @@ def postcopy_results(
         "work_rate": rates,
     }
     if precopy is not None:
-        switched = dest.switched_ns > 0
-        out["precopy"] = {
-            "rounds": precopy,
-            "switch_over_s": round((dest.switched_ns - downtime_ns) / 1e9, 9) if switched else None,
-        }
+        out["precopy"] = precopy
     return out

@@ -126,6 +126,7 @@ class RandomWriterTask(Workload):
             miss = memory.first_not_mapped(pages[: min(n, _PREFIX)])
             if miss == _PREFIX < n:
                 miss += memory.first_not_mapped(pages[_PREFIX:n])
+        self._planned = miss
         if miss < n:
             fold = self.fold
             if (
@@ -134,9 +135,7 @@ class RandomWriterTask(Workload):
                 and memory.state[pages[miss]] == _PLACED
             ):
                 return self._plan_folded(memory, pages[:n], miss, mode, fold)
-            self._planned = miss
             return Plan(miss * self.access_ns, StopKind.MISS, int(pages[miss]), mode)
-        self._planned = miss
         return Plan(n * self.access_ns, StopKind.RESUME, mode=mode)
 
     def _plan_folded(
